@@ -308,7 +308,8 @@ def mmlu_split(split: str, subjects: Sequence[str] | None = None) -> list[MMLUQu
 
 def _mmlu_block(q: MMLUQuestion) -> str:
     lines = [q.question.strip()]
-    lines += [f"{letter}. {choice}" for letter, choice in zip(MMLU_LETTERS, q.choices)]
+    pairs = zip(MMLU_LETTERS, q.choices, strict=True)
+    lines += [f"{letter}. {choice}" for letter, choice in pairs]
     return "\n".join(lines) + "\nAnswer:"
 
 
@@ -533,7 +534,7 @@ def tokenize_corpus(
     ids = _encode(tokenizer, text, add_special_tokens=False)
     bos = getattr(tokenizer, "bos_token_id", None)
     if add_bos and bos is not None:
-        ids = [bos] + ids
+        ids = [bos, *ids]
     if max_tokens is not None:
         ids = ids[:max_tokens]
     return torch.tensor(ids, dtype=torch.long)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -95,7 +97,7 @@ def test_unknown_corpus_lists_names():
 
 
 def test_missing_package_message():
-    with pytest.raises(data.MissingPackageError, match="pip install --no-deps foo==1.0"):
+    with pytest.raises(data.MissingPackageError, match=re.escape("pip install --no-deps foo==1.0")):
         data.package_dir("surely_not_an_installed_package_xyz", "foo==1.0")
 
 
@@ -236,4 +238,4 @@ def test_tokenize_corpus(tokenizer):
     assert ids.dtype == torch.long and ids.dim() == 1
     assert tokenizer.decode(ids.tolist()) == text
     bos = data.tokenize_corpus(tokenizer, text, max_tokens=5, add_bos=True)
-    assert bos.tolist() == [tokenizer.bos_token_id] + ids.tolist()[:4]
+    assert bos.tolist() == [tokenizer.bos_token_id, *ids.tolist()[:4]]
