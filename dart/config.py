@@ -1,0 +1,409 @@
+"""Validated configuration of DART: :class:`DARTConfig`, :class:`DriftConfig` and the
+per-layer keep-spec grammar (``layer_topk``).
+
+Per-layer spec grammar (``DARTConfig.layer_topk``): comma-separated ``target:value`` items.
+
+* ``target``: ``all``, one layer ``i`` (0-based, non-negative) or an inclusive range ``a-b``.
+* ``value``: a keep fraction in (0, 1] (``1`` means keep all), an absolute neuron count (an
+  integer > 1; non-integers above 1 such as ``63.29`` are rejected), ``dense`` or ``auto``.
+* Later items override earlier ones. Layers not covered by any item are ``dense``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ConfigError",
+    "DARTConfig",
+    "DriftConfig",
+    "LayerKeep",
+    "parse_layer_topk",
+    "resolve_keep_counts",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field, the value and what is
+    accepted."""
+
+
+RANKINGS = ("magnitude", "max", "mean", "combined", "product")
+STRATEGIES = ("topk", "auto")
+BACKENDS = ("masked", "gathered", "compact")
+BATCH_POLICIES = ("per_sequence", "shared")
+METHODS = ("dense", "static", "griffin", "random", "dart")
+PROXY_SOURCES = ("embedding", "lm_head")
+SENSITIVITIES = ("residual", "raw")
+DRIFT_SIGNALS = ("attn_output", "attn_probs")
+
+
+def _choice(owner: str, name: str, value: Any, accepted: tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise ConfigError(f"{owner}.{name}: {value!r} is not one of {', '.join(accepted)}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _int_at_least(owner: str, name: str, value: Any, low: int) -> None:
+    if not _is_int(value) or value < low:
+        raise ConfigError(f"{owner}.{name}: {value!r} is not an integer >= {low}")
+
+
+def _real_in(
+    owner: str, name: str, value: Any, low: float, high: float, *, low_open: bool, high_open: bool
+) -> None:
+    ok = _is_real(value) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (
+            value < high if high_open else value <= high
+        )
+    if not ok:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ConfigError(f"{owner}.{name}: {value!r} is not a number in {lo}{low}, {high}{hi}")
+
+
+@dataclass
+class DriftConfig:
+    """Drift detection settings (spec section 5).
+
+    ``tau = mu - max(sigma_scale * sigma, threshold_floor)``; ``layers`` are decoder layer indices
+    (negative = from the end); ``num_buckets`` is the number of log-spaced relative-distance
+    buckets of the ``attn_probs`` feature; ``min_windows`` is the number of complete trace windows
+    needed to use the trace statistics (fewer: ``mu = 1``, ``sigma = 0``).
+    """
+
+    enabled: bool = True
+    signal: str = "attn_output"
+    window: int = 5
+    layers: tuple[int, ...] = (-1,)
+    sigma_scale: float = 0.1
+    threshold_floor: float = 0.1
+    pressure_trigger: int = 2
+    num_buckets: int = 16
+    min_windows: int = 1
+
+    def __post_init__(self) -> None:
+        o = "DriftConfig"
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"{o}.enabled: {self.enabled!r} is not a bool (true or false)")
+        _choice(o, "signal", self.signal, DRIFT_SIGNALS)
+        _int_at_least(o, "window", self.window, 1)
+        if isinstance(self.layers, int) and not isinstance(self.layers, bool):
+            self.layers = (self.layers,)
+        if not isinstance(self.layers, (list, tuple)) or not self.layers:
+            raise ConfigError(
+                f"{o}.layers: {self.layers!r} is not a non-empty sequence of layer indices"
+            )
+        if not all(_is_int(x) for x in self.layers):
+            raise ConfigError(f"{o}.layers: {self.layers!r} must contain only integers")
+        self.layers = tuple(self.layers)
+        _real_in(o, "sigma_scale", self.sigma_scale, 0.0, math.inf, low_open=False, high_open=True)
+        _real_in(
+            o, "threshold_floor", self.threshold_floor, 0.0, 2.0, low_open=False, high_open=False
+        )
+        _int_at_least(o, "pressure_trigger", self.pressure_trigger, 1)
+        _int_at_least(o, "num_buckets", self.num_buckets, 2)
+        _int_at_least(o, "min_windows", self.min_windows, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DriftConfig:
+        _check_keys(cls, data)
+        return cls(**data)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-layer spec grammar
+
+
+@dataclass(frozen=True)
+class LayerKeep:
+    """How many neurons one layer keeps: ``kind`` in fraction | count | dense | auto."""
+
+    kind: str
+    value: float | int | None = None
+
+
+_Item = tuple[str, tuple[int, int] | None, LayerKeep]  # (raw item, (lo, hi) or None=all, keep)
+
+
+def _parse_value(item: str, text: str) -> LayerKeep:
+    t = text.strip().lower()
+    if t == "dense":
+        return LayerKeep("dense")
+    if t == "auto":
+        return LayerKeep("auto")
+    try:
+        v = float(t)
+    except ValueError:
+        raise ConfigError(
+            f"DARTConfig.layer_topk: value {text!r} in item {item!r} is not a keep fraction in "
+            "(0, 1], an integer neuron count > 1, 'dense' or 'auto'"
+        ) from None
+    if not math.isfinite(v) or v <= 0:
+        raise ConfigError(
+            f"DARTConfig.layer_topk: value {text!r} in item {item!r} must be a keep fraction in "
+            "(0, 1] or an integer neuron count > 1"
+        )
+    if v <= 1.0:
+        return LayerKeep("fraction", v)
+    if not v.is_integer():
+        raise ConfigError(
+            f"DARTConfig.layer_topk: value {text!r} in item {item!r} is above 1 but not an "
+            "integer: a neuron count must be a whole number (a fraction must be in (0, 1])"
+        )
+    return LayerKeep("count", int(v))
+
+
+def _parse_target(item: str, text: str) -> tuple[int, int] | None:
+    t = text.strip().lower()
+    if t == "all":
+        return None
+    parts = t.split("-")
+    try:
+        if len(parts) == 1:
+            lo = hi = int(parts[0])
+        elif len(parts) == 2:
+            lo, hi = int(parts[0]), int(parts[1])
+        else:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(
+            f"DARTConfig.layer_topk: target {text!r} in item {item!r} is not 'all', a layer "
+            "index 'i' or a range 'a-b'"
+        ) from None
+    if lo < 0 or hi < lo:
+        raise ConfigError(
+            f"DARTConfig.layer_topk: target {text!r} in item {item!r} must be a non-negative "
+            "layer index or a range 'a-b' with 0 <= a <= b"
+        )
+    return (lo, hi)
+
+
+def _parse_items(spec: str) -> list[_Item]:
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(
+            f"DARTConfig.layer_topk: {spec!r} is not a non-empty spec of 'target:value' items"
+        )
+    items: list[_Item] = []
+    for raw in spec.split(","):
+        item = raw.strip()
+        if item.count(":") != 1:
+            raise ConfigError(
+                f"DARTConfig.layer_topk: item {item!r} of {spec!r} is not of the form "
+                "'target:value' (target all | i | a-b; value fraction | count | dense | auto)"
+            )
+        target, value = item.split(":")
+        items.append((item, _parse_target(item, target), _parse_value(item, value)))
+    return items
+
+
+def parse_layer_topk(spec: str, num_layers: int, widths: list[int]) -> list[LayerKeep]:
+    """Parse a per-layer spec into one :class:`LayerKeep` per layer (uncovered layers: dense)."""
+    if len(widths) != num_layers:
+        raise ConfigError(f"widths has {len(widths)} entries but num_layers is {num_layers}")
+    keeps = [LayerKeep("dense")] * num_layers
+    for item, rng, keep in _parse_items(spec):
+        if rng is None:
+            lo, hi = 0, num_layers - 1
+        else:
+            lo, hi = rng
+            if hi >= num_layers:
+                raise ConfigError(
+                    f"DARTConfig.layer_topk: layer {hi} in item {item!r} is out of range: the "
+                    f"model has {num_layers} layers (0..{num_layers - 1})"
+                )
+        for layer in range(lo, hi + 1):
+            if keep.kind == "count" and keep.value > widths[layer]:
+                raise ConfigError(
+                    f"DARTConfig.layer_topk: count {keep.value} in item {item!r} exceeds the "
+                    f"width {widths[layer]} of layer {layer}"
+                )
+            keeps[layer] = keep
+    return keeps
+
+
+def resolve_keep_counts(
+    keeps: list[LayerKeep], widths: list[int], auto_counts: list[int] | None = None
+) -> list[int]:
+    """Per-layer keep counts: dense -> width; fraction f -> round(f * width) clamped to
+    [1, width]; count -> itself; auto -> ``auto_counts[l]`` (from :mod:`dart.budget`)."""
+    if len(keeps) != len(widths):
+        raise ConfigError(f"{len(keeps)} layer keeps for {len(widths)} widths")
+    out: list[int] = []
+    for layer, (keep, n) in enumerate(zip(keeps, widths, strict=True)):
+        if keep.kind == "dense":
+            k = n
+        elif keep.kind == "fraction":
+            k = min(max(math.floor(keep.value * n + 0.5), 1), n)
+        elif keep.kind == "count":
+            k = int(keep.value)
+        elif keep.kind == "auto":
+            if auto_counts is None:
+                raise ConfigError(
+                    f"layer {layer} is 'auto' but no auto_counts were given (compute them with "
+                    "dart.budget.auto_keep_counts from the traced sensitivities)"
+                )
+            k = min(max(int(auto_counts[layer]), 1), n)
+        else:  # pragma: no cover - LayerKeep is only built by the parser
+            raise ConfigError(f"unknown LayerKeep kind {keep.kind!r}")
+        if not 1 <= k <= n:
+            raise ConfigError(f"layer {layer}: keep count {k} is not in [1, {n}]")
+        out.append(k)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DARTConfig:
+    """Everything that defines one DART (or baseline) run. See docs/DART_SPEC.md."""
+
+    layer_topk: str = "all:auto"
+    total_prune: float = 0.5
+    masking_step: int = 0
+    release_step: int | None = None
+    ema_decay: float | None = None
+    ranking: str = "magnitude"
+    strategy: str = "topk"
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    backend: str = "gathered"
+    batch_policy: str = "per_sequence"
+    method: str = "dart"
+    proxy_source: str = "embedding"
+    sensitivity: str = "residual"
+    depth_early: float = 0.3
+    depth_late: float = 0.15
+    depth_early_floor: float = 0.25
+    depth_late_floor: float = 0.35
+    prune_min: float = 0.1
+    prune_max: float = 0.9
+    seed: int = 0
+    calibration_text: str | None = None
+
+    def __post_init__(self) -> None:
+        o = "DARTConfig"
+        if isinstance(self.drift, dict):
+            self.drift = DriftConfig.from_dict(self.drift)
+        elif not isinstance(self.drift, DriftConfig):
+            raise ConfigError(f"{o}.drift: {self.drift!r} is not a DriftConfig or a dict")
+        _parse_items(self.layer_topk)
+        _real_in(o, "total_prune", self.total_prune, 0.0, 1.0, low_open=False, high_open=True)
+        _int_at_least(o, "masking_step", self.masking_step, 0)
+        if self.release_step is not None and (
+            not _is_int(self.release_step) or self.release_step <= self.masking_step
+        ):
+            raise ConfigError(
+                f"{o}.release_step: {self.release_step!r} is not None or an integer > "
+                f"masking_step ({self.masking_step})"
+            )
+        if self.ema_decay is not None:
+            _real_in(o, "ema_decay", self.ema_decay, 0.0, 1.0, low_open=True, high_open=True)
+        _choice(o, "ranking", self.ranking, RANKINGS)
+        _choice(o, "strategy", self.strategy, STRATEGIES)
+        _choice(o, "backend", self.backend, BACKENDS)
+        _choice(o, "batch_policy", self.batch_policy, BATCH_POLICIES)
+        _choice(o, "method", self.method, METHODS)
+        _choice(o, "proxy_source", self.proxy_source, PROXY_SOURCES)
+        _choice(o, "sensitivity", self.sensitivity, SENSITIVITIES)
+        for name in ("depth_early", "depth_late", "depth_early_floor", "depth_late_floor"):
+            _real_in(o, name, getattr(self, name), 0.0, 1.0, low_open=False, high_open=False)
+        _real_in(o, "prune_min", self.prune_min, 0.0, 1.0, low_open=False, high_open=True)
+        _real_in(o, "prune_max", self.prune_max, 0.0, 1.0, low_open=False, high_open=True)
+        if self.prune_min > self.prune_max:
+            raise ConfigError(
+                f"{o}.prune_min: {self.prune_min!r} is greater than prune_max ({self.prune_max!r})"
+            )
+        if not _is_int(self.seed):
+            raise ConfigError(f"{o}.seed: {self.seed!r} is not an integer")
+        if self.calibration_text is not None and not isinstance(self.calibration_text, str):
+            raise ConfigError(f"{o}.calibration_text: {self.calibration_text!r} is not a string")
+
+    # ---------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON/YAML-safe): ``drift`` as a nested dict, tuples as lists."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["drift"] = self.drift.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DARTConfig:
+        """Build from a dict; unknown keys raise :class:`ConfigError` naming them."""
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"DARTConfig.from_dict: expected a mapping, got {type(data).__name__}"
+            )
+        _check_keys(cls, data)
+        return cls(**data)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write to ``.yaml``/``.yml``/``.json`` atomically (temp file + ``os.replace``)."""
+        p = Path(path)
+        text = _dump(self.to_dict(), p)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            os.replace(tmp, p)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> DARTConfig:
+        """Read a config written by :meth:`save` (or by hand)."""
+        p = Path(path)
+        text = p.read_text(encoding="utf-8")
+        suffix = p.suffix.lower()
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"config path {str(p)!r}: suffix must be one of .yaml, .yml, .json")
+        return cls.from_dict(data if data is not None else {})
+
+
+def _check_keys(cls: type, data: dict[str, Any]) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"{cls.__name__}: unknown keys {', '.join(map(repr, unknown))}; accepted keys are "
+            f"{', '.join(sorted(known))}"
+        )
+
+
+def _dump(data: dict[str, Any], path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_dump(data, sort_keys=False)
+    if suffix == ".json":
+        return json.dumps(data, indent=2) + "\n"
+    raise ConfigError(f"config path {str(path)!r}: suffix must be one of .yaml, .yml, .json")

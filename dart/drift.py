@@ -1,0 +1,428 @@
+"""Drift detection (spec section 5): one interface, :class:`DriftMonitor`, two signals.
+
+Per sequence (row ``b`` of a batch) the monitor goes through
+
+1. **trace** (:meth:`DriftMonitor.begin_trace` ... :meth:`DriftMonitor.finalize_trace`): every
+   valid token's feature is added to the baseline sum; tokens are also grouped into consecutive
+   windows of ``w`` tokens whose means are kept (at most ``max_chunks`` per row: beyond that the
+   windows are decimated by keeping every ``2^k``-th one, deterministically).
+2. **finalize**: ``baseline`` = mean feature of all trace tokens; ``mu``, ``sigma`` = mean and
+   sample standard deviation of the stored trace-window similarities to that baseline;
+   ``tau = mu - max(sigma_scale * sigma, threshold_floor)``. A trailing partial window is not
+   used. Degenerate cases keep ``tau`` finite: with ``K`` complete windows, ``K < 2`` gives
+   ``sigma = 0``; ``K < min_windows`` (in particular ``K = 0``, e.g. a 1-token trace) gives
+   ``mu = 1``, so ``tau = 1 - threshold_floor``. A row whose trace saw no token at all has no
+   baseline and is not monitored until its next trace.
+3. **monitor**: new tokens fill a window of ``w`` tokens; at each complete window its mean's
+   similarity to the baseline is compared to ``tau``: below -> ``pressure += 1``, else
+   ``pressure = max(pressure - 1, 0)``; ``pressure >= pressure_trigger`` sets the row's trigger
+   flag and resets its pressure. :meth:`DriftMonitor.poll` returns and clears the flags.
+
+All state is tensors; :meth:`DriftMonitor.observe` does no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from dart.config import DriftConfig
+
+__all__ = [
+    "AttnOutputMonitor",
+    "AttnProbsMonitor",
+    "DriftMonitor",
+    "NullMonitor",
+    "distance_bucket_features",
+    "js_similarity",
+    "make_monitor",
+    "resolve_watch_layers",
+]
+
+
+def resolve_watch_layers(layers: Sequence[int], num_layers: int) -> list[int]:
+    """Turn ``DriftConfig.layers`` (negative = from the end) into sorted absolute indices."""
+    out = set()
+    for i in layers:
+        j = i + num_layers if i < 0 else i
+        if not 0 <= j < num_layers:
+            raise ValueError(
+                f"DriftConfig.layers: layer {i} is out of range for a model with {num_layers} "
+                "layers"
+            )
+        out.add(j)
+    return sorted(out)
+
+
+def js_similarity(p: Tensor, q: Tensor) -> Tensor:
+    """``1 - JS(p, q)`` (base 2, in [0, 1]) over the last dimension of two distributions."""
+    m = 0.5 * (p + q)
+    kl_pm = (torch.xlogy(p, p) - torch.xlogy(p, m)).sum(-1)
+    kl_qm = (torch.xlogy(q, q) - torch.xlogy(q, m)).sum(-1)
+    js = 0.5 * (kl_pm + kl_qm) / math.log(2.0)
+    return (1.0 - js).clamp(0.0, 1.0)
+
+
+def _bucket_bounds(num_buckets: int) -> tuple[list[int], list[int]]:
+    # bucket 0: distance 0; bucket k >= 1: [2^(k-1), 2^k - 1]; the last one is open-ended.
+    lo = [0] + [1 << (k - 1) for k in range(1, num_buckets)]
+    hi = [0] + [(1 << k) - 1 for k in range(1, num_buckets)]
+    hi[-1] = 1 << 62
+    return lo, hi
+
+
+def distance_bucket_features(
+    probs: Tensor, num_buckets: int = 16, positions: Tensor | None = None, eps: float = 1e-12
+) -> Tensor:
+    """Attention mass per log-spaced relative-distance bucket, ``[B, T, H, K]``, renormalised.
+
+    ``probs``: attention weights ``[B, H, T, S]`` (rows = the ``T`` new query tokens, ``S`` = key
+    length including the cache). ``positions``: key index of each query, ``[T]`` or ``[B, T]``;
+    default ``S - T + arange(T)`` (queries are the last ``T`` keys). Buckets cover distances 0, 1,
+    2-3, 4-7, ... with the last bucket open-ended.
+    """
+    if probs.dim() != 4:
+        raise ValueError(f"attention probs: shape {tuple(probs.shape)} is not [B, H, T, S]")
+    b, h, t, s = probs.shape
+    dev = probs.device
+    if positions is None:
+        positions = torch.arange(s - t, s, device=dev)
+    pos = positions.to(device=dev, dtype=torch.long)
+    pos = pos.expand(b, t) if pos.dim() == 1 else pos  # [B, T]
+    lo, hi = _bucket_bounds(num_buckets)
+    lo_t = torch.tensor(lo, device=dev, dtype=torch.long)
+    hi_t = torch.tensor(hi, device=dev, dtype=torch.long)
+    # keys of bucket k for query q: [q - hi_k, q - lo_k] clipped to [0, S-1]
+    end = (pos[..., None] - lo_t + 1).clamp(0, s)  # exclusive, [B, T, K]
+    start = torch.minimum((pos[..., None] - hi_t).clamp(0, s), end)
+    c = torch.nn.functional.pad(probs.float().cumsum(-1), (1, 0))  # [B, H, T, S+1]
+    c_end = c.gather(-1, end[:, None].expand(b, h, t, num_buckets))
+    c_start = c.gather(-1, start[:, None].expand(b, h, t, num_buckets))
+    mass = (c_end - c_start).clamp_min(0.0).transpose(1, 2)  # [B, T, H, K]
+    return mass / mass.sum(-1, keepdim=True).clamp_min(eps)
+
+
+class DriftMonitor(ABC):
+    """Batched, per-sequence drift monitor (see the module docstring for the algorithm).
+
+    Subclasses turn the raw signal into features ``[B, T, G, F]`` (``G`` groups, e.g. watched
+    layers or heads) and define a similarity in [0, 1] per group, averaged over groups.
+    """
+
+    def __init__(self, cfg: DriftConfig, max_chunks: int = 64, history_size: int = 4096) -> None:
+        if max_chunks < 2:
+            raise ValueError(f"max_chunks: {max_chunks} is not >= 2")
+        self.cfg = cfg
+        self.window = cfg.window
+        self.max_chunks = max_chunks
+        self.history_size = history_size
+        self.batch_size = 0
+        self._allocated_feature: tuple[int, int] | None = None
+
+    # ---------------------------------------------------------------- subclass hooks
+    @abstractmethod
+    def features(self, feature_input: object, **kwargs: object) -> Tensor:
+        """Raw signal -> per-token features ``[B, T, G, F]`` (fp32)."""
+
+    @abstractmethod
+    def group_similarity(self, a: Tensor, b: Tensor) -> Tensor:
+        """Similarity ``[..., G]`` of features ``[..., G, F]``."""
+
+    def similarity(self, a: Tensor, b: Tensor) -> Tensor:
+        """Similarity of features ``[..., G, F]``, averaged over groups -> ``[...]``."""
+        return self.group_similarity(a, b).mean(-1)
+
+    # ---------------------------------------------------------------- state
+    def begin_trace(
+        self, batch_size: int, device: torch.device | str | None = None, rows: Tensor | None = None
+    ) -> None:
+        """Start a trace window: for all rows (fresh state, history cleared) when ``rows`` is
+        None, else restart it only for the rows where ``rows`` is true."""
+        if rows is None or self.batch_size != batch_size:
+            self.batch_size = batch_size
+            self.device = torch.device(device) if device is not None else torch.device("cpu")
+
+            def z(dt: torch.dtype = torch.float32) -> Tensor:
+                return torch.zeros(batch_size, dtype=dt, device=self.device)
+
+            self.tracing = torch.ones(batch_size, dtype=torch.bool, device=self.device)
+            self.armed = z(torch.bool)
+            self.triggered = z(torch.bool)
+            self.pressure = z(torch.long)
+            self.tau = z()
+            self.mu = z()
+            self.sigma = z()
+            self.steps = z(torch.long)  # valid tokens observed per row since the full reset
+            self.trace_n = z(torch.long)
+            self.cur_n = z(torch.long)
+            self.chunk_total = z(torch.long)  # complete trace windows seen
+            self.chunk_stored = z(torch.long)
+            self.chunk_stride = torch.ones(batch_size, dtype=torch.long, device=self.device)
+            self.hist_n = z(torch.long)
+            self.hist_step = torch.zeros(
+                batch_size, self.history_size, dtype=torch.long, device=self.device
+            )
+            self.hist_sim = torch.zeros(batch_size, self.history_size, device=self.device)
+            self.hist_tau = torch.zeros(batch_size, self.history_size, device=self.device)
+            self._allocated_feature = None  # feature buffers are allocated on first observe
+            self._maybe_tracing = True
+            self._maybe_monitoring = False
+            return
+        r = rows.to(device=self.device, dtype=torch.bool)
+        self._maybe_tracing = True
+        self.tracing |= r
+        self.armed &= ~r
+        self.triggered &= ~r
+        for t in (self.pressure, self.trace_n, self.cur_n, self.chunk_total, self.chunk_stored):
+            t.masked_fill_(r, 0)
+        self.chunk_stride.masked_fill_(r, 1)
+        if self._allocated_feature is not None:
+            self.trace_sum.masked_fill_(r[:, None, None], 0.0)
+            self.cur_sum.masked_fill_(r[:, None, None], 0.0)
+            self.chunks.masked_fill_(r[:, None, None, None], 0.0)
+
+    def _ensure_feature_state(self, g: int, f: int) -> None:
+        if self._allocated_feature == (g, f):
+            return
+        if self._allocated_feature is not None:
+            raise ValueError(
+                f"feature shape changed from {self._allocated_feature} to {(g, f)} (groups, "
+                "features) within one trace"
+            )
+        b, dev = self.batch_size, self.device
+        self.trace_sum = torch.zeros(b, g, f, device=dev)
+        self.cur_sum = torch.zeros(b, g, f, device=dev)
+        self.chunks = torch.zeros(b, self.max_chunks, g, f, device=dev)
+        self.baseline = torch.zeros(b, g, f, device=dev)
+        self._allocated_feature = (g, f)
+
+    def _windows(self, feat: Tensor, v: Tensor) -> tuple[Tensor, Tensor, int]:
+        """Split ``feat [B, T, G, F]`` (valid ``v``) into windows continuing ``cur_sum``.
+
+        Returns window means ``[B, J, G, F]`` (only ``j < ncomp`` are complete), ``ncomp [B]``
+        and the static number ``J`` of windows; ``cur_sum``/``cur_n`` are updated in place.
+        """
+        b, t, g, f = feat.shape
+        w = self.window
+        j_max = (w - 1 + t) // w + 1  # static bound on windows touched by this call
+        pos = self.cur_n[:, None] + v.long().cumsum(1) - 1  # position in the window stream
+        idx = torch.where(v, pos // w, j_max)  # invalid tokens go to a dummy slot
+        sums = torch.zeros(b, j_max + 1, g, f, device=feat.device)
+        sums.scatter_add_(1, idx[:, :, None, None].expand(b, t, g, f), feat)
+        sums[:, 0] += self.cur_sum
+        n_tot = self.cur_n + v.sum(1)
+        ncomp = n_tot // w
+        self.cur_sum.copy_(sums.gather(1, ncomp[:, None, None, None].expand(b, 1, g, f))[:, 0])
+        self.cur_n.copy_(n_tot - ncomp * w)
+        return sums[:, :j_max] / w, ncomp, j_max
+
+    def observe(self, feature_input: object, valid: Tensor | None = None, **kwargs: object) -> None:
+        """Feed the signal of the new tokens (see the subclass for its shape); ``valid``:
+        ``BoolTensor[B, T]`` (default all valid). No host synchronisation."""
+        feat = self.features(feature_input, **kwargs)
+        b, t, g, f = feat.shape
+        if b != self.batch_size:
+            raise ValueError(f"signal batch {b} != monitor batch {self.batch_size}")
+        self._ensure_feature_state(g, f)
+        if valid is None:
+            v = torch.ones(b, t, dtype=torch.bool, device=feat.device)
+        else:
+            if valid.shape != (b, t):
+                raise ValueError(f"valid: shape {tuple(valid.shape)} is not [B, T] = [{b}, {t}]")
+            v = valid.to(device=feat.device, dtype=torch.bool)
+        feat = torch.where(v[..., None, None], feat, 0.0)
+        steps_before = self.steps.clone()
+        self.steps += v.sum(1)
+
+        tr = self.tracing
+        mon = self.armed & ~tr
+        # Rows are either tracing or monitoring: one pass over windows serves both.
+        active = tr | mon
+        va = v & active[:, None]
+        self.trace_sum += torch.where(tr[:, None, None], feat.sum(1), 0.0)
+        self.trace_n += torch.where(tr, v.sum(1), 0)
+        means, ncomp, j_max = self._windows(feat, va)
+
+        # -- trace rows: store complete window means (decimated beyond max_chunks). The Python
+        # flags (set by begin/finalize, never read from device) skip work that cannot apply.
+        if self._maybe_tracing:
+            self._store_chunks(means, torch.where(tr, ncomp, 0))
+        if not self._maybe_monitoring:
+            return
+
+        # -- monitoring rows: hysteresis over the complete windows, in order
+        sims = self.similarity(means, self.baseline[:, None])  # [B, J]
+        first_pos = self.window - (self.cur_n + ncomp * self.window - va.sum(1))
+        for j in range(j_max):
+            done = mon & (j < ncomp)
+            below = sims[:, j] < self.tau
+            p = torch.where(below, self.pressure + 1, (self.pressure - 1).clamp_min(0))
+            fire = done & (p >= self.cfg.pressure_trigger)
+            self.pressure.copy_(torch.where(done, torch.where(fire, 0, p), self.pressure))
+            self.triggered |= fire
+            step = steps_before + first_pos + j * self.window
+            self._log(done, step, sims[:, j])
+
+    def _store_chunks(self, means: Tensor, ncomp: Tensor) -> None:
+        b, j_max, g, f = means.shape
+        c = self.max_chunks
+        total = self.chunk_total + ncomp
+        needed = (total + c - 1) // c  # stride must be >= ceil(total / C)
+        pow2 = torch.exp2(torch.ceil(torch.log2(needed.clamp_min(1).double()))).long()
+        stride = torch.maximum(self.chunk_stride, pow2)
+        ratio = stride // self.chunk_stride
+        # old slot s holds global window s * old_stride; keep those divisible by the new stride
+        slots = torch.arange(c, device=means.device)
+        keep_old = (slots[None] < self.chunk_stored[:, None]) & (slots[None] % ratio[:, None] == 0)
+        dest_old = torch.where(keep_old, slots[None] // ratio[:, None], c)
+        # new window j is global window chunk_total + j
+        jj = torch.arange(j_max, device=means.device)
+        gidx = self.chunk_total[:, None] + jj[None]
+        keep_new = (jj[None] < ncomp[:, None]) & (gidx % stride[:, None] == 0)
+        dest_new = torch.where(keep_new, gidx // stride[:, None], c)
+        buf = torch.zeros(b, c + 1, g, f, device=means.device)
+        buf.scatter_(1, dest_old[..., None, None].expand(b, c, g, f), self.chunks)
+        buf.scatter_(1, dest_new[..., None, None].expand(b, j_max, g, f), means)
+        # a dropped entry may have been scattered last into slot c: it is discarded anyway
+        self.chunks.copy_(buf[:, :c])
+        self.chunk_total.copy_(total)
+        self.chunk_stride.copy_(stride)
+        self.chunk_stored.copy_((total + stride - 1) // stride)
+
+    def _log(self, done: Tensor, step: Tensor, sim: Tensor) -> None:
+        slot = self.hist_n.clamp_max(self.history_size - 1)[:, None]
+        ok = done & (self.hist_n < self.history_size)
+        old_step = self.hist_step.gather(1, slot)[:, 0]
+        old_sim = self.hist_sim.gather(1, slot)[:, 0]
+        old_tau = self.hist_tau.gather(1, slot)[:, 0]
+        self.hist_step.scatter_(1, slot, torch.where(ok, step, old_step)[:, None])
+        self.hist_sim.scatter_(1, slot, torch.where(ok, sim, old_sim)[:, None])
+        self.hist_tau.scatter_(1, slot, torch.where(ok, self.tau, old_tau)[:, None])
+        self.hist_n += done.long()
+
+    def finalize_trace(self, rows: Tensor | None = None) -> None:
+        """End the trace for ``rows`` (default: every tracing row): baseline, mu, sigma, tau."""
+        r = (
+            self.tracing.clone()
+            if rows is None
+            else rows.to(self.device, torch.bool) & self.tracing
+        )
+        if self._allocated_feature is None:  # nothing observed at all
+            self.tracing &= ~r
+            self.armed &= ~r
+            return
+        cfg = self.cfg
+        base = self.trace_sum / self.trace_n.clamp_min(1)[:, None, None].float()
+        sims = self.similarity(self.chunks, base[:, None])  # [B, C]
+        k = self.chunk_stored
+        used = torch.arange(self.max_chunks, device=self.device)[None] < k[:, None]
+        kf = k.float()
+        mu = torch.where(used, sims, 0.0).sum(1) / kf.clamp_min(1.0)
+        var = torch.where(used, (sims - mu[:, None]).square(), 0.0).sum(1) / (kf - 1).clamp_min(1)
+        sigma = torch.where(k >= 2, var.sqrt(), 0.0)
+        mu = torch.where(k >= max(cfg.min_windows, 1), mu, 1.0)
+        tau = mu - torch.clamp_min(cfg.sigma_scale * sigma, cfg.threshold_floor)
+        self.baseline.copy_(torch.where(r[:, None, None], base, self.baseline))
+        self.mu.copy_(torch.where(r, mu, self.mu))
+        self.sigma.copy_(torch.where(r, sigma, self.sigma))
+        self.tau.copy_(torch.where(r, tau, self.tau))
+        self.armed.copy_(torch.where(r, self.trace_n > 0, self.armed))
+        self.tracing &= ~r
+        self._maybe_monitoring = True
+        if rows is None:
+            self._maybe_tracing = False
+        self.pressure.masked_fill_(r, 0)
+        self.cur_n.masked_fill_(r, 0)
+        self.cur_sum.masked_fill_(r[:, None, None], 0.0)
+
+    def poll(self) -> Tensor:
+        """Rows whose pressure reached the trigger since the last poll (``BoolTensor[B]``);
+        clears the flags."""
+        out = self.triggered.clone()
+        self.triggered.zero_()
+        return out
+
+    def history(self) -> list[list[tuple[int, float, float]]]:
+        """Per row, ``(step, similarity, tau)`` at each complete monitoring window, where
+        ``step`` counts the row's valid tokens observed up to the window's last token (since the
+        last full :meth:`begin_trace`). Up to ``history_size`` entries per row are kept."""
+        n = self.hist_n.clamp_max(self.history_size).tolist()
+        steps, sims, taus = self.hist_step.tolist(), self.hist_sim.tolist(), self.hist_tau.tolist()
+        return [
+            list(zip(steps[b][: n[b]], sims[b][: n[b]], taus[b][: n[b]], strict=True))
+            for b in range(self.batch_size)
+        ]
+
+
+class AttnOutputMonitor(DriftMonitor):
+    """Signal ``attn_output``: the self-attention block output (after ``o_proj``) ``[B, T, d]``
+    of a watched layer, or a list/tuple of them (one per watched layer). Similarity: cosine of
+    the window mean to the baseline, averaged over the watched layers (clamped to [-1, 1])."""
+
+    def features(self, feature_input: object, **kwargs: object) -> Tensor:
+        xs = list(feature_input) if isinstance(feature_input, (list, tuple)) else [feature_input]
+        for x in xs:
+            if not isinstance(x, Tensor) or x.dim() != 3:
+                raise ValueError("attn_output signal: expected Tensor[B, T, d] or a list of them")
+        return torch.stack([x.float() for x in xs], dim=2)
+
+    def group_similarity(self, a: Tensor, b: Tensor) -> Tensor:
+        eps = 1e-12
+        num = (a * b).sum(-1)
+        den = torch.linalg.vector_norm(a, dim=-1).clamp_min(eps) * torch.linalg.vector_norm(
+            b, dim=-1
+        ).clamp_min(eps)
+        return (num / den).clamp(-1.0, 1.0)
+
+
+class AttnProbsMonitor(DriftMonitor):
+    """Signal ``attn_probs``: attention weights ``[B, H, T, S]`` of a watched layer (or a list,
+    one per layer). It needs attention weights, i.e. eager attention
+    (``attn_implementation="eager"``) on HF models: SDPA/flash kernels do not return them.
+
+    Each query row becomes the attention mass over ``num_buckets`` log-spaced relative-distance
+    buckets per head (see :func:`distance_bucket_features`), renormalised; similarity is
+    ``1 - JS`` (base 2) averaged over heads (and layers). Pass ``positions=`` to :meth:`observe`
+    when the queries are not the last ``T`` keys (e.g. a static cache).
+    """
+
+    def features(self, feature_input: object, **kwargs: object) -> Tensor:
+        xs = list(feature_input) if isinstance(feature_input, (list, tuple)) else [feature_input]
+        positions = kwargs.get("positions")
+        feats = [distance_bucket_features(x, self.cfg.num_buckets, positions) for x in xs]
+        return torch.cat(feats, dim=2)
+
+    def group_similarity(self, a: Tensor, b: Tensor) -> Tensor:
+        return js_similarity(a, b)
+
+
+class NullMonitor(DriftMonitor):
+    """Drift detection disabled: keeps the interface, never fires."""
+
+    def features(self, feature_input: object, **kwargs: object) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def group_similarity(self, a: Tensor, b: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def observe(self, feature_input: object, valid: Tensor | None = None, **kwargs: object) -> None:
+        return None
+
+    def finalize_trace(self, rows: Tensor | None = None) -> None:
+        r = self.tracing.clone() if rows is None else rows.to(self.device, torch.bool)
+        self.tracing &= ~r
+
+
+def make_monitor(cfg: DriftConfig, **kwargs: int) -> DriftMonitor:
+    """The monitor for ``cfg.signal`` (a :class:`NullMonitor` when ``cfg.enabled`` is false)."""
+    if not cfg.enabled:
+        return NullMonitor(cfg, **kwargs)
+    if cfg.signal == "attn_output":
+        return AttnOutputMonitor(cfg, **kwargs)
+    if cfg.signal == "attn_probs":
+        return AttnProbsMonitor(cfg, **kwargs)
+    raise ValueError(f"DriftConfig.signal: {cfg.signal!r} is not one of attn_output, attn_probs")
