@@ -1,0 +1,214 @@
+"""`attach` / `DARTHandle`: patch a Hugging Face decoder in place and undo it exactly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import Adapter, LayerRefs, get_adapter
+from .config import DARTConfig
+from .controller import Controller
+from .drift import resolve_watch_layers
+from .ffn import DARTFFN
+from .scoring import ProxyCache, output_proxy, weight_fingerprint
+
+__all__ = ["attach", "DARTHandle", "load_ops"]
+
+
+def load_ops() -> bool:
+    """Load the `dart_ext` kernels (registers `torch.ops.dart.*`); False if not built."""
+    try:
+        import dart_ext  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _compute_proxies(
+    model: nn.Module, adapter: Adapter, ffns: list[DARTFFN], source: str
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    vocab = adapter.embedding() if source == "embedding" else adapter.lm_head()
+    cache = ProxyCache()
+    name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+    proxies = []
+    for i, ffn in enumerate(ffns):
+        w = ffn._parts.w_down_t
+        key = (name, i, source, weight_fingerprint(w), weight_fingerprint(vocab))
+        proxies.append(cache.get_or_compute(key, lambda w=w: output_proxy(w, vocab)))
+    return proxies
+
+
+class DARTHandle:
+    """What `attach` returns: the controller, statistics and `detach()`."""
+
+    def __init__(self, model: nn.Module, config: DARTConfig):
+        self.model = model
+        self.config = config
+        self.adapter = get_adapter(model)
+        self.refs: list[LayerRefs] = self.adapter.layer_refs()
+        if config.backend != "masked" and config.method != "dense" and not load_ops():
+            raise RuntimeError(
+                f"backend {config.backend!r} needs the compiled dart_ext kernels; build them "
+                "with `pip install --no-build-isolation -e .` or use backend='masked'"
+            )
+        self._replaced: list[tuple[nn.Module, str, nn.Module]] = []
+        self._hooks: list[Any] = []
+        self._relaid: list[LayerRefs] = []
+        parts = [self.adapter.ffn_parts(r) for r in self.refs]
+        widths = [p.width for p in parts]
+        topk = torch.ops.dart.topk_indices if load_ops() else None
+        self.controller = Controller(config, widths, None, topk_fn=topk)
+        self.ffns = [
+            DARTFFN(p, r.index, config.backend, self.controller)
+            for p, r in zip(parts, self.refs, strict=True)
+        ]
+        if config.ranking != "magnitude" and config.method in ("dart", "static", "griffin"):
+            self.controller.proxies = _compute_proxies(
+                model, self.adapter, self.ffns, config.proxy_source
+            )
+        self.controller.layers = self.ffns
+        self.controller.post_ffn_norms = [r.post_ffn_norm for r in self.refs]
+        self._patch()
+        model._dart_handle = self
+        if config.method == "static" and config.calibration_text is not None:
+            raise ValueError(
+                "DARTConfig.calibration_text needs a tokenizer: call "
+                "handle.calibrate(text, tokenizer) after attach"
+            )
+
+    # -- patching -------------------------------------------------------------------------
+    def _patch(self) -> None:
+        c = self.controller
+        prune = self.config.backend != "masked" and c.fixed_counts != c.widths
+        for refs, ffn in zip(self.refs, self.ffns, strict=True):
+            if prune:
+                # Neuron-major storage of the column-major projection (in place, no copy kept).
+                self.adapter.relayout(refs)
+                self._relaid.append(refs)
+                ffn._parts = self.adapter.ffn_parts(refs)
+            self._replace(refs.ffn_parent, refs.ffn_attr, ffn)
+            for name in refs.extra_identity:
+                self._replace(refs.layer, name, nn.Identity())
+            if refs.pre_ffn_norm is not None:
+                self._hooks.append(
+                    refs.pre_ffn_norm.register_forward_pre_hook(
+                        lambda _m, args, i=refs.index: self.controller.capture_residual(i, args[0])
+                    )
+                )
+        drift = self.config.drift
+        if self.controller.monitor is not None:
+            watched = resolve_watch_layers(drift.layers, len(self.refs))
+            for i in watched:
+                self._hooks.append(
+                    self.refs[i].attn.register_forward_hook(self._attention_hook(i, watched))
+                )
+        self._hooks.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+        self._hooks.append(self.model.register_forward_hook(self._post_forward, with_kwargs=True))
+
+    def _replace(self, parent: nn.Module, name: str, module: nn.Module) -> None:
+        self._replaced.append((parent, name, getattr(parent, name)))
+        setattr(parent, name, module)
+
+    def _attention_hook(self, layer: int, watched: list[int]):
+        signal = self.config.drift.signal
+        pending: dict[int, torch.Tensor] = {}
+
+        def hook(_module, _args, output):
+            value = output[0] if signal == "attn_output" else output[1]
+            if value is None:
+                raise RuntimeError(
+                    "drift signal 'attn_probs' needs attention weights: load the model with "
+                    "attn_implementation='eager'"
+                )
+            pending[layer] = value
+            if len(pending) == len(watched):
+                self.controller.observe_attention([pending.pop(i) for i in watched])
+
+        return hook
+
+    def _pre_forward(self, _module, args, kwargs):
+        c = self.controller
+        if not c.auto_step:
+            return None
+        x = kwargs.get("input_ids", args[0] if args else None)
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        batch, tokens = x.shape[0], x.shape[1]
+        past = kwargs.get("past_key_values")
+        past_len = 0 if past is None else int(past.get_seq_length())
+        if past_len == 0:
+            c.begin(batch, x.device)
+        elif batch != c.batch_size:
+            raise RuntimeError(
+                f"batch size changed mid-sequence ({c.batch_size} -> {batch}); start new "
+                "sequences with an empty cache"
+            )
+        mask = kwargs.get("attention_mask")
+        valid = mask[:, -tokens:].bool() if mask is not None and mask.dim() == 2 else None
+        c.before_forward(valid)
+        return None
+
+    def _post_forward(self, _module, _args, _kwargs, _output):
+        if self.controller.auto_step:
+            self.controller.after_forward()
+
+    # -- public -----------------------------------------------------------------------------
+    def calibrate(self, text: str, tokenizer, max_tokens: int = 512) -> None:
+        """Build the frozen masks of `method='static'` from a calibration text."""
+        if self.config.method != "static":
+            raise ValueError(f"calibrate() is for method='static', not {self.config.method!r}")
+        device = next(self.model.parameters()).device
+        ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_tokens)
+        self.controller.calibrating(True)
+        self.controller.frozen = False
+        try:
+            with torch.no_grad():
+                self.model(input_ids=ids["input_ids"].to(device), use_cache=False)
+        finally:
+            self.controller.calibrating(False)
+        self.controller.begin(1, device)  # leave the frozen masks in force
+
+    def reset(self) -> None:
+        """Forget statistics (counters included); masks of a calibrated static run stay."""
+        self.controller.counters = type(self.controller.counters)()
+        if self.controller.monitor is not None and self.controller.batch_size:
+            self.controller.monitor.begin_trace(
+                self.controller.batch_size, self.controller.device
+            )
+
+    def drift_history(self) -> list[list[tuple[int, float, float]]]:
+        """Per sequence (step, similarity, threshold) at each monitored window."""
+        m = self.controller.monitor
+        return m.history() if m is not None and m.batch_size else []
+
+    def stats(self) -> dict:
+        return self.controller.stats()
+
+    def detach(self) -> nn.Module:
+        """Restore the original model exactly (modules, weight layout, no hooks)."""
+        for hook in self._hooks:
+            hook.remove()
+        for parent, name, original in reversed(self._replaced):
+            setattr(parent, name, original)
+        for refs in self._relaid:
+            self.adapter.restore(refs)
+        self._hooks, self._replaced, self._relaid = [], [], []
+        if getattr(self.model, "_dart_handle", None) is self:
+            del self.model._dart_handle
+        return self.model
+
+
+def attach(model: nn.Module, config: DARTConfig | None = None, **overrides: Any) -> DARTHandle:
+    """Patch `model` in place with DART (or a baseline, `config.method`); returns the handle.
+
+    `overrides` are DARTConfig fields, applied on top of `config` (or the defaults).
+    """
+    if getattr(model, "_dart_handle", None) is not None:
+        raise RuntimeError("this model already has DART attached: call handle.detach() first")
+    if config is None:
+        config = DARTConfig(**overrides)
+    elif overrides:
+        config = DARTConfig.from_dict({**config.to_dict(), **overrides})
+    return DARTHandle(model, config)

@@ -1,0 +1,341 @@
+"""Per-sequence schedule of DART (spec section 4): trace -> mask -> monitor -> re-trace -> release.
+
+Passes are counted from the prompt's prefill (pass 0). Passes `0..max(m,1)-1` run dense and
+collect statistics; the mask is built at the end of pass `max(m,1)-1` and used from pass
+`max(m,1)` on. `m = 0` therefore builds the mask from the prompt alone (like `m = 1`): a mask
+for pass 0 itself would need every layer's statistics before layer 0 runs (the `auto` budget is
+global), which is exactly the reference code's masking-step-shift defect.
+
+Host-side state is a few Python lists of length B, touched only on events; the per-token work
+is tensor updates inside the FFN and attention hooks, and the drift monitor is polled once per
+window, so there is no host sync per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .budget import allocate_budget
+from .config import DARTConfig, parse_layer_topk, resolve_keep_counts
+from .drift import make_monitor
+from .ffn import DENSE, SPARSE, TRACE, DARTFFN
+from .scoring import (
+    ActivationAccumulator,
+    SensitivityAccumulator,
+    rank_scores,
+    select_threshold,
+    select_topk,
+    shared_scores,
+)
+
+__all__ = ["Controller", "Phase"]
+
+
+class Phase:
+    TRACE = 0  # dense, collecting statistics
+    SPARSE = 1  # masked
+    RELEASED = 2  # dense for good
+
+
+# Which methods select neurons from the sequence itself (and so trace at every prompt).
+_PROMPT_METHODS = ("dart", "griffin", "random")
+
+
+@dataclass
+class _Counters:
+    decode_passes: int = 0
+    decode_neurons: float = 0.0  # neurons computed, summed over decode passes and rows
+    decode_capacity: float = 0.0  # neurons a dense model would compute
+    mask_builds: int = 0  # selections of (row, all layers), the initial ones included
+    refreshes: int = 0  # selections after a drift re-trace
+    drift_events: list[tuple[int, int]] = field(default_factory=list)  # (pass, row)
+    sequences: int = 0
+
+
+def _tensor_bytes(attrs: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in attrs.values() if torch.is_tensor(t))
+
+
+class Controller:
+    """Drives the `DARTFFN` modules of one model through the schedule."""
+
+    def __init__(
+        self,
+        config: DARTConfig,
+        widths: list[int],
+        proxies: list[tuple[torch.Tensor, torch.Tensor]] | None,
+        topk_fn=None,
+    ):
+        self.cfg = config
+        self.widths = widths
+        self.num_layers = len(widths)
+        self.layers: list[DARTFFN] = []
+        self.proxies = proxies
+        self.topk_fn = topk_fn
+        self.method = config.method
+        self.keeps = parse_layer_topk(config.layer_topk, self.num_layers, widths)
+        self.has_auto = any(k.kind == "auto" for k in self.keeps)
+        if self.method == "dense":
+            self.fixed_counts = list(widths)
+        elif self.has_auto:
+            self.fixed_counts = None
+        else:
+            self.fixed_counts = resolve_keep_counts(self.keeps, widths)
+        self.counts: list[int] | None = self.fixed_counts
+        self.budget = None  # the last auto BudgetAllocation, for reports
+        ema = config.ema_decay if self.method in ("dart", "static") else None
+        self.acc = ActivationAccumulator(widths, ema_decay=ema)
+        self.sens = SensitivityAccumulator(self.num_layers, config.sensitivity)
+        self.monitor = None
+        if self.method == "dart" and config.drift.enabled:
+            self.monitor = make_monitor(config.drift)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.post_ffn_norms: list[torch.nn.Module | None] = [None] * self.num_layers
+        self.auto_step = True  # follow HF forwards via hooks; off for explicit-step loops
+        self.frozen = False  # static masks are calibrated once and never rebuilt
+        self._calibrating = False
+        self.valid: torch.Tensor | None = None
+        self.batch_size = 0
+        self.device = torch.device("cpu")
+        self.step = 0
+        self.phase: list[int] = []
+        self.trace_start: list[int] = []
+        self._residual: dict[int, torch.Tensor] = {}
+        self.counters = _Counters()
+
+    # -- what to collect ---------------------------------------------------------------------
+    @property
+    def collecting(self) -> bool:
+        return Phase.TRACE in self.phase
+
+    @property
+    def needs_sensitivity(self) -> bool:
+        return self.has_auto and self.counts is None and self.collecting
+
+    # -- explicit step API -------------------------------------------------------------------
+    def begin(self, batch_size: int, device: torch.device | str = "cpu") -> None:
+        """Start new sequences (a new prompt for each of `batch_size` rows)."""
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.step = 0
+        self.valid = None
+        self.counters.sequences += batch_size
+        self._residual.clear()
+        if self.method == "dense":
+            self.phase = [Phase.RELEASED] * batch_size
+        elif self.method == "static" and not self._calibrating:
+            if not self.frozen:
+                raise RuntimeError(
+                    "method='static' needs calibration first: handle.calibrate(text) or "
+                    "DARTConfig(calibration_text=...)"
+                )
+            self.phase = [Phase.SPARSE] * batch_size
+        else:
+            self.phase = [Phase.TRACE] * batch_size
+            self.trace_start = [0] * batch_size
+            self.counts = self.fixed_counts
+            self.acc.reset(batch_size, self.device)
+            self.sens.reset(batch_size, self.device)
+            for layer in self.layers:
+                layer.clear_selection()
+            if self.monitor is not None:
+                self.monitor.begin_trace(batch_size, self.device)
+        self._set_modes()
+
+    def before_forward(self, valid: torch.Tensor | None) -> None:
+        """`valid` [B, T] marks real (non-padding) tokens of this pass; None = all real."""
+        self.valid = valid
+
+    def after_forward(self) -> None:
+        """End of a pass: account for it, then run the schedule's transitions."""
+        s = self.step
+        if s >= 1:
+            self._account_decode_pass()
+        if self.method in _PROMPT_METHODS or self._calibrating:
+            self._maybe_build(s)
+        if self.monitor is not None and (s + 1) % self.cfg.drift.window == 0:
+            self._poll_drift(s)
+        release = self.cfg.release_step
+        if release is not None and s + 1 >= release and self.method != "dense":
+            self.phase = [Phase.RELEASED] * self.batch_size
+        self.step += 1
+        self.valid = None
+        self._set_modes()
+
+    # -- recording (called from the FFN modules and hooks) ------------------------------------
+    def record_activations(self, layer: int, h: torch.Tensor) -> None:
+        if self.method == "griffin":  # GRIFFIN: per-token L2-normalised activations
+            h = h.float()
+            h = h / torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min(1e-12)
+        self.acc.update(layer, h, self.valid)
+
+    def capture_residual(self, layer: int, r: torch.Tensor) -> None:
+        if self.needs_sensitivity:
+            self._residual[layer] = r
+
+    def record_ffn_output(self, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        if not self.needs_sensitivity:
+            return
+        r = self._residual.pop(layer, x)  # post-LN families: the FFN input is the residual
+        norm = self.post_ffn_norms[layer]
+        f = norm(y) if norm is not None else y
+        self.sens.update(layer, r, f, self.valid)
+
+    def observe_attention(self, signal: torch.Tensor) -> None:
+        if self.monitor is not None and self.batch_size:
+            self.monitor.observe(signal, self.valid)
+
+    # -- transitions --------------------------------------------------------------------------
+    def _set_modes(self) -> None:
+        if not self.phase or all(p == Phase.RELEASED for p in self.phase):
+            mode = DENSE
+        elif all(p == Phase.SPARSE for p in self.phase):
+            mode = SPARSE
+        else:
+            mode = TRACE
+        for layer in self.layers:
+            layer.mode = mode
+            if mode == TRACE and layer.mask is not None:
+                dense_rows = [b for b, p in enumerate(self.phase) if p != Phase.SPARSE]
+                if dense_rows:
+                    layer.release_rows(torch.tensor(dense_rows, device=self.device))
+
+    def _maybe_build(self, s: int) -> None:
+        window = max(self.cfg.masking_step, 1)
+        ready = [
+            b
+            for b, p in enumerate(self.phase)
+            if p == Phase.TRACE and s + 1 - self.trace_start[b] >= window
+        ]
+        if not ready:
+            return
+        if self.cfg.batch_policy == "shared" or self.method == "static":
+            if len(ready) < self.batch_size:
+                return  # a shared mask waits for every row
+        self._build(ready)
+        if self._calibrating:
+            self.frozen = True
+
+    def _row_mask(self, rows: list[int]) -> torch.Tensor:
+        mask = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
+        mask[rows] = True
+        return mask
+
+    def _build(self, rows: list[int]) -> None:
+        rows_mask = self._row_mask(rows)
+        if self.counts is None:
+            scores = self.sens.scores(rows_mask)
+            cfg = self.cfg
+            self.budget = allocate_budget(
+                scores,
+                self.widths,
+                cfg.total_prune,
+                cfg.depth_early,
+                cfg.depth_late,
+                cfg.depth_early_floor,
+                cfg.depth_late_floor,
+                cfg.prune_min,
+                cfg.prune_max,
+            )
+            self.counts = resolve_keep_counts(self.keeps, self.widths, self.budget.keep_counts)
+        shared = self.cfg.batch_policy == "shared" or self.method == "static"
+        new_phase = list(self.phase)
+        for b in rows:
+            new_phase[b] = Phase.SPARSE
+        dense_rows = torch.tensor(
+            [p != Phase.SPARSE for p in new_phase], dtype=torch.bool, device=self.device
+        )
+        for layer_index, layer in enumerate(self.layers):
+            k = self.counts[layer_index]
+            if k >= self.widths[layer_index]:
+                continue
+            idx = self._select(layer_index, k, shared)
+            if not shared and layer.idx is not None and len(rows) < self.batch_size:
+                merged = layer.idx.clone()
+                merged[rows_mask] = idx[rows_mask]
+                idx = merged
+            layer.set_selection(idx, None if shared else dense_rows)
+        self.phase = new_phase
+        self.counters.mask_builds += len(rows)
+        if self.monitor is not None:
+            self.monitor.finalize_trace(rows_mask)
+
+    def _select(self, layer_index: int, k: int, shared: bool) -> torch.Tensor:
+        m = self.acc.magnitudes(layer_index)
+        if shared:
+            m = shared_scores(m, ema=self.acc.ema_decay is not None)
+        if self.method == "random":
+            scores = torch.rand(m.shape, generator=self.generator).to(m.device)
+        else:
+            pmax, pmean = self.proxies[layer_index] if self.proxies else (None, None)
+            scores = rank_scores(self.cfg.ranking, m, pmax, pmean)
+        layer = self.layers[layer_index]
+        if self.cfg.strategy == "auto" and layer.idx is None:
+            idx, _ = select_threshold(scores, self.topk_fn)
+        else:
+            k = layer.keep if self.cfg.strategy == "auto" else k
+            idx = select_topk(scores, k, self.topk_fn)
+        return idx[0] if shared else idx
+
+    def _poll_drift(self, s: int) -> None:
+        fired = self.monitor.poll()
+        sparse = [p == Phase.SPARSE for p in self.phase]
+        rows = [b for b, f in enumerate(fired.tolist()) if f and sparse[b]]
+        if not rows:
+            return
+        if self.cfg.batch_policy == "shared":
+            rows = [b for b in range(self.batch_size) if sparse[b]]
+        for b in rows:
+            self.counters.drift_events.append((s, b))
+            self.phase[b] = Phase.TRACE
+            self.trace_start[b] = s + 1
+        self.counters.refreshes += len(rows)
+        rows_mask = self._row_mask(rows)
+        self.acc.reset_rows(rows_mask)
+        self.monitor.begin_trace(self.batch_size, self.device, rows=rows_mask)
+
+    def _account_decode_pass(self) -> None:
+        c = self.counters
+        c.decode_passes += 1
+        total = float(sum(self.widths))
+        sparse_neurons = float(sum(self.counts)) if self.counts is not None else total
+        for p in self.phase:
+            c.decode_neurons += sparse_neurons if p == Phase.SPARSE else total
+            c.decode_capacity += total
+
+    # -- static calibration ------------------------------------------------------------------
+    def calibrating(self, on: bool) -> None:
+        self._calibrating = on
+
+    # -- reporting ---------------------------------------------------------------------------
+    def stats(self) -> dict:
+        c = self.counters
+        counts = self.counts if self.counts is not None else list(self.widths)
+        total = sum(self.widths)
+        state_bytes = {
+            "accumulators": sum(t.numel() * 4 for t in self.acc._state),
+            "sensitivity": 3 * self.sens.count.numel() * 4,
+            "selections": sum(layer.extra_bytes() for layer in self.layers),
+            "proxies": sum(a.numel() * a.element_size() * 2 for a, _ in self.proxies or []),
+            "drift_monitor": _tensor_bytes(vars(self.monitor)) if self.monitor else 0,
+        }
+        return {
+            "method": self.method,
+            "backend": self.cfg.backend,
+            "keep_counts": counts,
+            "widths": list(self.widths),
+            "nominal_sparsity": 1.0 - sum(counts) / total,
+            "effective_sparsity": (
+                1.0 - c.decode_neurons / c.decode_capacity if c.decode_capacity else 0.0
+            ),
+            "decode_passes": c.decode_passes,
+            "mask_builds": c.mask_builds,
+            "mask_refreshes": c.refreshes,
+            "drift_events": [{"step": s, "row": b} for s, b in c.drift_events],
+            "sequences": c.sequences,
+            "budget_prune_fractions": self.budget.prune_fractions if self.budget else None,
+            "extra_state_bytes": state_bytes,
+            "extra_state_bytes_total": sum(state_bytes.values()),
+        }

@@ -1,0 +1,172 @@
+"""The FFN module DART puts in place of a model's MLP.
+
+Three ways to run a pruned FFN, chosen by the `backend` setting:
+- `masked`: the reference simulation: full hidden vector times a 0/1 mask (no saving).
+- `gathered`: `torch.ops.dart.gathered_glu_ffn` / `gathered_mlp` read only the kept neurons'
+  rows of the original weights (no extra memory).
+- `compact`: on each re-selection the kept rows are sliced into persistent compact buffers
+  (`torch.ops.dart.gather_neurons_`); between re-selections the FFN is dense GEMMs on them.
+
+The module holds no schedule logic: the controller sets `mode` and the masks, and receives
+the statistics through `controller.record_*`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapters import FFNParts, kernel_act
+
+if TYPE_CHECKING:
+    from .controller import Controller
+
+__all__ = ["DARTFFN", "BACKENDS"]
+
+BACKENDS = ("masked", "gathered", "compact")
+
+# Mode of one forward, set by the controller before each pass.
+DENSE = "dense"  # original module, nothing recorded
+TRACE = "trace"  # full hidden vector, statistics recorded, masks applied to rows that have them
+SPARSE = "sparse"  # every row has a mask: run the backend
+
+
+def _act_fn(name: str):
+    return {
+        "silu": F.silu,
+        "gelu": F.gelu,
+        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+        "relu": F.relu,
+    }[name]
+
+
+class DARTFFN(nn.Module):
+    def __init__(self, parts: FFNParts, layer_index: int, backend: str, controller: Controller):
+        super().__init__()
+        self.original = parts.original  # child module: the dense path is its own forward
+        self.layer_index = layer_index
+        self.width = parts.width
+        self.kind = parts.kind
+        self.backend = backend
+        self.kernel_act = kernel_act(parts.act)
+        if backend != "masked" and self.kernel_act is None:
+            raise ValueError(
+                f"backend {backend!r} has no kernel for activation {parts.act!r}; "
+                "use backend='masked' for this model"
+            )
+        # Plain attributes (not submodules / buffers): views of the original parameters.
+        self._parts = parts
+        object.__setattr__(self, "_controller", controller)
+        self.keep = parts.width  # k of this layer; == width means this layer never prunes
+        self.mode = DENSE
+        self.idx: torch.Tensor | None = None  # [k] shared or [B, k] per sequence
+        self.mask: torch.Tensor | None = None  # [1 or B, 1, N] 0/1 in the activation dtype
+        self.compact: tuple[torch.Tensor, ...] | None = None
+
+    # -- selection (called by the controller on a re-selection, never per token) ----------
+    def set_selection(self, idx: torch.Tensor, row_keeps_all: torch.Tensor | None) -> None:
+        """Install kept-neuron indices (`[k]` or `[B, k]`, sorted) and rebuild derived state.
+
+        `row_keeps_all` ([B] bool) marks rows that currently run dense (tracing or released):
+        their mask row is all ones so a mixed batch can be computed in one masked pass.
+        """
+        p = self._parts
+        self.idx = idx
+        self.keep = idx.shape[-1]
+        rows = idx if idx.dim() == 2 else idx.unsqueeze(0)
+        mask = torch.zeros(rows.shape[0], self.width, dtype=p.w_up.dtype, device=idx.device)
+        mask.scatter_(1, rows, 1.0)
+        if row_keeps_all is not None:
+            mask[row_keeps_all] = 1.0
+        self.mask = mask.unsqueeze(1)
+        if self.backend == "compact":
+            self._reslice()
+
+    def release_rows(self, rows: torch.Tensor) -> None:
+        """Make `rows` of the mask dense (tracing again or released)."""
+        if self.mask is not None and self.mask.shape[0] > 1:
+            self.mask[rows] = 1.0
+
+    def clear_selection(self) -> None:
+        self.idx = self.mask = self.compact = None
+
+    def _reslice(self) -> None:
+        p = self._parts
+        idx = self.idx
+        k = idx.shape[-1]
+        lead = (idx.shape[0],) if idx.dim() == 2 else ()
+        d = p.w_up.shape[1]
+        like = p.w_up
+        if self.kind == "glu":
+            gate_up = like.new_empty(*lead, 2 * k, d)
+            torch.ops.dart.gather_neurons_(gate_up, [p.w_gate, p.w_up], idx)
+            down = like.new_empty(*lead, k, d)
+            torch.ops.dart.gather_neurons_(down, [p.w_down_t], idx)
+            self.compact = (gate_up, down)
+        else:
+            w_in = like.new_empty(*lead, k, d)
+            torch.ops.dart.gather_neurons_(w_in, [p.w_up], idx)
+            w_out = like.new_empty(*lead, k, d)
+            torch.ops.dart.gather_neurons_(w_out, [p.w_down_t], idx)
+            b_in = None
+            if p.b_in is not None:
+                b_in = like.new_empty(*lead, k, 1)
+                torch.ops.dart.gather_neurons_(b_in, [p.b_in.unsqueeze(1)], idx)
+                b_in = b_in.squeeze(-1)
+            self.compact = (w_in, w_out, b_in)
+
+    def extra_bytes(self) -> int:
+        """Bytes of state this module holds beyond the model's own weights."""
+        tensors = [self.idx, self.mask, *(self.compact or ())]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == DENSE or self.keep >= self.width and self.mode == SPARSE:
+            return self.original(x)
+        if self.mode == TRACE:
+            return self._trace(x)
+        return self._sparse(x)
+
+    def _trace(self, x: torch.Tensor) -> torch.Tensor:
+        p = self._parts
+        h = p.hidden(x)
+        self._controller.record_activations(self.layer_index, h)
+        if self.mask is not None:
+            h = h * self.mask
+        y = p.down(h)
+        self._controller.record_ffn_output(self.layer_index, x, y)
+        return y
+
+    def _sparse(self, x: torch.Tensor) -> torch.Tensor:
+        p = self._parts
+        if self.backend == "masked":
+            return p.down(p.hidden(x) * self.mask)
+        if self.backend == "gathered":
+            if self.kind == "glu":
+                return torch.ops.dart.gathered_glu_ffn(
+                    x, p.w_gate, p.w_up, p.w_down_t, self.idx, self.kernel_act
+                )
+            return torch.ops.dart.gathered_mlp(
+                x, p.w_up, p.b_in, p.w_down_t, p.b_out, self.idx, self.kernel_act
+            )
+        return self._compact_forward(x)
+
+    def _compact_forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = _act_fn(self.kernel_act)
+        per_sequence = self.idx.dim() == 2
+        if self.kind == "glu":
+            gate_up, down = self.compact
+            k = self.keep
+            gu = torch.matmul(x, gate_up.transpose(-1, -2))
+            h = act(gu[..., :k]) * gu[..., k:]
+            return torch.matmul(h, down)
+        w_in, w_out, b_in = self.compact
+        z = torch.matmul(x, w_in.transpose(-1, -2))
+        if b_in is not None:
+            z = z + (b_in.unsqueeze(1) if per_sequence else b_in)
+        y = torch.matmul(act(z), w_out)
+        return y if self._parts.b_out is None else y + self._parts.b_out
