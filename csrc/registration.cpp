@@ -1,0 +1,36 @@
+// The one TORCH_LIBRARY(dart, m) block: every op schema of the `dart` namespace lives here.
+// Backend kernels live in csrc/cpu/*.cpp (TORCH_LIBRARY_IMPL(dart, CPU, m)) and csrc/cuda/*.cu
+// (TORCH_LIBRARY_IMPL(dart, CUDA, m)); fake (meta) kernels are in dart_ext/ops.py, which
+// set_python_module points torch at so torch.compile / export find them.
+#include <torch/library.h>
+
+#ifndef DART_NO_PYTHON
+// Python module stub (pattern of pytorch/extension-cpp): `from dart_ext import _C` loads this
+// shared library, whose static initialisers register the ops. No Python functions are bound.
+// The CMake (C++-only) build defines DART_NO_PYTHON and omits it.
+#include <Python.h>
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // name
+      NULL,  // doc
+      -1,    // size of per-interpreter state
+      NULL,  // methods
+  };
+  return PyModule_Create(&module_def);
+}
+}
+#endif
+
+TORCH_LIBRARY(dart, m) {
+  m.set_python_module("dart_ext.ops");
+  m.def("topk_indices(Tensor scores, int k) -> Tensor");
+  m.def(
+      "gathered_glu_ffn(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down_t, Tensor idx, "
+      "str act) -> Tensor");
+  m.def(
+      "gathered_mlp(Tensor x, Tensor w_in, Tensor? b_in, Tensor w_out_t, Tensor? b_out, "
+      "Tensor idx, str act) -> Tensor");
+  m.def("gather_neurons_(Tensor(a!) out, Tensor[] srcs, Tensor idx) -> ()");
+}

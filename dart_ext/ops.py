@@ -1,0 +1,248 @@
+"""Fake (meta) kernels and typed Python wrappers of the `dart` ops (`torch.ops.dart.*`).
+
+Op contracts (all ops: tensors on one device; kernels hold no Python state, never sync, and are
+deterministic for a fixed thread count; no autograd: inference only):
+
+``topk_indices(scores, k) -> idx``
+    scores ``[..., N]`` (fp32/bf16/fp16) -> int64 ``[..., k]``: the indices of the ``k`` largest
+    scores of each row, sorted ascending (memory order). ``1 <= k <= N``. Ties: among equal scores
+    the lower index wins; NaN counts as -inf.
+
+``gathered_glu_ffn(x, w_gate, w_up, w_down_t, idx, act) -> y``
+    ``y = sum_j act(x . w_gate[idx_j]) * (x . w_up[idx_j]) * w_down_t[idx_j]``.
+    x ``[..., d]``; weights ``[N, d]`` with unit last-dim stride (any row stride: pass
+    ``down_proj.weight.t()`` of a down projection stored ``[N, d]`` contiguous; weights are never
+    copied whole); weights share x's dtype. idx int64 (int32 accepted) ``[k]`` shared by all tokens,
+    or ``[B, k]`` per sequence for x ``[B, T, d]``; values in ``[0, N)``; ``k = 0`` gives zeros.
+    Duplicate indices are allowed and counted twice. act in silu, gelu (erf), gelu_tanh (aliases
+    gelu_new, gelu_pytorch_tanh), relu. fp32 accumulation; y has x's shape and dtype (contiguous),
+    rounded once.
+
+``gathered_mlp(x, w_in, b_in, w_out_t, b_out, idx, act) -> y``
+    Plain 2-matrix FFN (GPT-2 / OPT / NeoX): ``h_j = act(x . w_in[idx_j] + b_in[idx_j])``,
+    ``y = sum_j h_j * w_out_t[idx_j] + b_out``; biases optional (``b_in [N]``, ``b_out [d]``).
+    Same shapes, dtypes and acts as above.
+
+``gather_neurons_(out, srcs, idx) -> None``  (mutates ``out``)
+    Re-slices kept neuron rows into a persistent buffer. Shared idx ``[k]``: out ``[S*k, d]`` and
+    block ``s`` (rows ``s*k .. s*k+k-1``) gets ``srcs[s][idx]``. Per-sequence idx ``[B, k]``: out
+    ``[B, S*k, d]``. srcs are ``[N, d]`` with unit last-dim stride and out's dtype. Biases: pass a
+    ``[N, 1]`` view (d = 1 works).
+
+Compact (slice-on-reselect) FFN, run between re-selections as dense GEMMs::
+
+    gather_neurons_(gate_up, [w_gate, w_up], idx)   # gate_up [2k, d]   (per sequence [B, 2k, d])
+    gather_neurons_(down_c, [w_down_t], idx)        # down_c  [k, d]    (per sequence [B, k, d])
+    gu = F.linear(x, gate_up)                       # per sequence: torch.bmm(x, gate_up.mT)
+    h = act(gu[..., :k]) * gu[..., k:]
+    y = h @ down_c                                  # per sequence: torch.bmm(h, down_c)
+
+``compact_glu_ffn(x, gate_up, down_c, act)`` does exactly that with torch ops (it runs in x's dtype
+with the usual torch GEMM accumulation, so bf16 rounds ``gu`` and ``h`` to bf16, unlike the
+gathered ops, which round once).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .reference import ACT_ALIASES, apply_act, canonical_act
+
+ACTIVATIONS = tuple(ACT_ALIASES)
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_IDX_DTYPES = (torch.int64, torch.int32)
+
+
+def _fail(op, msg):
+    raise RuntimeError(f"{op}: {msg}")
+
+
+def _check_act(op, act):
+    if act not in ACT_ALIASES:
+        _fail(
+            op,
+            f"unknown act '{act}'; accepted: silu, gelu (erf), gelu_tanh "
+            "(aliases gelu_new, gelu_pytorch_tanh), relu",
+        )
+
+
+def _check_weight(op, name, w, x, d):
+    if w.device != x.device:
+        _fail(op, f"{name} is on {w.device} but x is on {x.device}")
+    if w.dtype != x.dtype:
+        _fail(op, f"{name} has dtype {w.dtype} but x has dtype {x.dtype}")
+    if w.dim() != 2:
+        _fail(op, f"{name} must be 2-D [N, d], got shape {tuple(w.shape)}")
+    if w.shape[1] != d:
+        _fail(op, f"{name} must be [N, d] with d = {d} (x's last dim), got {tuple(w.shape)}")
+    if w.shape[1] > 1 and w.stride(1) != 1:
+        _fail(op, f"{name} must have unit stride in its last dim, got strides {w.stride()}")
+
+
+def _check_idx(op, idx, x, n):
+    if idx.device != x.device:
+        _fail(op, f"idx is on {idx.device} but x is on {x.device}")
+    if idx.dtype not in _IDX_DTYPES:
+        _fail(op, f"idx must be int64 (or int32), got {idx.dtype}")
+    if idx.dim() not in (1, 2):
+        _fail(op, f"idx must be 1-D [k] or 2-D [B, k], got shape {tuple(idx.shape)}")
+    if idx.dim() == 2:
+        if x.dim() != 3:
+            _fail(op, f"a per-sequence idx [B, k] needs x [B, T, d], got x {tuple(x.shape)}")
+        if idx.shape[0] != x.shape[0]:
+            _fail(op, f"idx has B = {idx.shape[0]} rows but x has batch size {x.shape[0]}")
+
+
+def _check_x(op, x):
+    if x.dtype not in _FLOAT_DTYPES:
+        _fail(op, f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dim() < 1:
+        _fail(op, "x must be [..., d], got a 0-D tensor")
+
+
+# ------------------------------------------------------------------------------------------------
+# Fake kernels
+
+
+@torch.library.register_fake("dart::topk_indices")
+def _topk_indices_fake(scores, k):
+    if scores.dtype not in _FLOAT_DTYPES:
+        _fail("topk_indices", f"scores must be float32, bfloat16 or float16, got {scores.dtype}")
+    if scores.dim() < 1:
+        _fail("topk_indices", "scores must be [..., N] with at least 1 dim, got 0-D")
+    n = scores.shape[-1]
+    torch._check(
+        1 <= k, lambda: f"topk_indices: k must satisfy 1 <= k <= N = {n}, got k = {k}"
+    )
+    torch._check(
+        k <= n, lambda: f"topk_indices: k must satisfy 1 <= k <= N = {n}, got k = {k}"
+    )
+    return scores.new_empty((*scores.shape[:-1], k), dtype=torch.int64)
+
+
+@torch.library.register_fake("dart::gathered_glu_ffn")
+def _gathered_glu_ffn_fake(x, w_gate, w_up, w_down_t, idx, act):
+    op = "gathered_glu_ffn"
+    _check_x(op, x)
+    d = x.shape[-1]
+    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down_t", w_down_t)):
+        _check_weight(op, name, w, x, d)
+    n = w_gate.shape[0]
+    if w_up.shape[0] != n:
+        _fail(op, f"w_up has N = {w_up.shape[0]} rows but w_gate has N = {n}")
+    if w_down_t.shape[0] != n:
+        _fail(op, f"w_down_t has N = {w_down_t.shape[0]} rows but w_gate has N = {n}")
+    _check_act(op, act)
+    _check_idx(op, idx, x, n)
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("dart::gathered_mlp")
+def _gathered_mlp_fake(x, w_in, b_in, w_out_t, b_out, idx, act):
+    op = "gathered_mlp"
+    _check_x(op, x)
+    d = x.shape[-1]
+    _check_weight(op, "w_in", w_in, x, d)
+    _check_weight(op, "w_out_t", w_out_t, x, d)
+    n = w_in.shape[0]
+    if w_out_t.shape[0] != n:
+        _fail(op, f"w_out_t has N = {w_out_t.shape[0]} rows but w_in has N = {n}")
+    for name, b, size, what in (("b_in", b_in, n, "N"), ("b_out", b_out, d, "d")):
+        if b is None:
+            continue
+        if b.device != x.device or b.dtype != x.dtype:
+            _fail(op, f"{name} must be on x's device with x's dtype, got {b.device} {b.dtype}")
+        if b.dim() != 1 or b.shape[0] != size:
+            _fail(op, f"{name} must be 1-D [{what}] = [{size}], got shape {tuple(b.shape)}")
+    _check_act(op, act)
+    _check_idx(op, idx, x, n)
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("dart::gather_neurons_")
+def _gather_neurons_fake(out, srcs, idx):
+    op = "gather_neurons_"
+    if len(srcs) < 1:
+        _fail(op, "srcs must hold at least one [N, d] tensor")
+    if idx.dtype not in _IDX_DTYPES:
+        _fail(op, f"idx must be int64 (or int32), got {idx.dtype}")
+    if idx.dim() not in (1, 2):
+        _fail(op, f"idx must be 1-D [k] or 2-D [B, k], got shape {tuple(idx.shape)}")
+    per_seq = idx.dim() == 2
+    if out.dim() != (3 if per_seq else 2):
+        _fail(op, f"out must be {'3-D [B, S*k, d]' if per_seq else '2-D [S*k, d]'}, "
+              f"got shape {tuple(out.shape)}")
+    s, k, d = len(srcs), idx.shape[-1], out.shape[-1]
+    if per_seq and out.shape[0] != idx.shape[0]:
+        _fail(op, f"out has batch {out.shape[0]} but idx has B = {idx.shape[0]}")
+    if out.shape[-2] != s * k:
+        _fail(op, f"out must have S*k = {s}*{k} rows, got shape {tuple(out.shape)}")
+    n = srcs[0].shape[0] if srcs[0].dim() == 2 else None
+    for i, w in enumerate(srcs):
+        if w.device != out.device or w.dtype != out.dtype:
+            _fail(op, f"srcs[{i}] must be on out's device with out's dtype")
+        if w.dim() != 2 or w.shape[0] != n or w.shape[1] != d:
+            _fail(op, f"srcs[{i}] must be [N, d] = [{n}, {d}], got shape {tuple(w.shape)}")
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Typed wrappers
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (int64, ascending) of the k largest scores per row; ties -> lower index; NaN=-inf."""
+    return torch.ops.dart.topk_indices.default(scores, k)
+
+
+def gathered_glu_ffn(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    idx: torch.Tensor,
+    act: str = "silu",
+) -> torch.Tensor:
+    """Gated FFN over the kept neurons ``idx`` only (see the module docstring)."""
+    return torch.ops.dart.gathered_glu_ffn.default(x, w_gate, w_up, w_down_t, idx, act)
+
+
+def gathered_mlp(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor | None,
+    w_out_t: torch.Tensor,
+    b_out: torch.Tensor | None,
+    idx: torch.Tensor,
+    act: str = "gelu_tanh",
+) -> torch.Tensor:
+    """Plain 2-matrix FFN over the kept neurons ``idx`` only (see the module docstring)."""
+    return torch.ops.dart.gathered_mlp.default(x, w_in, b_in, w_out_t, b_out, idx, act)
+
+
+def gather_neurons_(out: torch.Tensor, srcs: list[torch.Tensor], idx: torch.Tensor) -> None:
+    """In place: ``out`` <- concatenation over s of ``srcs[s][idx]`` (per sequence for idx [B, k])."""
+    torch.ops.dart.gather_neurons_.default(out, list(srcs), idx)
+
+
+def compact_glu_ffn(
+    x: torch.Tensor, gate_up: torch.Tensor, down_c: torch.Tensor, act: str = "silu"
+) -> torch.Tensor:
+    """FFN on compact buffers: gate_up ``[2k, d]`` / down_c ``[k, d]`` (shared) or
+    ``[B, 2k, d]`` / ``[B, k, d]`` (per sequence, x ``[B, T, d]``), as filled by gather_neurons_.
+
+    ``gu = F.linear(x, gate_up); h = act(gu[..., :k]) * gu[..., k:]; y = h @ down_c``.
+    """
+    canonical_act(act)
+    k = down_c.shape[-2]
+    if gate_up.dim() == 2:
+        gu = F.linear(x, gate_up)
+        return (apply_act(act, gu[..., :k]) * gu[..., k:]) @ down_c
+    if x.dim() != 3 or gate_up.dim() != 3:
+        raise ValueError(
+            "compact_glu_ffn: per-sequence buffers gate_up [B, 2k, d] need x [B, T, d], "
+            f"got x {tuple(x.shape)} and gate_up {tuple(gate_up.shape)}"
+        )
+    gu = torch.bmm(x, gate_up.transpose(1, 2))
+    return torch.bmm(apply_act(act, gu[..., :k]) * gu[..., k:], down_c)

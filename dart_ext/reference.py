@@ -1,0 +1,91 @@
+"""Pure-PyTorch reference of every `dart` op: the ground truth of the tests and of other backends.
+
+All math in fp32 (outputs rounded once to the input dtype); index selection with index_select;
+top-k tie rule via a stable descending sort (lower index wins among equal scores; NaN = -inf).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACT_ALIASES = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "relu": "relu",
+}
+
+
+def canonical_act(act: str) -> str:
+    try:
+        return ACT_ALIASES[act]
+    except KeyError:
+        raise ValueError(
+            f"unknown act {act!r}; accepted: silu, gelu (erf), gelu_tanh "
+            "(aliases gelu_new, gelu_pytorch_tanh), relu"
+        ) from None
+
+
+def apply_act(act: str, t: torch.Tensor) -> torch.Tensor:
+    a = canonical_act(act)
+    if a == "silu":
+        return F.silu(t)
+    if a == "gelu":
+        return F.gelu(t)
+    if a == "gelu_tanh":
+        return F.gelu(t, approximate="tanh")
+    return F.relu(t)
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    s = scores.float()
+    s = torch.where(torch.isnan(s), torch.full_like(s, float("-inf")), s)
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :k]
+    return torch.sort(order, dim=-1).values.to(torch.int64)
+
+
+def _per_batch(x, idx, fn):
+    """Applies fn(x_rows [M, d] fp32, idx [k]) for a shared or per-sequence idx."""
+    d = x.shape[-1]
+    xf = x.float()
+    if idx.dim() == 1:
+        return fn(xf.reshape(-1, d), idx.long()).reshape(x.shape)
+    return torch.stack([fn(xf[b], idx[b].long()) for b in range(x.shape[0])]).reshape(x.shape)
+
+
+def gathered_glu_ffn(x, w_gate, w_up, w_down_t, idx, act):
+    def fn(xr, ix):
+        g = F.linear(xr, w_gate.float().index_select(0, ix))
+        u = F.linear(xr, w_up.float().index_select(0, ix))
+        return (apply_act(act, g) * u) @ w_down_t.float().index_select(0, ix)
+
+    return _per_batch(x, idx, fn).to(x.dtype)
+
+
+def gathered_mlp(x, w_in, b_in, w_out_t, b_out, idx, act):
+    def fn(xr, ix):
+        b = None if b_in is None else b_in.float().index_select(0, ix)
+        h = apply_act(act, F.linear(xr, w_in.float().index_select(0, ix), b))
+        y = h @ w_out_t.float().index_select(0, ix)
+        return y if b_out is None else y + b_out.float()
+
+    return _per_batch(x, idx, fn).to(x.dtype)
+
+
+def gather_neurons(srcs, idx):
+    """Functional form of gather_neurons_: the tensor `out` should hold afterwards."""
+    idx = idx.long()
+    if idx.dim() == 1:
+        return torch.cat([s.index_select(0, idx) for s in srcs], dim=0)
+    return torch.stack(
+        [torch.cat([s.index_select(0, idx[b]) for s in srcs], dim=0) for b in range(idx.shape[0])]
+    )
+
+
+def dense_glu_ffn(x, w_gate, w_up, w_down, act):
+    """Dense gated FFN with HF orientation (w_down [d, N])."""
+    return F.linear(apply_act(act, F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
