@@ -67,11 +67,13 @@ def js_similarity(p: Tensor, q: Tensor) -> Tensor:
     return (1.0 - js).clamp(0.0, 1.0)
 
 
-def _bucket_bounds(num_buckets: int) -> tuple[list[int], list[int]]:
+def _bucket_bounds(num_buckets: int, device: torch.device) -> tuple[Tensor, Tensor]:
     # bucket 0: distance 0; bucket k >= 1: [2^(k-1), 2^k - 1]; the last one is open-ended.
-    lo = [0] + [1 << (k - 1) for k in range(1, num_buckets)]
-    hi = [0] + [(1 << k) - 1 for k in range(1, num_buckets)]
-    hi[-1] = 1 << 62
+    # Built with device ops (no host-to-device copy, which would synchronise).
+    k = torch.arange(num_buckets, device=device)
+    one = torch.ones_like(k)
+    lo = torch.where(k > 0, one << (k - 1).clamp_min(0), 0)
+    hi = torch.where(k == num_buckets - 1, 1 << 62, (one << k) - 1)
     return lo, hi
 
 
@@ -93,9 +95,7 @@ def distance_bucket_features(
         positions = torch.arange(s - t, s, device=dev)
     pos = positions.to(device=dev, dtype=torch.long)
     pos = pos.expand(b, t) if pos.dim() == 1 else pos  # [B, T]
-    lo, hi = _bucket_bounds(num_buckets)
-    lo_t = torch.tensor(lo, device=dev, dtype=torch.long)
-    hi_t = torch.tensor(hi, device=dev, dtype=torch.long)
+    lo_t, hi_t = _bucket_bounds(num_buckets, dev)
     # keys of bucket k for query q: [q - hi_k, q - lo_k] clipped to [0, S-1]
     end = (pos[..., None] - lo_t + 1).clamp(0, s)  # exclusive, [B, T, K]
     start = torch.minimum((pos[..., None] - hi_t).clamp(0, s), end)
