@@ -73,7 +73,12 @@ def get_extensions():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
 
-    cxx = ["-O0" if debug else "-O3", "-fopenmp", "-ffp-contract=fast", "-fdiagnostics-color=always"]
+    cxx = [
+        "-O0" if debug else "-O3",
+        "-fopenmp",
+        "-ffp-contract=fast",
+        "-fdiagnostics-color=always",
+    ]
     cxx += ["-DPy_LIMITED_API=0x030B0000"]
     if debug:
         cxx += ["-g"]

@@ -112,12 +112,8 @@ def _topk_indices_fake(scores, k):
     if scores.dim() < 1:
         _fail("topk_indices", "scores must be [..., N] with at least 1 dim, got 0-D")
     n = scores.shape[-1]
-    torch._check(
-        1 <= k, lambda: f"topk_indices: k must satisfy 1 <= k <= N = {n}, got k = {k}"
-    )
-    torch._check(
-        k <= n, lambda: f"topk_indices: k must satisfy 1 <= k <= N = {n}, got k = {k}"
-    )
+    torch._check(1 <= k, lambda: f"topk_indices: k must satisfy 1 <= k <= N = {n}, got k = {k}")
+    torch._check(k <= n, lambda: f"topk_indices: k must satisfy 1 <= k <= N = {n}, got k = {k}")
     return scores.new_empty((*scores.shape[:-1], k), dtype=torch.int64)
 
 
@@ -171,8 +167,11 @@ def _gather_neurons_fake(out, srcs, idx):
         _fail(op, f"idx must be 1-D [k] or 2-D [B, k], got shape {tuple(idx.shape)}")
     per_seq = idx.dim() == 2
     if out.dim() != (3 if per_seq else 2):
-        _fail(op, f"out must be {'3-D [B, S*k, d]' if per_seq else '2-D [S*k, d]'}, "
-              f"got shape {tuple(out.shape)}")
+        _fail(
+            op,
+            f"out must be {'3-D [B, S*k, d]' if per_seq else '2-D [S*k, d]'}, "
+            f"got shape {tuple(out.shape)}",
+        )
     s, k, d = len(srcs), idx.shape[-1], out.shape[-1]
     if per_seq and out.shape[0] != idx.shape[0]:
         _fail(op, f"out has batch {out.shape[0]} but idx has B = {idx.shape[0]}")
@@ -222,7 +221,9 @@ def gathered_mlp(
 
 
 def gather_neurons_(out: torch.Tensor, srcs: list[torch.Tensor], idx: torch.Tensor) -> None:
-    """In place: ``out`` <- concatenation over s of ``srcs[s][idx]`` (per sequence for idx [B, k])."""
+    """In place: ``out`` <- concatenation over s of ``srcs[s][idx]``.
+
+    Per sequence for idx ``[B, k]`` (out ``[B, S*k, d]``)."""
     torch.ops.dart.gather_neurons_.default(out, list(srcs), idx)
 
 
