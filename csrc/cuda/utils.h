@@ -1,0 +1,96 @@
+// Shared glue for the TORCH_LIBRARY_IMPL(dart, CUDA, m) files: argument checks with messages
+// that name the op and the argument, dtype dispatch to the torch-free kernels, device facts.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "../kernels/common.cuh"
+
+namespace dart {
+namespace cuda {
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<float>), f(Tag<__half>) or f(Tag<__nv_bfloat16>) for the tensor dtype.
+template <typename F>
+void dispatch_float(at::ScalarType st, const char* op, const char* name, F&& f) {
+  switch (st) {
+    case at::kFloat:
+      f(Tag<float>{});
+      break;
+    case at::kHalf:
+      f(Tag<__half>{});
+      break;
+    case at::kBFloat16:
+      f(Tag<__nv_bfloat16>{});
+      break;
+    default:
+      TORCH_CHECK(false, op, ": ", name, " must be float32, bfloat16 or float16, got ", st);
+  }
+}
+
+inline bool is_float_dtype(at::ScalarType st) {
+  return st == at::kFloat || st == at::kHalf || st == at::kBFloat16;
+}
+
+inline kernels::Act parse_act(c10::string_view act, const char* op) {
+  const std::string a(act.data(), act.size());
+  if (a == "silu" || a == "swish") return kernels::Act::kSiLU;
+  if (a == "gelu") return kernels::Act::kGeLU;
+  if (a == "gelu_tanh" || a == "gelu_new" || a == "gelu_pytorch_tanh")
+    return kernels::Act::kGeLUTanh;
+  if (a == "relu") return kernels::Act::kReLU;
+  TORCH_CHECK(false, op, ": unknown act '", a,
+              "' (expected silu, gelu, gelu_tanh, relu; aliases gelu_new, gelu_pytorch_tanh)");
+}
+
+inline void check_cuda_tensor(const at::Tensor& t, const at::Tensor& ref, const char* op,
+                              const char* name) {
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(),
+              " but x is on ", ref.device(), " (all tensors must be on one device)");
+}
+
+inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op,
+                             const char* name, const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
+              t.scalar_type(), " but ", ref_name, " has dtype ", ref.scalar_type(),
+              " (dtypes must match)");
+}
+
+// int64 contiguous indices (int32 accepted and widened).
+inline at::Tensor prepare_idx(const at::Tensor& idx, const at::Tensor& ref, const char* op) {
+  check_cuda_tensor(idx, ref, op, "idx");
+  TORCH_CHECK(idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt, op,
+              ": idx must be int64 (or int32), got ", idx.scalar_type());
+  TORCH_CHECK(idx.dim() == 1 || idx.dim() == 2, op,
+              ": idx must be 1-D [k] (shared) or 2-D [B, k] (per sequence), got shape ",
+              idx.sizes());
+  return idx.to(at::kLong).contiguous();
+}
+
+// A [N, d] weight with last-dim stride 1 (a copy is made only when it is not).
+inline at::Tensor rows_view(const at::Tensor& w) { return w.stride(1) == 1 ? w : w.contiguous(); }
+
+inline int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+inline size_t max_smem_optin() {
+  return static_cast<size_t>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin);
+}
+
+inline void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace cuda
+}  // namespace dart
