@@ -272,7 +272,9 @@ class OPTAdapter(Adapter):
             # Post-LN OPT variants feed fc1 the raw residual: then the FFN input is the residual.
             pre = layer.final_layer_norm if layer.do_layer_norm_before else None
             refs.append(
-                LayerRefs(i, layer, layer.self_attn, pre, None, layer, "fc1", ("activation_fn", "fc2"))
+                LayerRefs(
+                    i, layer, layer.self_attn, pre, None, layer, "fc1", ("activation_fn", "fc2")
+                )
             )
         return refs
 

@@ -104,7 +104,9 @@ class DARTHandle:
                 self._hooks.append(
                     self.refs[i].attn.register_forward_hook(self._attention_hook(i, watched))
                 )
-        self._hooks.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+        self._hooks.append(
+            self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        )
         self._hooks.append(self.model.register_forward_hook(self._post_forward, with_kwargs=True))
 
     def _replace(self, parent: nn.Module, name: str, module: nn.Module) -> None:
@@ -155,28 +157,33 @@ class DARTHandle:
             self.controller.after_forward()
 
     # -- public -----------------------------------------------------------------------------
-    def calibrate(self, text: str, tokenizer, max_tokens: int = 512) -> None:
-        """Build the frozen masks of `method='static'` from a calibration text."""
+    def calibrate(self, text: str | torch.Tensor, tokenizer=None, max_tokens: int = 512) -> None:
+        """Build the frozen masks of `method='static'` from a calibration text (or token ids)."""
         if self.config.method != "static":
             raise ValueError(f"calibrate() is for method='static', not {self.config.method!r}")
         device = next(self.model.parameters()).device
-        ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_tokens)
-        self.controller.calibrating(True)
-        self.controller.frozen = False
+        if isinstance(text, str):
+            if tokenizer is None:
+                raise ValueError("calibrate(text) needs the tokenizer (or pass token ids)")
+            ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        else:
+            ids = text if text.dim() == 2 else text.unsqueeze(0)
+        ids = ids[:, :max_tokens].to(device)
+        c = self.controller
+        c.calibrating(True)
+        c.frozen = False
         try:
             with torch.no_grad():
-                self.model(input_ids=ids["input_ids"].to(device), use_cache=False)
+                self.model(input_ids=ids, use_cache=False)
         finally:
-            self.controller.calibrating(False)
-        self.controller.begin(1, device)  # leave the frozen masks in force
+            c.calibrating(False)
+        c.begin(ids.shape[0], device)  # leave the frozen masks in force
 
     def reset(self) -> None:
         """Forget statistics (counters included); masks of a calibrated static run stay."""
         self.controller.counters = type(self.controller.counters)()
         if self.controller.monitor is not None and self.controller.batch_size:
-            self.controller.monitor.begin_trace(
-                self.controller.batch_size, self.controller.device
-            )
+            self.controller.monitor.begin_trace(self.controller.batch_size, self.controller.device)
 
     def drift_history(self) -> list[list[tuple[int, float, float]]]:
         """Per sequence (step, similarity, threshold) at each monitored window."""

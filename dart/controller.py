@@ -165,6 +165,7 @@ class Controller:
         self._set_modes()
 
     # -- recording (called from the FFN modules and hooks) ------------------------------------
+    @torch.no_grad()
     def record_activations(self, layer: int, h: torch.Tensor) -> None:
         if self.method == "griffin":  # GRIFFIN: per-token L2-normalised activations
             h = h.float()
@@ -175,15 +176,17 @@ class Controller:
         if self.needs_sensitivity:
             self._residual[layer] = r
 
+    @torch.no_grad()
     def record_ffn_output(self, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
         if not self.needs_sensitivity:
             return
-        r = self._residual.pop(layer, x)  # post-LN families: the FFN input is the residual
+        r = self._residual.pop(layer, x).view_as(y)  # post-LN: the FFN input is the residual
         norm = self.post_ffn_norms[layer]
         f = norm(y) if norm is not None else y
         self.sens.update(layer, r, f, self.valid)
 
-    def observe_attention(self, signal: torch.Tensor) -> None:
+    @torch.no_grad()
+    def observe_attention(self, signal: list[torch.Tensor]) -> None:
         if self.monitor is not None and self.batch_size:
             self.monitor.observe(signal, self.valid)
 

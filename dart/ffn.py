@@ -127,6 +127,9 @@ class DARTFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == DENSE or self.keep >= self.width and self.mode == SPARSE:
             return self.original(x)
+        if x.dim() == 2:  # OPT flattens tokens to [B*T, d] before its FFN
+            batch = self._controller.batch_size
+            return self.forward(x.view(batch, -1, x.shape[-1])).view(x.shape)
         if self.mode == TRACE:
             return self._trace(x)
         return self._sparse(x)

@@ -62,7 +62,9 @@ def _convert_packaged(spec: PackagedModel, target: Path) -> None:
     if not (folder / spec.gguf_file).exists():
         raise FileNotFoundError(f"{folder / spec.gguf_file} is missing; reinstall {spec.package}")
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=spec.gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.gguf_file, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=spec.gguf_file, dtype=torch.float32
+    )
     # The dequantised weights are plain tensors now; drop the GGUF quantiser so the folder
     # loads as an ordinary HF checkpoint.
     model.hf_quantizer = None

@@ -1,0 +1,91 @@
+"""Tiny randomly initialised models of every supported family, for fast model-level tests."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+VOCAB = 96
+
+
+def _common(**extra):
+    return dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
+
+
+def tiny_config(family: str):
+    llama_like = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    if family == "llama":
+        return tf.LlamaConfig(**_common(**llama_like))
+    if family == "mistral":
+        return tf.MistralConfig(**_common(**llama_like))
+    if family == "qwen2":
+        return tf.Qwen2Config(**_common(**llama_like))
+    if family == "qwen3":
+        return tf.Qwen3Config(**_common(head_dim=8, **llama_like))
+    if family == "gemma":
+        return tf.GemmaConfig(**_common(head_dim=8, hidden_act="gelu_pytorch_tanh", **llama_like))
+    if family == "gemma2":
+        return tf.Gemma2Config(**_common(head_dim=8, **llama_like))
+    if family == "gemma3_text":
+        return tf.Gemma3TextConfig(**_common(head_dim=8, sliding_window=16, **llama_like))
+    if family == "phi3":
+        return tf.Phi3Config(**_common(**llama_like))
+    if family == "gpt2":
+        return tf.GPT2Config(**_common(n_embd=32, n_layer=3, n_head=4, n_positions=128))
+    if family == "gpt_neox":
+        return tf.GPTNeoXConfig(
+            **_common(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                max_position_embeddings=128,
+            )
+        )
+    if family == "opt":
+        return tf.OPTConfig(
+            **_common(
+                hidden_size=32,
+                ffn_dim=64,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+                max_position_embeddings=128,
+                word_embed_proj_dim=32,
+            )
+        )
+    raise ValueError(family)
+
+
+FAMILIES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "gpt2",
+    "gpt_neox",
+    "opt",
+)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, attn: str = "eager") -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = tiny_config(family)
+    config._attn_implementation = attn
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    # Random init gives near-zero FFN outputs; scale weights up so pruning changes logits.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    return model
