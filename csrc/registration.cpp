@@ -21,6 +21,10 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+#else
+// C++-only (CMake) build: an exported symbol a C++ program can reference so the linker keeps this
+// library (and with it the op registrations) even with --as-needed.
+extern "C" int dart_ops_anchor() { return 1; }
 #endif
 
 TORCH_LIBRARY(dart, m) {

@@ -20,7 +20,7 @@ import torch
 from .budget import allocate_budget
 from .config import DARTConfig, parse_layer_topk, resolve_keep_counts
 from .drift import make_monitor
-from .ffn import DENSE, SPARSE, TRACE, DARTFFN
+from .ffn import DARTFFN, DENSE, SPARSE, TRACE
 from .scoring import (
     ActivationAccumulator,
     SensitivityAccumulator,

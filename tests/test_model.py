@@ -66,7 +66,10 @@ def test_backends_agree_and_pruning_changes_output(family):
         assert all(f.idx.shape == (2, f.width // 2) for f in handle.ffns)
         handle.detach()
     for backend in BACKENDS[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(selections["masked"], selections[backend]))
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(selections["masked"], selections[backend], strict=False)
+        )
         torch.testing.assert_close(steps[backend], steps["masked"], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(steps["masked"], dense_step, atol=1e-3)
 
@@ -128,7 +131,7 @@ def test_per_sequence_masks_match_running_alone(backend):
     handle = dart.attach(model, cfg)
     _, step = _prefill_and_step(model, batch, mask)
     for row, (alone_step, alone_idx) in enumerate(alone):
-        for ffn, idx in zip(handle.ffns, alone_idx):
+        for ffn, idx in zip(handle.ffns, alone_idx, strict=False):
             assert torch.equal(ffn.idx[row], idx[0]), "padding changed a sequence's mask"
         torch.testing.assert_close(step[row], alone_step[0], atol=1e-4, rtol=1e-4)
     # the two prompts get different masks
@@ -170,7 +173,7 @@ def test_masking_step(masking_step, layer_topk):
     assert [p[0] for p in phases[: first_sparse - 1]] == [Phase.TRACE] * (first_sparse - 1)
     assert phases[first_sparse - 1][0] == Phase.SPARSE
     stats = handle.stats()
-    assert all(1 <= k <= n for k, n in zip(stats["keep_counts"], stats["widths"]))
+    assert all(1 <= k <= n for k, n in zip(stats["keep_counts"], stats["widths"], strict=False))
     assert stats["nominal_sparsity"] == pytest.approx(0.5, abs=0.05)
     assert all(f.idx is not None for f in handle.ffns if f.keep < f.width)
     # effective sparsity counts the dense warm-up passes
@@ -226,8 +229,8 @@ def test_forced_drift_retraces_one_row_and_keeps_cache():
     assert by_step[7][0] == [Phase.SPARSE, Phase.TRACE]  # dense window of masking_step passes
     assert by_step[8][0] == [Phase.SPARSE, Phase.SPARSE]  # new mask
     after = by_step[8][1]
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(after, before))
-    assert any(not torch.equal(a[1], b[1]) for a, b in zip(after, before))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(after, before, strict=False))
+    assert any(not torch.equal(a[1], b[1]) for a, b in zip(after, before, strict=False))
     assert handle.stats()["mask_refreshes"] == 1
     handle.detach()
 
@@ -293,7 +296,9 @@ def test_single_token_trace_never_disables_detection():
     _drive(model, handle, _ids(1, 1), 12)
     tau = handle.controller.monitor.tau
     assert torch.isfinite(tau).all()
-    assert all(k < n for k, n in zip(handle.stats()["keep_counts"], handle.stats()["widths"]))
+    assert all(
+        k < n for k, n in zip(handle.stats()["keep_counts"], handle.stats()["widths"], strict=False)
+    )
     handle.detach()
 
 

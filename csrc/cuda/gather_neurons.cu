@@ -24,8 +24,8 @@ void gather_neurons_cuda(const at::Tensor& out, at::TensorList srcs, const at::T
     TORCH_CHECK(out.size(0) == G, op, ": out.size(0) = ", out.size(0),
                 " must equal idx.size(0) = ", G);
   }
-  TORCH_CHECK(out.size(-2) == S * k, op, ": out.size(-2) = ", out.size(-2),
-              " must equal len(srcs) * k = ", S, " * ", k);
+  TORCH_CHECK(out.size(-2) == S * k, op, ": out must have S*k = ", S, "*", k, " = ", S * k,
+              " rows in dim -2, got shape ", out.sizes());
   TORCH_CHECK(out.stride(-1) == 1 || d <= 1, op, ": out must have a contiguous last dimension");
   std::vector<at::Tensor> rows;
   rows.reserve(srcs.size());
@@ -35,11 +35,13 @@ void gather_neurons_cuda(const at::Tensor& out, at::TensorList srcs, const at::T
                 src.device(), " but out is on ", out.device());
     TORCH_CHECK(src.dim() == 2, op, ": srcs[", s, "] must be 2-D [N, d], got shape ",
                 src.sizes());
-    TORCH_CHECK(src.size(1) == d, op, ": srcs[", s, "].size(1) = ", src.size(1),
-                " must equal out.size(-1) = ", d);
+    TORCH_CHECK(src.size(1) == d, op, ": srcs[", s, "] has d = ", src.size(1),
+                " but out has d = ", d);
+    TORCH_CHECK(d <= 1 || src.stride(1) == 1, op, ": srcs[", s,
+                "] must have unit stride in its last dim, got strides ", src.strides());
     TORCH_CHECK(src.scalar_type() == out.scalar_type(), op, ": srcs[", s, "] has dtype ",
                 src.scalar_type(), " but out has dtype ", out.scalar_type());
-    rows.push_back(d <= 1 ? src.contiguous() : rows_view(src));
+    rows.push_back(d <= 1 ? src.contiguous() : src);
   }
   if (G == 0 || k == 0 || d == 0) return;
 

@@ -30,8 +30,12 @@ inline void check_weight(const at::Tensor& w, const at::Tensor& x, int64_t N, in
   check_cuda_tensor(w, x, op, name);
   check_same_dtype(w, x, op, name, "x");
   TORCH_CHECK(w.dim() == 2, op, ": ", name, " must be 2-D [N, d], got shape ", w.sizes());
-  TORCH_CHECK(w.size(0) == N && w.size(1) == d, op, ": ", name, " has shape ", w.sizes(),
-              " but ", w1_name, " is [", N, ", ", d, "] (shapes must match)");
+  TORCH_CHECK(w.size(1) == d, op, ": ", name, " must be [N, d] with d = ", d,
+              " (x's last dim), got ", w.sizes());
+  TORCH_CHECK(w.size(0) == N, op, ": ", name, " has N = ", w.size(0), " rows but ", w1_name,
+              " has N = ", N);
+  TORCH_CHECK(w.size(1) <= 1 || w.stride(1) == 1, op, ": ", name,
+              " must have unit stride in its last dim, got strides ", w.strides());
 }
 
 template <bool GLU>
@@ -43,35 +47,34 @@ at::Tensor gathered_ffn_cuda(const FfnArgs& a) {
   TORCH_CHECK(x.dim() >= 1, op, ": x must be [..., d], got a 0-d tensor");
   TORCH_CHECK(is_float_dtype(x.scalar_type()), op,
               ": x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  const int64_t d = x.size(-1);
   check_cuda_tensor(*a.w1, x, op, a.w1_name);
+  check_same_dtype(*a.w1, x, op, a.w1_name, "x");
   TORCH_CHECK(a.w1->dim() == 2, op, ": ", a.w1_name, " must be 2-D [N, d], got shape ",
               a.w1->sizes());
   const int64_t N = a.w1->size(0);
-  const int64_t d = a.w1->size(1);
   check_weight(*a.w1, x, N, d, op, a.w1_name, a.w1_name);
-  TORCH_CHECK(x.size(-1) == d, op, ": x.size(-1) = ", x.size(-1), " must equal ", a.w1_name,
-              ".size(1) = d = ", d);
   if constexpr (GLU) check_weight(*a.w2, x, N, d, op, "w_up", a.w1_name);
   check_weight(*a.wo, x, N, d, op, a.wo_name, a.w1_name);
   if (a.b1 != nullptr) {
     check_cuda_tensor(*a.b1, x, op, "b_in");
     check_same_dtype(*a.b1, x, op, "b_in", "x");
-    TORCH_CHECK(a.b1->dim() == 1 && a.b1->size(0) == N, op, ": b_in must be [N] = [", N,
+    TORCH_CHECK(a.b1->dim() == 1 && a.b1->size(0) == N, op, ": b_in must be 1-D [N] = [", N,
                 "], got shape ", a.b1->sizes());
   }
   if (a.bo != nullptr) {
     check_cuda_tensor(*a.bo, x, op, "b_out");
     check_same_dtype(*a.bo, x, op, "b_out", "x");
-    TORCH_CHECK(a.bo->dim() == 1 && a.bo->size(0) == d, op, ": b_out must be [d] = [", d,
+    TORCH_CHECK(a.bo->dim() == 1 && a.bo->size(0) == d, op, ": b_out must be 1-D [d] = [", d,
                 "], got shape ", a.bo->sizes());
   }
   const at::Tensor idx = prepare_idx(*a.idx, x, op);
   const bool per_seq = idx.dim() == 2;
   if (per_seq) {
-    TORCH_CHECK(x.dim() == 3, op, ": a 2-D idx [B, k] (per sequence) needs x of shape [B, T, d], got ",
+    TORCH_CHECK(x.dim() == 3, op, ": a per-sequence idx [B, k] needs x [B, T, d], got x ",
                 x.sizes());
-    TORCH_CHECK(idx.size(0) == x.size(0), op, ": idx.size(0) = ", idx.size(0),
-                " must equal x.size(0) = B = ", x.size(0));
+    TORCH_CHECK(idx.size(0) == x.size(0), op, ": idx has B = ", idx.size(0),
+                " rows but x has batch size ", x.size(0));
     TORCH_CHECK(x.size(0) <= 65535, op, ": at most 65535 sequences per call with a per-sequence idx");
   }
   const int64_t k = idx.size(-1);
@@ -88,6 +91,7 @@ at::Tensor gathered_ffn_cuda(const FfnArgs& a) {
     if (bo.defined()) y.add_(bo);
     return y;
   }
+  // unit last-dim stride was checked; d == 1 may have any stride: make it contiguous
   const at::Tensor w1 = rows_view(*a.w1);
   const at::Tensor w2 = GLU ? rows_view(*a.w2) : at::Tensor();
   const at::Tensor wo = rows_view(*a.wo);

@@ -50,7 +50,8 @@ inline kernels::Act parse_act(c10::string_view act, const char* op) {
     return kernels::Act::kGeLUTanh;
   if (a == "relu") return kernels::Act::kReLU;
   TORCH_CHECK(false, op, ": unknown act '", a,
-              "' (expected silu, gelu, gelu_tanh, relu; aliases gelu_new, gelu_pytorch_tanh)");
+              "'; accepted: silu, gelu (erf), gelu_tanh (aliases gelu_new, gelu_pytorch_tanh), "
+              "relu");
 }
 
 inline void check_cuda_tensor(const at::Tensor& t, const at::Tensor& ref, const char* op,
@@ -73,13 +74,15 @@ inline at::Tensor prepare_idx(const at::Tensor& idx, const at::Tensor& ref, cons
   TORCH_CHECK(idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt, op,
               ": idx must be int64 (or int32), got ", idx.scalar_type());
   TORCH_CHECK(idx.dim() == 1 || idx.dim() == 2, op,
-              ": idx must be 1-D [k] (shared) or 2-D [B, k] (per sequence), got shape ",
-              idx.sizes());
+              ": idx must be 1-D [k] or 2-D [B, k], got shape ", idx.sizes());
   return idx.to(at::kLong).contiguous();
 }
 
-// A [N, d] weight with last-dim stride 1 (a copy is made only when it is not).
-inline at::Tensor rows_view(const at::Tensor& w) { return w.stride(1) == 1 ? w : w.contiguous(); }
+// A [N, d] weight whose rows are contiguous. Callers reject a non-unit last-dim stride for
+// d > 1; a d <= 1 tensor (any stride) is made contiguous (a tiny copy).
+inline at::Tensor rows_view(const at::Tensor& w) {
+  return (w.size(1) <= 1 || w.stride(1) == 1) ? (w.size(1) <= 1 ? w.contiguous() : w) : w;
+}
 
 inline int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
