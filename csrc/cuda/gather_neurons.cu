@@ -11,7 +11,7 @@ void gather_neurons_cuda(const at::Tensor& out, at::TensorList srcs, const at::T
   constexpr const char* op = "dart::gather_neurons_";
   TORCH_CHECK(out.is_cuda(), op, ": out must be a CUDA tensor");
   TORCH_CHECK(!srcs.empty(), op, ": srcs must hold at least one [N, d] tensor");
-  const at::Tensor idx = prepare_idx(idx_in, out, op);
+  const at::Tensor idx = prepare_idx(idx_in, out, op, "out");
   const int64_t S = static_cast<int64_t>(srcs.size());
   const bool per_seq = idx.dim() == 2;
   const int64_t G = per_seq ? idx.size(0) : 1;

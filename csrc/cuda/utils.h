@@ -55,10 +55,9 @@ inline kernels::Act parse_act(c10::string_view act, const char* op) {
 }
 
 inline void check_cuda_tensor(const at::Tensor& t, const at::Tensor& ref, const char* op,
-                              const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(),
-              " but x is on ", ref.device(), " (all tensors must be on one device)");
+                              const char* name, const char* ref_name = "x") {
+  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), op, ": ", name, " is on ", t.device(),
+              " but ", ref_name, " is on ", ref.device(), " (all tensors must be on one device)");
 }
 
 inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* op,
@@ -69,8 +68,9 @@ inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const c
 }
 
 // int64 contiguous indices (int32 accepted and widened).
-inline at::Tensor prepare_idx(const at::Tensor& idx, const at::Tensor& ref, const char* op) {
-  check_cuda_tensor(idx, ref, op, "idx");
+inline at::Tensor prepare_idx(const at::Tensor& idx, const at::Tensor& ref, const char* op,
+                              const char* ref_name = "x") {
+  check_cuda_tensor(idx, ref, op, "idx", ref_name);
   TORCH_CHECK(idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt, op,
               ": idx must be int64 (or int32), got ", idx.scalar_type());
   TORCH_CHECK(idx.dim() == 1 || idx.dim() == 2, op,
@@ -80,9 +80,7 @@ inline at::Tensor prepare_idx(const at::Tensor& idx, const at::Tensor& ref, cons
 
 // A [N, d] weight whose rows are contiguous. Callers reject a non-unit last-dim stride for
 // d > 1; a d <= 1 tensor (any stride) is made contiguous (a tiny copy).
-inline at::Tensor rows_view(const at::Tensor& w) {
-  return (w.size(1) <= 1 || w.stride(1) == 1) ? (w.size(1) <= 1 ? w.contiguous() : w) : w;
-}
+inline at::Tensor rows_view(const at::Tensor& w) { return w.size(1) <= 1 ? w.contiguous() : w; }
 
 inline int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
