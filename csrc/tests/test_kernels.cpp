@@ -1,0 +1,103 @@
+// C++ kernel checks of the dart ops against naive ATen computations (run by ctest).
+// Returns non-zero on failure. Ops are called through the dispatcher, as Python does.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+extern "C" int dart_ops_anchor();
+
+namespace {
+
+int failures = 0;
+
+void expect(bool ok, const std::string& what) {
+  std::printf("[%s] %s\n", ok ? " OK " : "FAIL", what.c_str());
+  if (!ok) ++failures;
+}
+
+at::Tensor glu(const at::Tensor& x, const at::Tensor& g, const at::Tensor& u, const at::Tensor& dt,
+               const at::Tensor& idx, const std::string& act) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("dart::gathered_glu_ffn", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const at::Tensor&, c10::string_view)>();
+  return op.call(x, g, u, dt, idx, act);
+}
+
+at::Tensor glu_naive(const at::Tensor& x, const at::Tensor& g, const at::Tensor& u,
+                     const at::Tensor& dt, const at::Tensor& idx) {
+  auto gs = at::linear(x, g.index_select(0, idx));
+  auto us = at::linear(x, u.index_select(0, idx));
+  return at::matmul(at::silu(gs) * us, dt.index_select(0, idx));
+}
+
+}  // namespace
+
+int main() {
+  expect(dart_ops_anchor() == 1, "library linked");
+  at::manual_seed(0);
+  const int64_t N = 37, d = 19;
+  auto g = at::randn({N, d}), u = at::randn({N, d}), dt = at::randn({N, d});
+  auto idx = at::tensor(std::vector<int64_t>{5, 0, 36, 5, 11});
+  for (int64_t T : {1, 3, 64}) {
+    auto x = at::randn({T, d});
+    auto y = glu(x, g, u, dt, idx, "silu");
+    auto r = glu_naive(x, g, u, dt, idx);
+    expect(at::allclose(y, r, 1e-4, 1e-4), "gathered_glu_ffn fp32 T=" + std::to_string(T));
+    auto yb = glu(x.to(at::kBFloat16), g.to(at::kBFloat16), u.to(at::kBFloat16),
+                  dt.to(at::kBFloat16), idx, "silu");
+    auto rb = glu_naive(x.to(at::kBFloat16).to(at::kFloat), g.to(at::kBFloat16).to(at::kFloat),
+                        u.to(at::kBFloat16).to(at::kFloat), dt.to(at::kBFloat16).to(at::kFloat),
+                        idx);
+    expect(at::allclose(yb.to(at::kFloat), rb, 3e-2, 3e-2),
+           "gathered_glu_ffn bf16 T=" + std::to_string(T));
+  }
+  {  // all neurons == dense
+    auto x = at::randn({4, d});
+    auto y = glu(x, g, u, dt, at::arange(N, at::kLong), "silu");
+    auto dense = at::linear(at::silu(at::linear(x, g)) * at::linear(x, u), dt.t());
+    expect(at::allclose(y, dense, 1e-4, 1e-4), "gathered_glu_ffn all kept == dense");
+  }
+  {  // topk: ties -> lower index, NaN -> -inf, ascending output
+    auto op = c10::Dispatcher::singleton()
+                  .findSchemaOrThrow("dart::topk_indices", "")
+                  .typed<at::Tensor(const at::Tensor&, int64_t)>();
+    auto s = at::tensor(std::vector<float>{1.f, 3.f, 3.f, NAN, 2.f, 3.f});
+    auto t = op.call(s, 3);
+    expect(t.scalar_type() == at::kLong && at::equal(t, at::tensor(std::vector<int64_t>{1, 2, 5})),
+           "topk_indices ties");
+    auto big = at::randn({5, 300});
+    auto got = op.call(big, 40);
+    auto want = std::get<0>(at::sort(std::get<1>(at::topk(big, 40, -1)), -1));
+    expect(at::equal(got, want), "topk_indices vs at::topk");
+    bool threw = false;
+    try {
+      op.call(big, 0);
+    } catch (const c10::Error&) {
+      threw = true;
+    }
+    expect(threw, "topk_indices k=0 throws");
+  }
+  {  // gather_neurons_
+    auto op = c10::Dispatcher::singleton()
+                  .findSchemaOrThrow("dart::gather_neurons_", "")
+                  .typed<void(const at::Tensor&, at::TensorList, const at::Tensor&)>();
+    auto out = at::empty({2 * idx.size(0), d});
+    std::vector<at::Tensor> srcs{g, u};
+    op.call(out, srcs, idx);
+    expect(at::equal(out, at::cat({g.index_select(0, idx), u.index_select(0, idx)})),
+           "gather_neurons_ shared");
+    bool threw = false;
+    try {
+      op.call(out, srcs, at::tensor(std::vector<int64_t>{0, N}));
+    } catch (const c10::Error&) {
+      threw = true;
+    }
+    expect(threw, "gather_neurons_ idx out of range throws");
+  }
+  std::printf("%d failure(s)\n", failures);
+  return failures == 0 ? 0 : 1;
+}
