@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -9,7 +10,7 @@ from torch import nn
 
 from .adapters import Adapter, LayerRefs, get_adapter
 from .config import DARTConfig
-from .controller import Controller
+from .controller import Controller, Phase
 from .drift import resolve_watch_layers
 from .ffn import DARTFFN
 from .scoring import ProxyCache, output_proxy, weight_fingerprint
@@ -56,6 +57,7 @@ class DARTHandle:
         self._replaced: list[tuple[nn.Module, str, nn.Module]] = []
         self._hooks: list[Any] = []
         self._relaid: list[LayerRefs] = []
+        self._held = False
         parts = [self.adapter.ffn_parts(r) for r in self.refs]
         widths = [p.width for p in parts]
         topk = torch.ops.dart.topk_indices if load_ops() else None
@@ -134,6 +136,8 @@ class DARTHandle:
         c = self.controller
         if not c.auto_step:
             return None
+        if self._held:
+            return None
         x = kwargs.get("input_ids", args[0] if args else None)
         if x is None:
             x = kwargs.get("inputs_embeds")
@@ -153,7 +157,7 @@ class DARTHandle:
         return None
 
     def _post_forward(self, _module, _args, _kwargs, _output):
-        if self.controller.auto_step:
+        if self.controller.auto_step and not self._held:
             self.controller.after_forward()
 
     # -- public -----------------------------------------------------------------------------
@@ -178,6 +182,28 @@ class DARTHandle:
         finally:
             c.calibrating(False)
         c.begin(ids.shape[0], device)  # leave the frozen masks in force
+
+    @torch.no_grad()
+    def prepare(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """Trace `input_ids` as prompts (dense) and build their masks now, whatever the
+        masking step. With `hold()`, later forwards are then computed under these masks:
+        the log-likelihood protocol (mask from the context only, then score the answer)."""
+        self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        c = self.controller
+        tracing = [b for b, p in enumerate(c.phase) if p == Phase.TRACE]
+        if tracing and c.method != "dense":
+            c._build(tracing)
+            c._set_modes()
+
+    @contextmanager
+    def hold(self):
+        """Freeze the current masks: forwards inside neither start new sequences nor advance
+        the schedule (no statistics, no drift checks). The batch size must match the masks'."""
+        self._held = True
+        try:
+            yield self
+        finally:
+            self._held = False
 
     def reset(self) -> None:
         """Forget statistics (counters included); masks of a calibrated static run stay."""

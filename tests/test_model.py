@@ -360,3 +360,28 @@ def test_extra_state_is_small_on_the_packaged_shape():
     ffn_bytes = sum(3 * 576 * 1536 * 4 for _ in range(4))
     assert handle.stats()["extra_state_bytes_total"] < 0.01 * ffn_bytes
     handle.detach()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_prepare_and_hold_score_under_context_masks(backend):
+    """Log-likelihood protocol: masks from the context only, then the full text under them."""
+    model = tiny_model("llama")
+    context, full = _ids(2, 8, seed=5), None
+    full = torch.cat([context, _ids(2, 4, seed=6)], 1)
+    handle = dart.attach(model, DARTConfig(layer_topk="all:0.5", backend=backend))
+    handle.prepare(context)
+    masks = [f.idx.clone() for f in handle.ffns]
+    with handle.hold():
+        held = model(full).logits
+        model(full)  # a second forward does not re-trace
+    assert all(torch.equal(a, f.idx) for a, f in zip(masks, handle.ffns, strict=True))
+    assert all(f.mode == "sparse" for f in handle.ffns)
+    handle.detach()
+    # the same masks applied by hand through the masked reference path
+    ref = dart.attach(model, DARTConfig(layer_topk="all:0.5", backend="masked"))
+    ref.prepare(context)
+    with ref.hold():
+        expected = model(full).logits
+    ref.detach()
+    torch.testing.assert_close(held, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(held, model(full).logits, atol=1e-3)
