@@ -541,3 +541,19 @@ def test_all_combinations_smoke():
         x = _x((2, 3, d), dtype)
         idx = torch.tensor([[0, 11, 4], [3, 3, 2]]) if per_seq else torch.tensor([0, 11, 4])
         _check_glu(x, ws, idx, act, dtype)
+
+
+@pytest.mark.parametrize("T", [1, 7, 9])
+def test_glu_multiblock_gemm_path(T):
+    # d = 2048 -> the large-M path works in blocks of 512 neurons: k = 1100 spans 3 blocks
+    n, d = 1200, 2048
+    ws = _weights(n, d)
+    x = _x((T, d))
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:1100]
+    y = dart_ext.gathered_glu_ffn(x, *ws, idx, "silu")
+    torch.testing.assert_close(y, ref.gathered_glu_ffn(x, *ws, idx, "silu"), atol=1e-4, rtol=1e-4)
+    w_in, w_out_t = ws[0], ws[2]
+    b_in = _x((n,), seed=3)
+    y = dart_ext.gathered_mlp(x, w_in, b_in, w_out_t, None, idx, "relu")
+    r = ref.gathered_mlp(x, w_in, b_in, w_out_t, None, idx, "relu")
+    torch.testing.assert_close(y, r, atol=1e-4, rtol=1e-4)
