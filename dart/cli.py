@@ -111,9 +111,176 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- eval / generate / report -------------------------------------------------------------------
+EVAL_TASKS = ("ppl", "mmlu", "summarize", "drift")
+COMMON_DEFAULTS: dict = {
+    "model": "smollm2-135m",
+    "methods": "dense,static,griffin,dart",
+    "total_prune": "0.5",
+    "seed": 0,
+    "backend": "gathered",
+    "limit": None,
+    "max_tokens": None,
+    "batch_size": 4,
+    "calibration": "wiki",
+    "calibration_tokens": 512,
+    "accelerator": "auto",
+    "devices": 1,
+    "strategy": "auto",
+    "threads": None,
+    "quiet": False,
+    "stop_after": None,
+    "dart": None,  # DARTConfig overrides (YAML only), e.g. {drift: {window: 8}}
+}
+TASK_DEFAULTS: dict[str, dict] = {
+    "ppl": {"corpus": "wiki", "text_file": None, "window": 512, "stride": 256, "split": "eval"},
+    "mmlu": {"shots": 5, "subjects": None, "n_per_subject": None, "split": "test", "leaky": False},
+    "summarize": {"max_new_tokens": 128, "max_prompt_tokens": 768, "split": "eval"},
+    "drift": {"max_new_tokens": 200, "release_steps": None},
+    "generate": {"prompts": None, "prompts_file": None, "max_new_tokens": 128, "chat": True},
+}
+
+
+def _common_options(p: argparse.ArgumentParser) -> None:
+    S = argparse.SUPPRESS  # only flags given on the command line override the YAML config
+    p.add_argument("--config", default=S, help="YAML file of options (flags override it)")
+    p.add_argument("--model", default=S, help="packaged model name or a local HF folder")
+    p.add_argument("--methods", default=S, help="comma list of dense,static,griffin,random,dart")
+    p.add_argument("--total-prune", default=S, help="FFN sparsity: one value or a comma list")
+    p.add_argument("--seed", type=int, default=S)
+    p.add_argument("--out", default=S, help="results folder (rerunning resumes it)")
+    p.add_argument("--backend", default=S, choices=("masked", "gathered", "compact"))
+    p.add_argument("--limit", type=int, default=S, help="cap on samples")
+    p.add_argument("--max-tokens", type=int, default=S, help="cap on evaluated tokens")
+    p.add_argument("--batch-size", type=int, default=S, help="prompts per generate call")
+    p.add_argument("--calibration", default=S, help="corpus of the static calibration text")
+    p.add_argument("--calibration-tokens", type=int, default=S)
+    p.add_argument("--accelerator", default=S, help="Lightning accelerator (cpu, gpu, auto)")
+    p.add_argument("--devices", type=int, default=S, help="Lightning devices (processes)")
+    p.add_argument("--strategy", default=S, help="Lightning strategy (auto, ddp, ddp_spawn)")
+    p.add_argument("--threads", type=int, default=S, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", default=S, help="no progress bars")
+    p.add_argument("--stop-after", type=int, default=S, help=argparse.SUPPRESS)
+
+
+def _task_options(task: str, p: argparse.ArgumentParser) -> None:
+    S = argparse.SUPPRESS
+    if task == "ppl":
+        p.add_argument("--corpus", default=S, choices=("wiki", "c4", "tiny"))
+        p.add_argument("--text-file", default=S, help="a local text file instead of a corpus")
+        p.add_argument("--window", type=int, default=S)
+        p.add_argument("--stride", type=int, default=S)
+        p.add_argument("--split", default=S, choices=("eval", "calibration", "all"))
+    elif task == "mmlu":
+        p.add_argument("--shots", type=int, default=S, choices=range(6))
+        p.add_argument("--subjects", default=S, help="comma list (default: all 57)")
+        p.add_argument("--n-per-subject", type=int, default=S)
+        p.add_argument("--split", default=S, choices=("test", "dev"))
+        p.add_argument(
+            "--leaky",
+            action="store_true",
+            default=S,
+            help="the reference code's protocol: masks from context + answer",
+        )
+    elif task == "summarize":
+        p.add_argument("--max-new-tokens", type=int, default=S)
+        p.add_argument("--max-prompt-tokens", type=int, default=S)
+        p.add_argument("--split", default=S, choices=("eval", "calibration"))
+    elif task == "drift":
+        p.add_argument("--max-new-tokens", type=int, default=S)
+        p.add_argument("--release-steps", default=S, help="comma list: DART release-step sweep")
+    elif task == "generate":
+        p.add_argument("--prompt", dest="prompts", action="append", default=S)
+        p.add_argument("--prompts-file", default=S, help="one prompt per line")
+        p.add_argument("--max-new-tokens", type=int, default=S)
+        p.add_argument("--no-chat", dest="chat", action="store_false", default=S)
+
+
+def resolve_options(task: str, given: dict) -> dict:
+    """defaults < YAML (``--config``) < flags given on the command line."""
+    opts = {**COMMON_DEFAULTS, **TASK_DEFAULTS[task]}
+    config = given.pop("config", None)
+    if config:
+        import yaml
+
+        data = yaml.safe_load(Path(config).read_text(encoding="utf-8")) or {}
+        data = {k.replace("-", "_"): v for k, v in data.items()}
+        data.pop("task", None)
+        unknown = sorted(set(data) - set(opts) - {"command"})
+        if unknown:
+            raise SystemExit(
+                f"{config}: unknown keys {unknown}; accepted: {', '.join(sorted(opts))}"
+            )
+        data.pop("command", None)
+        opts.update(data)
+        opts["config"] = str(config)
+    opts.update(given)
+    for key in ("methods", "total_prune", "release_steps", "subjects"):
+        if isinstance(opts.get(key), (list, tuple)):
+            opts[key] = ",".join(str(v) for v in opts[key])
+    if task == "generate":
+        prompts = list(opts.get("prompts") or [])
+        if opts.get("prompts_file"):
+            lines = Path(opts["prompts_file"]).read_text(encoding="utf-8").splitlines()
+            prompts += [ln for ln in lines if ln.strip()]
+        if not prompts:
+            prompts = [load_drift_prompts("two_topic")[0].prompt]
+        opts["prompts"] = prompts
+    if not opts.get("out"):
+        opts["out"] = f"results/{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return opts
+
+
+def _run_task(task: str, args: argparse.Namespace) -> int:
+    from .evaluate.run import run_experiment
+
+    given = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("command", "func", "task") and not k.startswith("_")
+    }
+    opts = resolve_options(task, given)
+    opts["command"] = "dart " + " ".join(args._argv) if getattr(args, "_argv", None) else None
+    run_experiment(task, opts)
+    print(f"results: {opts['out']}/metrics.json")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    return _run_task(args.task, args)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    return _run_task("generate", args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    path = build_report(args.folders, args.out)
+    print(path.read_text(encoding="utf-8"))
+    print(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dart", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    ev = sub.add_parser("eval", help="perplexity, MMLU, summarisation, knowledge drift")
+    ev_sub = ev.add_subparsers(dest="task", required=True)
+    for task in EVAL_TASKS:
+        p = ev_sub.add_parser(task, help=f"{task}: all --methods side by side")
+        _common_options(p)
+        _task_options(task, p)
+        p.set_defaults(func=cmd_eval)
+    gen = sub.add_parser("generate", help="generate with every arm, records to JSONL")
+    _common_options(gen)
+    _task_options("generate", gen)
+    gen.set_defaults(func=cmd_generate)
+    rep = sub.add_parser("report", help="results folders -> markdown table and plots")
+    rep.add_argument("folders", nargs="+")
+    rep.add_argument("--out", default="results/report")
+    rep.set_defaults(func=cmd_report)
     demo = sub.add_parser("demo", help="dense vs static vs DART on a two-topic prompt")
     demo.add_argument("--model", default="smollm2-135m")
     demo.add_argument("--prompt", default=None, help="default: the first packaged drift prompt")
@@ -129,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args._argv = argv
     return args.func(args)
 
 

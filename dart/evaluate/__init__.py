@@ -1,0 +1,43 @@
+"""Evaluations as plain functions: perplexity, multiple choice (MMLU), summarisation stand-in,
+knowledge drift; plus arms (the methods compared) and resumable per-sample records."""
+
+from .arms import ARM_METHODS, Arm, arm_config, attach_arm, parse_arms
+from .generative import (
+    aggregate_drift,
+    aggregate_summarization,
+    drift_items,
+    generate_batch,
+    summarization_items,
+)
+from .multiple_choice import aggregate_accuracy, mmlu_items, score_choices
+from .perplexity import (
+    Window,
+    aggregate_perplexity,
+    perplexity,
+    score_window,
+    sliding_windows,
+)
+from .store import RecordStore, record_key
+
+__all__ = [
+    "ARM_METHODS",
+    "Arm",
+    "RecordStore",
+    "Window",
+    "aggregate_accuracy",
+    "aggregate_drift",
+    "aggregate_perplexity",
+    "aggregate_summarization",
+    "arm_config",
+    "attach_arm",
+    "drift_items",
+    "generate_batch",
+    "mmlu_items",
+    "parse_arms",
+    "perplexity",
+    "record_key",
+    "score_choices",
+    "score_window",
+    "sliding_windows",
+    "summarization_items",
+]

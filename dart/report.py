@@ -1,0 +1,162 @@
+"""`dart report`: results folders -> one markdown table and comparison plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from .results import atomic_write_text, plot_drift
+
+__all__ = ["build_report", "load_metrics", "markdown_table", "plot_metric_vs_sparsity"]
+
+# Metrics shown in tables (others stay in metrics.json), in this order.
+TABLE_METRICS = (
+    "perplexity",
+    "acc_micro",
+    "acc_macro",
+    "rouge1",
+    "rouge2",
+    "rougeL",
+    "rougeLsum",
+    "rougeL_vs_dense",
+    "token_agreement_first",
+    "token_agreement_second",
+    "rougeL_vs_dense_first",
+    "rougeL_vs_dense_second",
+    "retraces",
+    "effective_sparsity",
+    "tokens",
+    "questions",
+    "samples",
+)
+METRIC_KEYS = ("task", "method", "total_prune", "metric", "value")
+
+
+def load_metrics(folder: str | os.PathLike) -> list[dict[str, Any]]:
+    """metrics.json of a results folder (checked against the schema)."""
+    data = json.loads((Path(folder) / "metrics.json").read_text(encoding="utf-8"))
+    if not isinstance(data, list):
+        raise ValueError(f"{folder}/metrics.json is not a list of records")
+    for r in data:
+        missing = [k for k in METRIC_KEYS if k not in r]
+        if missing:
+            raise ValueError(f"{folder}/metrics.json: a record lacks {missing}: {r}")
+    return data
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    return str(v)
+
+
+def markdown_table(metrics: list[dict[str, Any]]) -> str:
+    """Rows (task, method, sparsity), one column per metric in TABLE_METRICS present."""
+    rows: dict[tuple, dict[str, Any]] = defaultdict(dict)
+    for r in metrics:
+        rows[(r["task"], r["method"], float(r["total_prune"]))][r["metric"]] = r["value"]
+    present = {m for r in rows.values() for m in r}
+    cols = [m for m in TABLE_METRICS if m in present]
+    lines = ["| task | method | sparsity | " + " | ".join(cols) + " |"]
+    lines.append("|" + "---|" * (3 + len(cols)))
+    for (task, method, prune), vals in rows.items():
+        cells = [_fmt(vals[c]) if c in vals else "" for c in cols]
+        lines.append(f"| {task} | {method} | {prune:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_metric_vs_sparsity(
+    path: str | os.PathLike, metrics: list[dict[str, Any]], metric: str, title: str | None = None
+) -> Path | None:
+    """One line per method of ``metric`` against total_prune (dense drawn as a flat line)."""
+    points: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for r in metrics:
+        if r["metric"] == metric:
+            points[r["method"]].append((float(r["total_prune"]), float(r["value"])))
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = sorted({x for pts in points.values() for x, _ in pts})
+    for method, pts in sorted(points.items()):
+        pts.sort()
+        if method == "dense" and len(pts) == 1:
+            ax.axhline(pts[0][1], color="black", ls="--", label="dense")
+        else:
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=method)
+    ax.set_xticks(xs)
+    ax.set_xlabel("total FFN sparsity (total_prune)")
+    ax.set_ylabel(metric)
+    if metric == "perplexity":
+        ax.set_yscale("log")
+    ax.set_title(title or f"{metric} vs sparsity")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def build_report(folders: list[str | os.PathLike], out: str | os.PathLike) -> Path:
+    """Merge results folders into ``out/report.md`` plus plots; returns the markdown path."""
+    out = Path(out)
+    sections, all_metrics = [], []
+    for folder in folders:
+        metrics = load_metrics(folder)
+        all_metrics.extend(metrics)
+        cfg = Path(folder) / "config.yaml"
+        cmd = ""
+        if cfg.exists():
+            import yaml
+
+            c = yaml.safe_load(cfg.read_text()) or {}
+            cmd = c.get("command") or ""
+        sections.append(
+            f"## {folder}\n\n" + (f"`{cmd}`\n\n" if cmd else "") + markdown_table(metrics)
+        )
+        drift = Path(folder) / "samples.jsonl"
+        if metrics and metrics[0]["task"] == "drift" and drift.exists():
+            _drift_plot(Path(folder), out / f"drift-{Path(folder).name}.png")
+    plots = []
+    for metric in ("perplexity", "acc_micro", "rougeL", "rougeL_vs_dense_second"):
+        for task in sorted({m["task"] for m in all_metrics}):
+            sub = [m for m in all_metrics if m["task"] == task]
+            p = plot_metric_vs_sparsity(
+                out / f"{task}-{metric}.png", sub, metric, f"{task}: {metric}"
+            )
+            if p is not None:
+                plots.append(p.name)
+    text = (
+        "# DART results\n\n"
+        + "\n\n".join(sections)
+        + "\n\n"
+        + "\n".join(f"![{p}]({p})" for p in plots)
+    )
+    return atomic_write_text(out / "report.md", text + "\n")
+
+
+def _drift_plot(folder: Path, path: Path) -> None:
+    from .evaluate.store import RecordStore
+
+    recs = [r for r in RecordStore(folder) if r.get("trace")]
+    if not recs:
+        return
+    ident = min(r["id"] for r in recs)
+    traces = {
+        f"{r['method']}@{r['total_prune']}": [tuple(t) for t in r["trace"]]
+        for r in recs
+        if r["id"] == ident
+    }
+    events = {f"{r['method']}@{r['total_prune']}": r["events"] for r in recs if r["id"] == ident}
+    plot_drift(path, traces, events, title=f"Drift signal, prompt {ident}")
