@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..api import DARTHandle
 from ..data import MMLU_CONTINUATIONS, format_mmlu_prompt, sample_mmlu
+from .perplexity import accepts_logits_to_keep
 
 __all__ = ["aggregate_accuracy", "mmlu_items", "score_choices"]
 
@@ -75,8 +76,9 @@ def score_choices(
     method = handle.config.method if handle is not None else "dense"
     prepared = method not in ("dense", "static")
 
-    def run(ids: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=ids, use_cache=False).logits[0]
+    def run(ids: torch.Tensor, last: int = 0) -> torch.Tensor:
+        kw = {"logits_to_keep": last} if last and accepts_logits_to_keep(model) else {}
+        return model(input_ids=ids, use_cache=False, **kw).logits[0]
 
     if leaky and prepared:
         out = []
@@ -91,7 +93,7 @@ def score_choices(
     hold = handle.hold() if prepared else _null()
     with hold:
         if all(len(c) == 1 for c in choices):
-            lp = F.log_softmax(run(ctx)[-1].float(), dim=-1)
+            lp = F.log_softmax(run(ctx, last=1)[-1].float(), dim=-1)
             return [float(lp[c[0]]) for c in choices]
         out = []
         for c in choices:

@@ -50,7 +50,9 @@ class Window:
 
 
 def sliding_windows(num_tokens: int, window: int, stride: int) -> list[Window]:
-    """HF-style sliding windows: each corpus token after the first is scored exactly once."""
+    """HF-style sliding windows: with ``stride < window`` each corpus token after the first is
+    scored exactly once; with ``stride == window`` (disjoint) a window's first token, which has
+    no context, is not scored."""
     if window < 2 or not 1 <= stride <= window:
         raise ValueError(f"need window >= 2 and 1 <= stride <= window (got {window}, {stride})")
     if num_tokens < 2:
@@ -69,6 +71,13 @@ def sliding_windows(num_tokens: int, window: int, stride: int) -> list[Window]:
         begin += stride
 
 
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (skip the unused LM-head rows)."""
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 @torch.no_grad()
 def score_window(
     model: torch.nn.Module,
@@ -81,13 +90,15 @@ def score_window(
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
     method = handle.config.method if handle is not None else "dense"
+    keep = ids.shape[1] - score_from + 1  # logits of the scored positions only
+    kwargs = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
     if method in ("dense", "static"):
-        logits = model(input_ids=ids, use_cache=False).logits
+        logits = model(input_ids=ids, use_cache=False, **kwargs).logits
     else:
         handle.prepare(ids[:, :prep_len])
         with handle.hold():
-            logits = model(input_ids=ids, use_cache=False).logits
-    pred = logits[0, score_from - 1 : -1].float()
+            logits = model(input_ids=ids, use_cache=False, **kwargs).logits
+    pred = logits[0, -keep:-1].float()
     nll = F.cross_entropy(pred, ids[0, score_from:], reduction="sum")
     return {"nll": float(nll), "tokens": int(ids.shape[1] - score_from)}
 
