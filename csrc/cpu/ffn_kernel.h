@@ -220,7 +220,8 @@ void gather_rows_f32(const typename L::S* w, int64_t sw, const int64_t* idx, int
 }
 
 // Large-M path: y [M, d] fp32 += FFN via gathered fp32 weights and at::mm, in blocks of kept
-// neurons so the temporary stays small (a few MB, reused across blocks; a temporary as large as
+// neurons so the temporary stays small (about 1 MB a matrix, cache-resident and reused across
+// blocks; a temporary as large as
 // the kept weights would cost more in page faults than the GEMM at moderate M).
 template <class L, int R>
 void ffn_gemm(const at::Tensor& xf, const FfnArgs& a, const int64_t* idx, int64_t k,
@@ -228,7 +229,7 @@ void ffn_gemm(const at::Tensor& xf, const FfnArgs& a, const int64_t* idx, int64_
   using S = typename L::S;
   const int64_t M = xf.size(0), d = xf.size(1);
   if (k == 0) return;
-  const int64_t nb = std::min<int64_t>(k, std::max<int64_t>(64, (int64_t(1) << 20) / d));
+  const int64_t nb = std::min<int64_t>(k, std::max<int64_t>(64, (int64_t(1) << 18) / d));
   auto opts = xf.options();
   at::Tensor win = at::empty({R * nb, d}, opts);
   at::Tensor wout = at::empty({nb, d}, opts);
