@@ -130,6 +130,7 @@ COMMON_DEFAULTS: dict = {
     "threads": None,
     "quiet": False,
     "stop_after": None,
+    "out": None,
     "dart": None,  # DARTConfig overrides (YAML only), e.g. {drift: {window: 8}}
 }
 TASK_DEFAULTS: dict[str, dict] = {

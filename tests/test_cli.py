@@ -1,0 +1,206 @@
+"""The `dart` CLI: argument parsing, YAML configs, an end-to-end run on a tiny local model,
+resume after an interruption, and `dart report`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from tiny_assets import save_tiny
+
+from dart.cli import build_parser, main, resolve_options
+from dart.evaluate import RecordStore
+from dart.lightning import StopAfter
+from dart.report import load_metrics
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _given(argv):
+    args = build_parser().parse_args(argv)
+    return {k: v for k, v in vars(args).items() if k not in ("command", "func", "task")}
+
+
+def test_parse_flags_and_defaults():
+    args = build_parser().parse_args(
+        ["eval", "ppl", "--methods", "dense,dart", "--total-prune", "0.5,0.7", "--window", "64"]
+    )
+    assert args.task == "ppl" and args.methods == "dense,dart" and args.window == 64
+    opts = resolve_options("ppl", _given(["eval", "ppl", "--max-tokens", "100"]))
+    assert opts["max_tokens"] == 100 and opts["stride"] == 256 and opts["model"] == "smollm2-135m"
+    assert opts["out"].startswith("results/ppl-")
+    mmlu = resolve_options("mmlu", _given(["eval", "mmlu", "--leaky", "--shots", "0"]))
+    assert mmlu["leaky"] is True and mmlu["shots"] == 0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "mmlu", "--shots", "7"])
+    assert build_parser().parse_args(["demo", "--total-prune", "0.4"]).total_prune == 0.4
+
+
+def test_yaml_config_then_flags_override(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {"methods": ["dense", "dart"], "total_prune": [0.5, 0.7], "window": 32, "out": "x"}
+        )
+    )
+    opts = resolve_options("ppl", _given(["eval", "ppl", "--config", str(cfg), "--window", "16"]))
+    assert opts["methods"] == "dense,dart" and opts["total_prune"] == "0.5,0.7"
+    assert opts["window"] == 16 and opts["out"] == "x"  # the flag wins over the file
+    cfg.write_text("windw: 3\n")
+    with pytest.raises(SystemExit, match="unknown keys"):
+        resolve_options("ppl", _given(["eval", "ppl", "--config", str(cfg)]))
+
+
+def test_shipped_configs_resolve():
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.glob("*.yaml"))
+    assert files
+    for f in files:
+        task = {"ppl": "ppl", "mml": "mmlu", "sum": "summarize", "dri": "drift"}[f.stem[:3]]
+        opts = resolve_options(task, {"config": str(f)})
+        assert opts["methods"] and opts["out"]
+
+
+def _ppl_argv(folder, out, *extra):
+    return [
+        "eval",
+        "ppl",
+        "--model",
+        str(folder),
+        "--methods",
+        "dense,static,dart",
+        "--total-prune",
+        "0.5,0.7",
+        "--max-tokens",
+        "96",
+        "--window",
+        "32",
+        "--stride",
+        "16",
+        "--calibration-tokens",
+        "64",
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
+
+
+def test_end_to_end_ppl_resume_and_report(tiny_folder, tmp_path):
+    out = tmp_path / "ppl"
+    with pytest.raises(StopAfter):  # interrupted after 3 windows of the first arm
+        main(_ppl_argv(tiny_folder, out, "--stop-after", "3"))
+    assert len(list(RecordStore(out))) == 3
+    assert main(_ppl_argv(tiny_folder, out)) == 0
+    recs = list(RecordStore(out))
+    keys = [(r["method"], r["total_prune"], r["id"]) for r in recs]
+    assert len(keys) == len(set(keys)) == 5 * 6  # 6 windows x (dense + 2 static + 2 dart)
+    lines = (out / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 30  # nothing was recomputed or written twice
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["dense@0.0"]["samples"] == 3  # the rerun did only the missing windows
+    metrics = load_metrics(out)
+    ppl = {
+        (m["method"], m["total_prune"]): m["value"] for m in metrics if m["metric"] == "perplexity"
+    }
+    assert set(ppl) == {
+        ("dense", 0.0),
+        ("static", 0.5),
+        ("static", 0.7),
+        ("dart", 0.5),
+        ("dart", 0.7),
+    }
+    for name in ("config.yaml", "log.txt", "stats.json", "perplexity.png", "table.md"):
+        assert (out / name).exists(), name
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["window"] == 32 and cfg["task"] == "ppl"
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["dart@0.7"]["nominal_sparsity"] == pytest.approx(0.7, abs=0.02)
+    # a third run finds everything done and only recomputes the metrics
+    assert main(_ppl_argv(tiny_folder, out)) == 0
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 30
+    rep = tmp_path / "report"
+    assert main(["report", str(out), "--out", str(rep)]) == 0
+    text = (rep / "report.md").read_text()
+    assert "| ppl | dart | 0.70 |" in text and (rep / "ppl-perplexity.png").exists()
+
+
+def test_end_to_end_mmlu_summarize_drift(tiny_folder, tmp_path):
+    common = ["--model", str(tiny_folder), "--quiet", "--total-prune", "0.5"]
+    assert (
+        main(
+            [
+                "eval",
+                "mmlu",
+                "--methods",
+                "dense,griffin",
+                "--shots",
+                "0",
+                "--limit",
+                "3",
+                "--out",
+                str(tmp_path / "m"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    acc = [m for m in load_metrics(tmp_path / "m") if m["metric"] == "acc_micro"]
+    assert {m["method"] for m in acc} == {"dense", "griffin"}
+    assert (
+        main(
+            [
+                "eval",
+                "summarize",
+                "--methods",
+                "dense,dart",
+                "--limit",
+                "2",
+                "--max-new-tokens",
+                "4",
+                "--max-prompt-tokens",
+                "64",
+                "--batch-size",
+                "2",
+                "--out",
+                str(tmp_path / "s"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    names = {m["metric"] for m in load_metrics(tmp_path / "s") if m["method"] == "dart"}
+    assert {"rouge1", "rouge2", "rougeL", "rougeLsum", "rougeL_vs_dense"} <= names
+    assert (
+        main(
+            [
+                "eval",
+                "drift",
+                "--methods",
+                "static,dart",
+                "--limit",
+                "2",
+                "--max-new-tokens",
+                "12",
+                "--release-steps",
+                "6",
+                "--calibration-tokens",
+                "32",
+                "--out",
+                str(tmp_path / "d"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    drift = load_metrics(tmp_path / "d")
+    assert {m["method"] for m in drift} == {"dense", "static", "dart", "dart-r6"}
+    assert any(m["metric"] == "token_agreement_second" for m in drift)
+    recs = [r for r in RecordStore(tmp_path / "d") if r["method"] == "dart"]
+    assert recs and all(r["trace"] for r in recs)
