@@ -4,6 +4,8 @@ Importing this package loads the compiled library `dart_ext._C` (which registers
 the dispatcher), then `dart_ext.ops` (fake kernels for torch.compile/export, typed wrappers).
 """
 
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 try:
     from . import _C  # noqa: F401  (loading the shared library registers torch.ops.dart.*)
 except ImportError as e:  # pragma: no cover - depends on the build state
