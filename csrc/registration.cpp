@@ -38,3 +38,13 @@ TORCH_LIBRARY(dart, m) {
       "Tensor idx, str act) -> Tensor");
   m.def("gather_neurons_(Tensor(a!) out, Tensor[] srcs, Tensor idx) -> ()");
 }
+
+// Inference-only ops: outputs of the functional ops never require grad (the Autograd key falls
+// through to the backend kernel), so a backward through them fails with torch's usual "does not
+// require grad" error instead of silently producing wrong gradients. gather_neurons_ keeps the
+// default autograd fallback (it bumps out's version counter, as in-place ops must).
+TORCH_LIBRARY_IMPL(dart, Autograd, m) {
+  m.impl("topk_indices", torch::CppFunction::makeFallthrough());
+  m.impl("gathered_glu_ffn", torch::CppFunction::makeFallthrough());
+  m.impl("gathered_mlp", torch::CppFunction::makeFallthrough());
+}

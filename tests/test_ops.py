@@ -557,3 +557,18 @@ def test_glu_multiblock_gemm_path(T):
     y = dart_ext.gathered_mlp(x, w_in, b_in, w_out_t, None, idx, "relu")
     r = ref.gathered_mlp(x, w_in, b_in, w_out_t, None, idx, "relu")
     torch.testing.assert_close(y, r, atol=1e-4, rtol=1e-4)
+
+
+def test_inference_only_no_grad():
+    n, d = 8, 4
+    ws = [w.requires_grad_() for w in _weights(n, d)]
+    x = _x((2, d)).requires_grad_()
+    idx = torch.tensor([1, 2])
+    torch.library.opcheck(torch.ops.dart.gathered_glu_ffn.default, (x, *ws, idx, "silu"))
+    y = dart_ext.gathered_glu_ffn(x, *ws, idx, "silu")
+    assert not y.requires_grad
+    b = _x((n,)).requires_grad_()
+    y = dart_ext.gathered_mlp(x, ws[0], b, ws[1], None, idx, "relu")
+    assert not y.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        y.sum().backward()
