@@ -200,7 +200,7 @@ class Controller:
             mode = TRACE
         for layer in self.layers:
             layer.mode = mode
-            if mode == TRACE and layer.mask is not None:
+            if mode == TRACE and layer.selected:
                 dense_rows = [b for b, p in enumerate(self.phase) if p != Phase.SPARSE]
                 if dense_rows:
                     layer.release_rows(torch.tensor(dense_rows, device=self.device))
@@ -255,7 +255,7 @@ class Controller:
             if k >= self.widths[layer_index]:
                 continue
             idx = self._select(layer_index, k, shared)
-            if not shared and layer.idx is not None and len(rows) < self.batch_size:
+            if not shared and layer.selected and len(rows) < self.batch_size:
                 merged = layer.idx.clone()
                 merged[rows_mask] = idx[rows_mask]
                 idx = merged
@@ -275,7 +275,7 @@ class Controller:
             pmax, pmean = self.proxies[layer_index] if self.proxies else (None, None)
             scores = rank_scores(self.cfg.ranking, m, pmax, pmean)
         layer = self.layers[layer_index]
-        if self.cfg.strategy == "auto" and layer.idx is None:
+        if self.cfg.strategy == "auto" and not layer.selected:
             idx, _ = select_threshold(scores, self.topk_fn)
         else:
             k = layer.keep if self.cfg.strategy == "auto" else k

@@ -61,6 +61,7 @@ class DARTFFN(nn.Module):
         self._parts = parts
         object.__setattr__(self, "_controller", controller)
         self.keep = parts.width  # k of this layer; == width means this layer never prunes
+        self.selected = False  # whether idx/mask/compact hold the current selection
         self.mode = DENSE
         self.idx: torch.Tensor | None = None  # [k] shared or [B, k] per sequence
         self.mask: torch.Tensor | None = None  # [1 or B, 1, N] 0/1 in the activation dtype
@@ -72,51 +73,54 @@ class DARTFFN(nn.Module):
 
         `row_keeps_all` ([B] bool) marks rows that currently run dense (tracing or released):
         their mask row is all ones so a mixed batch can be computed in one masked pass.
+        Tensors are updated in place when their shapes allow, so a compiled step that reads
+        them sees the new selection without recompiling.
         """
         p = self._parts
-        self.idx = idx
+        self._assign("idx", idx)
         self.keep = idx.shape[-1]
+        self.selected = True
         rows = idx if idx.dim() == 2 else idx.unsqueeze(0)
-        mask = torch.zeros(rows.shape[0], self.width, dtype=p.w_up.dtype, device=idx.device)
-        mask.scatter_(1, rows, 1.0)
+        mask = torch.zeros(rows.shape[0], 1, self.width, dtype=p.w_up.dtype, device=idx.device)
+        mask.scatter_(2, rows.unsqueeze(1), 1.0)
         if row_keeps_all is not None:
             mask[row_keeps_all] = 1.0
-        self.mask = mask.unsqueeze(1)
+        self._assign("mask", mask)
         if self.backend == "compact":
             self._reslice()
 
+    def _assign(self, name: str, value: torch.Tensor) -> None:
+        current = getattr(self, name)
+        if current is not None and current.shape == value.shape and current.dtype == value.dtype:
+            current.copy_(value)
+        else:
+            setattr(self, name, value)
+
     def release_rows(self, rows: torch.Tensor) -> None:
         """Make `rows` of the mask dense (tracing again or released)."""
-        if self.mask is not None and self.mask.shape[0] > 1:
+        if self.selected and self.mask.shape[0] > 1:
             self.mask[rows] = 1.0
 
     def clear_selection(self) -> None:
-        self.idx = self.mask = self.compact = None
+        """Forget the selection (a new sequence); buffers are kept for reuse."""
+        self.selected = False
+        self.keep = self.width
 
     def _reslice(self) -> None:
         p = self._parts
         idx = self.idx
         k = idx.shape[-1]
         lead = (idx.shape[0],) if idx.dim() == 2 else ()
-        d = p.w_up.shape[1]
-        like = p.w_up
-        if self.kind == "glu":
-            gate_up = like.new_empty(*lead, 2 * k, d)
-            torch.ops.dart.gather_neurons_(gate_up, [p.w_gate, p.w_up], idx)
-            down = like.new_empty(*lead, k, d)
-            torch.ops.dart.gather_neurons_(down, [p.w_down_t], idx)
-            self.compact = (gate_up, down)
-        else:
-            w_in = like.new_empty(*lead, k, d)
-            torch.ops.dart.gather_neurons_(w_in, [p.w_up], idx)
-            w_out = like.new_empty(*lead, k, d)
-            torch.ops.dart.gather_neurons_(w_out, [p.w_down_t], idx)
-            b_in = None
-            if p.b_in is not None:
-                b_in = like.new_empty(*lead, k, 1)
-                torch.ops.dart.gather_neurons_(b_in, [p.b_in.unsqueeze(1)], idx)
-                b_in = b_in.squeeze(-1)
-            self.compact = (w_in, w_out, b_in)
+        srcs = [[p.w_gate, p.w_up], [p.w_down_t]] if self.kind == "glu" else [[p.w_up], [p.w_down_t]]
+        if self.kind == "mlp" and p.b_in is not None:
+            srcs.append([p.b_in.unsqueeze(1)])
+        shapes = [(*lead, len(s) * k, s[0].shape[1]) for s in srcs]
+        old = self.compact
+        if old is None or [tuple(t.shape) for t in old] != shapes:
+            old = tuple(p.w_up.new_empty(shape) for shape in shapes)
+        for buffer, sources in zip(old, srcs, strict=True):
+            torch.ops.dart.gather_neurons_(buffer, sources, idx)
+        self.compact = old
 
     def extra_bytes(self) -> int:
         """Bytes of state this module holds beyond the model's own weights."""
@@ -138,7 +142,7 @@ class DARTFFN(nn.Module):
         p = self._parts
         h = p.hidden(x)
         self._controller.record_activations(self.layer_index, h)
-        if self.mask is not None:
+        if self.selected:
             h = h * self.mask
         y = p.down(h)
         self._controller.record_ffn_output(self.layer_index, x, y)
@@ -167,9 +171,10 @@ class DARTFFN(nn.Module):
             gu = torch.matmul(x, gate_up.transpose(-1, -2))
             h = act(gu[..., :k]) * gu[..., k:]
             return torch.matmul(h, down)
-        w_in, w_out, b_in = self.compact
+        w_in, w_out = self.compact[:2]
         z = torch.matmul(x, w_in.transpose(-1, -2))
-        if b_in is not None:
+        if len(self.compact) == 3:  # gathered b_in, [.., k, 1]
+            b_in = self.compact[2].squeeze(-1)
             z = z + (b_in.unsqueeze(1) if per_sequence else b_in)
         y = torch.matmul(act(z), w_out)
         return y if self._parts.b_out is None else y + self._parts.b_out

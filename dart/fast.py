@@ -1,0 +1,169 @@
+"""A lean generation loop in the style of gpt-fast: static KV cache, compiled per-token step.
+
+Only the single-token decode step is compiled (`torch.compile(fullgraph=True)`, fixed shapes).
+Passes that trace (the prompt and DART's re-trace windows) run eagerly: they are rare and
+collect statistics in Python-side objects. Re-selections write the kept-neuron indices in place,
+so the compiled step sees new masks without recompiling. The controller's schedule runs on the
+host between steps; the drift monitor is polled once per window, and the loop looks for EOS only
+then, so the hot path has no per-token host sync.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import StaticCache
+
+from .api import DARTHandle
+from .ffn import TRACE
+
+__all__ = ["FastGenerator", "FastResult"]
+
+
+@dataclass
+class FastResult:
+    tokens: torch.Tensor  # [B, new] generated ids (after EOS: eos repeated)
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens.shape[0] * self.decode_steps / self.decode_seconds
+
+
+class FastGenerator:
+    """Greedy or sampled generation with a static cache and a compiled decode step.
+
+    `handle` is the DART handle attached to `model` (None: plain dense model). The same object
+    can generate many times (the cache is reused; shapes stay fixed per `batch_size`).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        handle: DARTHandle | None = None,
+        max_len: int = 1024,
+        compile: bool = True,
+    ):
+        self.model = model
+        self.handle = handle
+        self.max_len = max_len
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self._caches: dict[int, StaticCache] = {}
+        if handle is not None:
+            handle.controller.auto_step = False  # this loop drives the schedule explicitly
+        step = self._decode_step
+        self.step_fn = torch.compile(step, fullgraph=True, dynamic=False) if compile else step
+
+    def _cache(self, batch: int) -> StaticCache:
+        if batch not in self._caches:
+            self._caches[batch] = StaticCache(config=self.model.config, max_cache_len=self.max_len)
+        cache = self._caches[batch]
+        cache.reset()
+        return cache
+
+    def _decode_step(self, ids, position_ids, cache_position, attention_mask, cache):
+        out = self.model(
+            input_ids=ids,
+            position_ids=position_ids,
+            cache_position=cache_position,
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1, :].float()
+
+    def _tracing(self) -> bool:
+        return self.handle is not None and any(f.mode == TRACE for f in self.handle.ffns)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 128,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> FastResult:
+        """Generate for a left-padded batch; tokens equal HF greedy `generate` for greedy."""
+        batch, prompt_len = input_ids.shape
+        if prompt_len + max_new_tokens > self.max_len:
+            raise ValueError(
+                f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds max_len "
+                f"({self.max_len}) of this FastGenerator"
+            )
+        input_ids = input_ids.to(self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(self.device)
+        cache = self._cache(batch)
+        # Full-length 2-D mask (fixed shape for the compiled step): future slots are 1, the
+        # causal mask hides them; left padding stays 0.
+        full_mask = torch.ones(batch, self.max_len, dtype=attention_mask.dtype, device=self.device)
+        full_mask[:, :prompt_len] = attention_mask
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        c = self.handle.controller if self.handle is not None else None
+
+        start = time.perf_counter()
+        if c is not None:
+            c.begin(batch, self.device)
+            c.before_forward(attention_mask.bool())
+        logits = (
+            self.model(
+                input_ids=input_ids,
+                attention_mask=full_mask[:, :prompt_len],
+                position_ids=positions,
+                cache_position=torch.arange(prompt_len, device=self.device),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            .logits[:, -1, :]
+            .float()
+        )
+        if c is not None:
+            c.after_forward()
+        next_pos = positions[:, -1:] + 1
+        out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=self.device)
+        token = self._pick(logits, do_sample, temperature, generator)
+        out[:, 0] = token
+        prefill = time.perf_counter() - start
+        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        window = c.cfg.drift.window if c is not None else 16
+        start = time.perf_counter()
+        steps = 0
+        for t in range(1, max_new_tokens):
+            cache_position = torch.tensor([prompt_len + t - 1], device=self.device)
+            ids = token[:, None]
+            if c is not None:
+                c.before_forward(None)
+            fn = self._decode_step if self._tracing() else self.step_fn
+            logits = fn(ids, next_pos, cache_position, full_mask, cache)
+            if c is not None:
+                c.after_forward()
+            token = self._pick(logits, do_sample, temperature, generator)
+            if eos_token_id is not None:
+                token = torch.where(done, eos_token_id, token)
+                done |= token == eos_token_id
+            out[:, t] = token
+            next_pos = next_pos + 1
+            steps += 1
+            if eos_token_id is not None and t % window == 0 and bool(done.all()):
+                out[:, t + 1 :] = eos_token_id
+                break
+        decode = time.perf_counter() - start
+        stats = self.handle.stats() if self.handle is not None else {}
+        return FastResult(out, prefill, decode, steps, stats)
+
+    @staticmethod
+    def _pick(logits, do_sample, temperature, generator) -> torch.Tensor:
+        if not do_sample:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
