@@ -83,6 +83,13 @@ class DARTModule(L.LightningModule):
     # -- attach / detach on the final device --------------------------------------------------
     def _attach(self) -> None:
         self.model.eval()
+        # ddp_spawn hands tensors to the workers in shared memory: make this process's weights
+        # (relaid out in place by the sparse backends) and metric states its own.
+        for t in [*self.model.parameters(), *self.model.buffers()]:
+            if t.is_shared():
+                t.data = t.data.clone()
+        for metric in (self.nll_sum, self.token_count, self.correct, self.answered):
+            metric.reset()
         if self.config is not None and self.handle is None:
             self.handle = attach_arm(self.model, self.config, self.calibration_ids)
 
@@ -170,6 +177,14 @@ def _as_list(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return batch
 
 
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class ItemsDataModule(L.LightningDataModule):
     """A fixed list of items (dicts with an ``id``), sharded by rank, minus ``skip`` ids."""
 
@@ -186,9 +201,9 @@ class ItemsDataModule(L.LightningDataModule):
 
     def _loader(self) -> DataLoader:
         items = self.pending()
-        trainer = self.trainer
-        if trainer is not None and trainer.world_size > 1:
-            items = items[trainer.global_rank :: trainer.world_size]
+        rank, world = _rank_world()
+        if world > 1:
+            items = items[rank::world]
         if self.batched:
             return DataLoader(items, batch_size=self.batch_size, collate_fn=_as_list)
         return DataLoader(items, batch_size=1, collate_fn=_first)

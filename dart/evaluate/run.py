@@ -195,7 +195,8 @@ def run_experiment(task: str, opts: dict[str, Any]) -> list[dict[str, Any]]:
                 stats["drift_events"] = len(stats["drift_events"])
                 _merge_json(out / "stats.json", key, stats)
             log.info("arm %s: %.1f s for %d samples", key, seconds, pending)
-        metrics = compute_metrics(task, store, tokenizer, arms)
+        ids = {it["id"] for it in dm_all.items}
+        metrics = compute_metrics(task, store, tokenizer, arms, ids)
         write_json(out / "metrics.json", metrics)
         _plots(task, out, store, metrics)
         from ..report import markdown_table
@@ -210,11 +211,13 @@ def run_experiment(task: str, opts: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def compute_metrics(
-    task: str, store: RecordStore, tokenizer: Any, arms: list[Arm]
+    task: str, store: RecordStore, tokenizer: Any, arms: list[Arm], ids: set[str] | None = None
 ) -> list[dict[str, Any]]:
-    """metrics.json records, from all per-sample records of the arms."""
+    """metrics.json records, from the per-sample records of the arms (of samples ``ids``)."""
     groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
     for r in store:
+        if ids is not None and r["id"] not in ids:
+            continue
         groups[(r["method"], round(float(r["total_prune"]), 6))].append(r)
     dense = {r["id"]: r for r in groups.get(("dense", 0.0), [])}
     decode = lambda t: tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
