@@ -245,8 +245,8 @@ class DARTExportModule(nn.Module):
         for name, (pname, size, stride, offset) in self.recipes[i].items():
             p = owner.get_parameter(pname)
             same = tuple(p.shape) == size and tuple(p.stride()) == stride
-            out[name] = p if same and p.storage_offset() == offset else p.as_strided(
-                size, stride, offset
+            out[name] = (
+                p if same and p.storage_offset() == offset else p.as_strided(size, stride, offset)
             )
         return out
 
@@ -524,14 +524,17 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (packages + manifest.json)")
     p.add_argument("--batch", type=int, default=1, help="fixed batch size of the programs")
     p.add_argument("--max-len", type=int, default=512, help="static cache length")
-    p.add_argument("--prompt-len", type=int, default=None, help="fixed prompt length (default "
-                   "dynamic)")
+    p.add_argument(
+        "--prompt-len", type=int, default=None, help="fixed prompt length (default dynamic)"
+    )
     p.add_argument("--total-prune", type=float, default=0.5, help="FFN sparsity")
     p.add_argument("--layer-topk", default=None, help="per-layer keep spec (default all:auto)")
     p.add_argument("--method", default="dart", choices=("dart", "griffin", "dense"))
     p.add_argument(
-        "--prompt", default=None, help="calibration prompt for an auto budget (counts are "
-        "allocated from it at export time); default: the first packaged drift prompt"
+        "--prompt",
+        default=None,
+        help="calibration prompt for an auto budget (counts are "
+        "allocated from it at export time); default: the first packaged drift prompt",
     )
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--no-compile", action="store_true", help="torch.export only (no packages)")
