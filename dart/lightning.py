@@ -26,11 +26,10 @@ from torch.utils.data import DataLoader
 from torchmetrics import SumMetric
 
 from .config import DARTConfig
-from .data import tokenize_corpus
 from .evaluate.arms import attach_arm
 from .evaluate.generative import drift_items, generate_batch, summarization_items
 from .evaluate.multiple_choice import mmlu_items, score_choices
-from .evaluate.perplexity import score_window, sliding_windows
+from .evaluate.perplexity import score_window, sliding_windows, tokenize_prefix
 from .evaluate.store import RecordStore
 
 __all__ = [
@@ -110,6 +109,9 @@ class DARTModule(L.LightningModule):
 
     def on_predict_end(self) -> None:
         self._detach()
+
+    def teardown(self, stage: str) -> None:
+        self._detach()  # also after an exception: the model is restored exactly
 
     # -- steps --------------------------------------------------------------------------------
     def _record(self, item: dict[str, Any], **values: Any) -> dict[str, Any]:
@@ -229,7 +231,7 @@ class PerplexityDataModule(ItemsDataModule):
         skip=(),
     ):
         if ids is None:
-            ids = tokenize_corpus(tokenizer, text, max_tokens)
+            ids = tokenize_prefix(tokenizer, text, max_tokens)
         ids = ids[:max_tokens] if max_tokens else ids
         flat = ids.tolist()
         items = [
@@ -286,6 +288,10 @@ class RecordWriter(BasePredictionWriter):
         self.written += len(records)
         if self.stop_after is not None and self.written >= self.stop_after:
             raise StopAfter(f"stopped after {self.written} records (stop_after)")
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        if isinstance(pl_module, DARTModule):
+            pl_module._detach()
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         self._write(trainer, outputs)

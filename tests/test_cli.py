@@ -100,11 +100,11 @@ def test_end_to_end_ppl_resume_and_report(tiny_folder, tmp_path):
     assert main(_ppl_argv(tiny_folder, out)) == 0
     recs = list(RecordStore(out))
     keys = [(r["method"], r["total_prune"], r["id"]) for r in recs]
-    assert len(keys) == len(set(keys)) == 5 * 6  # 6 windows x (dense + 2 static + 2 dart)
+    assert len(keys) == len(set(keys)) == 5 * 5  # 5 windows x (dense + 2 static + 2 dart)
     lines = (out / "samples.jsonl").read_text().splitlines()
-    assert len(lines) == 30  # nothing was recomputed or written twice
+    assert len(lines) == 25  # nothing was recomputed or written twice
     timings = json.loads((out / "timings.json").read_text())
-    assert timings["dense@0.0"]["samples"] == 3  # the rerun did only the missing windows
+    assert timings["dense@0.0"]["samples"] == 2  # the rerun did only the missing windows
     metrics = load_metrics(out)
     ppl = {
         (m["method"], m["total_prune"]): m["value"] for m in metrics if m["metric"] == "perplexity"
@@ -124,7 +124,7 @@ def test_end_to_end_ppl_resume_and_report(tiny_folder, tmp_path):
     assert stats["dart@0.7"]["nominal_sparsity"] == pytest.approx(0.7, abs=0.02)
     # a third run finds everything done and only recomputes the metrics
     assert main(_ppl_argv(tiny_folder, out)) == 0
-    assert len((out / "samples.jsonl").read_text().splitlines()) == 30
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 25
     rep = tmp_path / "report"
     assert main(["report", str(out), "--out", str(rep)]) == 0
     text = (rep / "report.md").read_text()

@@ -261,3 +261,12 @@ def test_metrics_schema_table_and_plot(tmp_path):
     write_json(tmp_path / "metrics.json", [{"method": "dart"}])
     with pytest.raises(ValueError, match="lacks"):
         load_metrics(tmp_path)
+
+
+def test_tokenize_prefix_equals_full_tokenisation():
+    from dart.data import load_text, tokenize_corpus
+    from dart.evaluate.perplexity import tokenize_prefix
+
+    tok, text = tiny_tokenizer(), load_text("tiny", split="calibration")[:20000]
+    for n in (10, 3000, None):
+        assert torch.equal(tokenize_prefix(tok, text, n), tokenize_corpus(tok, text, n))

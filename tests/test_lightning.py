@@ -101,7 +101,10 @@ def test_predict_streams_records_and_resumes(tmp_path):
             module, PromptsDataModule(items, batch_size=2), return_predictions=False
         )
     done = {i for _, _, i in RecordStore(tmp_path).done()}
-    assert done == {"p0", "p1"}  # the first batch was written before the interruption
+    assert done == {"p0", "p1"}
+    assert not hasattr(
+        model, "_dart_handle"
+    )  # detached despite the exception  # the first batch was written before the interruption
     module = DARTModule(model, "generate", CFG, ARM, max_new_tokens=4, tokenizer=tok)
     writer = RecordWriter(str(tmp_path))
     out = _trainer(tmp_path, callbacks=[writer]).predict(

@@ -25,7 +25,14 @@ from tqdm.auto import tqdm
 
 from ..api import DARTHandle
 
-__all__ = ["Window", "aggregate_perplexity", "perplexity", "score_window", "sliding_windows"]
+__all__ = [
+    "Window",
+    "aggregate_perplexity",
+    "perplexity",
+    "score_window",
+    "sliding_windows",
+    "tokenize_prefix",
+]
 
 FIRST_CONTEXT_FRACTION = 0.25
 
@@ -69,6 +76,22 @@ def sliding_windows(num_tokens: int, window: int, stride: int) -> list[Window]:
         if end >= num_tokens:
             return out
         begin += stride
+
+
+def tokenize_prefix(tokenizer: Any, text: str, max_tokens: int | None) -> torch.Tensor:
+    """``tokenize_corpus(tokenizer, text, max_tokens)`` without tokenising the whole text: a
+    growing prefix is tokenised until it holds ``max_tokens`` plus a margin (so the cut cannot
+    change the kept tokens)."""
+    from ..data import tokenize_corpus
+
+    if max_tokens is None:
+        return tokenize_corpus(tokenizer, text)
+    chars = max(1024, 8 * max_tokens)
+    while True:
+        ids = tokenize_corpus(tokenizer, text[:chars])
+        if ids.numel() >= max_tokens + 16 or chars >= len(text):
+            return ids[:max_tokens]
+        chars *= 2
 
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:

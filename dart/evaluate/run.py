@@ -17,13 +17,13 @@ from typing import Any
 
 import torch
 
-from ..data import load_text, tokenize_corpus
+from ..data import load_text
 from ..models import load_model
 from ..results import atomic_write_text, write_json
 from .arms import Arm, arm_config, parse_arms
 from .generative import aggregate_drift, aggregate_summarization
 from .multiple_choice import aggregate_accuracy
-from .perplexity import aggregate_perplexity
+from .perplexity import aggregate_perplexity, tokenize_prefix
 from .store import RecordStore
 
 __all__ = ["TASKS", "compute_metrics", "run_experiment"]
@@ -135,7 +135,7 @@ def run_experiment(task: str, opts: dict[str, Any]) -> list[dict[str, Any]]:
         calibration = None
         if any(a.method == "static" for a in arms):
             cal_text = load_text(opts.get("calibration") or "wiki", split="calibration")
-            calibration = tokenize_corpus(tokenizer, cal_text, opts["calibration_tokens"])[None]
+            calibration = tokenize_prefix(tokenizer, cal_text, opts["calibration_tokens"])[None]
         store = RecordStore(out)
         dm_all = _datamodule(task, opts, tokenizer, set())
         log.info("%d samples x %d arms -> %s", len(dm_all.items), len(arms), out)
