@@ -1,0 +1,186 @@
+"""`dart export`: torch.export of the prefill/decode programs, their tokens against the eager
+compiled-loop path (`dart.fast`), and the AOTInductor packages run by the torch-only runner in a
+separate process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from models import tiny_model
+from tiny_assets import save_tiny
+
+import dart
+from dart import DARTConfig
+from dart.export import (
+    DARTExportModule,
+    add_export_parser,
+    export_decode,
+    export_programs,
+    resolve_export_counts,
+)
+from dart.fast import FastGenerator
+
+RUNNER = Path(__file__).resolve().parents[1] / "scripts" / "run_exported.py"
+MAX_LEN = 48
+FIXED = DARTConfig(layer_topk="all:0.5", drift={"enabled": False})
+
+
+def _batch(length=12):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 96, (2, length), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0  # left padding
+    return ids, mask
+
+
+def _eager_tokens(model, cfg, ids, mask, new_tokens):
+    """The reference: the dart.fast loop (eager step) with DART attached, masks from pass 0."""
+    handle = dart.attach(model, cfg)
+    try:
+        fast = FastGenerator(model, handle, max_len=MAX_LEN, compile=False)
+        result = fast.generate(ids, mask, max_new_tokens=new_tokens)
+        assert result.stats["mask_builds"] == ids.shape[0]
+        return result.tokens, result.stats["keep_counts"]
+    finally:
+        handle.detach()
+
+
+def _ops(ep, namespace="dart"):
+    return {str(n.target) for n in ep.graph.nodes if str(n.target).startswith(namespace + ".")}
+
+
+def test_exported_programs_equal_the_eager_wrapper():
+    model = tiny_model("llama")
+    handle = dart.attach(model, FIXED)
+    wrapper = DARTExportModule(handle, 2, MAX_LEN, resolve_export_counts(handle))
+    programs = export_programs(wrapper)  # prompt length dynamic
+    prefill, decode = programs["prefill"], programs["decode"]
+    assert _ops(prefill) == {"dart.topk_indices.default"}
+    assert _ops(decode) == {"dart.gathered_glu_ffn.default"}
+    assert not decode.constants.keys() - {k for k in decode.constants if k.endswith("inv_freq")}, (
+        "the kernel weights must be parameters, not captured constants"
+    )
+    for length in (12, 5):  # the example length was 8
+        ids, mask = _batch(length)
+        state_e, state_x = wrapper.new_state(), wrapper.new_state()
+        with torch.no_grad():
+            eager = wrapper.prefill(ids, mask, *state_e)
+            exported = prefill.module()(ids, mask, *state_x)
+        assert len(eager) == 1 + len(wrapper.pruned) == 4
+        torch.testing.assert_close(exported[0], eager[0], rtol=1e-5, atol=1e-5)
+        for a, b in zip(exported[1:], eager[1:], strict=True):
+            assert a.shape == (2, 32) and torch.equal(a, b)
+        for a, b in zip(state_x, state_e, strict=True):  # the state is written in place
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert state_e[0][1, :3].eq(0).all() and state_e[0][1, 3:].eq(1).all()
+        step = (
+            eager[0].argmax(-1)[:, None],
+            mask.sum(-1, keepdim=True),
+            torch.tensor([length]),
+            *eager[1:],
+        )
+        with torch.no_grad():
+            y_e = wrapper.decode(*step, *state_e)
+            y_x = decode.module()(*step, *state_x)
+        torch.testing.assert_close(y_x, y_e, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state_x[1], state_e[1], rtol=1e-5, atol=1e-5)
+    # the handle is untouched: modes, selections and the controller's hooks state
+    assert all(f.mode == "dense" and f.idx is None for f in handle.ffns)
+    assert handle.controller.auto_step
+    handle.detach()
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        FIXED,
+        DARTConfig(layer_topk="all:0.5,1:dense", batch_policy="shared", drift={"enabled": False}),
+        DARTConfig(layer_topk="all:0.4", method="griffin"),
+    ],
+    ids=["per_sequence", "shared+dense_layer", "griffin"],
+)
+def test_exported_greedy_tokens_equal_fast_generator(cfg):
+    model = tiny_model("llama")
+    ids, mask = _batch()
+    ref, _ = _eager_tokens(model, cfg, ids, mask, 20)
+    handle = dart.attach(model, cfg)
+    wrapper = DARTExportModule(handle, 2, MAX_LEN, resolve_export_counts(handle))
+    programs = export_programs(wrapper)
+    modules = (programs["prefill"].module(), programs["decode"].module())
+    assert torch.equal(wrapper.generate(ids, mask, 20), ref)
+    assert torch.equal(wrapper.generate(ids, mask, 20, programs=modules), ref)
+    handle.detach()
+
+
+def test_auto_budget_counts_come_from_the_calibration_prompt():
+    model = tiny_model("llama")
+    cfg = DARTConfig(total_prune=0.5, drift={"enabled": False})  # layer_topk all:auto
+    ids = _batch()[0][:1]
+    ref, ref_counts = _eager_tokens(model, cfg, ids, torch.ones_like(ids), 16)
+    handle = dart.attach(model, cfg)
+    with pytest.raises(ValueError, match="calibration"):
+        resolve_export_counts(handle)
+    counts = resolve_export_counts(handle, ids)
+    assert counts == ref_counts and counts != handle.controller.widths
+    wrapper = DARTExportModule(handle, 1, MAX_LEN, counts)
+    programs = export_programs(wrapper, prompt_len=ids.shape[1])  # fixed prompt length
+    modules = (programs["prefill"].module(), programs["decode"].module())
+    assert torch.equal(wrapper.generate(ids, max_new_tokens=16, programs=modules), ref)
+    handle.detach()
+
+
+def test_aoti_package_reproduces_eager_tokens_in_a_separate_process(tmp_path):
+    model = tiny_model("llama")
+    ids, mask = _batch()
+    ref, _ = _eager_tokens(model, FIXED, ids, mask, 16)
+    manifest = export_decode(model, tmp_path, batch_size=2, max_len=MAX_LEN, config=FIXED)
+    assert not hasattr(model, "_dart_handle")  # attached for the export, then detached
+    written = json.loads((tmp_path / "manifest.json").read_text())
+    assert written["keep_counts"] == [32, 32, 32] and written["pruned_layers"] == [0, 1, 2]
+    assert written["vocab_size"] == 96 and written["eos_token_id"] == 2
+    assert written["state"][0] == {
+        "name": "attention_mask",
+        "shape": [2, MAX_LEN],
+        "dtype": "int64",
+    }
+    assert Path(written["ops_library"]).is_file() and manifest["exported"]
+    prompts = [",".join(map(str, ids[0].tolist())), ",".join(map(str, ids[1, 3:].tolist()))]
+    check = (
+        "import runpy, sys; sys.argv = sys.argv[1:]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    # the runner imports neither dart nor dart_ext (python -X importtime would show it too)
+    guard = (
+        "import atexit, sys; atexit.register(lambda: sys.modules.get('dart') is None and "
+        "sys.modules.get('dart_ext') is None or print('DART IMPORTED', file=sys.stderr))"
+    )
+    cmd = [sys.executable, "-c", f"{guard}; {check}", str(RUNNER), str(tmp_path)]
+    cmd += [a for p in prompts for a in ("--prompt-ids", p)]
+    cmd += ["--max-new-tokens", "16", "--ignore-eos", "--json", str(tmp_path / "out.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "DART IMPORTED" not in proc.stderr
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["tokens"] == ref.tolist()
+
+
+def test_cli_export_parser_writes_a_manifest(tmp_path):
+    folder = save_tiny(tmp_path / "model")
+    parser = argparse.ArgumentParser(prog="dart")
+    add_export_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["export", "--model", str(folder), "--out", str(tmp_path / "pkg"), "--max-len", "64"]
+        + ["--total-prune", "0.5", "--prompt", "The quick brown fox.", "--no-compile"]
+    )
+    assert args.func(args) == 0
+    manifest = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
+    assert manifest["max_len"] == 64 and manifest["prompt_len"] is None
+    assert manifest["programs"] == {} and manifest["dart_config"]["total_prune"] == 0.5
+    kept = sum(manifest["keep_counts"]) / sum(manifest["widths"])
+    assert 0.45 <= kept <= 0.55
