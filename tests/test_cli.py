@@ -10,6 +10,7 @@ import yaml
 from tiny_assets import save_tiny
 
 from dart.cli import build_parser, main, resolve_options
+from dart.data import load_text
 from dart.evaluate import RecordStore
 from dart.lightning import StopAfter
 from dart.report import load_metrics
@@ -204,3 +205,58 @@ def test_end_to_end_mmlu_summarize_drift(tiny_folder, tmp_path):
     assert any(m["metric"] == "token_agreement_second" for m in drift)
     recs = [r for r in RecordStore(tmp_path / "d") if r["method"] == "dart"]
     assert recs and all(r["trace"] for r in recs)
+
+
+def test_generate_and_text_file(tiny_folder, tmp_path):
+    common = ["--model", str(tiny_folder), "--quiet", "--total-prune", "0.5"]
+    assert (
+        main(
+            [
+                "generate",
+                "--methods",
+                "dense,dart",
+                "--prompt",
+                "Hello there",
+                "--prompt",
+                "GPUs, then films",
+                "--max-new-tokens",
+                "5",
+                "--no-chat",
+                "--out",
+                str(tmp_path / "g"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    recs = list(RecordStore(tmp_path / "g"))
+    assert sorted((r["method"], r["id"]) for r in recs) == [
+        ("dart", "p0"),
+        ("dart", "p1"),
+        ("dense", "p0"),
+        ("dense", "p1"),
+    ]
+    text = tmp_path / "t.txt"
+    text.write_text("Some local text.\n\nA second paragraph of it, long enough to score. " * 3)
+    assert (
+        main(
+            [
+                "eval",
+                "ppl",
+                "--methods",
+                "dense",
+                "--text-file",
+                str(text),
+                "--window",
+                "32",
+                "--stride",
+                "16",
+                "--out",
+                str(tmp_path / "p"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    ppl = [m for m in load_metrics(tmp_path / "p") if m["metric"] == "tokens"]
+    assert ppl[0]["value"] == len(load_text(str(text))) - 1  # char tokenizer: 1 token a char
