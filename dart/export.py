@@ -34,9 +34,10 @@ DART's pass-0 selection). Drift detection and re-tracing stay in the Python path
 export time, and the resulting counts are frozen into the programs (the manifest records them).
 
 Files under the output folder: `prefill.pt2`, `decode.pt2` (AOTInductor packages; each embeds
-the weights it reads) and `manifest.json`. `scripts/run_exported.py` runs them with only torch
-and the ops library (`torch.ops.load_library(manifest["ops_library"])`, the compiled
-`dart_ext._C` shared object), greedy, token ids in and out.
+the weights it reads, so the weights are on disk twice) and `manifest.json`.
+`scripts/run_exported.py` runs them with only torch and the ops library
+(`torch.ops.load_library(manifest["ops_library"])`, the compiled `dart_ext._C` shared object),
+greedy, token ids in and out.
 """
 
 from __future__ import annotations

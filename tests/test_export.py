@@ -63,9 +63,8 @@ def test_exported_programs_equal_the_eager_wrapper():
     prefill, decode = programs["prefill"], programs["decode"]
     assert _ops(prefill) == {"dart.topk_indices.default"}
     assert _ops(decode) == {"dart.gathered_glu_ffn.default"}
-    assert not decode.constants.keys() - {k for k in decode.constants if k.endswith("inv_freq")}, (
-        "the kernel weights must be parameters, not captured constants"
-    )
+    # the kernels' weight views are rebuilt from parameters, not captured as constant copies
+    assert all(k.endswith("inv_freq") for k in decode.constants)
     for length in (12, 5):  # the example length was 8
         ids, mask = _batch(length)
         state_e, state_x = wrapper.new_state(), wrapper.new_state()
