@@ -108,6 +108,21 @@ def test_glu_int32_idx_and_empty():
     assert y.shape == (0, d)
 
 
+@pytest.mark.parametrize("T", [1, 40])
+def test_inputs_that_require_grad(T):
+    """Inference-only ops still run on leaf tensors that require grad (a plain forward)."""
+    n, d = 64, 32
+    ws = [w.requires_grad_() for w in _weights(n, d)]
+    x = _x((2, T, d)).requires_grad_()
+    idx = torch.arange(0, n, 2)
+    y = dart_ext.gathered_glu_ffn(x, *ws, idx, "silu")
+    expected = ref.gathered_glu_ffn(x.detach(), *(w.detach() for w in ws), idx, "silu")
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    b = torch.zeros(n).requires_grad_()
+    y = dart_ext.gathered_mlp(x, ws[0], b, ws[2], None, idx, "gelu")
+    assert y.shape == x.shape and not y.requires_grad
+
+
 @pytest.mark.parametrize("T", [1, 8, 40])
 @pytest.mark.parametrize("act", ACTS)
 def test_glu_all_kept_equals_dense(T, act):

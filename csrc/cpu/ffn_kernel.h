@@ -15,6 +15,8 @@
 
 #include "common.h"
 
+#include <ATen/core/LegacyTypeDispatch.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
@@ -227,6 +229,9 @@ template <class L, int R>
 void ffn_gemm(const at::Tensor& xf, const FfnArgs& a, const int64_t* idx, int64_t k,
               at::Tensor& y) {
   using S = typename L::S;
+  // The ops are inference-only (autograd falls through): run the nested ATen GEMMs below
+  // autograd, or inputs that require grad make the out= variants refuse to run.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t M = xf.size(0), d = xf.size(1);
   if (k == 0) return;
   const int64_t nb = std::min<int64_t>(k, std::max<int64_t>(64, (int64_t(1) << 18) / d));
