@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -139,6 +140,7 @@ def run_experiment(task: str, opts: dict[str, Any]) -> list[dict[str, Any]]:
         store = RecordStore(out)
         dm_all = _datamodule(task, opts, tokenizer, set())
         log.info("%d samples x %d arms -> %s", len(dm_all.items), len(arms), out)
+        main_rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
         for arm in arms:
             done = {i for m, p, i in store.done() if (m, p) == arm.key}
             dm = dm_all
@@ -184,7 +186,11 @@ def run_experiment(task: str, opts: dict[str, Any]) -> list[dict[str, Any]]:
             else:
                 trainer.predict(module, datamodule=dm, return_predictions=False)
             seconds = time.perf_counter() - start
+            trainer.strategy.barrier()  # every rank's records are on disk
+            main_rank = trainer.global_rank == 0
             key = f"{arm.label}@{arm.total_prune}"
+            if not main_rank:
+                continue
             _merge_json(
                 out / "timings.json",
                 key,
@@ -195,6 +201,8 @@ def run_experiment(task: str, opts: dict[str, Any]) -> list[dict[str, Any]]:
                 stats["drift_events"] = len(stats["drift_events"])
                 _merge_json(out / "stats.json", key, stats)
             log.info("arm %s: %.1f s for %d samples", key, seconds, pending)
+        if not main_rank:
+            return []  # multi-process runs: rank 0 writes the summaries
         ids = {it["id"] for it in dm_all.items}
         metrics = compute_metrics(task, store, tokenizer, arms, ids)
         write_json(out / "metrics.json", metrics)
