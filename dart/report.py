@@ -129,14 +129,13 @@ def build_report(folders: list[str | os.PathLike], out: str | os.PathLike) -> Pa
         if metrics and metrics[0]["task"] == "drift" and drift.exists():
             _drift_plot(Path(folder), out / f"drift-{Path(folder).name}.png")
     plots = []
-    for metric in ("perplexity", "acc_micro", "rougeL", "rougeL_vs_dense_second"):
-        for task in sorted({m["task"] for m in all_metrics}):
-            sub = [m for m in all_metrics if m["task"] == task]
-            p = plot_metric_vs_sparsity(
-                out / f"{task}-{metric}.png", sub, metric, f"{task}: {metric}"
-            )
-            if p is not None:
-                plots.append(p.name)
+    for folder in folders:  # one plot per folder and metric: corpora/settings never mix
+        metrics = load_metrics(folder)
+        for metric in ("perplexity", "acc_micro", "rougeL", "rougeL_vs_dense_second"):
+            name = f"{Path(folder).name}-{metric}.png"
+            title = f"{Path(folder).name}: {metric}"
+            if plot_metric_vs_sparsity(out / name, metrics, metric, title) is not None:
+                plots.append(name)
     text = (
         "# DART results\n\n"
         + "\n\n".join(sections)
