@@ -13,6 +13,7 @@ import torch
 from .api import attach
 from .config import DARTConfig
 from .data import load_drift_prompts, load_text
+from .export import add_export_parser
 from .generation import generate
 from .models import load_model
 from .results import plot_drift, write_json
@@ -293,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--width", type=int, default=46, help="column width of the side-by-side")
     demo.add_argument("--out", default=f"results/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     demo.set_defaults(func=cmd_demo)
+    add_export_parser(sub)
     return parser
 
 

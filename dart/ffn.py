@@ -111,7 +111,8 @@ class DARTFFN(nn.Module):
         idx = self.idx
         k = idx.shape[-1]
         lead = (idx.shape[0],) if idx.dim() == 2 else ()
-        srcs = [[p.w_gate, p.w_up], [p.w_down_t]] if self.kind == "glu" else [[p.w_up], [p.w_down_t]]
+        first = [p.w_gate, p.w_up] if self.kind == "glu" else [p.w_up]
+        srcs = [first, [p.w_down_t]]
         if self.kind == "mlp" and p.b_in is not None:
             srcs.append([p.b_in.unsqueeze(1)])
         shapes = [(*lead, len(s) * k, s[0].shape[1]) for s in srcs]
