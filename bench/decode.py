@@ -118,6 +118,7 @@ def bench_setting(base, tok, dtype, batch, sparsity, args, with_dense: bool) -> 
     names = [a for a in args.arms if with_dense or not a.endswith("dense") and "dense_" not in a]
     if "dense_compiled" not in names:
         names.append("dense_compiled")  # the baseline of every ratio
+    torch._dynamo.reset()  # each setting compiles its own steps
     arms = [Arm(n, base, args, sparsity, max_len) for n in names]
     samples: dict[str, list[dict]] = {a.name: [] for a in arms}
     for rnd in range(args.rounds + 1):  # round 0 warms up (compiles)

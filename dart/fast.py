@@ -57,6 +57,9 @@ class FastGenerator:
         self._caches: dict[int, StaticCache] = {}
         if handle is not None:
             handle.controller.auto_step = False  # this loop drives the schedule explicitly
+        # Every generator compiles the same code object (`_decode_step`), guarded on its model:
+        # leave room for several generators (models, dtypes, backends) in one process.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         step = self._decode_step
         self.step_fn = torch.compile(step, fullgraph=True, dynamic=False) if compile else step
 
