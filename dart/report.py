@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .results import atomic_write_text, plot_drift
+from .results import atomic_write_text, plot_drift, save_figure
 
 __all__ = ["build_report", "load_metrics", "markdown_table", "plot_metric_vs_sparsity"]
 
@@ -98,14 +98,7 @@ def plot_metric_vs_sparsity(
         ax.set_yscale("log")
     ax.set_title(title or f"{metric} vs sparsity")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def build_report(folders: list[str | os.PathLike], out: str | os.PathLike) -> Path:

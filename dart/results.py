@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_text", "write_json", "plot_drift"]
+__all__ = ["atomic_write_text", "write_json", "plot_drift", "save_figure"]
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -56,6 +56,13 @@ def plot_drift(
         ax.set_ylabel("similarity")
         ax.legend(loc="lower left", fontsize=8)
     fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure atomically (temp file + `os.replace`) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
