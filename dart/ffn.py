@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .adapters import FFNParts, kernel_act
@@ -32,15 +31,6 @@ BACKENDS = ("masked", "gathered", "compact")
 DENSE = "dense"  # original module, nothing recorded
 TRACE = "trace"  # full hidden vector, statistics recorded, masks applied to rows that have them
 SPARSE = "sparse"  # every row has a mask: run the backend
-
-
-def _act_fn(name: str):
-    return {
-        "silu": F.silu,
-        "gelu": F.gelu,
-        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-        "relu": F.relu,
-    }[name]
 
 
 class DARTFFN(nn.Module):
@@ -164,18 +154,15 @@ class DARTFFN(nn.Module):
         return self._compact_forward(x)
 
     def _compact_forward(self, x: torch.Tensor) -> torch.Tensor:
-        act = _act_fn(self.kernel_act)
-        per_sequence = self.idx.dim() == 2
+        from dart_ext.ops import apply_act, compact_glu_ffn
+
         if self.kind == "glu":
-            gate_up, down = self.compact
-            k = self.keep
-            gu = torch.matmul(x, gate_up.transpose(-1, -2))
-            h = act(gu[..., :k]) * gu[..., k:]
-            return torch.matmul(h, down)
+            return compact_glu_ffn(x, *self.compact, self.kernel_act)
+        per_sequence = self.idx.dim() == 2
         w_in, w_out = self.compact[:2]
         z = torch.matmul(x, w_in.transpose(-1, -2))
         if len(self.compact) == 3:  # gathered b_in, [.., k, 1]
             b_in = self.compact[2].squeeze(-1)
             z = z + (b_in.unsqueeze(1) if per_sequence else b_in)
-        y = torch.matmul(act(z), w_out)
+        y = torch.matmul(apply_act(self.kernel_act, z), w_out)
         return y if self._parts.b_out is None else y + self._parts.b_out
