@@ -64,7 +64,12 @@ def _ffn_tensors(ffn):
 
 
 def _config(args, sparsity: float, backend: str) -> dart.DARTConfig:
-    return dart.DARTConfig(total_prune=sparsity, layer_topk=args.layer_topk, backend=backend)
+    return dart.DARTConfig(
+        total_prune=sparsity,
+        layer_topk=args.layer_topk,
+        backend=backend,
+        batch_policy=args.batch_policy,
+    )
 
 
 class Arm:
@@ -145,6 +150,7 @@ def bench_setting(base, tok, dtype, batch, sparsity, args, with_dense: bool) -> 
             "speedup_vs_dense_compiled": tps / base_tps,
             "ideal_speedup": 1.0 if dense_arm else dense_b / pruned_b,
             "new_tokens": args.new_tokens,
+            "batch_policy": args.batch_policy,
         }
         for key in ("prefill_seconds", "effective_sparsity", "retraces"):
             vals = [s[key] for s in samples[name] if key in s]
@@ -164,6 +170,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--layer-topk", default="all:auto")
+    p.add_argument("--batch-policy", default="per_sequence", choices=("per_sequence", "shared"))
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="fp32, 64 tokens, 2 rounds")
