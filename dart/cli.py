@@ -137,9 +137,20 @@ COMMON_DEFAULTS: dict = {
 TASK_DEFAULTS: dict[str, dict] = {
     "ppl": {"corpus": "wiki", "text_file": None, "window": 512, "stride": 256, "split": "eval"},
     "mmlu": {"shots": 5, "subjects": None, "n_per_subject": None, "split": "test", "leaky": False},
-    "summarize": {"max_new_tokens": 128, "max_prompt_tokens": 768, "split": "eval"},
-    "drift": {"max_new_tokens": 200, "release_steps": None},
-    "generate": {"prompts": None, "prompts_file": None, "max_new_tokens": 128, "chat": True},
+    "summarize": {
+        "max_new_tokens": 128,
+        "max_prompt_tokens": 768,
+        "split": "eval",
+        "compile": False,
+    },
+    "drift": {"max_new_tokens": 200, "release_steps": None, "compile": False},
+    "generate": {
+        "prompts": None,
+        "prompts_file": None,
+        "max_new_tokens": 128,
+        "chat": True,
+        "compile": False,
+    },
 }
 
 
@@ -196,6 +207,13 @@ def _task_options(task: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--prompts-file", default=S, help="one prompt per line")
         p.add_argument("--max-new-tokens", type=int, default=S)
         p.add_argument("--no-chat", dest="chat", action="store_false", default=S)
+    if task in ("summarize", "drift", "generate"):
+        p.add_argument(
+            "--compile",
+            action="store_true",
+            default=S,
+            help="generate in the compiled static-cache loop (dart.fast), same greedy tokens",
+        )
 
 
 def resolve_options(task: str, given: dict) -> dict:

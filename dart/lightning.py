@@ -31,6 +31,7 @@ from .evaluate.generative import drift_items, generate_batch, summarization_item
 from .evaluate.multiple_choice import mmlu_items, score_choices
 from .evaluate.perplexity import score_window, sliding_windows, tokenize_prefix
 from .evaluate.store import RecordStore
+from .fast import FastGenerator
 
 __all__ = [
     "DARTModule",
@@ -60,6 +61,7 @@ class DARTModule(L.LightningModule):
         leaky: bool = False,
         max_new_tokens: int = 128,
         tokenizer: Any = None,
+        compile: bool = False,
     ):
         super().__init__()
         if task not in TASKS:
@@ -72,6 +74,8 @@ class DARTModule(L.LightningModule):
         self.leaky = leaky
         self.max_new_tokens = max_new_tokens
         self.tokenizer = tokenizer
+        self.compile = compile  # generate in the compiled static-cache loop (dart.fast)
+        self._fast: dict[int, FastGenerator] = {}  # by cache length
         self.handle = None
         self.last_stats: dict[str, Any] | None = None
         self.nll_sum = SumMetric().set_dtype(torch.float64)
@@ -93,6 +97,7 @@ class DARTModule(L.LightningModule):
             self.handle = attach_arm(self.model, self.config, self.calibration_ids)
 
     def _detach(self) -> None:
+        self._fast.clear()
         if self.handle is not None:
             self.last_stats = self.handle.stats()
             self.handle.detach()
@@ -156,6 +161,17 @@ class DARTModule(L.LightningModule):
             acc = correct / answered if answered > 0 else torch.tensor(math.nan)
             self.log_dict({"correct": correct, "answered": answered, "acc_micro": acc})
 
+    def _fast_generator(self, batch: list[dict[str, Any]]) -> FastGenerator | None:
+        """The compiled loop for this batch; cache lengths are rounded up to 256 tokens so a
+        few compiled steps serve every batch."""
+        if not self.compile:
+            return None
+        need = max(len(it["prompt"]) for it in batch) + self.max_new_tokens
+        max_len = -(-need // 256) * 256
+        if max_len not in self._fast:
+            self._fast[max_len] = FastGenerator(self.model, self.handle, max_len)
+        return self._fast[max_len]
+
     def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
         tok = self.tokenizer
         records = generate_batch(
@@ -166,6 +182,7 @@ class DARTModule(L.LightningModule):
             eos_token_id=tok.eos_token_id,
             handle=self.handle,
             decode=lambda t: tok.decode(t, skip_special_tokens=True),
+            fast=self._fast_generator(batch),
         )
         return [{**self.arm, **r} for r in records]
 

@@ -236,6 +236,12 @@ def test_generate_and_text_file(tiny_folder, tmp_path):
         ("dense", "p0"),
         ("dense", "p1"),
     ]
+    # --compile: the same greedy tokens from the compiled static-cache loop
+    args = ["generate", "--methods", "dense,dart", "--prompt", "Hello there", "--prompt"]
+    args += ["GPUs, then films", "--max-new-tokens", "5", "--no-chat", "--compile"]
+    assert main([*args, "--out", str(tmp_path / "gc"), *common]) == 0
+    compiled = {(r["method"], r["id"]): r["new_tokens"] for r in RecordStore(tmp_path / "gc")}
+    assert compiled == {(r["method"], r["id"]): r["new_tokens"] for r in recs}
     text = tmp_path / "t.txt"
     text.write_text("Some local text.\n\nA second paragraph of it, long enough to score. " * 3)
     assert (

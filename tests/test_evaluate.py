@@ -28,6 +28,7 @@ from dart.evaluate import (
     score_window,
     sliding_windows,
 )
+from dart.fast import FastGenerator
 from dart.report import load_metrics, markdown_table, plot_metric_vs_sparsity
 from dart.results import write_json
 
@@ -213,6 +214,25 @@ def test_generate_batch_records_with_padding():
     handle.detach()
     assert alone[0]["new_tokens"] == recs[0]["new_tokens"]
     assert recs[0]["trace"] and all(len(t) == 3 for t in recs[0]["trace"])
+
+
+def test_generate_batch_in_the_fast_loop_equals_hf_generate():
+    model = tiny_model("llama")
+    items = [{"id": "a", "prompt": _ids(6).tolist()}, {"id": "b", "prompt": _ids(10, 1).tolist()}]
+    cfg = DARTConfig(layer_topk="all:0.5", drift={"window": 2})
+    handle = dart.attach(model, cfg)
+    ref = generate_batch(model, items, 12, 0, None, handle)
+    handle.detach()
+    handle = dart.attach(model, cfg)
+    fast = FastGenerator(model, handle, max_len=32, compile=False)
+    recs = generate_batch(model, items, 12, 0, None, handle, fast=fast)
+    handle.detach()
+    assert any(r["events"] for r in ref), "the test needs a drift re-trace"
+    for r, f in zip(ref, recs, strict=True):
+        assert (f["new_tokens"], f["events"]) == (r["new_tokens"], r["events"])
+        # similarities agree up to float rounding (static vs dynamic KV cache attention)
+        flat = [torch.tensor(rec["trace"], dtype=torch.float64) for rec in (f, r)]
+        torch.testing.assert_close(*flat, rtol=0, atol=1e-5)
 
 
 def test_record_store_resume_and_torn_line(tmp_path):

@@ -22,6 +22,7 @@ from ..data import (
     load_summarization,
     rouge_scores,
 )
+from ..fast import FastGenerator
 from ..generation import encode_prompts
 
 __all__ = [
@@ -68,8 +69,13 @@ def generate_batch(
     eos_token_id: int | None,
     handle: DARTHandle | None = None,
     decode=None,
+    fast: FastGenerator | None = None,
 ) -> list[dict[str, Any]]:
-    """Greedy generation for a batch of prompt-id items; one record per item (without arm)."""
+    """Greedy generation for a batch of prompt-id items; one record per item (without arm).
+
+    With `fast` (a :class:`~dart.fast.FastGenerator` over `model` and `handle`) the batch runs
+    in the compiled static-cache loop instead of HF `generate`; the tokens are the same.
+    """
     device = next(model.parameters()).device
     width = max(len(it["prompt"]) for it in items)
     ids = torch.full((len(items), width), pad_token_id, dtype=torch.long)
@@ -81,20 +87,23 @@ def generate_batch(
     if handle is not None:
         handle.reset()
     start = time.perf_counter()
-    out = model.generate(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=pad_token_id,
-        eos_token_id=eos_token_id,
-    )
+    if fast is not None:
+        new = fast.generate(ids, mask, max_new_tokens, eos_token_id=eos_token_id).tokens
+    else:
+        new = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+        )[:, width:]
     seconds = time.perf_counter() - start
     stats = handle.stats() if handle is not None else {}
     history = handle.drift_history() if handle is not None else []
     records = []
     for b, it in enumerate(items):
-        row = out[b, width:].tolist()
+        row = new[b].tolist()
         if eos_token_id is not None and eos_token_id in row:
             row = row[: row.index(eos_token_id) + 1]
         n_prompt = len(it["prompt"])

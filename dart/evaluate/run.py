@@ -166,6 +166,7 @@ def run_experiment(task: str, opts: dict[str, Any]) -> list[dict[str, Any]]:
                 leaky=bool(opts.get("leaky")),
                 max_new_tokens=opts.get("max_new_tokens") or 128,
                 tokenizer=tokenizer,
+                compile=bool(opts.get("compile")),
             )
             writer = dl.RecordWriter(str(out), stop_after=opts.get("stop_after"))
             trainer = L.Trainer(
