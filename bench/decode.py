@@ -11,6 +11,13 @@ Rounds interleave the arms (each round runs every arm once) and the table report
 a noisy shared machine hits all arms alike. The ideal speedup is the ratio of weight bytes
 read per token, dense over pruned (FFN rows skipped, everything else read in full).
 
+Per arm the table also gives the prefill time, the memory the arm holds (weights, DART's extra
+state, and the static KV cache of the compiled loop; on CUDA the allocator's peak instead),
+and DART's re-selection cost: `sel ms` is one mask build (scoring, top-k and re-slicing of all
+layers), `sel/tok` that cost amortised over the generated tokens at the measured re-trace
+frequency, and `trace/tok` the extra time of the dense re-trace steps (run eagerly) over
+compiled sparse steps, per generated token.
+
     python bench/decode.py --quick            # < 5 minutes on 2 CPU cores
     python bench/decode.py --dtypes float32,bfloat16 --sparsity 0.5,0.7 --json out.json
 """
@@ -89,9 +96,18 @@ class Arm:
     def run(self, ids, mask, new_tokens: int, pad_id: int) -> dict:
         if self.handle is not None:
             self.handle.reset()
+        cuda = ids.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(ids.device)
         if self.fast is not None:
             r = self.fast.generate(ids, mask, max_new_tokens=new_tokens)
             rec = {"tokens_per_s": r.tokens_per_s, "prefill_seconds": r.prefill_seconds}
+            sparse_steps = r.decode_steps - r.trace_steps
+            if r.trace_steps and sparse_steps:
+                # extra time of the eager dense re-trace steps over compiled sparse ones
+                sparse_s = (r.decode_seconds - r.trace_seconds) / sparse_steps
+                extra = r.trace_seconds - r.trace_steps * sparse_s
+                rec["trace_ms_per_token"] = 1000.0 * max(extra, 0.0) / (r.decode_steps + 1)
         else:
             start = time.perf_counter()
             out = self.model.generate(
@@ -104,11 +120,30 @@ class Arm:
             )
             seconds = time.perf_counter() - start
             rec = {"tokens_per_s": ids.shape[0] * (out.shape[1] - ids.shape[1]) / seconds}
+        rec["memory_mb"] = (
+            torch.cuda.max_memory_allocated(ids.device) if cuda else self.resident_bytes()
+        ) / 2**20
         if self.handle is not None:
             stats = self.handle.stats()
             rec["effective_sparsity"] = stats["effective_sparsity"]
             rec["retraces"] = stats["mask_refreshes"]
+            builds = stats["mask_builds"] / ids.shape[0]  # per-sequence builds of all layers
+            rec["selection_ms"] = 1000.0 * stats["selection_seconds"] / max(builds, 1)
+            rec["selection_ms_per_token"] = 1000.0 * stats["selection_seconds"] / new_tokens
         return rec
+
+    def resident_bytes(self) -> int:
+        """Weights and buffers (unique storages), DART's extra state and the static KV cache."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        if self.fast is not None:
+            for cache in self.fast._caches.values():
+                for layer in cache.layers:
+                    tensors += [t for t in (layer.keys, layer.values) if t is not None]
+        seen: dict[int, int] = {}
+        for t in tensors:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        extra = self.handle.stats()["extra_state_bytes_total"] if self.handle is not None else 0
+        return sum(seen.values()) + extra
 
     def close(self) -> None:
         if self.handle is not None:
@@ -117,8 +152,11 @@ class Arm:
 
 def bench_setting(base, tok, dtype, batch, sparsity, args, with_dense: bool) -> list[dict]:
     prompts = [p.prompt for p in load_drift_prompts("two_topic")[:batch]]
+    if len(prompts) < batch:
+        raise SystemExit(f"--batch {batch}: only {len(prompts)} packaged prompts")
     enc = encode_prompts(tok, prompts)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
+    device = next(base.parameters()).device
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     max_len = ids.shape[1] + args.new_tokens + 8
     names = [a for a in args.arms if with_dense or not a.endswith("dense") and "dense_" not in a]
     if "dense_compiled" not in names:
@@ -152,13 +190,49 @@ def bench_setting(base, tok, dtype, batch, sparsity, args, with_dense: bool) -> 
             "new_tokens": args.new_tokens,
             "batch_policy": args.batch_policy,
         }
-        for key in ("prefill_seconds", "effective_sparsity", "retraces"):
+        for key in (
+            "prefill_seconds",
+            "memory_mb",
+            "effective_sparsity",
+            "retraces",
+            "selection_ms",
+            "selection_ms_per_token",
+            "trace_ms_per_token",
+        ):
             vals = [s[key] for s in samples[name] if key in s]
             if vals:
                 rec[key] = statistics.median(vals)
         if with_dense or not dense_arm:
             out.append(rec)
     return out
+
+
+def print_table(records: list[dict]) -> None:
+    cols = [
+        ("dtype", 9, lambda r: r["dtype"]),
+        ("batch", 6, lambda r: r["batch"]),
+        ("policy", 13, lambda r: r["batch_policy"] if r["sparsity"] else "-"),
+        ("arm", 25, lambda r: r["arm"]),
+        ("sparsity", 9, lambda r: f"{r['sparsity']:.2f}"),
+        ("tok/s", 8, lambda r: f"{r['tokens_per_s']:.1f}"),
+        ("ms/tok", 8, lambda r: f"{r['ms_per_token']:.1f}"),
+        ("vs dense_c.", 12, lambda r: f"{r['speedup_vs_dense_compiled']:.2f}x"),
+        ("ideal", 7, lambda r: f"{r['ideal_speedup']:.2f}x"),
+        ("prefill ms", 11, lambda r: _fmt(r, "prefill_seconds", 1000.0)),
+        ("mem MB", 8, lambda r: _fmt(r, "memory_mb", 1.0, 0)),
+        ("eff.sp", 7, lambda r: _fmt(r, "effective_sparsity", 1.0, 2)),
+        ("retraces", 9, lambda r: r.get("retraces", "-")),
+        ("sel ms", 7, lambda r: _fmt(r, "selection_ms", 1.0)),
+        ("sel/tok", 8, lambda r: _fmt(r, "selection_ms_per_token", 1.0, 2)),
+        ("trace/tok", 10, lambda r: _fmt(r, "trace_ms_per_token", 1.0, 2)),
+    ]
+    print("\n" + "".join(f"{name:>{w}}" for name, w, _ in cols))
+    for r in records:
+        print("".join(f"{str(get(r)):>{w}}" for _, w, get in cols))
+
+
+def _fmt(r: dict, key: str, scale: float, digits: int = 1) -> str:
+    return f"{r[key] * scale:.{digits}f}" if key in r else "-"
 
 
 def main() -> None:
@@ -170,37 +244,43 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--layer-topk", default="all:auto")
-    p.add_argument("--batch-policy", default="per_sequence", choices=("per_sequence", "shared"))
+    p.add_argument(
+        "--batch-policy",
+        default="per_sequence",
+        help="per_sequence, shared, or both as a comma list (batches > 1)",
+    )
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--quick", action="store_true", help="fp32, 64 tokens, 2 rounds")
     p.add_argument("--json", default=None, help="write the records to this path")
     args = p.parse_args()
     if args.quick:
         args.dtypes, args.new_tokens, args.rounds = "float32", 64, 2
     args.arms = args.arms.split(",")
+    policies_all = args.batch_policy.split(",")
+    for policy in policies_all:
+        if policy not in ("per_sequence", "shared"):
+            raise SystemExit(f"--batch-policy {policy!r}: use per_sequence and/or shared")
     if args.threads:
         torch.set_num_threads(args.threads)
     records = []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         model, tok = dart.load_model(args.model, dtype=dtype)
+        model = model.to(args.device)
         for batch in (int(b) for b in args.batch.split(",")):
-            for i, sparsity in enumerate(float(s) for s in args.sparsity.split(",")):
-                print(f"[{dtype_name} batch {batch} sparsity {sparsity}]", file=sys.stderr)
-                records += bench_setting(model, tok, dtype, batch, sparsity, args, i == 0)
-    print(
-        f"\n{'dtype':<9}{'batch':>6}{'arm':>25}{'sparsity':>9}{'tok/s':>8}{'ms/tok':>8}"
-        f"{'vs dense_compiled':>18}{'ideal':>7}{'eff.sp':>8}{'retraces':>9}"
-    )
-    for r in records:
-        speed = r["speedup_vs_dense_compiled"]
-        print(
-            f"{r['dtype']:<9}{r['batch']:>6}{r['arm']:>25}{r['sparsity']:>9.2f}"
-            f"{r['tokens_per_s']:>8.1f}{r['ms_per_token']:>8.1f}"
-            f"{(f'{speed:.2f}x' if speed else '-'):>18}{r['ideal_speedup']:>6.2f}x"
-            f"{r.get('effective_sparsity', 0.0):>8.2f}{r.get('retraces', 0):>9}"
-        )
+            policies = policies_all if batch > 1 else policies_all[:1]
+            for policy in policies:
+                args.batch_policy = policy
+                for i, sparsity in enumerate(float(s) for s in args.sparsity.split(",")):
+                    print(
+                        f"[{dtype_name} batch {batch} {policy} sparsity {sparsity}]",
+                        file=sys.stderr,
+                    )
+                    first = i == 0 and policy == policies[0]
+                    records += bench_setting(model, tok, dtype, batch, sparsity, args, first)
+    print_table(records)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(records, indent=2) + "\n")

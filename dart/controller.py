@@ -13,6 +13,7 @@ window, so there is no host sync per token.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +53,7 @@ class _Counters:
     refreshes: int = 0  # selections after a drift re-trace
     drift_events: list[tuple[int, int]] = field(default_factory=list)  # (pass, row)
     sequences: int = 0
+    selection_seconds: float = 0.0  # wall time of mask builds (scoring, top-k, re-slicing)
 
 
 def _tensor_bytes(attrs: dict) -> int:
@@ -227,6 +229,13 @@ class Controller:
         return mask
 
     def _build(self, rows: list[int]) -> None:
+        start = time.perf_counter()
+        self._build_selection(rows)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # rare (once per re-trace): time the kernels
+        self.counters.selection_seconds += time.perf_counter() - start
+
+    def _build_selection(self, rows: list[int]) -> None:
         rows_mask = self._row_mask(rows)
         if self.counts is None:
             scores = self.sens.scores(rows_mask)
@@ -336,6 +345,7 @@ class Controller:
             "decode_passes": c.decode_passes,
             "mask_builds": c.mask_builds,
             "mask_refreshes": c.refreshes,
+            "selection_seconds": c.selection_seconds,
             "drift_events": [{"step": s, "row": b} for s, b in c.drift_events],
             "sequences": c.sequences,
             "budget_prune_fractions": self.budget.prune_fractions if self.budget else None,
