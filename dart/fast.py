@@ -1,8 +1,8 @@
 """A lean generation loop in the style of gpt-fast: static KV cache, compiled per-token step.
 
 Only the single-token decode step is compiled (`torch.compile(fullgraph=True)`, fixed shapes).
-Passes that trace (the prompt and DART's re-trace windows) run eagerly: they are rare and
-collect statistics in Python-side objects. Re-selections write the kept-neuron indices in place,
+The prompt's pass runs eagerly; DART's single-token re-trace passes run as a second compiled
+graph (they update the accumulators in place). Re-selections write the kept-neuron indices in place,
 so the compiled step sees new masks without recompiling. The controller's schedule runs on the
 host between steps; the drift monitor is polled once per window, and the loop looks for EOS only
 then, so the hot path has no per-token host sync.
@@ -52,6 +52,12 @@ class FastGenerator:
     SmolLM2 on 2 cores) at no measured cost per token. On CUDA the step is captured
     in CUDA graphs (`mode="reduce-overhead"`, `cuda_graphs`, None = on for CUDA); selection
     buffers and the cache are updated in place, so their addresses stay fixed across replays.
+
+    DART's single-token re-trace passes (dense, recording statistics) go through the same
+    compiled function (`compile_trace`): dynamo compiles them once as a second graph, with the
+    accumulator updates in it, instead of running the whole model eagerly at every re-trace.
+    Trace passes that also collect the `auto` budget's sensitivity run eagerly (they happen
+    only before a sequence's first selection).
     """
 
     def __init__(
@@ -62,6 +68,7 @@ class FastGenerator:
         compile: bool = True,
         cpp_wrapper: bool | None = None,
         cuda_graphs: bool | None = None,
+        compile_trace: bool = True,
     ):
         self.model = model
         self.handle = handle
@@ -81,6 +88,7 @@ class FastGenerator:
         self._positions = torch.arange(max_len, device=self.device)
         step = self._decode_step
         self.step_fn = step
+        self.compile_trace = compile_trace
         if compile:
             self.step_fn = torch.compile(
                 step,
@@ -89,6 +97,11 @@ class FastGenerator:
                 mode="reduce-overhead" if cuda_graphs else None,
                 options=_CPP_WRAPPER if cpp_wrapper else None,
             )
+
+    @property
+    def trace_fn(self):
+        """The step of re-trace passes: the compiled step (its second graph) or eager."""
+        return self.step_fn if self.compile_trace else self._decode_step
 
     def _cache(self, batch: int) -> StaticCache:
         if batch not in self._caches:
@@ -176,7 +189,8 @@ class FastGenerator:
                 c.before_forward(None)
             if self._tracing():
                 trace_start = time.perf_counter()
-                logits = self._decode_step(ids, next_pos, cache_position, full_mask, cache)
+                step = self._decode_step if c.needs_sensitivity else self.trace_fn
+                logits = step(ids, next_pos, cache_position, full_mask, cache)
                 c.after_forward()
                 trace_seconds += time.perf_counter() - trace_start
                 trace_steps += 1
