@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -40,6 +39,7 @@ import dart  # noqa: E402
 from dart.data import load_drift_prompts  # noqa: E402
 from dart.fast import FastGenerator  # noqa: E402
 from dart.generation import encode_prompts  # noqa: E402
+from dart.results import write_json  # noqa: E402
 
 ARMS = (
     "hf_dense",
@@ -48,6 +48,56 @@ ARMS = (
     "dart_gathered_compiled",
     "dart_compact_compiled",
 )
+
+
+# Randomly initialised Llama models of real shapes (GPU figures; the packaged model does not
+# travel): hidden, intermediate, layers, heads, kv heads, vocab.
+RANDOM_SHAPES = {
+    "llama-3.1-8b": (4096, 14336, 32, 32, 8, 128256),
+    "llama-3.2-1b": (2048, 8192, 16, 32, 8, 128256),
+    "tiny": (64, 256, 2, 4, 2, 512),  # smoke tests
+}
+RANDOM_PROMPT_LEN = 64
+
+
+def load_bench_model(name: str, dtype: torch.dtype, device: str):
+    """`(model, tokenizer)`: a `dart.load_model` name, or `random:<shape>` (tokenizer None)."""
+    if not name.startswith("random:"):
+        model, tok = dart.load_model(name, dtype=dtype)
+        return model.to(device), tok
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = name.split(":", 1)[1]
+    if shape not in RANDOM_SHAPES:
+        raise SystemExit(f"--model {name}: shapes are {', '.join(RANDOM_SHAPES)}")
+    d, n, layers, heads, kv, vocab = RANDOM_SHAPES[shape]
+    cfg = LlamaConfig(
+        hidden_size=d,
+        intermediate_size=n,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=vocab,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
+    return model.eval(), None
+
+
+def bench_prompts(tok, batch: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(ids, attention mask, pad id): packaged two-topic prompts, or seeded random ids."""
+    if tok is None:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(1, vocab, (batch, RANDOM_PROMPT_LEN), generator=g)
+        return ids, torch.ones_like(ids), 0
+    prompts = [p.prompt for p in load_drift_prompts("two_topic")[:batch]]
+    if len(prompts) < batch:
+        raise SystemExit(f"--batch {batch}: only {len(prompts)} packaged prompts")
+    enc = encode_prompts(tok, prompts)
+    return enc["input_ids"], enc["attention_mask"], tok.pad_token_id
 
 
 def weight_bytes_per_token(model, keep_fraction: float) -> tuple[float, float]:
@@ -151,12 +201,9 @@ class Arm:
 
 
 def bench_setting(base, tok, dtype, batch, sparsity, args, with_dense: bool) -> list[dict]:
-    prompts = [p.prompt for p in load_drift_prompts("two_topic")[:batch]]
-    if len(prompts) < batch:
-        raise SystemExit(f"--batch {batch}: only {len(prompts)} packaged prompts")
-    enc = encode_prompts(tok, prompts)
+    ids, mask, pad_id = bench_prompts(tok, batch, base.config.vocab_size)
     device = next(base.parameters()).device
-    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    ids, mask = ids.to(device), mask.to(device)
     max_len = ids.shape[1] + args.new_tokens + 8
     names = [a for a in args.arms if with_dense or not a.endswith("dense") and "dense_" not in a]
     if "dense_compiled" not in names:
@@ -166,7 +213,7 @@ def bench_setting(base, tok, dtype, batch, sparsity, args, with_dense: bool) -> 
     samples: dict[str, list[dict]] = {a.name: [] for a in arms}
     for rnd in range(args.rounds + 1):  # round 0 warms up (compiles)
         for arm in arms:
-            rec = arm.run(ids, mask, args.new_tokens, tok.pad_token_id)
+            rec = arm.run(ids, mask, args.new_tokens, pad_id)
             if rnd > 0:
                 samples[arm.name].append(rec)
             print(f"  round {rnd} {arm.name:<24} {rec['tokens_per_s']:7.1f} tok/s", file=sys.stderr)
@@ -237,7 +284,12 @@ def _fmt(r: dict, key: str, scale: float, digits: int = 1) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="a dart.load_model name or folder, or random:<shape> with shape in "
+        + ", ".join(RANDOM_SHAPES),
+    )
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--sparsity", default="0.5,0.7")
     p.add_argument("--batch", default="1")
@@ -272,8 +324,7 @@ def main() -> None:
     records = []
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
-        model, tok = dart.load_model(args.model, dtype=dtype)
-        model = model.to(args.device)
+        model, tok = load_bench_model(args.model, dtype, args.device)
         for batch in (int(b) for b in args.batch.split(",")):
             policies = policies_all if batch > 1 else policies_all[:1]
             for policy in policies:
@@ -287,8 +338,7 @@ def main() -> None:
                     records += bench_setting(model, tok, dtype, batch, sparsity, args, first)
     print_table(records)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(records, indent=2) + "\n")
+        write_json(args.json, records)
 
 
 if __name__ == "__main__":

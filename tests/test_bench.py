@@ -1,0 +1,38 @@
+"""bench/decode.py end to end on a tiny random Llama: the records and the table it promises."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_decode_bench_quick_writes_every_arm(tmp_path):
+    out = tmp_path / "decode.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "decode.py"), "--model", "random:tiny"]
+    cmd += ["--quick", "--new-tokens", "12", "--batch", "2", "--json", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = {r["arm"]: r for r in json.loads(out.read_text())}
+    assert set(records) == {"hf_dense", "dense_compiled", "dart_masked", "dart_gathered_compiled"}
+    for r in records.values():
+        assert r["tokens_per_s"] > 0 and r["memory_mb"] > 0 and r["batch"] == 2
+    assert records["dense_compiled"]["speedup_vs_dense_compiled"] == 1.0
+    gathered = records["dart_gathered_compiled"]
+    assert gathered["sparsity"] == 0.7 and gathered["ideal_speedup"] > 1.0
+    assert 0.0 < gathered["effective_sparsity"] <= 0.7
+    assert gathered["prefill_seconds"] > 0 and gathered["selection_ms"] > 0
+    assert "vs dense_c." in run.stdout and "dart_gathered_compiled" in run.stdout
+
+
+def test_decode_bench_rejects_unknown_inputs():
+    bench = str(ROOT / "bench" / "decode.py")
+    for args, message in (
+        (["--model", "random:nope"], "shapes are"),
+        (["--batch-policy", "rows"], "--batch-policy 'rows'"),
+    ):
+        run = subprocess.run([sys.executable, bench, *args], capture_output=True, text=True)
+        assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
