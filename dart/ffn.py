@@ -154,15 +154,10 @@ class DARTFFN(nn.Module):
         return self._compact_forward(x)
 
     def _compact_forward(self, x: torch.Tensor) -> torch.Tensor:
-        from dart_ext.ops import apply_act, compact_glu_ffn
+        from dart_ext.ops import compact_glu_ffn, compact_mlp
 
         if self.kind == "glu":
             return compact_glu_ffn(x, *self.compact, self.kernel_act)
-        per_sequence = self.idx.dim() == 2
         w_in, w_out = self.compact[:2]
-        z = torch.matmul(x, w_in.transpose(-1, -2))
-        if len(self.compact) == 3:  # gathered b_in, [.., k, 1]
-            b_in = self.compact[2].squeeze(-1)
-            z = z + (b_in.unsqueeze(1) if per_sequence else b_in)
-        y = torch.matmul(apply_act(self.kernel_act, z), w_out)
-        return y if self._parts.b_out is None else y + self._parts.b_out
+        b_in = self.compact[2].squeeze(-1) if len(self.compact) == 3 else None  # [.., k, 1]
+        return compact_mlp(x, w_in, b_in, w_out, self._parts.b_out, self.kernel_act)

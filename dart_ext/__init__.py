@@ -20,6 +20,7 @@ from . import ops  # noqa: E402
 from .ops import (  # noqa: E402
     ACTIVATIONS,
     compact_glu_ffn,
+    compact_mlp,
     gather_neurons_,
     gathered_glu_ffn,
     gathered_mlp,
@@ -29,6 +30,7 @@ from .ops import (  # noqa: E402
 __all__ = [
     "ACTIVATIONS",
     "compact_glu_ffn",
+    "compact_mlp",
     "gather_neurons_",
     "gathered_glu_ffn",
     "gathered_mlp",

@@ -227,23 +227,86 @@ def gather_neurons_(out: torch.Tensor, srcs: list[torch.Tensor], idx: torch.Tens
     torch.ops.dart.gather_neurons_.default(out, list(srcs), idx)
 
 
+# Below this many tokens per index set (the CPU kernels' own GEMM threshold) the compact
+# buffers are streamed by the dart kernels with identity indices: at decode shapes they read
+# contiguous rows faster than torch's GEMV (which reads bf16 at about half the fp32 bandwidth
+# on CPU), and they round once from fp32 like the gathered ops.
+KERNEL_MAX_TOKENS = 8
+
+
+def _kernel_route(x: torch.Tensor, per_sequence: bool) -> bool:
+    tokens = x.shape[-2] if per_sequence else x.numel() // max(x.shape[-1], 1)
+    return x.device.type == "cpu" and tokens < KERNEL_MAX_TOKENS
+
+
+def _per_sequence(x: torch.Tensor, buffer: torch.Tensor, name: str) -> bool:
+    if buffer.dim() == 2:
+        return False
+    if x.dim() != 3 or buffer.dim() != 3 or buffer.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"{name}: per-sequence buffers [B, ., d] need x [B, T, d] with the same B, got x "
+            f"{tuple(x.shape)} and buffer {tuple(buffer.shape)}"
+        )
+    return True
+
+
 def compact_glu_ffn(
     x: torch.Tensor, gate_up: torch.Tensor, down_c: torch.Tensor, act: str = "silu"
 ) -> torch.Tensor:
     """FFN on compact buffers: gate_up ``[2k, d]`` / down_c ``[k, d]`` (shared) or
     ``[B, 2k, d]`` / ``[B, k, d]`` (per sequence, x ``[B, T, d]``), as filled by gather_neurons_.
 
-    ``gu = F.linear(x, gate_up); h = act(gu[..., :k]) * gu[..., k:]; y = h @ down_c``.
+    ``gu = F.linear(x, gate_up); h = act(gu[..., :k]) * gu[..., k:]; y = h @ down_c``; at decode
+    shapes on CPU the same through ``gathered_glu_ffn`` over the compact rows.
     """
     canonical_act(act)
     k = down_c.shape[-2]
-    if gate_up.dim() == 2:
+    per_sequence = _per_sequence(x, gate_up, "compact_glu_ffn")
+    if k and _kernel_route(x, per_sequence):
+        ident = torch.arange(k, device=x.device)
+        if not per_sequence:
+            return torch.ops.dart.gathered_glu_ffn(x, gate_up[:k], gate_up[k:], down_c, ident, act)
+        rows = [
+            torch.ops.dart.gathered_glu_ffn(xb, gu[:k], gu[k:], dc, ident, act)
+            for xb, gu, dc in zip(x.split(1), gate_up, down_c, strict=True)
+        ]
+        return torch.cat(rows)
+    if not per_sequence:
         gu = F.linear(x, gate_up)
         return (apply_act(act, gu[..., :k]) * gu[..., k:]) @ down_c
-    if x.dim() != 3 or gate_up.dim() != 3:
-        raise ValueError(
-            "compact_glu_ffn: per-sequence buffers gate_up [B, 2k, d] need x [B, T, d], "
-            f"got x {tuple(x.shape)} and gate_up {tuple(gate_up.shape)}"
-        )
     gu = torch.bmm(x, gate_up.transpose(1, 2))
     return torch.bmm(apply_act(act, gu[..., :k]) * gu[..., k:], down_c)
+
+
+def compact_mlp(
+    x: torch.Tensor,
+    w_in_c: torch.Tensor,
+    b_in_c: torch.Tensor | None,
+    w_out_c: torch.Tensor,
+    b_out: torch.Tensor | None,
+    act: str,
+) -> torch.Tensor:
+    """Plain FFN on compact buffers: w_in_c / w_out_c ``[k, d]`` (shared) or ``[B, k, d]`` (per
+    sequence), b_in_c the kept input biases ``[k]`` / ``[B, k]`` (or None), b_out ``[d]``.
+
+    ``y = act(x @ w_in_c^T + b_in_c) @ w_out_c + b_out``; at decode shapes on CPU the same
+    through ``gathered_mlp`` over the compact rows.
+    """
+    canonical_act(act)
+    k = w_out_c.shape[-2]
+    per_sequence = _per_sequence(x, w_in_c, "compact_mlp")
+    if k and _kernel_route(x, per_sequence):
+        ident = torch.arange(k, device=x.device)
+        if not per_sequence:
+            return torch.ops.dart.gathered_mlp(x, w_in_c, b_in_c, w_out_c, b_out, ident, act)
+        biases = [None] * x.shape[0] if b_in_c is None else b_in_c
+        rows = [
+            torch.ops.dart.gathered_mlp(xb, wi, bi, wo, b_out, ident, act)
+            for xb, wi, bi, wo in zip(x.split(1), w_in_c, biases, w_out_c, strict=True)
+        ]
+        return torch.cat(rows)
+    z = torch.matmul(x, w_in_c.transpose(-1, -2))
+    if b_in_c is not None:
+        z = z + (b_in_c.unsqueeze(1) if per_sequence else b_in_c)
+    y = torch.matmul(apply_act(act, z), w_out_c)
+    return y if b_out is None else y + b_out

@@ -274,18 +274,22 @@ def test_gather_bias_as_column():
     assert torch.equal(out.view(-1), b[[2, 9, 2]])
 
 
+def _kept(n, k, per_seq, batch, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    if per_seq:
+        return torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(batch)])
+    return torch.randperm(n, generator=g)[:k]
+
+
+# T: decode shapes (the kernel route over the compact rows) and prefill shapes (torch GEMMs)
+@pytest.mark.parametrize("T", [1, 5, 12])
 @pytest.mark.parametrize("per_seq", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compact_glu_ffn_matches_gathered(per_seq, dtype):
-    n, d, B, T, k = 64, 32, 2, 5, 20
+def test_compact_glu_ffn_matches_gathered(T, per_seq, dtype):
+    n, d, B, k = 64, 32, 2, 20
     ws = _weights(n, d, dtype)
     x = _x((B, T, d), dtype)
-    g = torch.Generator().manual_seed(5)
-    idx = (
-        torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(B)])
-        if per_seq
-        else torch.randperm(n, generator=g)[:k]
-    )
+    idx = _kept(n, k, per_seq, B)
     lead = (B,) if per_seq else ()
     gate_up = torch.empty(*lead, 2 * k, d, dtype=dtype)
     down_c = torch.empty(*lead, k, d, dtype=dtype)
@@ -294,7 +298,40 @@ def test_compact_glu_ffn_matches_gathered(per_seq, dtype):
     y = dart_ext.compact_glu_ffn(x, gate_up, down_c, "silu")
     r = ref.gathered_glu_ffn(x, *ws, idx, "silu")
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+    assert y.shape == x.shape and y.dtype == x.dtype
     torch.testing.assert_close(y, r, **tol)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("T", [1, 12])
+@pytest.mark.parametrize("per_seq", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compact_mlp_matches_gathered(bias, T, per_seq, dtype):
+    n, d, B, k = 48, 24, 3, 17
+    w_in, _, w_out = _weights(n, d, dtype)
+    b_in, b_out = (_x((n,), dtype, seed=3), _x((d,), dtype, seed=4)) if bias else (None, None)
+    x = _x((B, T, d), dtype)
+    idx = _kept(n, k, per_seq, B)
+    lead = (B,) if per_seq else ()
+    w_in_c, w_out_c = torch.empty(*lead, k, d, dtype=dtype), torch.empty(*lead, k, d, dtype=dtype)
+    dart_ext.gather_neurons_(w_in_c, [w_in], idx)
+    dart_ext.gather_neurons_(w_out_c, [w_out], idx)
+    b_in_c = None
+    if bias:
+        b_in_c = torch.empty(*lead, k, 1, dtype=dtype)
+        dart_ext.gather_neurons_(b_in_c, [b_in.view(-1, 1)], idx)
+        b_in_c = b_in_c.squeeze(-1)
+    y = dart_ext.compact_mlp(x, w_in_c, b_in_c, w_out_c, b_out, "gelu_tanh")
+    r = ref.gathered_mlp(x, w_in, b_in, w_out, b_out, idx, "gelu_tanh")
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    torch.testing.assert_close(y, r, **tol)
+
+
+def test_compact_buffers_need_a_matching_batch():
+    gate_up, down_c = torch.zeros(3, 8, 4), torch.zeros(3, 4, 4)
+    with pytest.raises(ValueError, match="same B"):
+        dart_ext.compact_glu_ffn(torch.zeros(2, 1, 4), gate_up, down_c)
 
 
 # ------------------------------------------------------------------------------------------------
