@@ -221,7 +221,9 @@ class DARTExportModule(nn.Module):
         h = self.handle
         c = h.controller
         saved_c = (c.auto_step, c.monitor, c.phase, c.batch_size)
-        saved_f = [(f.mode, f.idx, f.keep, f.selected, f._parts, f.backend) for f in h.ffns]
+        saved_f = [
+            (f.mode, f.idx, f.keep, f.prunes, f.selected, f._parts, f.backend) for f in h.ffns
+        ]
         c.auto_step, c.monitor, c.phase, c.batch_size = False, None, [], batch
         try:
             for f in h.ffns:
@@ -230,13 +232,14 @@ class DARTExportModule(nn.Module):
                 for i, ix in zip(self.pruned, idx, strict=True):
                     f = h.ffns[i]
                     f.mode, f.idx, f.keep, f.selected = SPARSE, ix, self.counts[i], True
+                    f.prunes = True
                     f.backend = "gathered"
                     f._parts = replace(f._parts, **self._live_weights(i))
             yield
         finally:
             c.auto_step, c.monitor, c.phase, c.batch_size = saved_c
             for f, s in zip(h.ffns, saved_f, strict=True):
-                f.mode, f.idx, f.keep, f.selected, f._parts, f.backend = s
+                f.mode, f.idx, f.keep, f.prunes, f.selected, f._parts, f.backend = s
 
     def _live_weights(self, i: int) -> dict[str, torch.Tensor]:
         """The kernel weight views rebuilt from the (traced) parameters, so that export sees

@@ -51,6 +51,9 @@ class DARTFFN(nn.Module):
         self._parts = parts
         object.__setattr__(self, "_controller", controller)
         self.keep = parts.width  # k of this layer; == width means this layer never prunes
+        # keep < width as a bool: the forward branches on it, so a compiled step is guarded on
+        # whether a layer prunes, not on its count (which changes with every `auto` budget)
+        self.prunes = False
         self.selected = False  # whether idx/mask/compact hold the current selection
         self.mode = DENSE
         self.idx: torch.Tensor | None = None  # [k] shared or [B, k] per sequence
@@ -67,8 +70,9 @@ class DARTFFN(nn.Module):
         them sees the new selection without recompiling.
         """
         p = self._parts
-        self._assign("idx", idx)
+        self._assign("idx", idx, dynamic_dim=-1)
         self.keep = idx.shape[-1]
+        self.prunes = self.keep < self.width
         self.selected = True
         rows = idx if idx.dim() == 2 else idx.unsqueeze(0)
         mask = torch.zeros(rows.shape[0], 1, self.width, dtype=p.w_up.dtype, device=idx.device)
@@ -79,11 +83,13 @@ class DARTFFN(nn.Module):
         if self.backend == "compact":
             self._reslice()
 
-    def _assign(self, name: str, value: torch.Tensor) -> None:
+    def _assign(self, name: str, value: torch.Tensor, dynamic_dim: int | None = None) -> None:
         current = getattr(self, name)
         if current is not None and current.shape == value.shape and current.dtype == value.dtype:
             current.copy_(value)
         else:
+            if dynamic_dim is not None:
+                _dynamic_rows(value, dynamic_dim)
             setattr(self, name, value)
 
     def release_rows(self, rows: torch.Tensor) -> None:
@@ -95,6 +101,7 @@ class DARTFFN(nn.Module):
         """Forget the selection (a new sequence); buffers are kept for reuse."""
         self.selected = False
         self.keep = self.width
+        self.prunes = False
 
     def _reslice(self) -> None:
         p = self._parts
@@ -108,7 +115,7 @@ class DARTFFN(nn.Module):
         shapes = [(*lead, len(s) * k, s[0].shape[1]) for s in srcs]
         old = self.compact
         if old is None or [tuple(t.shape) for t in old] != shapes:
-            old = tuple(p.w_up.new_empty(shape) for shape in shapes)
+            old = tuple(_dynamic_rows(p.w_up.new_empty(shape), -2) for shape in shapes)
         for buffer, sources in zip(old, srcs, strict=True):
             torch.ops.dart.gather_neurons_(buffer, sources, idx)
         self.compact = old
@@ -120,7 +127,7 @@ class DARTFFN(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == DENSE or self.keep >= self.width and self.mode == SPARSE:
+        if self.mode == DENSE or self.mode == SPARSE and not self.prunes:
             return self.original(x)
         if x.dim() == 2:  # OPT flattens tokens to [B*T, d] before its FFN
             batch = self._controller.batch_size
@@ -161,3 +168,11 @@ class DARTFFN(nn.Module):
         w_in, w_out = self.compact[:2]
         b_in = self.compact[2].squeeze(-1) if len(self.compact) == 3 else None  # [.., k, 1]
         return compact_mlp(x, w_in, b_in, w_out, self._parts.b_out, self.kernel_act)
+
+
+def _dynamic_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Mark the neuron-count dim of a selection tensor dynamic for torch.compile: a compiled
+    step then serves every per-layer count (`auto` budgets differ per prompt) without
+    recompiling."""
+    torch._dynamo.maybe_mark_dynamic(t, dim % t.dim())
+    return t

@@ -39,7 +39,9 @@ Compact (slice-on-reselect) FFN, run between re-selections as dense GEMMs::
 
 ``compact_glu_ffn(x, gate_up, down_c, act)`` does exactly that with torch ops (it runs in x's dtype
 with the usual torch GEMM accumulation, so bf16 rounds ``gu`` and ``h`` to bf16, unlike the
-gathered ops, which round once).
+gathered ops, which round once). At decode shapes on CPU (under ``KERNEL_MAX_TOKENS`` tokens per
+index set) it runs ``gathered_glu_ffn`` over the compact rows with identity indices instead;
+``compact_mlp`` is the same for plain FFNs.
 """
 
 from __future__ import annotations

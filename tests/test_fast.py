@@ -79,3 +79,45 @@ def test_sampling_is_seeded_and_length_is_checked():
     with pytest.raises(ValueError, match="max_len"):
         fast.generate(ids, mask, 40)
     handle.detach()
+
+
+def test_auto_budgets_of_new_prompts_reuse_the_compiled_step():
+    """`all:auto` gives every prompt its own per-layer counts; the step must not recompile."""
+    import transformers as tf
+    from models import tiny_config
+
+    config = tiny_config("llama")
+    config.num_hidden_layers = 8  # enough layers for the budget to differ between prompts
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    for backend in ("gathered", "compact"):
+        handle = dart.attach(model, DARTConfig(total_prune=0.5, backend=backend))
+        torch._dynamo.reset()
+        counter = torch._dynamo.testing.CompileCounter()
+        fast = FastGenerator(model, handle, max_len=48, compile=False)
+        fast.step_fn = torch.compile(fast._decode_step, backend=counter, fullgraph=True)
+        counts = []
+        for seed in range(4):
+            ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(seed))
+            handle.reset()
+            result = fast.generate(ids, torch.ones_like(ids), max_new_tokens=12)
+            counts.append(tuple(result.stats["keep_counts"]))
+            assert torch.equal(result.tokens, _eager_tokens(model, handle, ids, 12))
+        assert len(set(counts)) > 1, "the test needs prompts with different budgets"
+        assert counter.frame_count <= 2  # the sparse step (+ the re-trace step), once each
+        handle.detach()
+
+
+def _eager_tokens(model, handle, ids, new):
+    """HF greedy `generate` with the handle following through its hooks (as without a loop)."""
+    handle.reset()
+    handle.controller.auto_step = True
+    try:
+        out = model.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=0)
+    finally:
+        handle.controller.auto_step = False
+    return out[:, ids.shape[1] :]
