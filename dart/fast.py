@@ -30,7 +30,7 @@ class FastResult:
     prefill_seconds: float
     decode_seconds: float
     decode_steps: int
-    trace_steps: int = 0  # decode steps that ran eagerly (DART re-trace windows)
+    trace_steps: int = 0  # decode steps that ran dense and traced (DART re-trace windows)
     trace_seconds: float = 0.0  # their wall time, part of decode_seconds
     stats: dict = field(default_factory=dict)
 
