@@ -78,10 +78,14 @@ FAMILIES = (
 )
 
 
-def tiny_model(family: str = "llama", seed: int = 0, attn: str = "eager") -> torch.nn.Module:
+def tiny_model(
+    family: str = "llama", seed: int = 0, attn: str = "eager", layers: int | None = None
+) -> torch.nn.Module:
     torch.manual_seed(seed)
     config = tiny_config(family)
     config._attn_implementation = attn
+    if layers is not None:
+        config.num_hidden_layers = layers
     model = tf.AutoModelForCausalLM.from_config(config).eval()
     # Random init gives near-zero FFN outputs; scale weights up so pruning changes logits.
     with torch.no_grad():
