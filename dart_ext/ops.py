@@ -46,6 +46,8 @@ index set) it runs ``gathered_glu_ffn`` over the compact rows with identity indi
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -229,11 +231,12 @@ def gather_neurons_(out: torch.Tensor, srcs: list[torch.Tensor], idx: torch.Tens
     torch.ops.dart.gather_neurons_.default(out, list(srcs), idx)
 
 
-# Below this many tokens per index set (the CPU kernels' own GEMM threshold) the compact
-# buffers are streamed by the dart kernels with identity indices: at decode shapes they read
-# contiguous rows faster than torch's GEMV (which reads bf16 at about half the fp32 bandwidth
-# on CPU), and they round once from fp32 like the gathered ops.
-KERNEL_MAX_TOKENS = 8
+# Below this many tokens per index set (the CPU kernels' own GEMM threshold, read from the same
+# DART_CPU_GEMM_MIN_TOKENS as csrc/cpu/ffn_kernel.h) the compact buffers are streamed by the
+# dart kernels with identity indices: at decode shapes they read contiguous rows faster than
+# torch's GEMV (which reads bf16 at about half the fp32 bandwidth on CPU), and they round once
+# from fp32 like the gathered ops.
+KERNEL_MAX_TOKENS = max(1, int(os.environ.get("DART_CPU_GEMM_MIN_TOKENS", "8")))
 
 
 def _kernel_route(x: torch.Tensor, per_sequence: bool) -> bool:
