@@ -10,7 +10,7 @@ import yaml
 from tiny_assets import save_tiny
 
 from dart.cli import build_parser, main, resolve_options
-from dart.data import load_text
+from dart.data import load_text_file
 from dart.evaluate import RecordStore
 from dart.lightning import StopAfter
 from dart.report import load_metrics
@@ -265,4 +265,4 @@ def test_generate_and_text_file(tiny_folder, tmp_path):
         == 0
     )
     ppl = [m for m in load_metrics(tmp_path / "p") if m["metric"] == "tokens"]
-    assert ppl[0]["value"] == len(load_text(str(text))) - 1  # char tokenizer: 1 token a char
+    assert ppl[0]["value"] == len(load_text_file(text)) - 1  # char tokenizer: 1 token a char

@@ -1,7 +1,9 @@
 """One experiment run: every arm of a task through Lightning, into a resumable results folder.
 
-The folder holds ``config.yaml`` (the resolved options), ``samples.jsonl`` (per-sample records
-keyed by (method, total_prune, id); a rerun skips what is there), ``metrics.json`` (a list of
+The folder holds ``fingerprint.json`` (options, model and data that determine the samples; a
+rerun under another fingerprint is refused), ``config.yaml`` (the resolved options),
+``samples.jsonl`` (per-sample records keyed by (method, total_prune, id); a rerun skips what is
+there), ``metrics.json`` (a list of
 ``{task, method, total_prune, metric, value}`` records, recomputed from all samples), ``stats.json``
 (masking statistics per arm), ``timings.json``, ``log.txt`` and PNG plots.
 """
@@ -18,14 +20,14 @@ from typing import Any
 
 import torch
 
-from ..data import load_text
+from ..data import load_text, load_text_file
 from ..models import load_model
-from ..results import atomic_write_text, write_json
+from ..results import atomic_write_text
 from .arms import Arm, arm_config, parse_arms
 from .generative import aggregate_drift, aggregate_summarization
 from .multiple_choice import aggregate_accuracy
 from .perplexity import aggregate_perplexity, tokenize_prefix
-from .store import RecordStore
+from .store import RecordStore, RunStore, data_identity, model_identity, run_fingerprint
 
 __all__ = ["TASKS", "compute_metrics", "run_experiment"]
 
@@ -48,9 +50,10 @@ def _datamodule(task: str, opts: dict[str, Any], tokenizer: Any, skip: set[str])
     from .. import lightning as dl
 
     if task == "ppl":
-        source = opts.get("text_file") or opts.get("corpus") or "wiki"
-        split = "all" if opts.get("text_file") else opts.get("split") or "eval"
-        text = load_text(source, split=split)
+        if opts.get("text_file"):
+            text = load_text_file(opts["text_file"])
+        else:
+            text = load_text(opts.get("corpus") or "wiki", split=opts.get("split") or "eval")
         return dl.PerplexityDataModule(
             tokenizer=tokenizer,
             text=text,
@@ -103,33 +106,30 @@ def _datamodule(task: str, opts: dict[str, Any], tokenizer: Any, skip: set[str])
     raise ValueError(f"unknown task {task!r}")
 
 
-def _merge_json(path: Path, key: str, value: Any) -> None:
-    import json
-
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data[key] = value
-    write_json(path, data)
-
-
 def run_experiment(task: str, opts: dict[str, Any]) -> list[dict[str, Any]]:
     """Run every arm of ``task`` (``ppl``, ``mmlu``, ``summarize``, ``drift``, ``generate``)
     with the resolved options ``opts``; returns the metrics records (also in metrics.json)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; accepted: {', '.join(TASKS)}")
+    with RunStore.open(opts["out"]) as store:  # one run per folder, for the run's lifetime
+        return _run_locked(task, opts, store)
+
+
+def _run_locked(task: str, opts: dict[str, Any], store: RunStore) -> list[dict[str, Any]]:
     import lightning as L
     import yaml
 
     from .. import lightning as dl
 
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; accepted: {', '.join(TASKS)}")
     out = Path(opts["out"])
     handler = _setup_logging(out)
     try:
-        atomic_write_text(out / "config.yaml", yaml.safe_dump({"task": task, **opts}))
         torch.manual_seed(opts["seed"])
         if opts.get("threads"):
             torch.set_num_threads(opts["threads"])
         log.info("task %s: loading model %s", task, opts["model"])
         model, tokenizer = load_model(opts["model"])
+        model_id = model_identity(model, opts["model"])  # before any arm relays weights out
         arms = parse_arms(opts["methods"], opts["total_prune"], opts.get("release_steps"))
         if task == "drift" and not any(a.method == "dense" for a in arms):
             arms.insert(0, Arm("dense"))  # agreement is measured against dense
@@ -137,12 +137,13 @@ def run_experiment(task: str, opts: dict[str, Any]) -> list[dict[str, Any]]:
         if any(a.method == "static" for a in arms):
             cal_text = load_text(opts.get("calibration") or "wiki", split="calibration")
             calibration = tokenize_prefix(tokenizer, cal_text, opts["calibration_tokens"])[None]
-        store = RecordStore(out)
         dm_all = _datamodule(task, opts, tokenizer, set())
+        store.claim(run_fingerprint(task, opts, model_id, data_identity(dm_all.items)))
+        atomic_write_text(out / "config.yaml", yaml.safe_dump({"task": task, **opts}))
         log.info("%d samples x %d arms -> %s", len(dm_all.items), len(arms), out)
         main_rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
         for arm in arms:
-            done = {i for m, p, i in store.done() if (m, p) == arm.key}
+            done = store.done_ids(arm.key)
             dm = dm_all
             dm.skip = done
             pending = len(dm.pending())
@@ -192,21 +193,21 @@ def run_experiment(task: str, opts: dict[str, Any]) -> list[dict[str, Any]]:
             key = f"{arm.label}@{arm.total_prune}"
             if not main_rank:
                 continue
-            _merge_json(
-                out / "timings.json",
+            store.update_summary(
+                "timings.json",
                 key,
                 {"seconds": seconds, "samples": pending, "seconds_per_sample": seconds / pending},
             )
             if module.last_stats is not None:
                 stats = dict(module.last_stats)
                 stats["drift_events"] = len(stats["drift_events"])
-                _merge_json(out / "stats.json", key, stats)
+                store.update_summary("stats.json", key, stats)
             log.info("arm %s: %.1f s for %d samples", key, seconds, pending)
         if not main_rank:
             return []  # multi-process runs: rank 0 writes the summaries
         ids = {it["id"] for it in dm_all.items}
         metrics = compute_metrics(task, store, tokenizer, arms, ids)
-        write_json(out / "metrics.json", metrics)
+        store.write_summary("metrics.json", metrics)
         _plots(task, out, store, metrics)
         from ..report import markdown_table
 
@@ -220,7 +221,11 @@ def run_experiment(task: str, opts: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def compute_metrics(
-    task: str, store: RecordStore, tokenizer: Any, arms: list[Arm], ids: set[str] | None = None
+    task: str,
+    store: RecordStore | RunStore,
+    tokenizer: Any,
+    arms: list[Arm],
+    ids: set[str] | None = None,
 ) -> list[dict[str, Any]]:
     """metrics.json records, from the per-sample records of the arms (of samples ``ids``)."""
     groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
@@ -256,7 +261,7 @@ def compute_metrics(
     return out
 
 
-def _plots(task: str, out: Path, store: RecordStore, metrics: list[dict]) -> None:
+def _plots(task: str, out: Path, store: RunStore, metrics: list[dict]) -> None:
     from ..report import plot_metric_vs_sparsity
     from ..results import plot_drift
 
