@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
+import platform
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -556,3 +558,28 @@ def test_default_build_is_portable(native, monkeypatch):
         monkeypatch.setenv("DART_NATIVE", native)
     (ext,) = setup.get_extensions()
     assert ("-march=native" in ext.extra_compile_args["cxx"]) is (native == "1")
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils)")
+def test_library_uses_wide_vectors_only_in_dispatched_variants():
+    """The built library runs on any x86-64 CPU: AVX registers (ymm / zmm) appear only in the
+    AVX2 / AVX-512 variants of the hot loops, which run after the CPU check (before: every
+    kernel compiled with -march=native, SIGILL on an older CPU)."""
+    if platform.machine() != "x86_64":
+        pytest.skip("x86-64 only")
+    listing = subprocess.run(
+        ["objdump", "-d", "-C", "--no-show-raw-insn", dart_ext._C.__file__],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    wide, function = set(), ""
+    for line in listing.splitlines():
+        if line.endswith(">:"):
+            function = line[line.index("<") + 1 : -2]
+        elif "%ymm" in line or "%zmm" in line:
+            wide.add(function)
+    if any("::portable::" in f for f in wide):
+        pytest.skip("built with DART_NATIVE=1 (-march=native): not portable by request")
+    outside = sorted(f for f in wide if "::avx2::" not in f and "::avx512::" not in f)
+    assert not outside, outside[:5]
