@@ -18,7 +18,9 @@ $(STAMP): requirements.txt requirements-assets.txt pyproject.toml
 	$(MAKE) build
 	touch $(STAMP)
 
-# The extension builds against the torch already in the venv (never an isolated build).
+# The extension builds against the torch already in the venv (never an isolated build). It is
+# portable by default (the CPU hot loops pick AVX-512 / AVX2 / baseline at run time);
+# `make build DART_NATIVE=1` compiles everything with -march=native, for this machine's CPU only.
 build:
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 

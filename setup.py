@@ -10,7 +10,11 @@ Environment:
     DART_BUILD_CUDA=0/1  force the CPU-only / CUDA build (default: CUDA when torch has CUDA and
                          nvcc / CUDA_HOME is found). With 1 the CUDA sources are compiled even on a
                          machine without a GPU.
-    DART_NATIVE=0        do not pass -march=native (portable binary; default: native).
+    DART_NATIVE=1        compile everything with -march=native: the binary then runs only on CPUs
+                         with this machine's instruction sets (SIGILL elsewhere). Default: a
+                         portable binary whose hot loops are compiled for AVX-512, AVX2 and the
+                         baseline and picked at run time (csrc/cpu/config.cpp), at no measured
+                         cost on this machine's benchmark (see README).
     DART_DEBUG=1         -O0 -g.
     MAX_JOBS             parallel compile jobs (ninja).
 ccache is used automatically when found on PATH.
@@ -59,7 +63,7 @@ def get_extensions():
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
     debug = bool(_env_flag("DART_DEBUG"))
-    native = _env_flag("DART_NATIVE") is not False
+    native = bool(_env_flag("DART_NATIVE"))
     force_cuda = _env_flag("DART_BUILD_CUDA")
     has_nvcc = CUDA_HOME is not None or shutil.which("nvcc") is not None
     if force_cuda is None:

@@ -37,6 +37,10 @@ TORCH_LIBRARY(dart, m) {
       "gathered_mlp(Tensor x, Tensor w_in, Tensor? b_in, Tensor w_out_t, Tensor? b_out, "
       "Tensor idx, str act) -> Tensor");
   m.def("gather_neurons_(Tensor(a!) out, Tensor[] srcs, Tensor idx) -> ()");
+  // Settings of the CPU kernels as this process runs them (csrc/cpu/config.cpp parses the
+  // environment once; Python reads them here instead of parsing the variables again).
+  m.def("cpu_gemm_min_tokens() -> int");
+  m.def("cpu_capability() -> str");
 }
 
 // Inference-only ops: outputs of the functional ops never require grad (the Autograd key falls

@@ -1,7 +1,10 @@
 """Fake (meta) kernels and typed Python wrappers of the `dart` ops (`torch.ops.dart.*`).
 
 Op contracts (all ops: tensors on one device; kernels hold no Python state, never sync, and are
-deterministic for a fixed thread count; no autograd: inference only):
+deterministic for a fixed thread count (the CPU FFN ops below DART_CPU_GEMM_MIN_TOKENS tokens, the
+decode shapes, and the CPU gather give bitwise the same result for any thread count); they read a
+private copy of the indices, so a caller's idx changed by another thread mid-call cannot send
+them out of bounds; no autograd: inference only):
 
 ``topk_indices(scores, k) -> idx``
     scores ``[..., N]`` (fp32/bf16/fp16) -> int64 ``[..., k]``: the indices of the ``k`` largest
@@ -45,8 +48,6 @@ index set) it runs ``gathered_glu_ffn`` over the compact rows with identity indi
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -231,12 +232,11 @@ def gather_neurons_(out: torch.Tensor, srcs: list[torch.Tensor], idx: torch.Tens
     torch.ops.dart.gather_neurons_.default(out, list(srcs), idx)
 
 
-# Below this many tokens per index set (the CPU kernels' own GEMM threshold, read from the same
-# DART_CPU_GEMM_MIN_TOKENS as csrc/cpu/ffn_kernel.h) the compact buffers are streamed by the
-# dart kernels with identity indices: at decode shapes they read contiguous rows faster than
-# torch's GEMV (which reads bf16 at about half the fp32 bandwidth on CPU), and they round once
-# from fp32 like the gathered ops.
-KERNEL_MAX_TOKENS = max(1, int(os.environ.get("DART_CPU_GEMM_MIN_TOKENS", "8")))
+# Below this many tokens per index set (the CPU kernels' own GEMM threshold, as the C++ side parsed
+# DART_CPU_GEMM_MIN_TOKENS) the compact buffers are streamed by the dart kernels with identity
+# indices: at decode shapes they read contiguous rows faster than torch's GEMV (which reads bf16 at
+# about half the fp32 bandwidth on CPU), and they round once from fp32 like the gathered ops.
+KERNEL_MAX_TOKENS = torch.ops.dart.cpu_gemm_min_tokens()
 
 
 def _kernel_route(x: torch.Tensor, per_sequence: bool) -> bool:
@@ -244,15 +244,40 @@ def _kernel_route(x: torch.Tensor, per_sequence: bool) -> bool:
     return x.device.type == "cpu" and tokens < KERNEL_MAX_TOKENS
 
 
-def _per_sequence(x: torch.Tensor, buffer: torch.Tensor, name: str) -> bool:
+def _per_sequence(op: str, x: torch.Tensor, name: str, buffer: torch.Tensor) -> bool:
     if buffer.dim() == 2:
         return False
     if x.dim() != 3 or buffer.dim() != 3 or buffer.shape[0] != x.shape[0]:
         raise ValueError(
-            f"{name}: per-sequence buffers [B, ., d] need x [B, T, d] with the same B, got x "
-            f"{tuple(x.shape)} and buffer {tuple(buffer.shape)}"
+            f"{op}: per-sequence buffers [B, ., d] need x [B, T, d] with the same B, got x "
+            f"{tuple(x.shape)} and {name} {tuple(buffer.shape)}"
         )
     return True
+
+
+def _check_compact(op: str, x: torch.Tensor, buffers) -> None:
+    """The same checks for both routes: x a float [..., d] with d >= 1, and every compact buffer
+    ``(name, tensor or None, expected shape, spec)`` on x's device with x's dtype and its
+    documented shape (a malformed buffer would otherwise broadcast on the GEMM route)."""
+    if x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{op}: x must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{op}: x must be [..., d] with d >= 1, got shape {tuple(x.shape)}")
+    for name, t, shape, spec in buffers:
+        if t is None:
+            continue
+        if t.device != x.device or t.dtype != x.dtype:
+            raise ValueError(
+                f"{op}: {name} must be on x's device with x's dtype ({x.device}, {x.dtype}), "
+                f"got {t.device}, {t.dtype}"
+            )
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{op}: {name} must be [{spec}] = {list(shape)}, got {list(t.shape)}")
+
+
+def _lead(x: torch.Tensor, per_sequence: bool) -> tuple[tuple, str]:
+    """Leading shape and spec prefix of the compact buffers: (B,) per sequence, else none."""
+    return ((x.shape[0],), "B, ") if per_sequence else ((), "")
 
 
 def compact_glu_ffn(
@@ -264,9 +289,20 @@ def compact_glu_ffn(
     ``gu = F.linear(x, gate_up); h = act(gu[..., :k]) * gu[..., k:]; y = h @ down_c``; at decode
     shapes on CPU the same through ``gathered_glu_ffn`` over the compact rows.
     """
+    op = "compact_glu_ffn"
     canonical_act(act)
-    k = down_c.shape[-2]
-    per_sequence = _per_sequence(x, gate_up, "compact_glu_ffn")
+    per_sequence = _per_sequence(op, x, "gate_up", gate_up)
+    k = down_c.shape[-2] if down_c.dim() >= 2 else 0
+    d = x.shape[-1] if x.dim() else 0
+    lead, b = _lead(x, per_sequence)
+    _check_compact(
+        op,
+        x,
+        [
+            ("gate_up", gate_up, (*lead, 2 * k, d), f"{b}2k, d"),
+            ("down_c", down_c, (*lead, k, d), f"{b}k, d"),
+        ],
+    )
     if k and _kernel_route(x, per_sequence):
         ident = torch.arange(k, device=x.device)
         if not per_sequence:
@@ -297,9 +333,22 @@ def compact_mlp(
     ``y = act(x @ w_in_c^T + b_in_c) @ w_out_c + b_out``; at decode shapes on CPU the same
     through ``gathered_mlp`` over the compact rows.
     """
+    op = "compact_mlp"
     canonical_act(act)
-    k = w_out_c.shape[-2]
-    per_sequence = _per_sequence(x, w_in_c, "compact_mlp")
+    per_sequence = _per_sequence(op, x, "w_in_c", w_in_c)
+    k = w_out_c.shape[-2] if w_out_c.dim() >= 2 else 0
+    d = x.shape[-1] if x.dim() else 0
+    lead, b = _lead(x, per_sequence)
+    _check_compact(
+        op,
+        x,
+        [
+            ("w_in_c", w_in_c, (*lead, k, d), f"{b}k, d"),
+            ("w_out_c", w_out_c, (*lead, k, d), f"{b}k, d"),
+            ("b_in_c", b_in_c, (*lead, k), f"{b}k"),
+            ("b_out", b_out, (d,), "d"),
+        ],
+    )
     if k and _kernel_route(x, per_sequence):
         ident = torch.arange(k, device=x.device)
         if not per_sequence:

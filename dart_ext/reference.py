@@ -6,6 +6,8 @@ top-k tie rule via a stable descending sort (lower index wins among equal scores
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -50,10 +52,10 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def _per_batch(x, idx, fn):
     """Applies fn(x_rows [M, d] fp32, idx [k]) for a shared or per-sequence idx."""
-    d = x.shape[-1]
+    rows = math.prod(x.shape[:-1])  # not reshape(-1, d): d may be 0
     xf = x.float()
     if idx.dim() == 1:
-        return fn(xf.reshape(-1, d), idx.long()).reshape(x.shape)
+        return fn(xf.reshape(rows, x.shape[-1]), idx.long()).reshape(x.shape)
     return torch.stack([fn(xf[b], idx[b].long()) for b in range(x.shape[0])]).reshape(x.shape)
 
 

@@ -1,29 +1,19 @@
-// Shared helpers of the dart CPU kernels: activations, argument checks, fp32 vector loads of
-// fp32/bf16/fp16 rows. Vectorisation uses GCC/Clang vector extensions, which compile to AVX-512
-// (16 lanes) with -march=native on an AVX-512 machine, AVX2 (8 lanes) otherwise, and to plain
-// SSE2 when built without -march (DART_NATIVE=0).
+// Shared helpers of the CPU kernels (torch-facing side): activation names, argument checks,
+// settings and the hot-loop variant (config.cpp). The loops themselves are torch-free
+// (kernel_core.h / kernel_core.inc).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include <c10/util/accumulate.h>
 
-#include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <string>
 
-#if defined(__AVX512F__) || defined(__F16C__)
-#include <immintrin.h>
-#endif
+#include "kernel_core.h"
 
 namespace dart {
 namespace cpu {
-
-// ---------------------------------------------------------------------------------------------
-// Activations
-enum class Act { Silu, Gelu, GeluTanh, Relu };
 
 inline Act parse_act(const std::string& name, const char* op) {
   if (name == "silu" || name == "swish") return Act::Silu;
@@ -35,108 +25,23 @@ inline Act parse_act(const std::string& name, const char* op) {
               "relu");
 }
 
-inline float apply_act(Act a, float v) {
-  switch (a) {
-    case Act::Silu:
-      return v / (1.0f + std::exp(-v));
-    case Act::Gelu:
-      return 0.5f * v * (1.0f + std::erf(v * 0.70710678118654752440f));
-    case Act::GeluTanh: {
-      const float c = 0.79788456080286535588f;  // sqrt(2/pi)
-      return 0.5f * v * (1.0f + std::tanh(c * (v + 0.044715f * v * v * v)));
-    }
-    case Act::Relu:
-      return v > 0.0f ? v : 0.0f;
+// Element type of a float tensor (fp32, bf16, fp16; callers checked the dtype).
+inline Elem elem_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kBFloat16:
+      return Elem::BF16;
+    case at::kHalf:
+      return Elem::F16;
+    default:
+      return Elem::F32;
   }
-  return v;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Vector type and loaders (row element type -> fp32 vector)
-#if defined(__AVX512F__)
-constexpr int kV = 16;
-#else
-constexpr int kV = 8;
-#endif
-typedef float vf __attribute__((vector_size(kV * 4)));
-typedef uint16_t vu16 __attribute__((vector_size(kV * 2)));
-typedef uint32_t vu32 __attribute__((vector_size(kV * 4)));
-
-inline vf vzero() { return vf{} ; }
-inline vf vload(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void vstore(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
-inline float hsum(vf v) {
-  float s = 0.0f;
-  for (int l = 0; l < kV; ++l) s += v[l];
-  return s;
-}
-
-struct LdF32 {
-  using S = float;
-  static inline vf load(const S* p) { return vload(p); }
-  static inline float scalar(S v) { return v; }
-};
-
-struct LdBF16 {
-  using S = c10::BFloat16;
-  static inline vf load(const S* p) {
-    vu16 u;
-    std::memcpy(&u, p, sizeof(u));
-    vu32 w = __builtin_convertvector(u, vu32) << 16;
-    vf f;
-    std::memcpy(&f, &w, sizeof(f));
-    return f;
-  }
-  static inline float scalar(S v) { return static_cast<float>(v); }
-};
-
-struct LdF16 {
-  using S = c10::Half;
-  static inline vf load(const S* p) {
-#if defined(__AVX512F__)
-    __m512 r = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    vf f;
-    std::memcpy(&f, &r, sizeof(f));
-    return f;
-#elif defined(__F16C__)
-    __m256 r = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    vf f;
-    std::memcpy(&f, &r, sizeof(f));
-    return f;
-#else
-    float tmp[kV];
-    for (int l = 0; l < kV; ++l) tmp[l] = static_cast<float>(p[l]);
-    return vload(tmp);
-#endif
-  }
-  static inline float scalar(S v) { return static_cast<float>(v); }
-};
-
-// Calls f with the loader type matching dtype (fp32, bf16, fp16).
-#define DART_DISPATCH_LOADER(dtype, op, ...)                                              \
-  [&] {                                                                                   \
-    switch (dtype) {                                                                      \
-      case at::kFloat: {                                                                  \
-        using L = ::dart::cpu::LdF32;                                                     \
-        return __VA_ARGS__();                                                             \
-      }                                                                                   \
-      case at::kBFloat16: {                                                               \
-        using L = ::dart::cpu::LdBF16;                                                    \
-        return __VA_ARGS__();                                                             \
-      }                                                                                   \
-      case at::kHalf: {                                                                   \
-        using L = ::dart::cpu::LdF16;                                                     \
-        return __VA_ARGS__();                                                             \
-      }                                                                                   \
-      default:                                                                            \
-        TORCH_CHECK(false, op, ": unsupported dtype ", dtype,                             \
-                    "; expected float32, bfloat16 or float16");                           \
-    }                                                                                     \
-  }()
+// Settings (config.cpp): token count from which the FFN ops take the gather + GEMM path
+// (DART_CPU_GEMM_MIN_TOKENS), and the hot-loop variant this process runs (DART_CPU_CAPABILITY or
+// the best the CPU supports). Both read the environment once; bad values raise a clear error.
+int64_t gemm_min_tokens();
+const CoreKernels& core_kernels();
 
 // ---------------------------------------------------------------------------------------------
 // Argument checks (messages name the op and the argument)
@@ -167,7 +72,16 @@ inline void check_weight(const at::Tensor& w, const at::Tensor& x, const char* o
               "down_proj.weight.t().contiguous()) and pass that, or its .t().t() view");
 }
 
-// Validates idx against N; returns int64 contiguous idx. per_seq is set for idx [B, k].
+// A private int64 contiguous copy of idx: the ops validate and then read this copy, never the
+// caller's tensor, which another thread may change while the op runs (ops release the GIL).
+inline at::Tensor owned_indices(const at::Tensor& idx) {
+  at::Tensor own = at::empty(idx.sizes(), idx.options().dtype(at::kLong));
+  own.copy_(idx);
+  return own;
+}
+
+// Validates idx against N; returns a private int64 contiguous copy (owned_indices). per_seq is
+// set for idx [B, k].
 inline at::Tensor check_idx(const at::Tensor& idx, const at::Tensor& x, int64_t N,
                             const char* op, bool* per_seq) {
   TORCH_CHECK(idx.device() == x.device(), op, ": idx is on ", idx.device(), " but x is on ",
@@ -184,7 +98,7 @@ inline at::Tensor check_idx(const at::Tensor& idx, const at::Tensor& x, int64_t 
     TORCH_CHECK(idx.size(0) == x.size(0), op, ": idx has B = ", idx.size(0),
                 " rows but x has batch size ", x.size(0));
   }
-  at::Tensor out = idx.to(at::kLong).contiguous();
+  at::Tensor out = owned_indices(idx);
   const int64_t* p = out.data_ptr<int64_t>();
   int64_t n = out.numel();
   int64_t lo = 0, hi = 0;
@@ -201,9 +115,11 @@ inline at::Tensor check_idx(const at::Tensor& idx, const at::Tensor& x, int64_t 
   return out;
 }
 
-// x [..., d] as a contiguous fp32 [M, d] tensor (a no-op for contiguous fp32 x).
+// x [..., d] as a contiguous fp32 [M, d] tensor (a no-op for contiguous fp32 x; M from the
+// leading dims, so d = 0 works).
 inline at::Tensor x_as_f32_2d(const at::Tensor& x) {
-  return x.to(at::kFloat).contiguous().reshape({-1, x.size(-1)});
+  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  return x.to(at::kFloat).contiguous().reshape({M, x.size(-1)});
 }
 
 }  // namespace cpu

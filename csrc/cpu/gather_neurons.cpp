@@ -1,8 +1,11 @@
 // dart::gather_neurons_, CPU: in-place re-slice of kept neuron rows into a persistent buffer.
 // Shared idx [k]:      out [S*k, d],    out[s*k + j]    = srcs[s][idx[j]]
 // Per-sequence [B, k]: out [B, S*k, d], out[b, s*k + j] = srcs[s][idx[b, j]]
-// Rows are copied with memcpy, multi-threaded over rows.
+// Rows are copied with memcpy, multi-threaded over rows, from a private copy of idx. out must not
+// overlap itself, idx or a source (the copy would read rows it already overwrote).
 #include "common.h"
+
+#include "alias_checks.h"
 
 #include <torch/library.h>
 
@@ -32,7 +35,8 @@ void gather_neurons_cpu(const at::Tensor& out, at::TensorList srcs, const at::Te
                       : "2-D [S*k, d] for a shared idx [k]",
               ", got shape ", out.sizes());
   const int64_t d = out.size(-1);
-  TORCH_CHECK(!per_seq || out.size(0) == B, kOp, ": out has batch ", out.size(0), " but idx has B = ", B);
+  TORCH_CHECK(!per_seq || out.size(0) == B, kOp, ": out has batch ", out.size(0),
+              " but idx has B = ", B);
   TORCH_CHECK(out.size(-2) == S * k, kOp, ": out must have S*k = ", S, "*", k, " = ", S * k,
               " rows, got shape ", out.sizes());
   TORCH_CHECK(out.stride(-1) == 1 || d <= 1, kOp, ": out must have unit stride in its last dim");
@@ -51,12 +55,15 @@ void gather_neurons_cpu(const at::Tensor& out, at::TensorList srcs, const at::Te
     TORCH_CHECK(w.stride(1) == 1 || d <= 1, kOp, ": srcs[", s,
                 "] must have unit stride in its last dim, got strides ", w.strides());
   }
-  // Range check (reuses the FFN check with out as the device reference; x-rank checks skipped).
-  at::Tensor ix = idx.to(at::kLong).contiguous();
+  check_no_internal_overlap(out, kOp, "out");
+  check_no_overlap(out, "out", idx, "idx", kOp);
+  for (int64_t s = 0; s < S; ++s)
+    check_no_overlap(out, "out", srcs[s], "srcs[" + std::to_string(s) + "]", kOp);
+  const at::Tensor ix = owned_indices(idx);
   const int64_t* ip = ix.data_ptr<int64_t>();
   for (int64_t i = 0; i < ix.numel(); ++i)
-    TORCH_CHECK(ip[i] >= 0 && ip[i] < N, kOp, ": idx out of range: values must be in [0, N) with N = ",
-                N, ", got ", ip[i]);
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < N, kOp,
+                ": idx out of range: values must be in [0, N) with N = ", N, ", got ", ip[i]);
   if (out.numel() == 0) return;
 
   const int64_t es = out.element_size();
@@ -71,7 +78,8 @@ void gather_neurons_cpu(const at::Tensor& out, at::TensorList srcs, const at::Te
     sstride[s] = srcs[s].stride(0) * es;
   }
   const int64_t rows = B * S * k;
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, static_cast<int64_t>(row_bytes)));
+  const int64_t grain =
+      std::max<int64_t>(1, 65536 / std::max<int64_t>(1, static_cast<int64_t>(row_bytes)));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / (S * k);

@@ -32,22 +32,20 @@ at::Tensor gathered_glu_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gate,
   at::Tensor xf = x_as_f32_2d(x);  // [M, d]
   at::Tensor yf = at::zeros_like(xf);
   if (xf.numel() == 0) return yf.to(x.scalar_type()).reshape(x.sizes());
-  FfnArgs a{w_gate.data_ptr(), w_gate.stride(0), w_up.data_ptr(), w_up.stride(0),
-            w_down_t.data_ptr(), w_down_t.stride(0), nullptr, act};
+  const FfnArgs a{w_gate.data_ptr(), w_gate.stride(0), w_up.data_ptr(), w_up.stride(0),
+                  w_down_t.data_ptr(), w_down_t.stride(0), nullptr, act, elem_of(x), 2};
   const int64_t k = ix.size(-1);
   const int64_t* ip = ix.data_ptr<int64_t>();
-  DART_DISPATCH_LOADER(x.scalar_type(), kOp, [&] {
-    if (!per_seq) {
-      ffn_dispatch<L, 2>(xf, a, ip, k, yf);
-    } else {
-      const int64_t B = x.size(0), T = x.size(1);
-      for (int64_t b = 0; b < B; ++b) {
-        at::Tensor xb = xf.narrow(0, b * T, T);
-        at::Tensor yb = yf.narrow(0, b * T, T);
-        ffn_dispatch<L, 2>(xb, a, ip + b * k, k, yb);
-      }
+  if (!per_seq) {
+    ffn_dispatch(xf, a, ip, k, yf);
+  } else {
+    const int64_t B = x.size(0), T = x.size(1);
+    for (int64_t b = 0; b < B; ++b) {
+      at::Tensor xb = xf.narrow(0, b * T, T);
+      at::Tensor yb = yf.narrow(0, b * T, T);
+      ffn_dispatch(xb, a, ip + b * k, k, yb);
     }
-  });
+  }
   return yf.to(x.scalar_type()).reshape(x.sizes());
 }
 

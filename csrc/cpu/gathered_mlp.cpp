@@ -51,22 +51,20 @@ at::Tensor gathered_mlp_cpu(const at::Tensor& x, const at::Tensor& w_in,
       bsel = b_in->to(at::kFloat).index_select(0, ix.reshape({-1})).contiguous();
     const float* bp = bsel.defined() ? bsel.data_ptr<float>() : nullptr;
     const int64_t* ip = ix.data_ptr<int64_t>();
-    DART_DISPATCH_LOADER(x.scalar_type(), kOp, [&] {
-      FfnArgs a{w_in.data_ptr(), w_in.stride(0), nullptr, 0, w_out_t.data_ptr(),
-                w_out_t.stride(0), bp, act};
-      if (!per_seq) {
-        ffn_dispatch<L, 1>(xf, a, ip, k, yf);
-      } else {
-        const int64_t B = x.size(0), T = x.size(1);
-        for (int64_t b = 0; b < B; ++b) {
-          at::Tensor xb = xf.narrow(0, b * T, T);
-          at::Tensor yb = yf.narrow(0, b * T, T);
-          FfnArgs ab = a;
-          ab.b_in = bp ? bp + b * k : nullptr;
-          ffn_dispatch<L, 1>(xb, ab, ip + b * k, k, yb);
-        }
+    const FfnArgs a{w_in.data_ptr(), w_in.stride(0), nullptr, 0, w_out_t.data_ptr(),
+                    w_out_t.stride(0), bp, act, elem_of(x), 1};
+    if (!per_seq) {
+      ffn_dispatch(xf, a, ip, k, yf);
+    } else {
+      const int64_t B = x.size(0), T = x.size(1);
+      for (int64_t b = 0; b < B; ++b) {
+        at::Tensor xb = xf.narrow(0, b * T, T);
+        at::Tensor yb = yf.narrow(0, b * T, T);
+        FfnArgs ab = a;
+        ab.b_in = bp ? bp + b * k : nullptr;
+        ffn_dispatch(xb, ab, ip + b * k, k, yb);
       }
-    });
+    }
     if (b_out.has_value()) yf.add_(b_out->to(at::kFloat));
   }
   return yf.to(x.scalar_type()).reshape(x.sizes());

@@ -1,5 +1,9 @@
 // dart::gather_neurons_ on CUDA: out[(g,) s*k + j, :] = srcs[s][idx[(g,) j], :], in place.
 // Vectorised warp-per-row copy (csrc/kernels/gather_rows.cuh); index range checked on device.
+// out must not overlap itself, idx or a source (the copy would read what it already overwrote).
+#include <string>
+
+#include "../alias_checks.h"
 #include "../kernels/gather_rows.cuh"
 #include "utils.h"
 
@@ -43,6 +47,10 @@ void gather_neurons_cuda(const at::Tensor& out, at::TensorList srcs, const at::T
                 src.scalar_type(), " but out has dtype ", out.scalar_type());
     rows.push_back(d <= 1 ? src.contiguous() : src);
   }
+  check_no_internal_overlap(out, op, "out");
+  check_no_overlap(out, "out", idx_in, "idx", op);
+  for (int64_t s = 0; s < S; ++s)
+    check_no_overlap(out, "out", srcs[s], "srcs[" + std::to_string(s) + "]", op);
   if (G == 0 || k == 0 || d == 0) return;
 
   c10::cuda::CUDAGuard guard(out.device());

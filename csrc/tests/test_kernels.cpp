@@ -97,6 +97,29 @@ int main() {
       threw = true;
     }
     expect(threw, "gather_neurons_ idx out of range throws");
+    threw = false;
+    try {  // out overlapping a source would read rows it already overwrote
+      op.call(g.narrow(0, 0, 2 * idx.size(0)), srcs, idx);
+    } catch (const c10::Error& e) {
+      threw = std::string(e.what()).find("out shares memory with srcs[0]") != std::string::npos;
+    }
+    expect(threw, "gather_neurons_ out overlapping a source throws");
+    threw = false;
+    try {  // an expanded out has rows that share memory
+      op.call(at::empty({1, d}).expand({2 * idx.size(0), d}), srcs, idx);
+    } catch (const c10::Error& e) {
+      threw = std::string(e.what()).find("out has elements that share memory") != std::string::npos;
+    }
+    expect(threw, "gather_neurons_ expanded out throws");
+  }
+  {  // settings as the C++ side parsed them (no tensor arguments: catch-all kernels)
+    auto& dispatcher = c10::Dispatcher::singleton();
+    auto tokens = dispatcher.findSchemaOrThrow("dart::cpu_gemm_min_tokens", "")
+                      .typed<int64_t()>();
+    auto cap = dispatcher.findSchemaOrThrow("dart::cpu_capability", "").typed<std::string()>();
+    expect(tokens.call() >= 1, "cpu_gemm_min_tokens >= 1");
+    const std::string c = cap.call();
+    expect(c == "default" || c == "avx2" || c == "avx512", "cpu_capability is " + c);
   }
   std::printf("%d failure(s)\n", failures);
   return failures == 0 ? 0 : 1;
