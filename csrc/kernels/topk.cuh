@@ -159,21 +159,35 @@ __global__ void __launch_bounds__(BLOCK)
   }
 }
 
+// Few rows (decode): one big CTA per row for latency; many rows: smaller CTAs, more per SM.
+inline int topk_block_size(int64_t rows, int N, int num_sms) {
+  return rows <= 2LL * num_sms && N >= 4096 ? 1024 : 256;
+}
+
 // scores: [rows, N] contiguous; out: [rows, k] contiguous int64. Requires 1 <= k <= N < 2^31.
+// block: 256 or 1024 threads per row.
 template <typename T>
-cudaError_t launch_topk_indices(const T* scores, int64_t rows, int N, int k, int64_t* out,
-                                int num_sms, cudaStream_t stream) {
+cudaError_t launch_topk_indices_block(const T* scores, int64_t rows, int N, int k, int64_t* out,
+                                      int block, cudaStream_t stream) {
   if (rows <= 0) return cudaSuccess;
   if (k < 1 || k > N) return cudaErrorInvalidValue;
   if (rows > 0x7fffffffLL) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(rows));
-  // Few rows (decode): one big CTA per row for latency; many rows: smaller CTAs, more per SM.
-  if (rows <= 2LL * num_sms && N >= 4096) {
-    topk_indices_kernel<T, 1024><<<grid, 1024, 0, stream>>>(scores, N, k, out);
+  if (block == 1024) {
+    DART_LAUNCH(grid, 1024, 0, stream, topk_indices_kernel<T, 1024>)(scores, N, k, out);
+  } else if (block == 256) {
+    DART_LAUNCH(grid, 256, 0, stream, topk_indices_kernel<T, 256>)(scores, N, k, out);
   } else {
-    topk_indices_kernel<T, 256><<<grid, 256, 0, stream>>>(scores, N, k, out);
+    return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_topk_indices(const T* scores, int64_t rows, int N, int k, int64_t* out,
+                                int num_sms, cudaStream_t stream) {
+  return launch_topk_indices_block<T>(scores, rows, N, k, out, topk_block_size(rows, N, num_sms),
+                                      stream);
 }
 
 }  // namespace kernels
