@@ -148,6 +148,7 @@ extern uint3 g_thread_idx;
 extern uint3 g_block_idx;
 extern dim3 g_block_dim;
 extern dim3 g_grid_dim;
+extern long long g_atomics;  // atomic operations issued (counter "atomics")
 
 [[noreturn]] void fail(cudaError_t code, const char* what);
 void check_aligned(const void* p, size_t bytes, const char* what);
@@ -217,6 +218,11 @@ Launcher<P...> make_launcher(dim3 grid, dim3 block, size_t smem, cudaStream_t st
                              void (*kernel)(P...)) {
   return Launcher<P...>{kernel, LaunchConfig{grid, block, smem, stream,
                                               reinterpret_cast<const void*>(kernel)}};
+}
+
+inline void check_atomic(const void* p, size_t bytes, const char* what) {
+  check_aligned(p, bytes, what);
+  ++g_atomics;
 }
 
 template <typename T>
@@ -367,26 +373,36 @@ inline void __pipeline_wait_prior(size_t) {}
 // ---------------------------------------------------------------------------------------------
 #define DART_EMU_ATOMIC_INT(T)                                                           \
   inline T atomicAdd(T* p, T v) {                                                        \
-    ::dart_emu::check_aligned(p, sizeof(T), "atomicAdd");                                \
+    ::dart_emu::check_atomic(p, sizeof(T), "atomicAdd");                                \
     return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST);                                   \
   }                                                                                      \
   inline T atomicSub(T* p, T v) {                                                        \
-    ::dart_emu::check_aligned(p, sizeof(T), "atomicSub");                                \
+    ::dart_emu::check_atomic(p, sizeof(T), "atomicSub");                                \
     return __atomic_fetch_sub(p, v, __ATOMIC_SEQ_CST);                                   \
   }                                                                                      \
   inline T atomicExch(T* p, T v) {                                                       \
-    ::dart_emu::check_aligned(p, sizeof(T), "atomicExch");                               \
+    ::dart_emu::check_atomic(p, sizeof(T), "atomicExch");                               \
     return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST);                                  \
   }                                                                                      \
-  inline T atomicAnd(T* p, T v) { return __atomic_fetch_and(p, v, __ATOMIC_SEQ_CST); }  \
-  inline T atomicOr(T* p, T v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }    \
-  inline T atomicXor(T* p, T v) { return __atomic_fetch_xor(p, v, __ATOMIC_SEQ_CST); }  \
+  inline T atomicAnd(T* p, T v) {                                                        \
+    ::dart_emu::check_atomic(p, sizeof(T), "atomicAnd");                                 \
+    return __atomic_fetch_and(p, v, __ATOMIC_SEQ_CST);                                   \
+  }                                                                                      \
+  inline T atomicOr(T* p, T v) {                                                         \
+    ::dart_emu::check_atomic(p, sizeof(T), "atomicOr");                                  \
+    return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST);                                    \
+  }                                                                                      \
+  inline T atomicXor(T* p, T v) {                                                        \
+    ::dart_emu::check_atomic(p, sizeof(T), "atomicXor");                                 \
+    return __atomic_fetch_xor(p, v, __ATOMIC_SEQ_CST);                                   \
+  }                                                                                      \
   inline T atomicCAS(T* p, T cmp, T v) {                                                 \
-    ::dart_emu::check_aligned(p, sizeof(T), "atomicCAS");                                \
+    ::dart_emu::check_atomic(p, sizeof(T), "atomicCAS");                                \
     __atomic_compare_exchange_n(p, &cmp, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);  \
     return cmp;                                                                          \
   }                                                                                      \
   inline T atomicMin(T* p, T v) {                                                        \
+    ::dart_emu::check_atomic(p, sizeof(T), "atomicMin");                                 \
     T old = __atomic_load_n(p, __ATOMIC_SEQ_CST);                                        \
     while (v < old &&                                                                    \
            !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) { \
@@ -394,6 +410,7 @@ inline void __pipeline_wait_prior(size_t) {}
     return old;                                                                          \
   }                                                                                      \
   inline T atomicMax(T* p, T v) {                                                        \
+    ::dart_emu::check_atomic(p, sizeof(T), "atomicMax");                                 \
     T old = __atomic_load_n(p, __ATOMIC_SEQ_CST);                                        \
     while (v > old &&                                                                    \
            !__atomic_compare_exchange_n(p, &old, v, true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) { \
@@ -407,7 +424,7 @@ DART_EMU_ATOMIC_INT(unsigned long long)
 #undef DART_EMU_ATOMIC_INT
 
 inline float atomicAdd(float* p, float v) {
-  ::dart_emu::check_aligned(p, sizeof(float), "atomicAdd");
+  ::dart_emu::check_atomic(p, sizeof(float), "atomicAdd");
   float old, next;
   __atomic_load(p, &old, __ATOMIC_SEQ_CST);
   do {
@@ -416,7 +433,7 @@ inline float atomicAdd(float* p, float v) {
   return old;
 }
 inline double atomicAdd(double* p, double v) {
-  ::dart_emu::check_aligned(p, sizeof(double), "atomicAdd");
+  ::dart_emu::check_atomic(p, sizeof(double), "atomicAdd");
   double old, next;
   __atomic_load(p, &old, __ATOMIC_SEQ_CST);
   do {

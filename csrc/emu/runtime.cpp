@@ -71,6 +71,7 @@ uint3 g_thread_idx{0, 0, 0};
 uint3 g_block_idx{0, 0, 0};
 dim3 g_block_dim;
 dim3 g_grid_dim;
+long long g_atomics = 0;
 
 namespace {
 
@@ -835,12 +836,16 @@ void dart_emu_set_schedule(int mode, unsigned seed) {
 }
 
 long long dart_emu_counter(const char* name) {
+  if (std::string(name) == "atomics") return dart_emu::g_atomics;
   auto& c = dart_emu::rt().counters;
   auto it = c.find(name);
   return it == c.end() ? 0 : it->second;
 }
 
-void dart_emu_reset_counters() { dart_emu::rt().counters.clear(); }
+void dart_emu_reset_counters() {
+  dart_emu::rt().counters.clear();
+  dart_emu::g_atomics = 0;
+}
 
 void dart_emu_float_to_bf16(const float* in, uint16_t* out, long long n) {
   for (long long i = 0; i < n; ++i) out[i] = dart_emu::float_to_bf16_bits(in[i]);
