@@ -8,7 +8,8 @@ rerun reuses. Configurations:
 - ``plain``: ``-O2``, the default;
 - ``sanitize``: ASan + UBSan, every finding fatal. Python must be started with the ASan runtime
   preloaded (``sanitizer_env()``); ``DART_EMU_CONFIG=sanitize`` selects it for a whole run
-  (tests/test_cuda_emulation.py::test_emulated_suite_under_asan_ubsan does both).
+  (tests/test_cuda_emulation.py::test_emulated_suite_under_asan_ubsan does both, with the
+  random schedule of threads and blocks).
 
 Entry points are ``extern "C"`` functions returning a ``cudaError_t``; ``check`` turns a non-zero
 one into ``EmulationError`` with the message the emulation recorded (which thread, what).
@@ -145,6 +146,7 @@ def sanitizer_env(base: dict[str, str] | None = None) -> dict[str, str]:
     env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=1:allocator_may_return_null=1"
     env["UBSAN_OPTIONS"] = "print_stacktrace=1:halt_on_error=1"
     env["DART_EMU_CONFIG"] = "sanitize"
+    env["DART_EMU_SCHEDULE"] = "random"
     return env
 
 
@@ -166,9 +168,22 @@ def check(code: int) -> None:
         raise EmulationError(code, message)
 
 
+SCHEDULES = {"forward": 0, "reverse": 1, "random": 2}
+
+
 def set_schedule(mode: str, seed: int = 0) -> None:
     """Order of blocks and of threads between sync points: forward, reverse or random."""
-    library().dart_emu_set_schedule({"forward": 0, "reverse": 1, "random": 2}[mode], seed)
+    library().dart_emu_set_schedule(SCHEDULES[mode], seed)
+
+
+def reset_schedule() -> None:
+    """The run's default schedule: ``DART_EMU_SCHEDULE`` (forward unless set; the sanitizer run
+    uses random, so every emulated test also runs under a second order of threads and blocks).
+    Call it from an autouse fixture of each emulated test module."""
+    mode = os.environ.get("DART_EMU_SCHEDULE", "forward")
+    if mode not in SCHEDULES:
+        raise ValueError(f"DART_EMU_SCHEDULE must be one of {sorted(SCHEDULES)}, got {mode!r}")
+    set_schedule(mode, seed=1234)
 
 
 def counter(name: str) -> int:

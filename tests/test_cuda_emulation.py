@@ -25,10 +25,10 @@ FULL = emu.current_config() == "plain"
 
 
 @pytest.fixture(autouse=True)
-def forward_schedule():
-    emu.set_schedule("forward")
+def default_schedule():
+    emu.reset_schedule()
     yield
-    emu.set_schedule("forward")
+    emu.reset_schedule()
 
 
 def launch(code: int) -> None:
