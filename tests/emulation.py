@@ -23,6 +23,7 @@ import functools
 import hashlib
 import os
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -130,6 +131,9 @@ def build(config: str | None = None) -> Path:
             capture_output=True,
         )
         os.replace(tmp, lib)
+        for stale in BUILD_DIR.glob(f"{config}-*"):  # builds of older sources
+            if stale != out_dir:
+                shutil.rmtree(stale, ignore_errors=True)
     return lib
 
 
