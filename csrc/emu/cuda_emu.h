@@ -480,7 +480,9 @@ inline double max(double a, double b) { return std::fmax(a, b); }
 // ---------------------------------------------------------------------------------------------
 // Float intrinsics (host libm: results may differ from the device's in the last ulp)
 // ---------------------------------------------------------------------------------------------
-inline float __int_as_float(int v) { return ::dart_emu::from_bits<float>(static_cast<uint32_t>(v)); }
+inline float __int_as_float(int v) {
+  return ::dart_emu::from_bits<float>(static_cast<uint32_t>(v));
+}
 inline float __uint_as_float(unsigned v) { return ::dart_emu::from_bits<float>(v); }
 inline int __float_as_int(float v) { return static_cast<int>(::dart_emu::to_bits(v)); }
 inline unsigned __float_as_uint(float v) { return static_cast<unsigned>(::dart_emu::to_bits(v)); }
@@ -547,7 +549,9 @@ inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
   return {__float2bfloat16_rn(a), __float2bfloat16_rn(b)};
 }
 inline __nv_bfloat162 __float22bfloat162_rn(float2 v) { return __floats2bfloat162_rn(v.x, v.y); }
-inline __half2 __floats2half2_rn(float a, float b) { return {__float2half_rn(a), __float2half_rn(b)}; }
+inline __half2 __floats2half2_rn(float a, float b) {
+  return {__float2half_rn(a), __float2half_rn(b)};
+}
 inline __half2 __float22half2_rn(float2 v) { return __floats2half2_rn(v.x, v.y); }
 inline float __low2float(__half2 v) { return __half2float(v.x); }
 inline float __high2float(__half2 v) { return __half2float(v.y); }

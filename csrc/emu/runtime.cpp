@@ -211,8 +211,8 @@ void prepare_fiber(Fiber& f, int slot) {
   // switch, a failed check) poisoned; instrumented frames rewrite their own shadow on entry, so
   // clearing the top of the stack suffices.
   constexpr size_t kClear = 64u << 10;
-  __asan_unpoison_memory_region(reinterpret_cast<char*>(top) - kClear,
-                                kClear + (reinterpret_cast<uintptr_t>(f.stack) + kStackBytes - top));
+  const uintptr_t end = reinterpret_cast<uintptr_t>(f.stack) + kStackBytes;
+  __asan_unpoison_memory_region(reinterpret_cast<char*>(top) - kClear, kClear + (end - top));
 #endif
   f.fake_stack = nullptr;
 #if DART_EMU_ASM_SWITCH
@@ -495,35 +495,46 @@ void run_block(uint64_t linear) {
   count("threads", n);
 }
 
-std::string config_error(const LaunchConfig& c) {
+// The reason a launch configuration is rejected, with the cudaError_t CUDA returns for it.
+struct ConfigError {
+  cudaError_t code = cudaSuccess;
+  std::string message;
+};
+
+ConfigError config_error(const LaunchConfig& c) {
   Runtime& r = rt();
+  auto dims = [](dim3 d) {
+    return "(" + std::to_string(d.x) + "," + std::to_string(d.y) + "," + std::to_string(d.z) + ")";
+  };
   const uint64_t threads = static_cast<uint64_t>(c.block.x) * c.block.y * c.block.z;
   if (threads == 0 || threads > kMaxThreads || c.block.x > 1024 || c.block.y > 1024 ||
       c.block.z > 64) {
-    return "invalid block (" + std::to_string(c.block.x) + "," + std::to_string(c.block.y) + "," +
-           std::to_string(c.block.z) + "): at most 1024 threads, z <= 64";
+    return {cudaErrorInvalidConfiguration,
+            "invalid block " + dims(c.block) + ": at most 1024 threads, z <= 64"};
   }
   if (c.grid.x == 0 || c.grid.y == 0 || c.grid.z == 0 || c.grid.x > 0x7fffffffu ||
       c.grid.y > 65535 || c.grid.z > 65535) {
-    return "invalid grid (" + std::to_string(c.grid.x) + "," + std::to_string(c.grid.y) + "," +
-           std::to_string(c.grid.z) + "): x in [1, 2^31-1], y and z in [1, 65535]";
+    return {cudaErrorInvalidConfiguration,
+            "invalid grid " + dims(c.grid) + ": x in [1, 2^31-1], y and z in [1, 65535]"};
   }
   if (c.smem > kOptinSmem) {
-    return std::to_string(c.smem) + " bytes of dynamic shared memory exceed the device's " +
-           std::to_string(kOptinSmem);
+    return {cudaErrorInvalidValue, std::to_string(c.smem) +
+                                       " bytes of dynamic shared memory exceed the device's " +
+                                       std::to_string(kOptinSmem)};
   }
   if (c.smem > kDefaultSmem) {
     auto it = r.max_dyn_smem.find(c.kernel);
     const int allowed = it == r.max_dyn_smem.end() ? 0 : it->second;
     if (static_cast<size_t>(allowed) < c.smem) {
-      return std::to_string(c.smem) +
-             " bytes of dynamic shared memory need "
-             "cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, >= that) "
-             "first (set: " +
-             std::to_string(allowed) + ")";
+      return {cudaErrorInvalidValue,
+              std::to_string(c.smem) +
+                  " bytes of dynamic shared memory need "
+                  "cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, "
+                  ">= that) first (set: " +
+                  std::to_string(allowed) + ")"};
     }
   }
-  return "";
+  return {};
 }
 
 }  // namespace
@@ -657,13 +668,9 @@ void run_grid(const LaunchConfig& cfg, void (*body)(void*), void* ctx) {
   if (r.in_launch) fail(cudaErrorNotSupported, "kernel launch from a kernel");
   std::lock_guard<std::mutex> lock(r.mu);
   count("launches");
-  const std::string bad = config_error(cfg);
-  if (!bad.empty()) {
-    set_error(cfg.smem > kDefaultSmem && bad.find("grid") == std::string::npos &&
-                      bad.find("block") == std::string::npos
-                  ? cudaErrorInvalidValue
-                  : cudaErrorInvalidConfiguration,
-              "launch: " + bad);
+  const ConfigError bad = config_error(cfg);
+  if (bad.code != cudaSuccess) {
+    set_error(bad.code, "launch: " + bad.message);
     return;
   }
   r.in_launch = true;

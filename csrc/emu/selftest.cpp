@@ -20,8 +20,10 @@ __global__ void warp_ops_kernel(int* out, int width, int arg) {
   o[6 * 32 + lane] = __all_sync(0xffffffffu, lane < 31);
   o[7 * 32 + lane] = static_cast<int>(__match_any_sync(0xffffffffu, lane % 5));
   o[8 * 32 + lane] = static_cast<int>(__reduce_add_sync(0xffffffffu, static_cast<unsigned>(lane)));
-  o[9 * 32 + lane] = static_cast<int>(__reduce_max_sync(0xffffffffu, static_cast<unsigned>(lane * 7 % 32)));
-  o[10 * 32 + lane] = __float_as_int(__shfl_xor_sync(0xffffffffu, 0.5f * static_cast<float>(lane), 1));
+  const unsigned scrambled = static_cast<unsigned>(lane * 7 % 32);
+  o[9 * 32 + lane] = static_cast<int>(__reduce_max_sync(0xffffffffu, scrambled));
+  const float half_lane = 0.5f * static_cast<float>(lane);
+  o[10 * 32 + lane] = __float_as_int(__shfl_xor_sync(0xffffffffu, half_lane, 1));
 }
 
 // Threads >= live return at once; the rest pass two barriers around a shared-memory exchange and

@@ -14,7 +14,9 @@ int dart_emu_topk_indices(int dtype, const void* scores, long long rows, int N, 
     using T = typename decltype(tag)::type;
     const T* s = static_cast<const T*>(scores);
     auto* o = reinterpret_cast<int64_t*>(out);
-    if (block == 0) return dart::kernels::launch_topk_indices<T>(s, rows, N, k, o, num_sms, nullptr);
+    if (block == 0) {
+      return dart::kernels::launch_topk_indices<T>(s, rows, N, k, o, num_sms, nullptr);
+    }
     return dart::kernels::launch_topk_indices_block<T>(s, rows, N, k, o, block, nullptr);
   });
 }
