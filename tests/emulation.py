@@ -12,7 +12,10 @@ rerun reuses. Configurations:
   random schedule of threads and blocks).
 
 Entry points are ``extern "C"`` functions returning a ``cudaError_t``; ``check`` turns a non-zero
-one into ``EmulationError`` with the message the emulation recorded (which thread, what).
+one into ``EmulationError`` with the message the emulation recorded (which thread, what). A kernel
+family gets its entry points in its own ``csrc/emu/<family>.cpp`` (including the ``.cuh``, calling
+its host launcher), and its test module goes into ``EMULATED_TEST_MODULES`` and calls
+``reset_schedule()`` from an autouse fixture.
 """
 
 from __future__ import annotations
