@@ -4,10 +4,10 @@
 //   1. radix select (8 bits per pass, MSB first, early exit) finds the key of the k-th largest
 //      value: each pass histograms, into 256 shared-memory bins, the digit of the elements whose
 //      higher digits equal the prefix selected so far, then one warp finds the bin holding the
-//      k-th element. The histogram is warp-aggregated (__match_any_sync: one atomic per distinct
-//      bin per warp), because real DART scores are positive with a narrow exponent range and
-//      many ties: per-element atomics would pile onto a few bins and serialise. Only the key
-//      bits the element type can set are visited (bf16: 2 passes, fp16: 3, fp32: 4).
+//      k-th element. The histogram is warp-aggregated (__match_any_sync, sm_70+: one atomic per
+//      distinct bin per warp), because real DART scores are positive with a narrow exponent
+//      range and many ties: per-element atomics would pile onto a few bins and serialise. Only
+//      the key bits the element type can set are visited (bf16: 2 passes, fp16: 3, fp32: 4).
 //   2. a stable compaction writes, in ascending index order, every index whose key is above the
 //      threshold plus the lowest-index `remaining` ones equal to it (ties: the lower index wins).
 //      Each thread owns a contiguous chunk of the row; one block-wide exclusive scan of the
