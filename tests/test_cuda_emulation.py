@@ -325,12 +325,14 @@ def test_topk_rows_are_independent():
 
 
 @pytest.mark.parametrize(
-    "rows,n,expected_block", [(2, 4096, 1024), (2, 4095, 256), (300, 8192, 256)]
+    "rows,n,num_sms,expected_block",
+    [(2, 4096, 132, 1024), (2, 4095, 132, 256), (8, 4096, 4, 1024), (9, 4096, 4, 256)],
 )
-def test_topk_launcher_picks_the_block_size(rows, n, expected_block):
+def test_topk_launcher_picks_the_block_size(rows, n, num_sms, expected_block):
+    """One 1024-thread CTA per row for few long rows (decode), 256 threads otherwise."""
     x = np.random.default_rng(0).standard_normal((rows, n)).astype(np.float32)
     emu.reset_counters()
-    out = run_topk(x, "float32", 5, 0, num_sms=132)
+    out = run_topk(x, "float32", 5, 0, num_sms=num_sms)
     assert emu.counter("threads") == rows * expected_block
     np.testing.assert_array_equal(out, topk_reference(x, 5))
 
