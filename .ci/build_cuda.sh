@@ -95,6 +95,8 @@ CHECK="$BUILD/kernels_check.cu"
 // explicit instantiations: every launcher for one element type (bf16)
 namespace dart { namespace kernels {
 template cudaError_t launch_topk_indices<__nv_bfloat16>(const __nv_bfloat16*, int64_t, int, int, int64_t*, int, cudaStream_t);
+template cudaError_t launch_topk_indices_block<__half>(const __half*, int64_t, int, int, int64_t*, int, cudaStream_t);
+template cudaError_t launch_topk_indices_block<float>(const float*, int64_t, int, int, int64_t*, int, cudaStream_t);
 template FfnPlan plan_ffn_decode<__nv_bfloat16>(int, int, int64_t, int64_t, bool, int, size_t);
 template cudaError_t launch_ffn_decode<__nv_bfloat16, true>(FfnParams, const FfnPlan&, int, cudaStream_t);
 template cudaError_t launch_ffn_decode<__nv_bfloat16, false>(FfnParams, const FfnPlan&, int, cudaStream_t);

@@ -18,7 +18,8 @@ at::Tensor topk_indices_cuda(const at::Tensor& scores, int64_t k) {
   const int64_t N = scores.size(-1);
   TORCH_CHECK(k >= 1 && k <= N, op, ": k must satisfy 1 <= k <= N (N = scores.size(-1) = ", N,
               "), got k = ", k);
-  TORCH_CHECK(N <= INT_MAX, op, ": rows longer than INT_MAX scores are not supported");
+  TORCH_CHECK(N <= kernels::kTopkMaxN, op, ": rows longer than ", kernels::kTopkMaxN,
+              " scores are not supported, got N = ", N);
 
   c10::cuda::CUDAGuard guard(scores.device());
   std::vector<int64_t> out_sizes = scores.sizes().vec();

@@ -4,11 +4,39 @@
 // Everything here compiles with nvcc alone (no torch / ATen headers) and also under the
 // flags torch's cpp_extension passes (-D__CUDA_NO_HALF_OPERATORS__,
 // -D__CUDA_NO_BFLOAT16_CONVERSIONS__, ...): conversions only use the explicit intrinsics.
+//
+// Kernel source convention: every csrc/kernels/*.cuh compiles unchanged with nvcc AND with a
+// host C++ compiler against the CPU emulation of the CUDA execution model (csrc/emu/, built with
+// -DDART_CUDA_EMULATION by tests/emulation.py). To keep it so:
+//   - launch kernels with DART_LAUNCH(grid, block, smem_bytes, stream, kernel)(args...), never
+//     with <<<...>>>; the kernel comes last so that a template-id with commas needs no
+//     parentheses: DART_LAUNCH(grid, 256, 0, stream, topk_kernel<T, 256>)(scores, n, out);
+//   - declare dynamic shared memory with DART_DYNAMIC_SMEM(type, name); inside the kernel (a
+//     16-byte aligned `type name[]`; several declarations alias the same bytes, as in CUDA);
+//     static shared memory is a plain `__shared__ T name[N];` at kernel scope, never
+//     initialised in its declaration (the emulation keeps one copy across blocks, so a read
+//     before the block's first write is a bug the emulation does NOT catch there);
+//   - check arguments on the device with DART_DEVICE_CHECK (a failed launch with the message,
+//     in the emulation as on the GPU);
+//   - warp collectives (__shfl*_sync, __ballot_sync, __match_any_sync, __syncwarp, ...) with
+//     the full mask 0xffffffff, reached by all 32 lanes (no early return before them); the
+//     emulation fails the launch otherwise;
+//   - no inline PTX (asm): use intrinsics that csrc/emu/cuda_emu.h provides (add a missing one
+//     there with its exact CUDA semantics); no __CUDA_ARCH__ branches that change results;
+//   - loads/stores of vectors go through aligned pointers (the emulation checks the alignment
+//     of __ldg/__ldcs/__ldcg/__stcg and atomics; UBSan checks plain typed accesses).
 #pragma once
 
+#if defined(DART_CUDA_EMULATION)
+#include "../emu/cuda_emu.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#define DART_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define DART_DYNAMIC_SMEM(type, name) extern __shared__ __align__(16) type name[]
+#endif
 
 #include <cstdint>
 
@@ -35,7 +63,7 @@ extern "C" __device__ void __assert_fail(const char* assertion, const char* file
                     __func__);                                                         \
     }                                                                                  \
   } while (0)
-#else
+#elif !defined(DART_CUDA_EMULATION)  // nvcc's host pass: kernels are not compiled there
 #define DART_DEVICE_CHECK(cond, msg) \
   do {                               \
   } while (0)

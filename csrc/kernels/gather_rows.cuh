@@ -91,19 +91,19 @@ inline cudaError_t launch_gather_rows(const GatherParams& p, cudaStream_t stream
   const dim3 block(kGatherWarpsPerCta * kWarp);
   switch (gather_unit_bytes(p)) {
     case 16:
-      gather_rows_kernel<uint4><<<grid, block, 0, stream>>>(p);
+      DART_LAUNCH(grid, block, 0, stream, gather_rows_kernel<uint4>)(p);
       break;
     case 8:
-      gather_rows_kernel<uint2><<<grid, block, 0, stream>>>(p);
+      DART_LAUNCH(grid, block, 0, stream, gather_rows_kernel<uint2>)(p);
       break;
     case 4:
-      gather_rows_kernel<uint32_t><<<grid, block, 0, stream>>>(p);
+      DART_LAUNCH(grid, block, 0, stream, gather_rows_kernel<uint32_t>)(p);
       break;
     case 2:
-      gather_rows_kernel<uint16_t><<<grid, block, 0, stream>>>(p);
+      DART_LAUNCH(grid, block, 0, stream, gather_rows_kernel<uint16_t>)(p);
       break;
     default:
-      gather_rows_kernel<uint8_t><<<grid, block, 0, stream>>>(p);
+      DART_LAUNCH(grid, block, 0, stream, gather_rows_kernel<uint8_t>)(p);
       break;
   }
   return cudaGetLastError();

@@ -1,10 +1,13 @@
 // topk_indices: the k largest scores of each row, as indices sorted ascending (memory order).
 //
 // One CTA per row:
-//   1. radix select (4 passes x 8 bits, MSB first, early exit) finds the key of the k-th largest
+//   1. radix select (8 bits per pass, MSB first, early exit) finds the key of the k-th largest
 //      value: each pass histograms, into 256 shared-memory bins, the digit of the elements whose
 //      higher digits equal the prefix selected so far, then one warp finds the bin holding the
-//      k-th element.
+//      k-th element. The histogram is warp-aggregated (__match_any_sync, sm_70+: one atomic per
+//      distinct bin per warp), because real DART scores are positive with a narrow exponent
+//      range and many ties: per-element atomics would pile onto a few bins and serialise. Only
+//      the key bits the element type can set are visited (bf16: 2 passes, fp16: 3, fp32: 4).
 //   2. a stable compaction writes, in ascending index order, every index whose key is above the
 //      threshold plus the lowest-index `remaining` ones equal to it (ties: the lower index wins).
 //      Each thread owns a contiguous chunk of the row; one block-wide exclusive scan of the
@@ -13,6 +16,8 @@
 // to an order-preserving uint32. The row is re-read from global memory each pass (L1/L2
 // resident for rows up to a few hundred KB).
 #pragma once
+
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -24,6 +29,17 @@ __device__ __forceinline__ uint32_t topk_key(float f) {
   if (f == 0.0f) f = 0.0f;    // -0 == +0 (a tie, resolved by index)
   const uint32_t u = __float_as_uint(f);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Longest row: the index arithmetic (i + BLOCK, N + BLOCK - 1) stays inside int.
+constexpr int kTopkMaxN = 1 << 30;
+
+// Shift of the last radix pass: below it every key of an element type is the same function of
+// the sign (fp32 bits 15..0 are zero for a bf16 value, bits 12..0 for an fp16 one), so a pass
+// there would only count the whole bucket into one bin.
+template <typename T>
+constexpr int topk_last_shift() {
+  return sizeof(T) == 4 ? 0 : std::is_same<T, __nv_bfloat16>::value ? 16 : 8;
 }
 
 // Block-wide exclusive scan of two counters. Must be called by all threads of the block.
@@ -90,13 +106,23 @@ __global__ void __launch_bounds__(BLOCK)
   int remaining = k;
 
   // ---- 1. radix select -------------------------------------------------------------------
+  const int warp = tid / kWarp;
 #pragma unroll 1
-  for (int shift = 24; shift >= 0; shift -= 8) {
+  for (int shift = 24; shift >= topk_last_shift<T>(); shift -= 8) {
     if (tid < 256) hist[tid] = 0;
     __syncthreads();
-    for (int i = tid; i < N; i += BLOCK) {
-      const uint32_t key = topk_key(to_float<T>(s[i]));
-      if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 0xffu], 1);
+    // `base` is uniform across the warp, so all 32 lanes reach the match together.
+    for (int base = warp * kWarp; base < N; base += BLOCK) {
+      const int i = base + lane;
+      uint32_t bin = 0xffffffffu;  // out of range or outside the selected prefix: no bin
+      if (i < N) {
+        const uint32_t key = topk_key(to_float<T>(s[i]));
+        if ((key & mask) == prefix) bin = (key >> shift) & 0xffu;
+      }
+      const unsigned peers = __match_any_sync(0xffffffffu, bin);
+      if (bin != 0xffffffffu && lane == __ffs(static_cast<int>(peers)) - 1) {
+        atomicAdd(&hist[bin], __popc(peers));
+      }
     }
     __syncthreads();
     if (tid < kWarp) {
@@ -159,21 +185,35 @@ __global__ void __launch_bounds__(BLOCK)
   }
 }
 
-// scores: [rows, N] contiguous; out: [rows, k] contiguous int64. Requires 1 <= k <= N < 2^31.
+// Few rows (decode): one big CTA per row for latency; many rows: smaller CTAs, more per SM.
+inline int topk_block_size(int64_t rows, int N, int num_sms) {
+  return rows <= 2LL * num_sms && N >= 4096 ? 1024 : 256;
+}
+
+// scores: [rows, N] contiguous; out: [rows, k] contiguous int64. Requires 1 <= k <= N <= 2^30.
+// block: 256 or 1024 threads per row.
+template <typename T>
+cudaError_t launch_topk_indices_block(const T* scores, int64_t rows, int N, int k, int64_t* out,
+                                      int block, cudaStream_t stream) {
+  if (rows <= 0) return cudaSuccess;
+  if (k < 1 || k > N || N > kTopkMaxN) return cudaErrorInvalidValue;
+  if (rows > 0x7fffffffLL) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(rows));
+  if (block == 1024) {
+    DART_LAUNCH(grid, 1024, 0, stream, topk_indices_kernel<T, 1024>)(scores, N, k, out);
+  } else if (block == 256) {
+    DART_LAUNCH(grid, 256, 0, stream, topk_indices_kernel<T, 256>)(scores, N, k, out);
+  } else {
+    return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t launch_topk_indices(const T* scores, int64_t rows, int N, int k, int64_t* out,
                                 int num_sms, cudaStream_t stream) {
-  if (rows <= 0) return cudaSuccess;
-  if (k < 1 || k > N) return cudaErrorInvalidValue;
-  if (rows > 0x7fffffffLL) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(rows));
-  // Few rows (decode): one big CTA per row for latency; many rows: smaller CTAs, more per SM.
-  if (rows <= 2LL * num_sms && N >= 4096) {
-    topk_indices_kernel<T, 1024><<<grid, 1024, 0, stream>>>(scores, N, k, out);
-  } else {
-    topk_indices_kernel<T, 256><<<grid, 256, 0, stream>>>(scores, N, k, out);
-  }
-  return cudaGetLastError();
+  return launch_topk_indices_block<T>(scores, rows, N, k, out, topk_block_size(rows, N, num_sms),
+                                      stream);
 }
 
 }  // namespace kernels
