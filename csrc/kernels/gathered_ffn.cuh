@@ -81,13 +81,16 @@ struct FfnPlan {
 // ---------------------------------------------------------------------------------------------
 // Compile-time shapes of the two kernels (shared by the kernels, the plan and the launcher).
 // ---------------------------------------------------------------------------------------------
-// Phase 1: neurons per warp unit. The warp sums V = NPW * MAXT (x2 for GLU) values at the end of
-// a unit; V <= 32 keeps them in registers and lets one transpose-reduce serve them all.
+// Phase 1: neurons per warp unit (a power of two, 1 to 4). A lane holds NPW * MAXT (x2 for GLU)
+// accumulators and, per row, the VE converted weights of the vector in use; keeping
+// rows * (MAXT + VE) <= 36 fits them with 8 vector loads in flight per lane in 128 registers
+// (2 CTAs per SM; checked with ptxas -v at sm_90: no spills below MAXT = 16). The warp sums the
+// V = rows * MAXT values of a unit with one transpose-reduce (V <= 32).
 template <bool GLU>
-constexpr int phase1_npw(int maxt) {
-  const int pref = GLU ? 2 : 4;  // 4 rows per unit either way: GLU gate+up of 2 neurons
-  const int fit = 32 / (maxt * (GLU ? 2 : 1));
-  return pref < fit ? pref : (fit < 1 ? 1 : fit);
+constexpr int phase1_npw(int maxt, int ve) {
+  const int rows = 36 / (maxt + ve);
+  const int fit = rows / (GLU ? 2 : 1);
+  return fit >= 4 ? 4 : fit >= 2 ? 2 : 1;
 }
 
 // Phase 2: elements per lane per row; MAXT * VE accumulators per lane stay <= 32.
@@ -153,10 +156,11 @@ template <typename T, bool GLU, int MAXT, int VE>
 __global__ void __launch_bounds__(kFfnThreads, 2) ffn_phase1_kernel(FfnParams p) {
   DART_DYNAMIC_SMEM(unsigned char, smem_raw);
   T* xs = reinterpret_cast<T*>(smem_raw);
-  constexpr int NPW = phase1_npw<GLU>(MAXT);
+  constexpr int NPW = phase1_npw<GLU>(MAXT, VE);
   constexpr int ROWS = NPW * (GLU ? 2 : 1);
   constexpr int U = kPhase1LoadsPerLane / ROWS > 0 ? kPhase1LoadsPerLane / ROWS : 1;
   constexpr int V = ROWS * MAXT;  // values summed over the warp per unit
+  static_assert(V <= 32, "one transpose-reduce per unit");
   const int tid = threadIdx.x;
   const int lane = tid % kWarp;
   const int warp = tid / kWarp;
@@ -273,7 +277,10 @@ __global__ void __launch_bounds__(kFfnThreads, 2) ffn_phase1_kernel(FfnParams p)
         if constexpr (GLU) {
           hv = act_apply(p.act, total) * up;
         } else {
-          const float bias = b1 != nullptr ? to_float<T>(b1[rows[n]]) : 0.0f;
+          int64_t row = rows[0];
+#pragma unroll
+          for (int m = 1; m < NPW; ++m) row = m == n ? rows[m] : row;  // no local-memory index
+          const float bias = b1 != nullptr ? to_float<T>(b1[row]) : 0.0f;
           hv = act_apply(p.act, total + bias);
         }
         hg[static_cast<int64_t>(t) * k + j] = hv;
@@ -406,7 +413,9 @@ __global__ void __launch_bounds__(kFfnThreads, 2) ffn_phase2_kernel(FfnParams p)
 
   if (p.splits == 1) {
     if (warp == 0 && col_ok) {
-      for (int t = 0; t < Mc; ++t) {
+#pragma unroll
+      for (int t = 0; t < MAXT; ++t) {
+        if (t >= Mc) break;
         Vec<T, VE> out;
 #pragma unroll
         for (int e = 0; e < VE; ++e) {
@@ -424,7 +433,9 @@ __global__ void __launch_bounds__(kFfnThreads, 2) ffn_phase2_kernel(FfnParams p)
   const int64_t tiles_per_split = static_cast<int64_t>(p.G) * p.ntiles;
   float* const tile_base = p.partial + (static_cast<int64_t>(g) * p.ntiles + tile) * tile_floats;
   if (warp == 0) {
-    for (int t = 0; t < Mc; ++t) {
+#pragma unroll
+    for (int t = 0; t < MAXT; ++t) {
+      if (t >= Mc) break;
       store_floats_cg<VE>(tile_base + split * tiles_per_split * tile_floats + t * TILE + lane * VE,
                           acc[t]);
     }
@@ -595,7 +606,7 @@ cudaError_t launch_ffn_decode_impl(const FfnParams& p, const FfnPlan& plan, int 
   cudaError_t err = cached_occupancy(k1, plan.smem1, plan.smem_cap, &occ);
   if (err != cudaSuccess) return err;
   // a persistent grid: the resident CTAs, no more than the units need
-  const int64_t units = ceil_div(p.k, phase1_npw<GLU>(MAXT));
+  const int64_t units = ceil_div(p.k, phase1_npw<GLU>(MAXT, VE1));
   int64_t gx = ceil_div(static_cast<int64_t>(num_sms) * occ, p.G);
   const int64_t gmax = ceil_div(units, kFfnWarps);
   if (gx > gmax) gx = gmax;
