@@ -304,7 +304,8 @@ def test_vector_path_faults_on_a_misaligned_row_stride():
     [
         (1, 1, 1),  # one neuron: a unit of NPW with NPW - 1 dead neurons
         (7, 2, 1),  # k not a multiple of NPW
-        (300, 1, 1),  # one split longer than a slab (kFfnSlabRows = 256): two slabs
+        (1100, 1, 1),  # one split longer than a slab (1024 neurons at 1 token): two slabs
+        (300, 16, 1),  # the same at 16 tokens (slabs of 256)
         (600, 2, 0),  # the plan's own split count, ragged last split
         (130, 4, 2),  # last split of 2 neurons
     ],
@@ -356,15 +357,18 @@ def test_split_count_changes_only_rounding():
     assert not np.array_equal(ys[1], ys[8])  # really different reductions
 
 
-def test_plan_uses_few_neurons_per_split_and_bounded_partial_traffic():
-    """Llama-3.1-8B shapes on 132 SMs: enough CTAs for ~4 per SM, chunks of >= 64 neurons,
-    the partials' traffic under 1/8 of the down rows'."""
-    for tokens, keep in [(1, 0.3), (1, 0.7), (4, 0.5), (7, 0.5)]:
-        c = Case(dtype="bfloat16", tokens=tokens, d=4096, n=14336, k=int(keep * 14336))
+def test_plan_fills_whole_waves_with_bounded_partial_traffic():
+    """Llama-3.1-8B shapes on 132 SMs (2 phase-2 CTAs each): the split count fills >= 90% of
+    the resident CTA slots of every wave, >= 64 neurons a split, the partials' traffic under
+    1/8 of the down rows'."""
+    for tokens, keep in [(1, 0.3), (1, 0.5), (1, 0.7), (2, 0.5), (4, 0.5), (7, 0.3)]:
+        c = Case(dtype="bfloat16", tokens=tokens, d=4096, n=14336, k=round(keep * 14336))
         plan = plan_of(Case(**{**c.__dict__, "num_sms": 132}))
-        assert plan["ok"] and plan["vec"] and plan["chunk"] % 64 == 0
+        assert plan["ok"] and plan["vec"] and plan["chunk"] % 8 == 0 and plan["chunk"] >= 64
         ctas = plan["ntiles"] * plan["splits"]
-        assert ctas >= 2 * 132 or plan["chunk"] == 64
+        waves = -(-ctas // 264)
+        fill = c.k * plan["ntiles"] / (waves * 264 * plan["chunk"])
+        assert fill >= 0.9, (tokens, keep, plan, fill)
         partial_bytes = 2 * plan["splits"] * tokens * c.d * 4
         assert partial_bytes <= c.k * c.d * 2 / 8
 

@@ -13,7 +13,8 @@
 //            fp32. CTA (0,0) also zeroes the split-K tickets of phase 2 (no memset node).
 //   phase 2  down: split-K over the kept neurons. CTA (column tile of 32*VE columns, split,
 //            group) stages its split's row offsets and h (fp32, token-minor, zero-padded to
-//            MAXT tokens) in shared memory once per slab of kFfnSlabRows neurons, then each warp
+//            MAXT tokens) in shared memory once per slab of phase2_slab_rows(MAXT) neurons (one
+//            slab per CTA at the usual split sizes), then each warp
 //            keeps U >= 8 down rows in flight (one warp-wide segment per row) and accumulates
 //            h * row in registers. The 8 warps are summed by a fixed-order tree in shared
 //            memory; the CTA writes its tile of partials (tile-contiguous, float4-aligned); the
@@ -36,8 +37,9 @@ namespace kernels {
 constexpr int kFfnThreads = 256;
 constexpr int kFfnWarps = kFfnThreads / kWarp;
 constexpr int kDecodeMaxTokens = 16;  // tokens sharing one index set the decode kernels take
-constexpr int kFfnSlabRows = 256;  // phase 2: neurons whose offsets and h are staged at once
-constexpr int kFfnChunkQuantum = 64;  // phase 2: split sizes are multiples of this
+constexpr int kFfnMinChunk = 64;  // phase 2: fewest neurons per split (staging is amortised)
+constexpr int kFfnChunkQuantum = kFfnWarps;  // phase 2: split sizes are multiples of this
+constexpr int kPhase2CtasPerSm = 2;  // __launch_bounds__(kFfnThreads, 2): resident CTAs per SM
 constexpr int kPhase1LoadsPerLane = 8;  // phase 1: vector loads in flight per lane
 constexpr int kPhase2BytesPerLane = 128;  // phase 2: bytes of down rows in flight per lane
 
@@ -100,6 +102,10 @@ constexpr int phase2_ve(int maxt, bool vec) {
   const int fit = 32 / maxt;
   return !vec ? 1 : (full < fit ? full : fit);
 }
+
+// Phase 2: neurons staged at once (offsets 8 B + h 4 MAXT B each: 12-18 KB of static shared
+// memory, with the reduction buffer under 48 KB).
+constexpr int phase2_slab_rows(int maxt) { return maxt <= 2 ? 1024 : maxt <= 8 ? 512 : 256; }
 
 // Phase 2: rows in flight per warp (kPhase2BytesPerLane per lane, between 8 and 16 rows).
 template <typename T>
@@ -317,8 +323,9 @@ __global__ void __launch_bounds__(kFfnThreads, 2) ffn_phase2_kernel(FfnParams p)
   constexpr int kRedFloats =
       kTreeSlots * MAXT * TILE > kFfnThreads * 4 ? kTreeSlots * MAXT * TILE : kFfnThreads * 4;
   static_assert(MAXT * VE <= 32, "phase 2 keeps MAXT * VE accumulators per lane");
-  __shared__ int64_t s_off[kFfnSlabRows];  // row offsets (elements) of the slab's neurons
-  __shared__ float s_h[kFfnSlabRows * MAXT];  // h of the slab, token-minor, 0 past Mc
+  constexpr int SLAB = phase2_slab_rows(MAXT);
+  __shared__ int64_t s_off[SLAB];  // row offsets (elements) of the slab's neurons
+  __shared__ float s_h[SLAB * MAXT];  // h of the slab, token-minor, 0 past Mc
   __shared__ __align__(16) float s_red[kRedFloats];
   __shared__ int s_last;
 
@@ -348,8 +355,8 @@ __global__ void __launch_bounds__(kFfnThreads, 2) ffn_phase2_kernel(FfnParams p)
 #pragma unroll
     for (int e = 0; e < VE; ++e) acc[t][e] = 0.0f;
 
-  for (int64_t s0 = j0; s0 < j1; s0 += kFfnSlabRows) {
-    const int n = static_cast<int>(j1 - s0 < kFfnSlabRows ? j1 - s0 : kFfnSlabRows);
+  for (int64_t s0 = j0; s0 < j1; s0 += SLAB) {
+    const int n = static_cast<int>(j1 - s0 < SLAB ? j1 - s0 : SLAB);
     __syncthreads();  // the previous slab is consumed
     for (int r = tid; r < n; r += kFfnThreads) {
       const int64_t row = load_index(p, idx_base + s0 + r);
@@ -512,15 +519,19 @@ __global__ void __launch_bounds__(kFfnThreads, 2) ffn_phase2_kernel(FfnParams p)
 // ---------------------------------------------------------------------------------------------
 inline size_t align_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
 
-// Fixes the plan's split-K factor (clamped to [1, k / kFfnChunkQuantum] unless 1) and what
-// follows from it: neurons per split and the workspace layout.
+// Neurons per split for a requested split count: a multiple of kFfnChunkQuantum (k for one).
+inline int64_t split_chunk(int64_t k, int64_t splits) {
+  return splits <= 1 ? k : ceil_div(ceil_div(k, splits), kFfnChunkQuantum) * kFfnChunkQuantum;
+}
+
+// Fixes the plan's split-K factor (clamped to [1, k / kFfnMinChunk]) and what follows from it:
+// neurons per split and the workspace layout.
 inline void plan_set_splits(FfnPlan& plan, int G, int Mc, int64_t k, int64_t splits) {
-  const int64_t max_splits = k / kFfnChunkQuantum;
+  const int64_t max_splits = k / kFfnMinChunk;
   if (splits > max_splits) splits = max_splits;
   if (splits > 65535) splits = 65535;
   if (splits < 1) splits = 1;
-  plan.chunk = splits == 1 ? k
-                           : ceil_div(ceil_div(k, splits), kFfnChunkQuantum) * kFfnChunkQuantum;
+  plan.chunk = split_chunk(k, splits);
   plan.splits = static_cast<int>(ceil_div(k, plan.chunk));
   const size_t rows = static_cast<size_t>(G) * Mc;
   const size_t tile = static_cast<size_t>(kWarp) * plan.ve2;
@@ -534,6 +545,26 @@ inline void plan_set_splits(FfnPlan& plan, int G, int Mc, int64_t k, int64_t spl
   plan.counters_off = off;
   if (plan.splits > 1) off = align_up(off + static_cast<size_t>(G) * plan.ntiles * sizeof(int), 256);
   plan.ws_bytes = off;
+}
+
+// The split count for phase 2: the fewest splits (the least partial traffic, the fewest CTA
+// start-ups and reductions) whose CTAs fill whole waves of resident CTAs within 3% of the best
+// split count's fill. Fill = useful neuron rows over (waves * resident CTAs * rows per CTA): it
+// counts both the last wave's idle slots and a short last split.
+inline int64_t best_splits(int64_t k, int64_t ctas_per_split, int64_t max_splits, int num_sms) {
+  const int64_t slots = static_cast<int64_t>(kPhase2CtasPerSm) * num_sms;
+  auto fill = [&](int64_t s) {
+    const int64_t chunk = split_chunk(k, s);
+    const int64_t ctas = ceil_div(k, chunk) * ctas_per_split;
+    return static_cast<double>(k) * ctas_per_split /
+           (static_cast<double>(ceil_div(ctas, slots) * slots) * chunk);
+  };
+  double best = 0.0;
+  for (int64_t s = 1; s <= max_splits; ++s) best = fill(s) > best ? fill(s) : best;
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    if (fill(s) >= best - 0.03) return s;
+  }
+  return 1;
 }
 
 // `vec_ok`: x, y, every weight/bias pointer and every row stride are 16-byte aligned and
@@ -554,11 +585,11 @@ FfnPlan plan_ffn_decode(int G, int Mc, int64_t d, int64_t k, bool vec_ok, int nu
                       : Mc <= 1 ? 1 : Mc <= 2 ? 2 : Mc <= 4 ? 4 : Mc <= 8 ? 8 : 16;
   plan.ve2 = phase2_ve<T>(plan.maxt, vec_ok);
   plan.ntiles = static_cast<int>(ceil_div(d, static_cast<int64_t>(kWarp) * plan.ve2));
-  // split-K: fill ~4 CTAs per SM, keep the partial traffic (2 * splits * Mc * d * 4 bytes)
-  // under 1/8 of the down rows' bytes (k * d * sizeof(T)); >= kFfnChunkQuantum neurons a split
-  int64_t splits = ceil_div(4LL * num_sms, static_cast<int64_t>(plan.ntiles) * G);
+  int64_t max_splits = k / kFfnMinChunk;
   const int64_t by_traffic = static_cast<int64_t>(k * sizeof(T)) / (64LL * Mc);
-  if (splits > by_traffic) splits = by_traffic;
+  if (max_splits > by_traffic) max_splits = by_traffic;
+  if (max_splits > 65535) max_splits = 65535;
+  const int64_t splits = best_splits(k, static_cast<int64_t>(plan.ntiles) * G, max_splits, num_sms);
   plan_set_splits(plan, G, Mc, k, splits);
   return plan;
 }
