@@ -135,6 +135,20 @@ def test_atomics_count_every_thread_of_every_block():
     assert i[0] == 7 * 96 and u[0] == 7 * 96 and f[0] == 0.5 * 7 * 96
 
 
+@pytest.mark.parametrize("schedule", ["forward", "reverse", "random"])
+def test_atomics_votes_and_bit_intrinsics(schedule):
+    emu.set_schedule(schedule, seed=3)
+    t = np.arange(64)
+    out = np.array([0, -1, 10**6, 0, -1, 0, 0, 0] + [0] * 8, dtype=np.int32)
+    launch(emu.library().dart_emu_selftest_atomics_family(emu.ptr(out)))
+    bits = np.bitwise_or.reduce(1 << (t % 31))
+    assert out[0] == -t.sum() and out[1] == ((t * 37) % 101).max() and out[2] == 1000 - 63
+    assert out[3] == bits and out[4] == ~bits and out[5] == np.bitwise_xor.reduce(t)
+    assert out[6] == 1234 and 1 <= out[7] <= 64  # the CAS chain depends on the order
+    assert list(out[8:11]) == [0, 1, 10]
+    assert list(out[12:16]) == [np.int32(np.uint32(0x80000000)), 31, 4, 8]
+
+
 @pytest.mark.parametrize(
     "which,code,words",
     [
@@ -145,6 +159,7 @@ def test_atomics_count_every_thread_of_every_block():
         (5, 710, "lane 7 is out of range"),
         (6, 716, "__stcg"),
         (7, 716, "atomicAdd"),
+        (8, 801, "__activemask"),
     ],
 )
 def test_misuse_fails_the_launch_with_a_message(which, code, words):
@@ -325,12 +340,14 @@ def test_topk_rows_are_independent():
 
 
 @pytest.mark.parametrize(
-    "rows,n,expected_block", [(2, 4096, 1024), (2, 4095, 256), (300, 8192, 256)]
+    "rows,n,num_sms,expected_block",
+    [(2, 4096, 132, 1024), (2, 4095, 132, 256), (8, 4096, 4, 1024), (9, 4096, 4, 256)],
 )
-def test_topk_launcher_picks_the_block_size(rows, n, expected_block):
+def test_topk_launcher_picks_the_block_size(rows, n, num_sms, expected_block):
+    """One 1024-thread CTA per row for few long rows (decode), 256 threads otherwise."""
     x = np.random.default_rng(0).standard_normal((rows, n)).astype(np.float32)
     emu.reset_counters()
-    out = run_topk(x, "float32", 5, 0, num_sms=132)
+    out = run_topk(x, "float32", 5, 0, num_sms=num_sms)
     assert emu.counter("threads") == rows * expected_block
     np.testing.assert_array_equal(out, topk_reference(x, 5))
 

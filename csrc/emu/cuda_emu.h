@@ -173,7 +173,7 @@ enum class WarpOp : int {
   kReduceXor,
 };
 uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t value, int arg, int width);
-unsigned active_mask();
+[[noreturn]] unsigned active_mask();
 
 cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int value);
 cudaError_t occupancy(int* blocks, const void* kernel, int block_size, size_t smem);
@@ -353,20 +353,6 @@ DART_EMU_STORE(__stcs)
 DART_EMU_STORE(__stwb)
 DART_EMU_STORE(__stwt)
 #undef DART_EMU_STORE
-
-// <cuda_pipeline_primitives.h>: the copies complete at once (waits are no-ops).
-inline void __pipeline_memcpy_async(void* dst, const void* src, size_t bytes,
-                                    size_t src_zfill = 0) {
-  if (bytes != 4 && bytes != 8 && bytes != 16) {
-    ::dart_emu::fail(cudaErrorInvalidValue, "__pipeline_memcpy_async: size must be 4, 8 or 16");
-  }
-  ::dart_emu::check_aligned(dst, bytes, "__pipeline_memcpy_async (dst)");
-  ::dart_emu::check_aligned(src, bytes, "__pipeline_memcpy_async (src)");
-  std::memcpy(dst, src, bytes - src_zfill);
-  std::memset(static_cast<char*>(dst) + (bytes - src_zfill), 0, src_zfill);
-}
-inline void __pipeline_commit() {}
-inline void __pipeline_wait_prior(size_t) {}
 
 // ---------------------------------------------------------------------------------------------
 // Atomics (device scope, relaxed on hardware; sequentially consistent here)

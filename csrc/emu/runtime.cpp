@@ -622,15 +622,10 @@ uint64_t warp_exchange(WarpOp op, unsigned mask, uint64_t value, int arg, int wi
   return f->result;
 }
 
+// Which lanes run converged is a property of the hardware's scheduler that fibers do not model.
 unsigned active_mask() {
-  Runtime& r = rt();
-  Fiber* f = r.current;
-  if (f == nullptr) fail(cudaErrorLaunchFailure, "__activemask outside a kernel");
-  unsigned m = 0;
-  for (int l = 0; l < r.warp_size[f->warp]; ++l) {
-    m |= (r.fibers[f->warp * 32 + l].state != State::kExited ? 1u : 0u) << l;
-  }
-  return m;
+  fail(cudaErrorNotSupported,
+       "__activemask: convergence is not modelled by the emulation (use a full-mask collective)");
 }
 
 cudaError_t func_set_attribute(const void* kernel, cudaFuncAttribute attr, int value) {

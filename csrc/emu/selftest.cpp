@@ -48,10 +48,36 @@ __global__ void atomics_kernel(int* icount, float* fcount, unsigned long long* u
   __threadfence();
 }
 
+// out[0..7]: the atomics family (every thread contributes), out[8..10]: __syncthreads_and /
+// _or / _count, out[12..15]: bit intrinsics.
+__global__ void atomics_family_kernel(int* out) {
+  const int t = static_cast<int>(threadIdx.x);
+  atomicSub(out + 0, t);
+  atomicMax(out + 1, (t * 37) % 101);
+  atomicMin(out + 2, 1000 - t);
+  atomicOr(out + 3, 1 << (t % 31));
+  atomicAnd(out + 4, ~(1 << (t % 31)));
+  atomicXor(out + 5, t);
+  if (t == 17) atomicExch(out + 6, 1234);
+  atomicCAS(out + 7, t, t + 1);  // a chain: succeeds for t = out[7] at the time of the call
+  const int all_even = __syncthreads_and(t % 2 == 0);
+  const int any_big = __syncthreads_or(t == 63);
+  const int n_small = __syncthreads_count(t < 10);
+  if (t == 0) {
+    out[8] = all_even;
+    out[9] = any_big;
+    out[10] = n_small;
+    out[12] = static_cast<int>(__brev(1u));
+    out[13] = __clz(1);
+    out[14] = __ffs(8);
+    out[15] = __popc(0xf0f0u);
+  }
+}
+
 // Misuses, selected by `which` (the launch must fail):
 //   1 partial mask, 2 shuffle after some lanes of the warp returned, 3 half a warp at a shuffle
 //   and the other half at __syncthreads, 4 misaligned __ldg, 5 device-side check,
-//   6 misaligned __stcg, 7 misaligned atomicAdd.
+//   6 misaligned __stcg, 7 misaligned atomicAdd, 8 __activemask (not modelled).
 __global__ void misuse_kernel(int which, const float* data, int* out) {
   const int lane = static_cast<int>(threadIdx.x % 32);
   switch (which) {
@@ -81,6 +107,9 @@ __global__ void misuse_kernel(int which, const float* data, int* out) {
       break;
     case 7:
       atomicAdd(reinterpret_cast<int*>(reinterpret_cast<char*>(out) + 2), 1);
+      break;
+    case 8:
+      out[lane] = static_cast<int>(__activemask());
       break;
     default:
       break;
@@ -132,6 +161,11 @@ int dart_emu_selftest_atomics(int* icount, float* fcount, unsigned long long* uc
 
 int dart_emu_selftest_misuse(int which, const float* data, int* out) {
   DART_LAUNCH(1, 32, 0, nullptr, misuse_kernel)(which, data, out);
+  return cudaGetLastError();
+}
+
+int dart_emu_selftest_atomics_family(int* out) {
+  DART_LAUNCH(1, 64, 0, nullptr, atomics_family_kernel)(out);
   return cudaGetLastError();
 }
 
