@@ -10,7 +10,8 @@
 # Steps:
 #   build     GPU facts; dart_ext built in place with CUDA (sm_90); the CUDA ops registered;
 #   tests     the CUDA op tests (tests/test_ops_cuda.py: kernel vs reference, opcheck, graphs,
-#             torch.compile, bad input), JUnit XML;
+#             torch.compile, bad input), JUnit XML; then the FFN ones again with the decode
+#             kernels taking every token count they support (DART_CUDA_GEMM_MIN_TOKENS=17);
 #   sanitize  a subset of op calls (every kernel: decode with and without split-K, vector and
 #             fallback paths, int32 and per-sequence idx, the chunked per-sequence GEMM path,
 #             topk, gather) checked against the reference, then under compute-sanitizer
@@ -67,8 +68,14 @@ EOF
 }
 
 step_tests() {
-  run_logged "$OUT/tests.log" "$STEP_TIMEOUT" "$PY" -m pytest -q -m cuda tests/test_ops_cuda.py \
-    -p no:cacheprovider --durations=15 --junitxml="$OUT/tests.xml"
+  local rc=0
+  run_logged "$OUT/tests.log" 300 "$PY" -m pytest -q -m cuda tests/test_ops_cuda.py \
+    -p no:cacheprovider --durations=15 --junitxml="$OUT/tests.xml" || rc=1
+  # the decode kernels at 8 to 16 tokens too (by default those take the GEMM route)
+  DART_CUDA_GEMM_MIN_TOKENS=17 run_logged "$OUT/tests_decode_kernels.log" 160 "$PY" -m pytest \
+    -q -m cuda tests/test_ops_cuda.py -p no:cacheprovider -k "glu or mlp or graph or compile" \
+    --junitxml="$OUT/tests_decode_kernels.xml" || rc=1
+  return $rc
 }
 
 # The sanitizer subset: every CUDA kernel of dart on shapes that keep it short, each result
