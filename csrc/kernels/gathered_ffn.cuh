@@ -13,14 +13,15 @@
 //            fp32. CTA (0,0) also zeroes the split-K tickets of phase 2 (no memset node).
 //   phase 2  down: split-K over the kept neurons. CTA (column tile of 32*VE columns, split,
 //            group) stages its split's row offsets and h (fp32, token-minor, zero-padded to
-//            MAXT tokens) in shared memory once per slab of phase2_slab_rows(MAXT) neurons (one
-//            slab per CTA at the usual split sizes), then each warp
-//            keeps U >= 8 down rows in flight (one warp-wide segment per row) and accumulates
-//            h * row in registers. The 8 warps are summed by a fixed-order tree in shared
-//            memory; the CTA writes its tile of partials (tile-contiguous, float4-aligned); the
-//            last CTA of a tile (atomic ticket) sums the splits in parallel: Q threads per
-//            float4 of output, each over the splits q, q+Q, ... in order, then a fixed-order
-//            tree over q. The result never depends on the order in which CTAs run.
+//            MAXT tokens) in shared memory once per slab of phase2_slab_rows(MAXT) neurons
+//            (one slab per CTA at the usual split sizes), then each warp keeps U >= 8 down rows
+//            in flight (one warp-wide segment per row) and accumulates h * row in registers.
+//            The 8 warps are summed by a fixed-order tree in shared memory; the CTA writes its
+//            tile of partials (tile-contiguous, float4-aligned); the last CTA of a tile (atomic
+//            ticket) sums the splits in parallel: Q threads per float4 of output, each over the
+//            splits q, q+Q, ... in order, then a fixed-order tree over q. The result never
+//            depends on the order in which CTAs run. The split count fills whole waves of
+//            resident CTAs (best_splits).
 // Prefill path (many tokens): the op glue gathers the kept rows with gather_rows.cuh and runs
 // cuBLAS GEMMs; the small elementwise kernels for the activation are at the end of this file.
 #pragma once
