@@ -6,6 +6,18 @@ table reports medians. Example:
 
     python bench/ops.py --quick
     python bench/ops.py --shapes smollm2-135m --tokens 1 --dtypes fp32 bf16 --json out.json
+
+On CUDA (--device cuda) every arm is captured as one CUDA graph of --calls back-to-back calls
+(eager back-to-back calls if capture fails; the record says which), cycling over --layers
+copies of the weights so that no call finds its rows in L2 from the call before; times are per
+call, in microseconds. A device-to-device copy of the gathered arm's weight bytes (3 k d) is
+the 100% line: `g%cp` is the gathered arm's bandwidth (weight bytes read per second) over the
+copy's (bytes read + written per second), `d%cp` and `c%cp` the same for the dense arm (3 N d
+bytes) and the compact arm (3 k d). Whether the gathered op ran its decode kernels or the
+gather + cuBLAS route depends on DART_CUDA_GEMM_MIN_TOKENS (default 8): run once as is and once
+with it set to 17 to measure both sides of the crossover.
+
+    python bench/ops.py --device cuda --shapes llama-3.1-8b --tokens 1 4 8 16 --dtypes bf16
 """
 
 from __future__ import annotations
@@ -13,6 +25,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import time
@@ -61,6 +74,57 @@ def bench_arms(arms, device, budget_s, max_reps, min_reps=5):
         for name, fn in arms.items():
             samples[name].append(_time_once(fn, device))
     return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def _cuda_graph(fns, calls):
+    """One CUDA graph of `calls` back-to-back calls cycling over `fns` (None: not capturable)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture (workspace, cuBLAS handles)
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for i in range(calls):
+                fns[i % len(fns)]()
+    except RuntimeError as e:
+        print(f"  (CUDA graph capture failed, timing eager calls: {e})", file=sys.stderr)
+        return None
+    return graph
+
+
+def bench_arms_cuda(arm_sets, budget_s, max_reps, calls, min_reps=5):
+    """arm_sets: one {name: fn} per weight copy. Interleaved replays of one graph per arm;
+    returns ({name: median us per call}, {name: "graph" or "eager"})."""
+    names = list(arm_sets[0])
+    runners, modes = {}, {}
+    for name in names:
+        fns = [arms[name] for arms in arm_sets]
+        graph = _cuda_graph(fns, calls)
+        if graph is not None:
+            runners[name], modes[name] = graph.replay, "graph"
+        else:
+
+            def eager(fns=fns):
+                for i in range(calls):
+                    fns[i % len(fns)]()
+
+            runners[name], modes[name] = eager, "eager"
+    for run_all in runners.values():  # warm-up
+        run_all()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for run_all in runners.values():
+        _time_once(run_all, torch.device("cuda"))
+    per_round = max(time.perf_counter() - t0, 1e-6)
+    reps = int(max(min_reps, min(max_reps, budget_s / per_round)))
+    samples = {name: [] for name in names}
+    for _ in range(reps):
+        for name, run_all in runners.items():
+            samples[name].append(_time_once(run_all, torch.device("cuda")) * 1e3 / calls)
+    return {name: statistics.median(v) for name, v in samples.items()}, modes
 
 
 def dense_ffn(x, wg, wu, wd, act):
@@ -181,6 +245,113 @@ def run(args):
     return records
 
 
+def gathered_route(tokens: int) -> str:
+    """Which CUDA path dart::gathered_glu_ffn takes for `tokens` per index set (the rule of
+    csrc/cuda/gathered_ffn_impl.h: gemm_min_tokens)."""
+    min_tokens = min(max(1, int(os.environ.get("DART_CUDA_GEMM_MIN_TOKENS", "8"))), 17)
+    return "decode" if tokens < min_tokens else "gemm"
+
+
+def cuda_layers(n, d, dtype, count, device, gen):
+    """`count` independent weight sets (wg, wu, wdt, wd) made on the device."""
+    layers = []
+    for _ in range(count):
+        wg, wu, wdt = (
+            (torch.randn(n, d, device=device, generator=gen) * d**-0.5).to(dtype) for _ in range(3)
+        )
+        layers.append((wg, wu, wdt, wdt.t().contiguous()))
+    return layers
+
+
+def cuda_arm_sets(layers, x, k, device, gen):
+    """Per weight set the timed callables, plus `copy`: a device-to-device copy of the bytes the
+    gathered arm reads (its 3 k d weight elements)."""
+    arm_sets = []
+    for wg, wu, wdt, wd in layers:
+        n, d = wg.shape
+        idx = torch.randperm(n, device=device, generator=gen)[:k].sort().values
+        gate_up = torch.empty(2 * k, d, device=device, dtype=wg.dtype)
+        down_c = torch.empty(k, d, device=device, dtype=wg.dtype)
+        dart_ext.gather_neurons_(gate_up, [wg, wu], idx)
+        dart_ext.gather_neurons_(down_c, [wdt], idx)
+        arms = make_arms(x, wg, wu, wdt, wd, idx, gate_up, down_c)
+        src = torch.ones(3 * k * d * wg.element_size(), device=device, dtype=torch.uint8)
+        dst = torch.empty_like(src)
+        arms["copy"] = lambda dst=dst, src=src: dst.copy_(src)
+        arm_sets.append(arms)
+    return arm_sets
+
+
+def run_cuda(args):
+    device = torch.device(args.device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    records = []
+    print(
+        f"device={torch.cuda.get_device_name(device)} layers={args.layers} calls={args.calls} "
+        f"DART_CUDA_GEMM_MIN_TOKENS={os.environ.get('DART_CUDA_GEMM_MIN_TOKENS', '8 (default)')}"
+        " (us per call, medians; %cp: fraction of copy bandwidth)"
+    )
+    hdr = (
+        f"{'shape':<13} {'T':>3} {'dtype':<5} {'keep':>4} {'route':<6} {'dense':>8} "
+        f"{'gather':>8} {'compact':>8} {'reslice':>8} {'copy':>8} {'g/d':>5} {'ideal':>5} "
+        f"{'GB/s':>6} {'g%cp':>5} {'c%cp':>5} {'d%cp':>5}"
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    for shape in args.shapes:
+        d, n = SHAPES[shape]
+        for dt_name in args.dtypes:
+            dtype = DTYPES[dt_name]
+            elem = torch.empty((), dtype=dtype).element_size()
+            layers = cuda_layers(n, d, dtype, args.layers, device, gen)
+            for T in args.tokens:
+                x = torch.randn(T, d, device=device, generator=gen).to(dtype)
+                for keep in args.keeps:
+                    k = max(1, round(keep * n))
+                    arm_sets = cuda_arm_sets(layers, x, k, device, gen)
+                    t, modes = bench_arms_cuda(arm_sets, args.budget, args.max_reps, args.calls)
+                    kept_bytes = 3 * k * d * elem
+                    copy_bw = 2 * kept_bytes / (t["copy"] * 1e-6)  # read + written
+                    rec = {
+                        "shape": shape,
+                        "d": d,
+                        "N": n,
+                        "T": T,
+                        "dtype": dt_name,
+                        "keep": keep,
+                        "k": k,
+                        "device": torch.cuda.get_device_name(device),
+                        "route": gathered_route(T),
+                        "layers": args.layers,
+                        "calls": args.calls,
+                        "timing": modes,
+                        **{f"{name}_us": v for name, v in t.items()},
+                        "ratio_gathered": t["gathered"] / t["dense"],
+                        "ratio_compact": t["compact"] / t["dense"],
+                        "ideal": k / n,
+                        "gathered_GBps": kept_bytes / (t["gathered"] * 1e-6) / 1e9,
+                        "copy_GBps": copy_bw / 1e9,
+                        "frac_copy_gathered": kept_bytes / (t["gathered"] * 1e-6) / copy_bw,
+                        "frac_copy_compact": kept_bytes / (t["compact"] * 1e-6) / copy_bw,
+                        "frac_copy_dense": 3 * n * d * elem / (t["dense"] * 1e-6) / copy_bw,
+                    }
+                    records.append(rec)
+                    print(
+                        f"{shape:<13} {T:>3} {dt_name:<5} {keep:>4.2f} {rec['route']:<6} "
+                        f"{t['dense']:>8.1f} {t['gathered']:>8.1f} {t['compact']:>8.1f} "
+                        f"{t['reslice']:>8.1f} {t['copy']:>8.1f} {rec['ratio_gathered']:>5.2f} "
+                        f"{rec['ideal']:>5.2f} {rec['gathered_GBps']:>6.0f} "
+                        f"{rec['frac_copy_gathered']:>5.0%} {rec['frac_copy_compact']:>5.0%} "
+                        f"{rec['frac_copy_dense']:>5.0%}",
+                        flush=True,
+                    )
+                    del arm_sets
+            del layers
+            gc.collect()
+            torch.cuda.empty_cache()
+    return records
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer reps and shapes (< 2 min)")
@@ -192,21 +363,33 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--budget", type=float, default=None, help="seconds of timing per config")
     p.add_argument("--max-reps", type=int, default=None)
+    p.add_argument("--calls", type=int, default=20, help="CUDA: calls per timed graph")
+    p.add_argument("--layers", type=int, default=4, help="CUDA: weight copies the calls cycle")
     p.add_argument("--json", default=None, help="write the records as a JSON list here")
     args = p.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
+    if args.calls < 1 or args.layers < 1:
+        p.error("--calls and --layers must be >= 1")
     q = args.quick
+    if cuda:
+        args.shapes = args.shapes or ["llama-3.1-8b"]
+        args.tokens = args.tokens or [1, 4, 8, 16]
+        args.dtypes = args.dtypes or ["bf16"]
+        args.keeps = args.keeps or ([1.0, 0.5] if q else [1.0, 0.7, 0.5, 0.3])
     args.shapes = args.shapes or (["smollm2-135m", "llama-3.1-8b"])
     args.tokens = args.tokens or ([1, 16] if q else [1, 16, 256])
     args.dtypes = args.dtypes or ["fp32", "bf16"]
     args.keeps = args.keeps or ([1.0, 0.5, 0.3] if q else [1.0, 0.7, 0.5, 0.3, 0.1])
     args.budget = args.budget or (0.3 if q else 1.5)
     args.max_reps = args.max_reps or (30 if q else 200)
-    records = run(args)
+    records = run_cuda(args) if cuda else run(args)
     if args.json:
-        with open(args.json, "w") as f:
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
             json.dump(records, f, indent=1)
+        os.replace(tmp, args.json)
         print(f"wrote {len(records)} records to {args.json}")
     return 0
 
