@@ -11,19 +11,35 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .api import DARTHandle, attach
-    from .config import ConfigError, DARTConfig, DriftConfig
+    from .config import BudgetConfig, ConfigError, DARTConfig, DriftConfig
+    from .methods import METHODS, Method, get_method
     from .models import load_model
 
 _PUBLIC = {
+    "METHODS": ".methods",
+    "BudgetConfig": ".config",
     "ConfigError": ".config",
     "DARTConfig": ".config",
     "DARTHandle": ".api",
     "DriftConfig": ".config",
+    "Method": ".methods",
     "attach": ".api",
+    "get_method": ".methods",
     "load_model": ".models",
 }
 
-__all__ = ["ConfigError", "DARTConfig", "DARTHandle", "DriftConfig", "attach", "load_model"]
+__all__ = [
+    "METHODS",
+    "BudgetConfig",
+    "ConfigError",
+    "DARTConfig",
+    "DARTHandle",
+    "DriftConfig",
+    "Method",
+    "attach",
+    "get_method",
+    "load_model",
+]
 __version__ = "0.1.0"
 
 

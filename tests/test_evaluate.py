@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from models import tiny_model
 from tiny_assets import tiny_tokenizer
+from tiny_models import tiny_model
 
 import dart
 from dart import DARTConfig
@@ -144,9 +144,7 @@ def test_choices_masks_from_context_only_and_leaky_switch():
 
 def test_static_choices_use_calibration_masks():
     model = tiny_model("llama")
-    handle = attach_arm(
-        model, arm_config(Arm("static", 0.5), {"layer_topk": "all:0.5"}), _ids(32)[None]
-    )
+    handle = attach_arm(model, arm_config(Arm("static", 0.5)), _ids(32)[None])  # all:auto
     got = score_choices(model, _ids(10).tolist(), [[5], [6]], handle)
     handle.detach()
     dense = score_choices(model, _ids(10).tolist(), [[5], [6]])
