@@ -158,9 +158,9 @@ class DARTExportModule(nn.Module):
         self.ranking = cfg.ranking
         self.recipes = {
             i: {
-                name: _view_recipe(getattr(handle.ffns[i]._parts, name), handle.ffns[i].original)
+                name: _view_recipe(getattr(handle.ffns[i].parts, name), handle.ffns[i].original)
                 for name in _WEIGHTS
-                if getattr(handle.ffns[i]._parts, name) is not None
+                if getattr(handle.ffns[i].parts, name) is not None
             }
             for i in self.pruned
         }
@@ -251,7 +251,7 @@ class DARTExportModule(nn.Module):
         hidden: dict[int, torch.Tensor] = {}
         hooks = []
         for i in self.pruned:
-            down = self.handle.ffns[i]._parts.down
+            down = self.handle.ffns[i].parts.down
             if not isinstance(down, nn.Module):
                 raise TypeError("export needs the FFN down projection to be a module")
             hooks.append(

@@ -150,6 +150,16 @@ class FastGenerator:
         cache.reset()
         return cache
 
+    def cache_tensors(self) -> list[torch.Tensor]:
+        """The static KV caches' tensors (one cache per batch size generated so far)."""
+        return [
+            t
+            for cache in self._caches.values()
+            for layer in cache.layers
+            for t in (layer.keys, layer.values)
+            if t is not None
+        ]
+
     def _decode_step(
         self, ids, position_ids, cache_position, attention_mask, cache, noise, temperature
     ) -> torch.Tensor:

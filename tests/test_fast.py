@@ -61,6 +61,8 @@ def test_dense_loop_matches_hf_generate_and_stops_at_eos():
     )[:, ids.shape[1] :]
     fast = FastGenerator(model, None, max_len=64)
     assert torch.equal(fast.generate(ids, mask, max_new_tokens=20).tokens, ref)
+    cache = fast.cache_tensors()  # keys and values of the 3 layers, [B, kv heads, max_len, d]
+    assert len(cache) == 6 and all(t.shape == (2, 2, 64, 8) for t in cache)
     eos = int(ref[0, 5])
     out = fast.generate(ids, mask, max_new_tokens=20, eos_token_id=eos).tokens
     row = out[0].tolist()
