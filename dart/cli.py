@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import textwrap
 import time
+import types
+import typing
 from pathlib import Path
 
 import torch
@@ -13,7 +16,7 @@ import torch
 from .api import attach
 from .config import DARTConfig
 from .data import load_drift_prompts, load_text
-from .export import add_export_parser
+from .export import ExportOptions, export_command
 from .generation import generate
 from .models import load_model
 from .results import plot_drift, write_json
@@ -312,8 +315,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--width", type=int, default=46, help="column width of the side-by-side")
     demo.add_argument("--out", default=f"results/demo-{time.strftime('%Y%m%d-%H%M%S')}")
     demo.set_defaults(func=cmd_demo)
-    add_export_parser(sub)
+    _add_export_parser(sub)
     return parser
+
+
+def _add_export_parser(sub) -> None:
+    """`dart export`: one flag per ExportOptions field (until the options module derives all
+    commands' flags this way)."""
+    p = sub.add_parser("export", help="torch.export + AOTInductor packages of the DART decode step")
+    hints = typing.get_type_hints(ExportOptions)
+    for f in dataclasses.fields(ExportOptions):
+        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
+        if kind is bool:
+            p.add_argument(flag, action="store_true", help=f.metadata["help"])
+            continue
+        optional = typing.get_origin(kind) in (typing.Union, types.UnionType)
+        base = next(a for a in typing.get_args(kind) if a is not type(None)) if optional else kind
+        literal = typing.get_origin(base) is typing.Literal
+        p.add_argument(
+            flag,
+            type=str if literal else base,
+            choices=typing.get_args(base) if literal else None,
+            default=f.default,
+            required=f.default is dataclasses.MISSING,
+            help=f.metadata["help"],
+        )
+    names = [f.name for f in dataclasses.fields(ExportOptions)]
+    p.set_defaults(
+        func=lambda args: export_command(ExportOptions(**{n: getattr(args, n) for n in names}))
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
