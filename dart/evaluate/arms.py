@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ..api import DARTHandle, attach
-from ..config import METHODS, DARTConfig
+from ..config import METHODS, ConfigError, DARTConfig
 
 __all__ = ["ARM_METHODS", "Arm", "arm_config", "attach_arm", "parse_arms"]
 
@@ -28,6 +28,19 @@ class Arm:
     @property
     def label(self) -> str:
         return self.method if self.release_step is None else f"{self.method}-r{self.release_step}"
+
+    @classmethod
+    def reference(cls) -> Arm:
+        """The dense arm every comparison is measured against."""
+        return cls("dense", 0.0)
+
+    @property
+    def is_reference(self) -> bool:
+        return self.method == "dense"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method == "static"
 
     @property
     def key(self) -> tuple[str, float]:
@@ -62,13 +75,13 @@ def parse_arms(
     names = _split(methods)
     bad = [m for m in names if m not in ARM_METHODS]
     if bad or not names:
-        raise ValueError(f"unknown methods {bad or names}; accepted: {', '.join(ARM_METHODS)}")
+        raise ConfigError(f"unknown methods {bad or names}; accepted: {', '.join(ARM_METHODS)}")
     prunes = [float(p) for p in _split(total_prune)]
     if not prunes:
-        raise ValueError("--total-prune needs at least one value")
+        raise ConfigError("--total-prune needs at least one value")
     for p in prunes:
         if not 0.0 <= p < 1.0:
-            raise ValueError(f"--total-prune {p} is not in [0, 1)")
+            raise ConfigError(f"--total-prune {p} is not in [0, 1)")
     releases = [int(r) for r in _split(release_steps)]
     arms: list[Arm] = []
     for name in names:
@@ -82,8 +95,13 @@ def parse_arms(
     return list(dict.fromkeys(arms))
 
 
-def arm_config(arm: Arm, overrides: dict[str, Any] | None = None, **fields: Any) -> DARTConfig:
-    """DARTConfig of an arm: ``overrides`` (the YAML ``dart:`` section) then the arm's fields."""
+def arm_config(
+    arm: Arm, overrides: dict[str, Any] | None = None, **fields: Any
+) -> DARTConfig | None:
+    """DARTConfig of an arm: ``overrides`` (the YAML ``dart:`` section) then the arm's fields;
+    None for the reference arm, which runs the model unpatched."""
+    if arm.is_reference:
+        return None
     data = copy.deepcopy(overrides or {})
     data.update(fields)
     method = "dart" if arm.method == "dart-nodrift" else arm.method

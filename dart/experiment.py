@@ -1,0 +1,211 @@
+"""The experiment driver: every arm of a task through Lightning, into a resumable results folder.
+
+The folder holds ``config.yaml`` (the resolved options), ``samples.jsonl`` (per-sample records
+keyed by (method, total_prune, id); a rerun skips what is there), ``metrics.json`` (a list of
+``{task, method, total_prune, metric, value}`` records, recomputed from all samples), ``stats.json``
+(masking statistics per arm), ``timings.json``, ``table.md``, ``log.txt`` and PNG plots.
+
+The task (its items, step and aggregation) comes from :data:`dart.evaluate.tasks.TASKS`; the
+driver only runs arms, writes records and summaries.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import BACKENDS
+from .data import load_text
+from .evaluate.arms import Arm, arm_config
+from .evaluate.perplexity import tokenize_prefix
+from .evaluate.store import RecordStore
+from .evaluate.tasks import Task, compute_metrics, get_task
+from .models import load_model
+from .options import options_dict
+from .results import atomic_write_text, write_json
+
+__all__ = ["RunOptions", "run_experiment"]
+
+log = logging.getLogger("dart.experiment")
+
+
+@dataclass
+class RunOptions:
+    """Options every task shares: the model, the arms, the runtime and the results folder."""
+
+    model: str = field(
+        default="smollm2-135m", metadata={"help": "packaged model name or a local HF folder"}
+    )
+    methods: list[str] = field(
+        default_factory=lambda: ["dense", "static", "griffin", "dart"],
+        metadata={"help": "comma list of dense,static,griffin,random,dart,dart-nodrift"},
+    )
+    total_prune: list[float] = field(
+        default_factory=lambda: [0.5],
+        metadata={"help": "FFN sparsity: one value or a comma list (one arm per value)"},
+    )
+    seed: int = field(default=0, metadata={"help": "seed of sampling and of the random method"})
+    out: str | None = field(
+        default=None,
+        metadata={"help": "results folder, rerunning resumes it (default results/<task>-<time>)"},
+    )
+    backend: str = field(
+        default="gathered", metadata={"help": "sparse FFN backend", "choices": BACKENDS}
+    )
+    calibration: str = field(
+        default="wiki", metadata={"help": "corpus of the static method's calibration text"}
+    )
+    calibration_tokens: int = field(
+        default=512, metadata={"help": "tokens of the static calibration text"}
+    )
+    accelerator: str = field(default="auto", metadata={"help": "Lightning accelerator (cpu, gpu)"})
+    devices: int = field(default=1, metadata={"help": "Lightning devices (processes)"})
+    strategy: str = field(
+        default="auto", metadata={"help": "Lightning strategy (auto, ddp, ddp_spawn)"}
+    )
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
+    quiet: bool = field(default=False, metadata={"help": "no progress bars"})
+    stop_after: int | None = field(
+        default=None,
+        metadata={"help": "stop after N records (tests resuming)", "hidden": True},
+    )
+    dart: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "DARTConfig fields of every arm, e.g. {drift: {window: 8}} (YAML only)"},
+    )
+
+
+def _setup_logging(out: Path) -> logging.Handler:
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "log.txt", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    log.setLevel(logging.INFO)
+    if not log.handlers:
+        log.addHandler(logging.StreamHandler())
+    return handler
+
+
+def _merge_json(path: Path, key: str, value: Any) -> None:
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[key] = value
+    write_json(path, data)
+
+
+def _trainer(run: RunOptions, writer: Any):
+    import lightning as L
+
+    return L.Trainer(
+        accelerator=run.accelerator,
+        devices=run.devices,
+        strategy=run.strategy,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=not run.quiet,
+        use_distributed_sampler=False,
+        inference_mode=False,
+        callbacks=[writer],
+    )
+
+
+def _calibration_ids(run: RunOptions, tokenizer: Any, arms: list[Arm]) -> torch.Tensor | None:
+    if not any(a.needs_calibration for a in arms):
+        return None
+    text = load_text(run.calibration, split="calibration")
+    return tokenize_prefix(tokenizer, text, run.calibration_tokens)[None]
+
+
+def run_experiment(
+    task: Task | str, run: RunOptions, options: Any = None, command: str | None = None
+) -> list[dict[str, Any]]:
+    """Run every arm of ``task`` with the shared options ``run`` and the task's ``options``
+    (default: the task's defaults) into ``run.out``; returns the metrics records (also in
+    metrics.json). ``command`` is recorded in config.yaml."""
+    from . import lightning as dl
+
+    task = get_task(task) if isinstance(task, str) else task
+    options = task.options() if options is None else options
+    if run.out is None:
+        raise ValueError("run_experiment: RunOptions.out (the results folder) is not set")
+    out = Path(run.out)
+    handler = _setup_logging(out)
+    try:
+        import yaml
+
+        resolved = {"task": task.name, **options_dict(run, options), "command": command}
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved))
+        torch.manual_seed(run.seed)
+        if run.threads:
+            torch.set_num_threads(run.threads)
+        log.info("task %s: loading model %s", task.name, run.model)
+        model, tokenizer = load_model(run.model)
+        arms = task.arms(run.methods, run.total_prune, options)
+        calibration = _calibration_ids(run, tokenizer, arms)
+        store = RecordStore(out)
+        items = task.items(tokenizer, options, run.seed)
+        data = dl.ItemsDataModule(items, task.batch_size(options))
+        log.info("%d samples x %d arms -> %s", len(items), len(arms), out)
+        main_rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+        for arm in arms:
+            data.skip = {i for m, p, i in store.done() if (m, p) == arm.key}
+            pending = len(data.pending())
+            key = f"{arm.label}@{arm.total_prune}"
+            if not pending:
+                log.info("arm %s: all %d samples done", key, len(data.skip))
+                continue
+            log.info("arm %s: %d pending (%d done)", key, pending, len(data.skip))
+            config = arm_config(arm, run.dart, backend=run.backend, seed=run.seed)
+            module = dl.DARTModule(
+                model, task, options, config, arm.to_dict(), calibration, tokenizer
+            )
+            trainer = _trainer(run, dl.RecordWriter(str(out), stop_after=run.stop_after))
+            start = time.perf_counter()
+            trainer.predict(module, datamodule=data, return_predictions=False)
+            seconds = time.perf_counter() - start
+            trainer.strategy.barrier()  # every rank's records are on disk
+            main_rank = trainer.global_rank == 0
+            if not main_rank:
+                continue
+            timing = {
+                "seconds": seconds,
+                "samples": pending,
+                "seconds_per_sample": seconds / pending,
+            }
+            _merge_json(out / "timings.json", key, timing)
+            if module.last_stats is not None:
+                stats = dict(module.last_stats)
+                stats["drift_events"] = len(stats["drift_events"])
+                _merge_json(out / "stats.json", key, stats)
+            log.info("arm %s: %.1f s for %d samples", key, seconds, pending)
+        if not main_rank:
+            return []  # multi-process runs: rank 0 writes the summaries
+        return _summarise(task, out, store, tokenizer, arms, {it["id"] for it in items})
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _summarise(
+    task: Task, out: Path, store: RecordStore, tokenizer: Any, arms: list[Arm], ids: set[str]
+) -> list[dict[str, Any]]:
+    from .report import drift_plot, markdown_table, plot_metric_vs_sparsity
+
+    records = [r for r in store if r["id"] in ids]
+    decode = lambda t: tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
+    metrics = compute_metrics(task, records, arms, decode)
+    write_json(out / "metrics.json", metrics)
+    if task.main_metric:
+        plot_metric_vs_sparsity(out / f"{task.main_metric}.png", metrics, task.main_metric)
+    drift_plot(out / "drift.png", records)
+    table = markdown_table(metrics)
+    atomic_write_text(out / "table.md", table + "\n")
+    log.info("metrics of %s:\n%s", out, table)
+    return metrics
