@@ -1,0 +1,144 @@
+"""The methods DART is compared with, and DART itself: one small object each, in one registry.
+
+Code outside this module and the config parser never tests a method's name; it asks the
+method what it needs and does::
+
+    from dart.methods import get_method
+    method = get_method(config.method)     # a Method; ValueError listing the names otherwise
+    if method.selects_from_prompt: ...      # trace each prompt, select from it (prepare + hold)
+    if method.needs_calibration: ...        # masks from a calibration text (handle.calibrate)
+    h = method.statistic(h)                 # the FFN hidden activation as the method scores it
+
+Public interface (stable):
+
+* ``Method`` (frozen dataclass) with the fields
+
+  - ``name``: the ``DARTConfig.method`` / ``--methods`` value;
+  - ``description``: one line for help texts;
+  - ``prunes``: runs with pruned FFNs at all (``dense``: no; it ignores ``layer_topk`` and
+    ``total_prune``);
+  - ``selects_from_prompt``: every new sequence is traced (dense) and its masks are selected
+    from its own statistics (dart, dart-nodrift, griffin, random);
+  - ``needs_calibration``: the masks come from one calibration text and are then frozen
+    (static);
+  - ``uses_drift``: drift detection re-traces a sequence whose attention drifts (dart);
+  - ``uses_ema``: ``DARTConfig.ema_decay`` applies to its statistic (otherwise L2);
+  - ``uses_proxies``: the ``ranking`` (output proxies) applies; a method with a ``score``
+    function ignores it;
+  - ``shared_mask``: one mask serves every row, whatever ``batch_policy`` says (static);
+  - ``statistic(h) -> h'``: transform of the FFN hidden activation ``[..., N]`` before it is
+    accumulated (GRIFFIN: each token's vector L2-normalised over neurons; others: unchanged);
+  - ``score(m, generator) -> scores`` or None: replaces the ranking of the magnitudes ``m``
+    (random: uniform noise from the run's seeded generator);
+
+  and ``configure(config)``: adjusts a ``DARTConfig`` in place to what the method runs (a
+  method without drift detection records ``drift.enabled = False``). ``DARTConfig`` calls it.
+* ``METHODS``: read-only mapping name -> ``Method``, in the order of the comparison tables
+  (dense, static, griffin, random, dart, dart-nodrift).
+* ``get_method(name) -> Method``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .config import DARTConfig
+
+__all__ = ["METHODS", "Method", "get_method", "per_token_l2_normalised"]
+
+
+def _unchanged(h: Tensor) -> Tensor:
+    return h
+
+
+def per_token_l2_normalised(h: Tensor) -> Tensor:
+    """GRIFFIN's statistic: each token's activation vector ``h[..., :]`` divided by its L2
+    norm over neurons (fp32; an all-zero vector stays zero)."""
+    h = h.float()
+    return h / torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _uniform_noise(m: Tensor, generator: torch.Generator) -> Tensor:
+    # drawn on the CPU generator so a seed gives the same masks on every device
+    return torch.rand(m.shape, generator=generator).to(m.device)
+
+
+@dataclass(frozen=True)
+class Method:
+    """What one method needs and does (see the module docstring)."""
+
+    name: str
+    description: str
+    prunes: bool = True
+    selects_from_prompt: bool = False
+    needs_calibration: bool = False
+    uses_drift: bool = False
+    uses_ema: bool = False
+    uses_proxies: bool = False
+    shared_mask: bool = False
+    statistic: Callable[[Tensor], Tensor] = _unchanged
+    score: Callable[[Tensor, torch.Generator], Tensor] | None = None
+
+    def configure(self, config: DARTConfig) -> None:
+        """Make ``config`` state what this method runs (drift detection off if it has none)."""
+        if not self.uses_drift and config.drift.enabled:
+            config.drift = dataclasses.replace(config.drift, enabled=False)
+
+
+_ALL = (
+    Method("dense", "the unpatched model (no pruning)", prunes=False),
+    Method(
+        "static",
+        "one mask per layer from a calibration text, frozen for every prompt",
+        needs_calibration=True,
+        uses_ema=True,
+        uses_proxies=True,
+        shared_mask=True,
+    ),
+    Method(
+        "griffin",
+        "GRIFFIN: masks from the prompt's per-token-normalised activations, kept throughout",
+        selects_from_prompt=True,
+        uses_proxies=True,
+        statistic=per_token_l2_normalised,
+    ),
+    Method(
+        "random",
+        "random masks of the same sizes (a sanity baseline)",
+        selects_from_prompt=True,
+        score=_uniform_noise,
+    ),
+    Method(
+        "dart",
+        "DART: masks from the prompt, re-traced when the attention signal drifts",
+        selects_from_prompt=True,
+        uses_drift=True,
+        uses_ema=True,
+        uses_proxies=True,
+    ),
+    Method(
+        "dart-nodrift",
+        "DART without drift detection (masks from the prompt, never re-traced)",
+        selects_from_prompt=True,
+        uses_ema=True,
+        uses_proxies=True,
+    ),
+)
+
+METHODS: Mapping[str, Method] = MappingProxyType({m.name: m for m in _ALL})
+
+
+def get_method(name: str) -> Method:
+    """The registered method called ``name``; a ValueError listing the names otherwise."""
+    try:
+        return METHODS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"method {name!r} is not one of {', '.join(METHODS)}") from None
