@@ -129,8 +129,9 @@ def _help(field: dataclasses.Field, tp: Any) -> str:
     if field.metadata.get("hidden"):
         return argparse.SUPPRESS
     text = field.metadata.get("help", "")
-    if field.default is not dataclasses.MISSING and field.default not in (None, False, True):
-        text += f" (default: {field.default})"
+    default = field.default
+    if default is not dataclasses.MISSING and default is not None and not isinstance(default, bool):
+        text += f" (default: {default})"
     elif field.default_factory is not dataclasses.MISSING:
         default = field.default_factory()
         if default:
@@ -174,9 +175,12 @@ def add_options(parser: argparse.ArgumentParser, *classes: type, config: bool = 
                 kw["action"] = "append"
             element = _element_type(base)
             choices = _choices(field, base)
+            if element is None and base in (int, float):
+                kw["type"] = base  # argparse converts first, so its choices check sees numbers
             if choices is not None and element is None:
                 kw["choices"] = choices
-            kw["metavar"] = field.name.upper() if element is None else f"{field.name.upper()}[,...]"
+            if element is not None:
+                kw["metavar"] = f"{field.name.upper()}[,...]"
             if required and not config:
                 kw["required"] = True
             parser.add_argument(_flag(field), **kw)

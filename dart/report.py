@@ -101,8 +101,8 @@ def plot_metric_vs_sparsity(
     xs = sorted({x for pts in points.values() for x, _ in pts})
     for method, pts in sorted(points.items()):
         pts.sort()
-        if method == "dense" and len(pts) == 1:
-            ax.axhline(pts[0][1], color="black", ls="--", label="dense")
+        if pts == [(0.0, pts[0][1])]:  # an unpruned method: one point, drawn across
+            ax.axhline(pts[0][1], color="black", ls="--", label=method)
         else:
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=method)
     ax.set_xticks(xs)

@@ -1,4 +1,7 @@
-"""Arms of a comparison: (method, total_prune[, release_step]) and how to attach each one."""
+"""Arms of a comparison: (method, total_prune[, release_step]) and how to attach each one.
+
+What an arm runs is asked of its method object (:mod:`dart.methods`), never of its name.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +12,10 @@ from typing import Any
 import torch
 
 from ..api import DARTHandle, attach
-from ..config import METHODS, ConfigError, DARTConfig
+from ..config import ConfigError, DARTConfig
+from ..methods import METHODS, Method, get_method
 
-__all__ = ["ARM_METHODS", "Arm", "arm_config", "attach_arm", "parse_arms"]
-
-# Method names accepted by --methods: the library's methods plus DART without drift detection.
-ARM_METHODS: tuple[str, ...] = (*METHODS, "dart-nodrift")
+__all__ = ["Arm", "arm_config", "attach_arm", "parse_arms"]
 
 
 @dataclass(frozen=True)
@@ -25,22 +26,26 @@ class Arm:
     total_prune: float = 0.0
     release_step: int | None = None
 
-    @property
-    def label(self) -> str:
-        return self.method if self.release_step is None else f"{self.method}-r{self.release_step}"
-
     @classmethod
     def reference(cls) -> Arm:
-        """The dense arm every comparison is measured against."""
-        return cls("dense", 0.0)
+        """The unpruned arm every comparison is measured against."""
+        return cls(next(m.name for m in METHODS.values() if not m.prunes), 0.0)
+
+    @property
+    def spec(self) -> Method:
+        return get_method(self.method)
 
     @property
     def is_reference(self) -> bool:
-        return self.method == "dense"
+        return not self.spec.prunes
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method == "static"
+        return self.spec.needs_calibration
+
+    @property
+    def label(self) -> str:
+        return self.method if self.release_step is None else f"{self.method}-r{self.release_step}"
 
     @property
     def key(self) -> tuple[str, float]:
@@ -70,12 +75,13 @@ def parse_arms(
     total_prune: str | float | list[float],
     release_steps: str | list[int] | None = None,
 ) -> list[Arm]:
-    """Arms of a run: dense once (sparsity 0), every other method at every sparsity; with
-    ``release_steps`` DART additionally runs once per release step (the release-step sweep)."""
+    """Arms of a run: an unpruned method once (sparsity 0), every other method at every
+    sparsity; with ``release_steps`` each drift-detecting method (DART) additionally runs once
+    per release step (the release-step sweep)."""
     names = _split(methods)
-    bad = [m for m in names if m not in ARM_METHODS]
+    bad = [m for m in names if m not in METHODS]
     if bad or not names:
-        raise ConfigError(f"unknown methods {bad or names}; accepted: {', '.join(ARM_METHODS)}")
+        raise ConfigError(f"unknown methods {bad or names}; accepted: {', '.join(METHODS)}")
     prunes = [float(p) for p in _split(total_prune)]
     if not prunes:
         raise ConfigError("--total-prune needs at least one value")
@@ -85,12 +91,13 @@ def parse_arms(
     releases = [int(r) for r in _split(release_steps)]
     arms: list[Arm] = []
     for name in names:
-        if name == "dense":
-            arms.append(Arm("dense", 0.0))
+        method = get_method(name)
+        if not method.prunes:
+            arms.append(Arm(name, 0.0))
             continue
         for p in prunes:
             arms.append(Arm(name, p))
-            if name == "dart":
+            if method.uses_drift:
                 arms.extend(Arm(name, p, r) for r in releases)
     return list(dict.fromkeys(arms))
 
@@ -104,10 +111,9 @@ def arm_config(
         return None
     data = copy.deepcopy(overrides or {})
     data.update(fields)
-    method = "dart" if arm.method == "dart-nodrift" else arm.method
     drift = dict(data.get("drift") or {})
-    drift["enabled"] = arm.method == "dart" and drift.get("enabled", True)
-    data.update(method=method, total_prune=arm.total_prune, drift=drift)
+    drift["enabled"] = arm.spec.uses_drift and drift.get("enabled", True)
+    data.update(method=arm.method, total_prune=arm.total_prune, drift=drift)
     if arm.release_step is not None:
         data["release_step"] = arm.release_step
     return DARTConfig.from_dict(data)
@@ -116,12 +122,13 @@ def arm_config(
 def attach_arm(
     model: torch.nn.Module, config: DARTConfig, calibration_ids: torch.Tensor | None = None
 ) -> DARTHandle:
-    """Attach an arm's config; ``method='static'`` is calibrated on ``calibration_ids``."""
+    """Attach an arm's config; a method that needs calibration (static) is calibrated on
+    ``calibration_ids``."""
     handle = attach(model, config)
-    if config.method == "static":
+    if get_method(config.method).needs_calibration:
         if calibration_ids is None:
             handle.detach()
-            raise ValueError("method 'static' needs calibration token ids")
+            raise ValueError(f"method {config.method!r} needs calibration token ids")
         device = next(model.parameters()).device
         handle.calibrate(calibration_ids.to(device), max_tokens=calibration_ids.shape[-1])
     return handle

@@ -5,7 +5,8 @@ then under ``handle.hold()`` the context plus each continuation is scored. With 
 continuations (MMLU's `` A``..`` D``) one forward of the context suffices: each choice's
 log-likelihood is read at the last context position. ``leaky=True`` reproduces the reference
 code's protocol for comparison: masks are rebuilt from context + choice for every choice.
-``dense`` and ``static`` need no preparation (no masks or frozen calibration masks).
+Methods that do not select from the prompt (``dense``, ``static``) need no preparation (no masks
+or frozen calibration masks).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from ..api import DARTHandle
 from ..data import MMLU_CONTINUATIONS, format_mmlu_prompt, sample_mmlu
+from ..methods import get_method
 from .perplexity import accepts_logits_to_keep
 
 __all__ = ["aggregate_accuracy", "mmlu_items", "score_choices"]
@@ -73,8 +75,7 @@ def score_choices(
     device = next(model.parameters()).device
     ctx = torch.tensor([list(context)], device=device)
     n = ctx.shape[1]
-    method = handle.config.method if handle is not None else "dense"
-    prepared = method not in ("dense", "static")
+    prepared = handle is not None and get_method(handle.config.method).selects_from_prompt
 
     def run(ids: torch.Tensor, last: int = 0) -> torch.Tensor:
         kw = {"logits_to_keep": last} if last and accepts_logits_to_keep(model) else {}

@@ -1,15 +1,17 @@
 """Sliding-window perplexity (labels of the overlap excluded, NLL summed in fp32).
 
-Masks per window, by method:
+Masks per window, by what the method does (:mod:`dart.methods`):
 
-* ``dense``: none.
-* ``static``: the calibration masks (the paper's protocol: a calibration prompt, then frozen).
-* ``dart``, ``griffin``, ``random``: built from the window's already-seen part, the overlap
-  with the previous window (``window - stride`` tokens), via ``handle.prepare``; the window is
-  then scored under them with ``handle.hold()``. The first window has no overlap: its first
-  quarter serves as the context (those first-quarter tokens are scored under masks that saw
-  them: a small leak confined to the first window, which is documented rather than hidden).
-  Masks are built once per window and not re-traced inside it (no drift checks under hold).
+* unpruned (``dense``): none.
+* calibrated (``static``): the calibration masks (the paper's protocol: a calibration prompt,
+  then frozen).
+* selecting from the prompt (``dart``, ``griffin``, ``random``): built from the window's
+  already-seen part, the overlap with the previous window (``window - stride`` tokens), via
+  ``handle.prepare``; the window is then scored under them with ``handle.hold()``. The first
+  window has no overlap: its first quarter serves as the context (those first-quarter tokens
+  are scored under masks that saw them: a small leak confined to the first window, which is
+  documented rather than hidden). Masks are built once per window and not re-traced inside it
+  (no drift checks under hold).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..api import DARTHandle
+from ..methods import get_method
 
 __all__ = [
     "Window",
@@ -112,15 +115,15 @@ def score_window(
     """Summed NLL (fp32) and count of the targets ``ids[score_from:]`` of one window ``[1, L]``."""
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
-    method = handle.config.method if handle is not None else "dense"
+    prepared = handle is not None and get_method(handle.config.method).selects_from_prompt
     keep = ids.shape[1] - score_from + 1  # logits of the scored positions only
     kwargs = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
-    if method in ("dense", "static"):
-        logits = model(input_ids=ids, use_cache=False, **kwargs).logits
-    else:
+    if prepared:
         handle.prepare(ids[:, :prep_len])
         with handle.hold():
             logits = model(input_ids=ids, use_cache=False, **kwargs).logits
+    else:
+        logits = model(input_ids=ids, use_cache=False, **kwargs).logits
     pred = logits[0, -keep:-1].float()
     nll = F.cross_entropy(pred, ids[0, score_from:], reduction="sum")
     return {"nll": float(nll), "tokens": int(ids.shape[1] - score_from)}
