@@ -2,7 +2,7 @@
 knowledge drift; the task registry over them; arms (the methods compared) and resumable
 per-sample records. No Lightning, no plots: the driver is :mod:`dart.experiment`."""
 
-from .arms import ARM_METHODS, Arm, arm_config, attach_arm, parse_arms
+from .arms import Arm, arm_config, attach_arm, parse_arms
 from .generative import (
     aggregate_drift,
     aggregate_summarization,
@@ -22,7 +22,6 @@ from .store import RecordStore, record_key
 from .tasks import TASKS, StepContext, StepKind, Task, compute_metrics, get_task
 
 __all__ = [
-    "ARM_METHODS",
     "TASKS",
     "Arm",
     "RecordStore",

@@ -17,7 +17,7 @@ Masks per window, by what the method does (:mod:`dart.methods`):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ __all__ = [
     "score_window",
     "sliding_windows",
     "tokenize_prefix",
+    "window_items",
 ]
 
 FIRST_CONTEXT_FRACTION = 0.25
@@ -79,6 +80,15 @@ def sliding_windows(num_tokens: int, window: int, stride: int) -> list[Window]:
         if end >= num_tokens:
             return out
         begin += stride
+
+
+def window_items(ids: Sequence[int], window: int, stride: int) -> list[dict[str, Any]]:
+    """The sliding windows over token ids as items: the :class:`Window` fields and its ``ids``."""
+    ids = list(ids)
+    return [
+        {**w.to_dict(), "ids": ids[w.begin : w.end]}
+        for w in sliding_windows(len(ids), window, stride)
+    ]
 
 
 def tokenize_prefix(tokenizer: Any, text: str, max_tokens: int | None) -> torch.Tensor:

@@ -30,7 +30,7 @@ from .generative import (
     summarization_items,
 )
 from .multiple_choice import aggregate_accuracy, mmlu_items, score_choices
-from .perplexity import aggregate_perplexity, score_window, sliding_windows, tokenize_prefix
+from .perplexity import aggregate_perplexity, score_window, tokenize_prefix, window_items
 
 __all__ = [
     "TASKS",
@@ -216,12 +216,7 @@ GENERATE = StepKind("generate", batched=True, run=_generate_step)
 # -- items ---------------------------------------------------------------------------------------
 def _ppl_items(tokenizer: Any, o: PerplexityOptions, seed: int) -> list[dict[str, Any]]:
     text = load_text(o.text_file, split="all") if o.text_file else load_text(o.corpus, o.split)
-    ids = tokenize_prefix(tokenizer, text, o.max_tokens)
-    flat = ids.tolist()
-    return [
-        {**w.to_dict(), "ids": flat[w.begin : w.end]}
-        for w in sliding_windows(len(flat), o.window, o.stride)
-    ]
+    return window_items(tokenize_prefix(tokenizer, text, o.max_tokens).tolist(), o.window, o.stride)
 
 
 def _mmlu_items(tokenizer: Any, o: MMLUOptions, seed: int) -> list[dict[str, Any]]:
