@@ -50,7 +50,7 @@ def test_parse_flags_and_defaults():
         build_parser().parse_args(["eval", "mmlu", "--shots", "7"])
     with pytest.raises(SystemExit):  # a task's flag on another task
         build_parser().parse_args(["eval", "mmlu", "--window", "7"])
-    with pytest.raises(ConfigError, match="total_prune"):
+    with pytest.raises(ConfigError, match="--total-prune: 'x' is not a valid float"):
         _resolve(["eval", "ppl", "--total-prune", "0.5,x"])
 
 
