@@ -18,23 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["FFNParts", "LayerRefs", "Adapter", "get_adapter", "SUPPORTED_FAMILIES", "kernel_act"]
-
-# HF activation names -> the kernels' names; anything else runs only in dense/masked mode.
-_KERNEL_ACTS = {
-    "silu": "silu",
-    "swish": "silu",
-    "gelu": "gelu",
-    "gelu_new": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "gelu_tanh": "gelu_tanh",
-    "relu": "relu",
-}
-
-
-def kernel_act(hf_name: str) -> str | None:
-    """The kernel activation for an HF activation name, or None if the kernels lack it."""
-    return _KERNEL_ACTS.get(hf_name)
+__all__ = ["FFNParts", "LayerRefs", "Adapter", "get_adapter", "SUPPORTED_FAMILIES"]
 
 
 @dataclass

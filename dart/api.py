@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import Adapter, LayerRefs, get_adapter
+from .adapters import Adapter, FFNParts, LayerRefs, get_adapter
 from .config import DARTConfig
-from .controller import Controller, Phase
+from .controller import Controller
 from .drift import resolve_watch_layers
-from .ffn import DARTFFN
+from .methods import get_method
 from .scoring import ProxyCache, output_proxy, weight_fingerprint
 
 __all__ = ["attach", "DARTHandle", "load_ops"]
@@ -28,14 +28,14 @@ def load_ops() -> bool:
 
 
 def _compute_proxies(
-    model: nn.Module, adapter: Adapter, ffns: list[DARTFFN], source: str
+    model: nn.Module, adapter: Adapter, parts: list[FFNParts], source: str
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     vocab = adapter.embedding() if source == "embedding" else adapter.lm_head()
     cache = ProxyCache()
     name = getattr(model.config, "_name_or_path", "") or type(model).__name__
     proxies = []
-    for i, ffn in enumerate(ffns):
-        w = ffn._parts.w_down_t
+    for i, p in enumerate(parts):
+        w = p.w_down_t
         key = (name, i, source, weight_fingerprint(w), weight_fingerprint(vocab))
         proxies.append(cache.get_or_compute(key, lambda w=w: output_proxy(w, vocab)))
     return proxies
@@ -47,49 +47,52 @@ class DARTHandle:
     def __init__(self, model: nn.Module, config: DARTConfig):
         self.model = model
         self.config = config
+        self.method = get_method(config.method)
         self.adapter = get_adapter(model)
         self.refs: list[LayerRefs] = self.adapter.layer_refs()
-        if config.backend != "masked" and config.method != "dense" and not load_ops():
+        if config.backend != "masked" and self.method.prunes and not load_ops():
             raise RuntimeError(
                 f"backend {config.backend!r} needs the compiled dart_ext kernels; build them "
                 "with `pip install --no-build-isolation -e .` or use backend='masked'"
+            )
+        if self.method.needs_calibration and config.calibration_text is not None:
+            raise ValueError(
+                "DARTConfig.calibration_text needs a tokenizer: call "
+                "handle.calibrate(text, tokenizer) after attach"
             )
         self._replaced: list[tuple[nn.Module, str, nn.Module]] = []
         self._hooks: list[Any] = []
         self._relaid: list[LayerRefs] = []
         self._held = False
         parts = [self.adapter.ffn_parts(r) for r in self.refs]
+        proxies = None
+        if config.ranking != "magnitude" and self.method.uses_proxies:
+            proxies = _compute_proxies(model, self.adapter, parts, config.proxy_source)
         widths = [p.width for p in parts]
-        topk = torch.ops.dart.topk_indices if load_ops() else None
-        self.controller = Controller(config, widths, None, topk_fn=topk)
-        self.ffns = [
-            DARTFFN(p, r.index, config.backend, self.controller)
-            for p, r in zip(parts, self.refs, strict=True)
-        ]
-        if config.ranking != "magnitude" and config.method in ("dart", "static", "griffin"):
-            self.controller.proxies = _compute_proxies(
-                model, self.adapter, self.ffns, config.proxy_source
+        if config.backend != "masked" and config.fixed_keep_counts(widths) != widths:
+            # Neuron-major storage of the column-major projection (in place, no copy kept).
+            for refs in self.refs:
+                self.adapter.relayout(refs)
+                self._relaid.append(refs)
+            parts = [self.adapter.ffn_parts(r) for r in self.refs]
+        try:
+            self.controller = Controller(
+                config,
+                parts,
+                post_ffn_norms=[r.post_ffn_norm for r in self.refs],
+                proxies=proxies,
+                topk_fn=torch.ops.dart.topk_indices if load_ops() else None,
             )
-        self.controller.layers = self.ffns
-        self.controller.post_ffn_norms = [r.post_ffn_norm for r in self.refs]
+        except BaseException:
+            self._restore_layout()
+            raise
+        self.ffns = self.controller.layers
         self._patch()
         model._dart_handle = self
-        if config.method == "static" and config.calibration_text is not None:
-            raise ValueError(
-                "DARTConfig.calibration_text needs a tokenizer: call "
-                "handle.calibrate(text, tokenizer) after attach"
-            )
 
     # -- patching -------------------------------------------------------------------------
     def _patch(self) -> None:
-        c = self.controller
-        prune = self.config.backend != "masked" and c.fixed_counts != c.widths
         for refs, ffn in zip(self.refs, self.ffns, strict=True):
-            if prune:
-                # Neuron-major storage of the column-major projection (in place, no copy kept).
-                self.adapter.relayout(refs)
-                self._relaid.append(refs)
-                ffn._parts = self.adapter.ffn_parts(refs)
             self._replace(refs.ffn_parent, refs.ffn_attr, ffn)
             for name in refs.extra_identity:
                 self._replace(refs.layer, name, nn.Identity())
@@ -100,7 +103,7 @@ class DARTHandle:
                     )
                 )
         drift = self.config.drift
-        if self.controller.monitor is not None:
+        if self.controller.monitors_drift:
             watched = resolve_watch_layers(drift.layers, len(self.refs))
             for i in watched:
                 self._hooks.append(
@@ -110,6 +113,11 @@ class DARTHandle:
             self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         )
         self._hooks.append(self.model.register_forward_hook(self._post_forward, with_kwargs=True))
+
+    def _restore_layout(self) -> None:
+        for refs in self._relaid:
+            self.adapter.restore(refs)
+        self._relaid = []
 
     def _replace(self, parent: nn.Module, name: str, module: nn.Module) -> None:
         self._replaced.append((parent, name, getattr(parent, name)))
@@ -162,9 +170,12 @@ class DARTHandle:
 
     # -- public -----------------------------------------------------------------------------
     def calibrate(self, text: str | torch.Tensor, tokenizer=None, max_tokens: int = 512) -> None:
-        """Build the frozen masks of `method='static'` from a calibration text (or token ids)."""
-        if self.config.method != "static":
-            raise ValueError(f"calibrate() is for method='static', not {self.config.method!r}")
+        """Build the frozen masks of a calibrated method (`static`) from a calibration text (or
+        token ids)."""
+        if not self.method.needs_calibration:
+            raise ValueError(
+                f"calibrate() is for a calibrated method (static), not {self.method.name!r}"
+            )
         device = next(self.model.parameters()).device
         if isinstance(text, str):
             if tokenizer is None:
@@ -174,13 +185,8 @@ class DARTHandle:
             ids = text if text.dim() == 2 else text.unsqueeze(0)
         ids = ids[:, :max_tokens].to(device)
         c = self.controller
-        c.calibrating(True)
-        c.frozen = False
-        try:
-            with torch.no_grad():
-                self.model(input_ids=ids, use_cache=False)
-        finally:
-            c.calibrating(False)
+        with c.calibration(), torch.no_grad():
+            self.model(input_ids=ids, use_cache=False)
         c.begin(ids.shape[0], device)  # leave the frozen masks in force
 
     @torch.no_grad()
@@ -189,11 +195,7 @@ class DARTHandle:
         masking step. With `hold()`, later forwards are then computed under these masks:
         the log-likelihood protocol (mask from the context only, then score the answer)."""
         self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        c = self.controller
-        tracing = [b for b, p in enumerate(c.phase) if p == Phase.TRACE]
-        if tracing and c.method != "dense":
-            c._build(tracing)
-            c._set_modes()
+        self.controller.select_traced()
 
     @contextmanager
     def hold(self):
@@ -207,14 +209,11 @@ class DARTHandle:
 
     def reset(self) -> None:
         """Forget statistics (counters included); masks of a calibrated static run stay."""
-        self.controller.counters = type(self.controller.counters)()
-        if self.controller.monitor is not None and self.controller.batch_size:
-            self.controller.monitor.begin_trace(self.controller.batch_size, self.controller.device)
+        self.controller.reset_stats()
 
     def drift_history(self) -> list[list[tuple[int, float, float]]]:
         """Per sequence (step, similarity, threshold) at each monitored window."""
-        m = self.controller.monitor
-        return m.history() if m is not None and m.batch_size else []
+        return self.controller.drift_history()
 
     def stats(self) -> dict:
         return self.controller.stats()
@@ -225,9 +224,8 @@ class DARTHandle:
             hook.remove()
         for parent, name, original in reversed(self._replaced):
             setattr(parent, name, original)
-        for refs in self._relaid:
-            self.adapter.restore(refs)
-        self._hooks, self._replaced, self._relaid = [], [], []
+        self._restore_layout()
+        self._hooks, self._replaced = [], []
         if getattr(self.model, "_dart_handle", None) is self:
             del self.model._dart_handle
         return self.model
@@ -241,7 +239,7 @@ def attach(model: nn.Module, config: DARTConfig | None = None, **overrides: Any)
     if getattr(model, "_dart_handle", None) is not None:
         raise RuntimeError("this model already has DART attached: call handle.detach() first")
     if config is None:
-        config = DARTConfig(**overrides)
+        config = DARTConfig.from_dict(overrides)
     elif overrides:
         config = DARTConfig.from_dict({**config.to_dict(), **overrides})
     return DARTHandle(model, config)

@@ -4,6 +4,7 @@ Notes:
 
 * The budget is counted in neurons: ``sum_l p_l N_l = total_prune * sum_l N_l``. With equal
   widths this is the spec's layer formula ``p_l = B P_l / sum(P)``, ``B = total_prune * L``.
+* The settings (depth protection, bounds) are a :class:`~dart.config.BudgetConfig`.
 * Prune fractions are clipped to ``[prune_min, prune_max]``, so a ``total_prune`` outside that
   range (or one that the clipped layers cannot absorb) is not reachable: the result is the
   clipped allocation and :attr:`BudgetAllocation.achieved_prune` reports the real total.
@@ -24,7 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["BudgetAllocation", "allocate_budget", "auto_keep_counts", "depth_protection"]
+from .config import BudgetConfig, parse_total_prune
+
+__all__ = ["BudgetAllocation", "allocate_budget", "depth_protection"]
 
 
 @dataclass(frozen=True)
@@ -37,23 +40,18 @@ class BudgetAllocation:
     achieved_prune: float  # fraction of all FFN neurons removed by keep_counts
 
 
-def depth_protection(
-    num_layers: int,
-    depth_early: float = 0.3,
-    depth_late: float = 0.15,
-    early_floor: float = 0.25,
-    late_floor: float = 0.35,
-) -> Tensor:
+def depth_protection(num_layers: int, budget: BudgetConfig | None = None) -> Tensor:
     """``D_l`` (float64 ``[L]``): ramps from ``early_floor`` at the first layer and from
     ``late_floor`` at the last layer up to 1, with ``z = l / (L - 1)`` (``L = 1``: ``z = 0``)."""
+    b = budget or BudgetConfig()
     z = torch.arange(num_layers, dtype=torch.float64) / max(num_layers - 1, 1)
     d = torch.ones(num_layers, dtype=torch.float64)
-    if depth_late > 0:
-        late = late_floor + (1 - late_floor) * (1 - z) / depth_late
-        d = torch.where(z > 1 - depth_late, late, d)
-    if depth_early > 0:
-        early = early_floor + (1 - early_floor) * z / depth_early
-        d = torch.where(z < depth_early, early, d)
+    if b.depth_late > 0:
+        late = b.late_floor + (1 - b.late_floor) * (1 - z) / b.depth_late
+        d = torch.where(z > 1 - b.depth_late, late, d)
+    if b.depth_early > 0:
+        early = b.early_floor + (1 - b.early_floor) * z / b.depth_early
+        d = torch.where(z < b.depth_early, early, d)
     return d
 
 
@@ -61,15 +59,12 @@ def allocate_budget(
     sensitivity: Tensor | Sequence[float],
     widths: Sequence[int],
     total_prune: float,
-    depth_early: float = 0.3,
-    depth_late: float = 0.15,
-    early_floor: float = 0.25,
-    late_floor: float = 0.35,
-    prune_min: float = 0.1,
-    prune_max: float = 0.9,
+    budget: BudgetConfig | None = None,
     rounds: int = 10,
 ) -> BudgetAllocation:
-    """Distribute ``total_prune`` (fraction of all FFN neurons) over layers by sensitivity."""
+    """Distribute ``total_prune`` (fraction of all FFN neurons) over layers by sensitivity,
+    as ``budget`` says (default :class:`~dart.config.BudgetConfig`)."""
+    b = budget or BudgetConfig()
     s = torch.as_tensor(sensitivity, dtype=torch.float64).detach().cpu().reshape(-1)
     n = torch.as_tensor(list(widths), dtype=torch.float64)
     num_layers = s.numel()
@@ -81,28 +76,25 @@ def allocate_budget(
         raise ValueError(f"sensitivity: non-finite values {s.tolist()}")
     if bool((n < 1).any()):
         raise ValueError(f"widths: {list(widths)} must all be >= 1")
-    if not 0.0 <= total_prune < 1.0:
-        raise ValueError(f"total_prune: {total_prune!r} is not in [0, 1)")
-    if not 0.0 <= prune_min <= prune_max < 1.0:
-        raise ValueError(f"prune_min/prune_max: {prune_min!r}/{prune_max!r} need 0<=min<=max<1")
+    total_prune = parse_total_prune(total_prune, "total_prune")
     widths_i = [int(x) for x in widths]
     if total_prune == 0.0:
         return BudgetAllocation(widths_i, [0.0] * num_layers, 0.0, 0.0)
 
     span = s.max() - s.min()
     r = torch.ones_like(s) if span <= 0 else 1.0 - (s - s.min()) / span
-    p_weight = r * depth_protection(num_layers, depth_early, depth_late, early_floor, late_floor)
+    p_weight = r * depth_protection(num_layers, b)
     if p_weight.sum() <= 0:
         p_weight = torch.ones_like(s)
 
-    budget = total_prune * n.sum()  # neurons to remove
-    p = (budget * p_weight / (p_weight * n).sum()).clamp(prune_min, prune_max)
+    budget_neurons = total_prune * n.sum()  # neurons to remove
+    p = (budget_neurons * p_weight / (p_weight * n).sum()).clamp(b.prune_min, b.prune_max)
     tol = 1e-9 * float(n.sum())
     for _ in range(rounds):
-        diff = budget - (p * n).sum()
+        diff = budget_neurons - (p * n).sum()
         if abs(float(diff)) <= tol:
             break
-        free = p < prune_max if diff > 0 else p > prune_min
+        free = p < b.prune_max if diff > 0 else p > b.prune_min
         if not bool(free.any()):
             break
         wsum = (p_weight * n)[free].sum()
@@ -110,7 +102,7 @@ def allocate_budget(
             delta = diff * p_weight / wsum
         else:
             delta = diff / n[free].sum() * torch.ones_like(p)
-        p = torch.where(free, p + delta, p).clamp(prune_min, prune_max)
+        p = torch.where(free, p + delta, p).clamp(b.prune_min, b.prune_max)
 
     keep = [
         min(max(math.floor((1.0 - float(pl)) * nl + 0.5), 1), nl)
@@ -118,30 +110,3 @@ def allocate_budget(
     ]
     achieved = 1.0 - sum(keep) / sum(widths_i)
     return BudgetAllocation(keep, [float(x) for x in p.tolist()], float(total_prune), achieved)
-
-
-def auto_keep_counts(
-    sensitivity: Tensor | Sequence[float],
-    widths: Sequence[int],
-    total_prune: float,
-    depth_early: float = 0.3,
-    depth_late: float = 0.15,
-    early_floor: float = 0.25,
-    late_floor: float = 0.35,
-    prune_min: float = 0.1,
-    prune_max: float = 0.9,
-    rounds: int = 10,
-) -> list[int]:
-    """Per-layer keep counts of :func:`allocate_budget` (use that for the prune fractions)."""
-    return allocate_budget(
-        sensitivity,
-        widths,
-        total_prune,
-        depth_early,
-        depth_late,
-        early_floor,
-        late_floor,
-        prune_min,
-        prune_max,
-        rounds,
-    ).keep_counts

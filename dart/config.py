@@ -1,5 +1,11 @@
-"""Validated configuration of DART: :class:`DARTConfig`, :class:`DriftConfig` and the
-per-layer keep-spec grammar (``layer_topk``).
+"""Validated configuration of DART: :class:`DARTConfig` with its nested :class:`BudgetConfig`
+and :class:`DriftConfig`, the per-layer keep-spec grammar (``layer_topk``) and the tables of
+accepted values (rankings, backends, ...). Method names come from the registry in
+:mod:`dart.methods`.
+
+``total_prune`` (the sparsity of an ``auto`` budget) is read only by ``auto`` items of
+``layer_topk``: giving it with a spec that has none is a :class:`ConfigError` (the spec's own
+fractions or counts decide the sparsity there). Left out, it is 0.5 (:data:`DEFAULT_TOTAL_PRUNE`).
 
 Per-layer spec grammar (``DARTConfig.layer_topk``): comma-separated ``target:value`` items.
 
@@ -20,12 +26,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .methods import METHODS, get_method
+
 __all__ = [
+    "BACKENDS",
+    "DEFAULT_TOTAL_PRUNE",
+    "RANKINGS",
+    "BudgetConfig",
     "ConfigError",
     "DARTConfig",
     "DriftConfig",
     "LayerKeep",
     "parse_layer_topk",
+    "parse_total_prune",
     "resolve_keep_counts",
 ]
 
@@ -39,10 +52,10 @@ RANKINGS = ("magnitude", "max", "mean", "combined", "product")
 STRATEGIES = ("topk", "auto")
 BACKENDS = ("masked", "gathered", "compact")
 BATCH_POLICIES = ("per_sequence", "shared")
-METHODS = ("dense", "static", "griffin", "random", "dart")
 PROXY_SOURCES = ("embedding", "lm_head")
 SENSITIVITIES = ("residual", "raw")
 DRIFT_SIGNALS = ("attn_output", "attn_probs")
+DEFAULT_TOTAL_PRUNE = 0.5
 
 
 def _choice(owner: str, name: str, value: Any, accepted: tuple[str, ...]) -> None:
@@ -74,7 +87,72 @@ def _real_in(
     if not ok:
         lo = "(" if low_open else "["
         hi = ")" if high_open else "]"
-        raise ConfigError(f"{owner}.{name}: {value!r} is not a number in {lo}{low}, {high}{hi}")
+        where = f"{owner}.{name}" if name else owner
+        raise ConfigError(f"{where}: {value!r} is not a number in {lo}{low}, {high}{hi}")
+
+
+def parse_total_prune(value: Any, setting: str = "DARTConfig.total_prune") -> float:
+    """``total_prune`` as a float in [0, 1): a number or its text (``"0.5"``). The one place it
+    is converted and checked; ``setting`` names it in the message (e.g. ``--total-prune``)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass  # reported below with the text as given
+    _real_in(setting, "", value, 0.0, 1.0, low_open=False, high_open=True)
+    return float(value)
+
+
+@dataclass
+class BudgetConfig:
+    """How an ``auto`` budget spreads ``total_prune`` over layers (spec section 3).
+
+    ``sensitivity``: the layer statistic (``residual``: ``cos(r, r + f)``; ``raw``: ``cos(r, f)``,
+    the reference code); ``depth_early``/``depth_late``: the fractions of depth at either end
+    that are protected, ramping up from ``early_floor``/``late_floor`` (see
+    :func:`dart.budget.depth_protection`); ``prune_min``/``prune_max``: bounds of any layer's
+    prune fraction.
+    """
+
+    sensitivity: str = "residual"
+    depth_early: float = 0.3
+    depth_late: float = 0.15
+    early_floor: float = 0.25
+    late_floor: float = 0.35
+    prune_min: float = 0.1
+    prune_max: float = 0.9
+
+    def __post_init__(self) -> None:
+        o = "BudgetConfig"
+        _choice(o, "sensitivity", self.sensitivity, SENSITIVITIES)
+        for name in ("depth_early", "depth_late", "early_floor", "late_floor"):
+            _real_in(o, name, getattr(self, name), 0.0, 1.0, low_open=False, high_open=False)
+        _real_in(o, "prune_min", self.prune_min, 0.0, 1.0, low_open=False, high_open=True)
+        _real_in(o, "prune_max", self.prune_max, 0.0, 1.0, low_open=False, high_open=True)
+        if self.prune_min > self.prune_max:
+            raise ConfigError(
+                f"{o}.prune_min: {self.prune_min!r} is greater than prune_max ({self.prune_max!r})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BudgetConfig:
+        _check_keys(cls, data)
+        return cls(**data)
+
+
+# Flat DARTConfig keys of earlier versions -> where they live now (named in the error).
+_MOVED_KEYS = {
+    "sensitivity": "budget.sensitivity",
+    "depth_early": "budget.depth_early",
+    "depth_late": "budget.depth_late",
+    "depth_early_floor": "budget.early_floor",
+    "depth_late_floor": "budget.late_floor",
+    "prune_min": "budget.prune_min",
+    "prune_max": "budget.prune_max",
+}
 
 
 @dataclass
@@ -261,7 +339,7 @@ def resolve_keep_counts(
             if auto_counts is None:
                 raise ConfigError(
                     f"layer {layer} is 'auto' but no auto_counts were given (compute them with "
-                    "dart.budget.auto_keep_counts from the traced sensitivities)"
+                    "dart.budget.allocate_budget(...).keep_counts from the traced sensitivities)"
                 )
             k = min(max(int(auto_counts[layer]), 1), n)
         else:  # pragma: no cover - LayerKeep is only built by the parser
@@ -277,38 +355,46 @@ def resolve_keep_counts(
 
 @dataclass
 class DARTConfig:
-    """Everything that defines one DART (or baseline) run. See docs/DART_SPEC.md."""
+    """Everything that defines one DART (or baseline) run. See docs/DART_SPEC.md.
+
+    ``method`` is a name of the registry :data:`dart.methods.METHODS`; the method adjusts the
+    config to what it runs (e.g. drift detection off for every method but ``dart``).
+    ``total_prune`` is the sparsity of ``auto`` items of ``layer_topk`` (None: 0.5, see
+    :attr:`prune_target`); with a spec without ``auto`` it must be left out.
+    """
 
     layer_topk: str = "all:auto"
-    total_prune: float = 0.5
+    total_prune: float | None = None
     masking_step: int = 0
     release_step: int | None = None
     ema_decay: float | None = None
     ranking: str = "magnitude"
     strategy: str = "topk"
     drift: DriftConfig = field(default_factory=DriftConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     backend: str = "gathered"
     batch_policy: str = "per_sequence"
     method: str = "dart"
     proxy_source: str = "embedding"
-    sensitivity: str = "residual"
-    depth_early: float = 0.3
-    depth_late: float = 0.15
-    depth_early_floor: float = 0.25
-    depth_late_floor: float = 0.35
-    prune_min: float = 0.1
-    prune_max: float = 0.9
     seed: int = 0
     calibration_text: str | None = None
 
     def __post_init__(self) -> None:
         o = "DARTConfig"
-        if isinstance(self.drift, dict):
-            self.drift = DriftConfig.from_dict(self.drift)
-        elif not isinstance(self.drift, DriftConfig):
-            raise ConfigError(f"{o}.drift: {self.drift!r} is not a DriftConfig or a dict")
+        self.drift = _nested(o, "drift", self.drift, DriftConfig)
+        self.budget = _nested(o, "budget", self.budget, BudgetConfig)
+        _choice(o, "method", self.method, tuple(METHODS))
         _parse_items(self.layer_topk)
-        _real_in(o, "total_prune", self.total_prune, 0.0, 1.0, low_open=False, high_open=True)
+        if self.total_prune is not None:
+            self.total_prune = parse_total_prune(self.total_prune)
+            if not self.has_auto and get_method(self.method).prunes:
+                raise ConfigError(
+                    f"{o}.total_prune: {self.total_prune!r} is only read by 'auto' items of "
+                    f"layer_topk, and {self.layer_topk!r} has none, so it would be ignored: "
+                    f"leave total_prune out and set the sparsity in layer_topk (e.g. "
+                    f"'all:{1 - self.total_prune:g}' keeps {1 - self.total_prune:.0%} of every "
+                    f"layer), or use layer_topk='all:auto' with total_prune={self.total_prune:g}"
+                )
         _int_at_least(o, "masking_step", self.masking_step, 0)
         if self.release_step is not None and (
             not _is_int(self.release_step) or self.release_step <= self.masking_step
@@ -323,35 +409,62 @@ class DARTConfig:
         _choice(o, "strategy", self.strategy, STRATEGIES)
         _choice(o, "backend", self.backend, BACKENDS)
         _choice(o, "batch_policy", self.batch_policy, BATCH_POLICIES)
-        _choice(o, "method", self.method, METHODS)
         _choice(o, "proxy_source", self.proxy_source, PROXY_SOURCES)
-        _choice(o, "sensitivity", self.sensitivity, SENSITIVITIES)
-        for name in ("depth_early", "depth_late", "depth_early_floor", "depth_late_floor"):
-            _real_in(o, name, getattr(self, name), 0.0, 1.0, low_open=False, high_open=False)
-        _real_in(o, "prune_min", self.prune_min, 0.0, 1.0, low_open=False, high_open=True)
-        _real_in(o, "prune_max", self.prune_max, 0.0, 1.0, low_open=False, high_open=True)
-        if self.prune_min > self.prune_max:
-            raise ConfigError(
-                f"{o}.prune_min: {self.prune_min!r} is greater than prune_max ({self.prune_max!r})"
-            )
         if not _is_int(self.seed):
             raise ConfigError(f"{o}.seed: {self.seed!r} is not an integer")
         if self.calibration_text is not None and not isinstance(self.calibration_text, str):
             raise ConfigError(f"{o}.calibration_text: {self.calibration_text!r} is not a string")
+        get_method(self.method).configure(self)
+
+    # ---------------------------------------------------------------- derived values
+    @property
+    def has_auto(self) -> bool:
+        """Whether any item of ``layer_topk`` is ``auto`` (a budget allocated at run time)."""
+        return any(keep.kind == "auto" for _, _, keep in _parse_items(self.layer_topk))
+
+    @property
+    def prune_target(self) -> float | None:
+        """The sparsity the ``auto`` budget allocates (``total_prune``, default 0.5); None
+        when no layer is ``auto`` or the method does not prune."""
+        if not self.has_auto or not get_method(self.method).prunes:
+            return None
+        return DEFAULT_TOTAL_PRUNE if self.total_prune is None else self.total_prune
+
+    def layer_keeps(self, widths: list[int]) -> list[LayerKeep]:
+        """``layer_topk`` resolved against a model's FFN widths (one entry per layer)."""
+        return parse_layer_topk(self.layer_topk, len(widths), widths)
+
+    def fixed_keep_counts(self, widths: list[int]) -> list[int] | None:
+        """Per-layer keep counts fixed before any prompt is seen: every width for a method that
+        does not prune, None when an ``auto`` budget decides them at run time."""
+        if not get_method(self.method).prunes:
+            return list(widths)
+        keeps = self.layer_keeps(widths)
+        if any(keep.kind == "auto" for keep in keeps):
+            return None
+        return resolve_keep_counts(keeps, widths)
 
     # ---------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict (JSON/YAML-safe): ``drift`` as a nested dict, tuples as lists."""
+        """Plain dict (JSON/YAML-safe): ``drift`` and ``budget`` nested, tuples as lists."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["drift"] = self.drift.to_dict()
+        d["budget"] = self.budget.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DARTConfig:
-        """Build from a dict; unknown keys raise :class:`ConfigError` naming them."""
+        """Build from a dict; unknown keys raise :class:`ConfigError` naming them (keys of
+        earlier versions: naming where they moved)."""
         if not isinstance(data, dict):
             raise ConfigError(
                 f"DARTConfig.from_dict: expected a mapping, got {type(data).__name__}"
+            )
+        moved = [f"{k!r} is now {_MOVED_KEYS[k]}" for k in data if k in _MOVED_KEYS]
+        if moved:
+            raise ConfigError(
+                f"DARTConfig: {'; '.join(moved)} (a nested section, e.g. "
+                "budget: {depth_early: 0.3, prune_max: 0.9})"
             )
         _check_keys(cls, data)
         return cls(**data)
@@ -386,6 +499,14 @@ class DARTConfig:
         else:
             raise ConfigError(f"config path {str(p)!r}: suffix must be one of .yaml, .yml, .json")
         return cls.from_dict(data if data is not None else {})
+
+
+def _nested(owner: str, name: str, value: Any, kind: type) -> Any:
+    if isinstance(value, dict):
+        return kind.from_dict(value)
+    if not isinstance(value, kind):
+        raise ConfigError(f"{owner}.{name}: {value!r} is not a {kind.__name__} or a dict")
+    return value
 
 
 def _check_keys(cls: type, data: dict[str, Any]) -> None:

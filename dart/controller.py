@@ -14,14 +14,19 @@ window, so there is no host sync per token.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
-from .budget import allocate_budget
-from .config import DARTConfig, parse_layer_topk, resolve_keep_counts
+from .adapters import FFNParts
+from .budget import BudgetAllocation, allocate_budget
+from .config import DARTConfig, resolve_keep_counts
 from .drift import make_monitor
 from .ffn import DARTFFN, DENSE, SPARSE, TRACE
+from .methods import get_method
 from .scoring import (
     ActivationAccumulator,
     SensitivityAccumulator,
@@ -40,10 +45,6 @@ class Phase:
     RELEASED = 2  # dense for good
 
 
-# Which methods select neurons from the sequence itself (and so trace at every prompt).
-_PROMPT_METHODS = ("dart", "griffin", "random")
-
-
 @dataclass
 class _Counters:
     decode_passes: int = 0
@@ -56,47 +57,43 @@ class _Counters:
     selection_seconds: float = 0.0  # wall time of mask builds (scoring, top-k, re-slicing)
 
 
-def _tensor_bytes(attrs: dict) -> int:
-    return sum(t.numel() * t.element_size() for t in attrs.values() if torch.is_tensor(t))
-
-
 class Controller:
-    """Drives the `DARTFFN` modules of one model through the schedule."""
+    """Drives the `DARTFFN` modules of one model through the schedule.
+
+    Built complete in one step: it makes one `DARTFFN` per `FFNParts` (`layers`), reporting to
+    this controller. `post_ffn_norms[l]` is the norm a family applies to layer l's FFN output
+    before the residual add (None: none); `proxies[l]` the output proxy `(Pmax, Pmean)` of the
+    ranking (None: magnitude ranking); `topk_fn` the top-k kernel (None: torch).
+    """
 
     def __init__(
         self,
         config: DARTConfig,
-        widths: list[int],
-        proxies: list[tuple[torch.Tensor, torch.Tensor]] | None,
-        topk_fn=None,
+        parts: list[FFNParts],
+        post_ffn_norms: list[nn.Module | None] | None = None,
+        proxies: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        topk_fn: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
     ):
         self.cfg = config
-        self.widths = widths
-        self.num_layers = len(widths)
-        self.layers: list[DARTFFN] = []
+        self.method = get_method(config.method)
+        self.widths = [p.width for p in parts]
+        self.num_layers = len(parts)
         self.proxies = proxies
         self.topk_fn = topk_fn
-        self.method = config.method
-        self.keeps = parse_layer_topk(config.layer_topk, self.num_layers, widths)
-        self.has_auto = any(k.kind == "auto" for k in self.keeps)
-        if self.method == "dense":
-            self.fixed_counts = list(widths)
-        elif self.has_auto:
-            self.fixed_counts = None
-        else:
-            self.fixed_counts = resolve_keep_counts(self.keeps, widths)
+        self.post_ffn_norms = list(post_ffn_norms or [None] * self.num_layers)
+        self.keeps = config.layer_keeps(self.widths)
+        self.fixed_counts = config.fixed_keep_counts(self.widths)
         self.counts: list[int] | None = self.fixed_counts
-        self.budget = None  # the last auto BudgetAllocation, for reports
-        ema = config.ema_decay if self.method in ("dart", "static") else None
-        self.acc = ActivationAccumulator(widths, ema_decay=ema)
-        self.sens = SensitivityAccumulator(self.num_layers, config.sensitivity)
+        self.budget: BudgetAllocation | None = None  # the last auto allocation, for reports
+        ema = config.ema_decay if self.method.uses_ema else None
+        self.acc = ActivationAccumulator(self.widths, ema_decay=ema)
+        self.sens = SensitivityAccumulator(self.num_layers, config.budget.sensitivity)
         self.monitor = None
-        if self.method == "dart" and config.drift.enabled:
+        if self.method.uses_drift and config.drift.enabled:
             self.monitor = make_monitor(config.drift)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.post_ffn_norms: list[torch.nn.Module | None] = [None] * self.num_layers
         self.auto_step = True  # follow HF forwards via hooks; off for explicit-step loops
-        self.frozen = False  # static masks are calibrated once and never rebuilt
+        self.frozen = False  # calibrated masks are built once and never rebuilt
         self._calibrating = False
         self.valid: torch.Tensor | None = None
         self.batch_size = 0
@@ -106,6 +103,17 @@ class Controller:
         self.trace_start: list[int] = []
         self._residual: dict[int, torch.Tensor] = {}
         self.counters = _Counters()
+        backend = config.backend if self.method.prunes else "masked"  # dense: no kernels
+        self.layers = [DARTFFN(p, i, backend, self) for i, p in enumerate(parts)]
+
+    @property
+    def _shared_mask(self) -> bool:
+        return self.cfg.batch_policy == "shared" or self.method.shared_mask
+
+    @property
+    def monitors_drift(self) -> bool:
+        """Whether a drift monitor watches the attention (its hooks are needed)."""
+        return self.monitor is not None
 
     # -- what to collect ---------------------------------------------------------------------
     @property
@@ -114,7 +122,7 @@ class Controller:
 
     @property
     def needs_sensitivity(self) -> bool:
-        return self.has_auto and self.counts is None and self.collecting
+        return self.counts is None and self.collecting
 
     # -- explicit step API -------------------------------------------------------------------
     def begin(self, batch_size: int, device: torch.device | str = "cpu") -> None:
@@ -125,13 +133,13 @@ class Controller:
         self.valid = None
         self.counters.sequences += batch_size
         self._residual.clear()
-        if self.method == "dense":
+        if not self.method.prunes:
             self.phase = [Phase.RELEASED] * batch_size
-        elif self.method == "static" and not self._calibrating:
+        elif self.method.needs_calibration and not self._calibrating:
             if not self.frozen:
                 raise RuntimeError(
-                    "method='static' needs calibration first: handle.calibrate(text) or "
-                    "DARTConfig(calibration_text=...)"
+                    f"method={self.method.name!r} needs calibration first: "
+                    "handle.calibrate(text) or DARTConfig(calibration_text=...)"
                 )
             self.phase = [Phase.SPARSE] * batch_size
         else:
@@ -155,12 +163,12 @@ class Controller:
         s = self.step
         if s >= 1:
             self._account_decode_pass()
-        if self.method in _PROMPT_METHODS or self._calibrating:
+        if self.method.selects_from_prompt or self._calibrating:
             self._maybe_build(s)
         if self.monitor is not None and (s + 1) % self.cfg.drift.window == 0:
             self._poll_drift(s)
         release = self.cfg.release_step
-        if release is not None and s + 1 >= release and self.method != "dense":
+        if release is not None and s + 1 >= release and self.method.prunes:
             self.phase = [Phase.RELEASED] * self.batch_size
         self.step += 1
         self.valid = None
@@ -169,10 +177,7 @@ class Controller:
     # -- recording (called from the FFN modules and hooks) ------------------------------------
     @torch.no_grad()
     def record_activations(self, layer: int, h: torch.Tensor) -> None:
-        if self.method == "griffin":  # GRIFFIN: per-token L2-normalised activations
-            h = h.float()
-            h = h / torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min(1e-12)
-        self.acc.update(layer, h, self.valid)
+        self.acc.update(layer, self.method.statistic(h), self.valid)
 
     def capture_residual(self, layer: int, r: torch.Tensor) -> None:
         if self.needs_sensitivity:
@@ -216,9 +221,8 @@ class Controller:
         ]
         if not ready:
             return
-        if self.cfg.batch_policy == "shared" or self.method == "static":
-            if len(ready) < self.batch_size:
-                return  # a shared mask waits for every row
+        if self._shared_mask and len(ready) < self.batch_size:
+            return  # a shared mask waits for every row
         self._build(ready)
         if self._calibrating:
             self.frozen = True
@@ -239,20 +243,10 @@ class Controller:
         rows_mask = self._row_mask(rows)
         if self.counts is None:
             scores = self.sens.scores(rows_mask)
-            cfg = self.cfg
-            self.budget = allocate_budget(
-                scores,
-                self.widths,
-                cfg.total_prune,
-                cfg.depth_early,
-                cfg.depth_late,
-                cfg.depth_early_floor,
-                cfg.depth_late_floor,
-                cfg.prune_min,
-                cfg.prune_max,
-            )
+            target = self.cfg.prune_target
+            self.budget = allocate_budget(scores, self.widths, target, self.cfg.budget)
             self.counts = resolve_keep_counts(self.keeps, self.widths, self.budget.keep_counts)
-        shared = self.cfg.batch_policy == "shared" or self.method == "static"
+        shared = self._shared_mask
         new_phase = list(self.phase)
         for b in rows:
             new_phase[b] = Phase.SPARSE
@@ -278,8 +272,8 @@ class Controller:
         m = self.acc.magnitudes(layer_index)
         if shared:
             m = shared_scores(m, ema=self.acc.ema_decay is not None)
-        if self.method == "random":
-            scores = torch.rand(m.shape, generator=self.generator).to(m.device)
+        if self.method.score is not None:
+            scores = self.method.score(m, self.generator)
         else:
             pmax, pmean = self.proxies[layer_index] if self.proxies else (None, None)
             scores = rank_scores(self.cfg.ranking, m, pmax, pmean)
@@ -317,9 +311,47 @@ class Controller:
             c.decode_neurons += sparse_neurons if p == Phase.SPARSE else total
             c.decode_capacity += total
 
-    # -- static calibration ------------------------------------------------------------------
-    def calibrating(self, on: bool) -> None:
-        self._calibrating = on
+    # -- calibration, explicit selection, forwards outside the schedule -------------------------
+    @contextmanager
+    def calibration(self) -> Iterator[None]:
+        """Forwards inside trace a calibration text whose masks are then frozen for every
+        prompt (`method.needs_calibration`); a new calibration replaces the old masks."""
+        self._calibrating = True
+        self.frozen = False
+        try:
+            yield
+        finally:
+            self._calibrating = False
+
+    def select_traced(self) -> None:
+        """Build the masks of every row still tracing now, whatever the masking step (the
+        log-likelihood protocol: masks from the context, then the answer scored under them)."""
+        tracing = [b for b, p in enumerate(self.phase) if p == Phase.TRACE]
+        if tracing and self.method.prunes:
+            self._build(tracing)
+            self._set_modes()
+
+    @contextmanager
+    def paused(self, batch_size: int) -> Iterator[None]:
+        """Forwards of `batch_size` rows outside the schedule: the hooks record nothing and
+        advance nothing (no statistics, no drift monitor); the state is restored on exit."""
+        saved = (self.auto_step, self.monitor, self.phase, self.batch_size)
+        self.auto_step, self.monitor, self.phase, self.batch_size = False, None, [], batch_size
+        try:
+            yield
+        finally:
+            self.auto_step, self.monitor, self.phase, self.batch_size = saved
+
+    def reset_stats(self) -> None:
+        """Forget counters and drift history (masks and calibration stay)."""
+        self.counters = _Counters()
+        if self.monitor is not None and self.batch_size:
+            self.monitor.begin_trace(self.batch_size, self.device)
+
+    def drift_history(self) -> list[list[tuple[int, float, float]]]:
+        """Per sequence (step, similarity, threshold) at each monitored window."""
+        m = self.monitor
+        return m.history() if m is not None and m.batch_size else []
 
     # -- reporting ---------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -327,14 +359,14 @@ class Controller:
         counts = self.counts if self.counts is not None else list(self.widths)
         total = sum(self.widths)
         state_bytes = {
-            "accumulators": sum(t.numel() * 4 for t in self.acc._state),
-            "sensitivity": 3 * self.sens.count.numel() * 4,
+            "accumulators": self.acc.state_bytes(),
+            "sensitivity": self.sens.state_bytes(),
             "selections": sum(layer.extra_bytes() for layer in self.layers),
             "proxies": sum(a.numel() * a.element_size() * 2 for a, _ in self.proxies or []),
-            "drift_monitor": _tensor_bytes(vars(self.monitor)) if self.monitor else 0,
+            "drift_monitor": self.monitor.state_bytes() if self.monitor else 0,
         }
         return {
-            "method": self.method,
+            "method": self.method.name,
             "backend": self.cfg.backend,
             "keep_counts": counts,
             "widths": list(self.widths),

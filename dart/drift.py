@@ -346,6 +346,10 @@ class DriftMonitor(ABC):
         self.triggered.zero_()
         return out
 
+    def state_bytes(self) -> int:
+        """Bytes of the monitor's tensor state (baselines, windows, history)."""
+        return sum(t.numel() * t.element_size() for t in vars(self).values() if torch.is_tensor(t))
+
     def history(self) -> list[list[tuple[int, float, float]]]:
         """Per row, ``(step, similarity, tau)`` at each complete monitoring window, where
         ``step`` counts the row's valid tokens observed up to the window's last token (since the

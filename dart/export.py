@@ -46,7 +46,7 @@ import argparse
 import json
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,6 @@ from torch import nn
 
 from .api import DARTHandle, attach, load_ops
 from .config import DARTConfig
-from .ffn import DENSE, SPARSE
 from .scoring import rank_scores, shared_scores
 
 __all__ = [
@@ -217,29 +216,18 @@ class DARTExportModule(nn.Module):
     @contextmanager
     def _routed(self, batch: int, idx: tuple[torch.Tensor, ...] | None):
         """Prefill (idx None): every FFN dense; decode: pruned FFNs gathered on `idx`. The
-        controller's hooks are made inert; everything is restored on exit."""
+        controller is paused (its hooks inert); everything is restored on exit."""
         h = self.handle
-        c = h.controller
-        saved_c = (c.auto_step, c.monitor, c.phase, c.batch_size)
-        saved_f = [
-            (f.mode, f.idx, f.keep, f.prunes, f.selected, f._parts, f.backend) for f in h.ffns
-        ]
-        c.auto_step, c.monitor, c.phase, c.batch_size = False, None, [], batch
-        try:
-            for f in h.ffns:
-                f.mode = DENSE
-            if idx is not None:
-                for i, ix in zip(self.pruned, idx, strict=True):
-                    f = h.ffns[i]
-                    f.mode, f.idx, f.keep, f.selected = SPARSE, ix, self.counts[i], True
-                    f.prunes = True
-                    f.backend = "gathered"
-                    f._parts = replace(f._parts, **self._live_weights(i))
+        routes = dict(zip(self.pruned, idx, strict=True)) if idx is not None else {}
+        with ExitStack() as stack:
+            stack.enter_context(h.controller.paused(batch))
+            for i, f in enumerate(h.ffns):
+                if i in routes:
+                    parts = replace(f.parts, **self._live_weights(i))
+                    stack.enter_context(f.routed(routes[i], parts))
+                else:
+                    stack.enter_context(f.routed())
             yield
-        finally:
-            c.auto_step, c.monitor, c.phase, c.batch_size = saved_c
-            for f, s in zip(h.ffns, saved_f, strict=True):
-                f.mode, f.idx, f.keep, f.prunes, f.selected, f._parts, f.backend = s
 
     def _live_weights(self, i: int) -> dict[str, torch.Tensor]:
         """The kernel weight views rebuilt from the (traced) parameters, so that export sees
@@ -293,9 +281,7 @@ class DARTExportModule(nn.Module):
 
     def _select(self, i: int, h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """The controller's prompt selection (pass-0 statistics), as graph ops."""
-        h = h.view(valid.shape[0], valid.shape[1], -1).float()
-        if self.method == "griffin":
-            h = h / torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min(1e-12)
+        h = self.handle.method.statistic(h.view(valid.shape[0], valid.shape[1], -1).float())
         a = torch.where(valid[..., None], h, 0.0)
         m = a.square().sum(1).sqrt()  # ActivationAccumulator (L2) after one pass
         if self.shared:

@@ -7,25 +7,24 @@ Three ways to run a pruned FFN, chosen by the `backend` setting:
 - `compact`: on each re-selection the kept rows are sliced into persistent compact buffers
   (`torch.ops.dart.gather_neurons_`); between re-selections the FFN is dense GEMMs on them.
 
-The module holds no schedule logic: the controller sets `mode` and the masks, and receives
-the statistics through `controller.record_*`.
+The module holds no schedule logic: its owner (the controller) sets `mode` and the selection,
+and receives the statistics through the small `StatsRecorder` interface, so this module
+imports nothing of the controller.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from .adapters import FFNParts, kernel_act
+from .adapters import FFNParts
 
-if TYPE_CHECKING:
-    from .controller import Controller
-
-__all__ = ["DARTFFN", "BACKENDS"]
-
-BACKENDS = ("masked", "gathered", "compact")
+__all__ = ["DARTFFN", "DENSE", "SPARSE", "TRACE", "StatsRecorder"]
 
 # Mode of one forward, set by the controller before each pass.
 DENSE = "dense"  # original module, nothing recorded
@@ -33,23 +32,60 @@ TRACE = "trace"  # full hidden vector, statistics recorded, masks applied to row
 SPARSE = "sparse"  # every row has a mask: run the backend
 
 
+class StatsRecorder(Protocol):
+    """What a `DARTFFN` reports to while tracing (the controller implements it)."""
+
+    @property
+    def batch_size(self) -> int:
+        """Rows of the current batch (OPT flattens them with the tokens before its FFN)."""
+
+    def record_activations(self, layer: int, h: torch.Tensor) -> None:
+        """The FFN hidden activation `h [B, T, N]` of a tracing pass."""
+
+    def record_ffn_output(self, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """The FFN input `x` and output `y` (`[B, T, d]`) of a tracing pass."""
+
+
+@dataclass(frozen=True)
+class _Routing:
+    """The fields of a `DARTFFN` that decide how its forward runs (saved by `routed`)."""
+
+    mode: str
+    backend: str
+    parts: FFNParts
+    idx: torch.Tensor | None
+    keep: int
+    prunes: bool
+    selected: bool
+
+
+def _kernel_act(backend: str, act: str) -> str | None:
+    """The kernels' name of an HF activation (their alias table is the one in `dart_ext`);
+    None for the masked backend, which computes with the model's own functions."""
+    if backend == "masked":
+        return None
+    from dart_ext.reference import ACT_ALIASES
+
+    if act not in ACT_ALIASES:
+        raise ValueError(
+            f"backend {backend!r} has no kernel for activation {act!r}; "
+            "use backend='masked' for this model"
+        )
+    return ACT_ALIASES[act]
+
+
 class DARTFFN(nn.Module):
-    def __init__(self, parts: FFNParts, layer_index: int, backend: str, controller: Controller):
+    def __init__(self, parts: FFNParts, layer_index: int, backend: str, recorder: StatsRecorder):
         super().__init__()
         self.original = parts.original  # child module: the dense path is its own forward
         self.layer_index = layer_index
         self.width = parts.width
         self.kind = parts.kind
         self.backend = backend
-        self.kernel_act = kernel_act(parts.act)
-        if backend != "masked" and self.kernel_act is None:
-            raise ValueError(
-                f"backend {backend!r} has no kernel for activation {parts.act!r}; "
-                "use backend='masked' for this model"
-            )
+        self.kernel_act = _kernel_act(backend, parts.act)
         # Plain attributes (not submodules / buffers): views of the original parameters.
         self._parts = parts
-        object.__setattr__(self, "_controller", controller)
+        object.__setattr__(self, "_recorder", recorder)
         self.keep = parts.width  # k of this layer; == width means this layer never prunes
         # keep < width as a bool: the forward branches on it, so a compiled step is guarded on
         # whether a layer prunes, not on its count (which changes with every `auto` budget)
@@ -82,6 +118,39 @@ class DARTFFN(nn.Module):
         self._assign("mask", mask)
         if self.backend == "compact":
             self._reslice()
+
+    @property
+    def parts(self) -> FFNParts:
+        """The weights (neuron-major views) and exact dense functions this FFN runs on."""
+        return self._parts
+
+    @contextmanager
+    def routed(
+        self, idx: torch.Tensor | None = None, parts: FFNParts | None = None
+    ) -> Iterator[None]:
+        """Forwards outside the controller's schedule: the original module (`idx` None) or the
+        gathered kernels on `idx` (`[k]` or `[B, k]`), with the weights of `parts` if given
+        (e.g. views rebuilt from traced parameters). The routing is restored on exit."""
+        saved = _Routing(
+            self.mode, self.backend, self._parts, self.idx, self.keep, self.prunes, self.selected
+        )
+        try:
+            if idx is None:
+                self.mode = DENSE
+            else:
+                if self.kernel_act is None:
+                    raise ValueError(
+                        "routed(idx) runs the gathered kernels: attach with backend "
+                        "'gathered' or 'compact', not 'masked'"
+                    )
+                self.mode, self.backend, self.idx = SPARSE, "gathered", idx
+                self.keep, self.prunes, self.selected = idx.shape[-1], True, True
+                self._parts = parts or self._parts
+            yield
+        finally:
+            self.mode, self.backend, self._parts = saved.mode, saved.backend, saved.parts
+            self.idx, self.keep = saved.idx, saved.keep
+            self.prunes, self.selected = saved.prunes, saved.selected
 
     def _assign(self, name: str, value: torch.Tensor, dynamic_dim: int | None = None) -> None:
         current = getattr(self, name)
@@ -130,7 +199,7 @@ class DARTFFN(nn.Module):
         if self.mode == DENSE or self.mode == SPARSE and not self.prunes:
             return self.original(x)
         if x.dim() == 2:  # OPT flattens tokens to [B*T, d] before its FFN
-            batch = self._controller.batch_size
+            batch = self._recorder.batch_size
             return self.forward(x.view(batch, -1, x.shape[-1])).view(x.shape)
         if self.mode == TRACE:
             return self._trace(x)
@@ -139,11 +208,11 @@ class DARTFFN(nn.Module):
     def _trace(self, x: torch.Tensor) -> torch.Tensor:
         p = self._parts
         h = p.hidden(x)
-        self._controller.record_activations(self.layer_index, h)
+        self._recorder.record_activations(self.layer_index, h)
         if self.selected:
             h = h * self.mask
         y = p.down(h)
-        self._controller.record_ffn_output(self.layer_index, x, y)
+        self._recorder.record_ffn_output(self.layer_index, x, y)
         return y
 
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +230,7 @@ class DARTFFN(nn.Module):
         return self._compact_forward(x)
 
     def _compact_forward(self, x: torch.Tensor) -> torch.Tensor:
-        from dart_ext.ops import compact_glu_ffn, compact_mlp
+        from dart_ext.ops import compact_glu_ffn, compact_mlp  # built kernels: non-masked only
 
         if self.kind == "glu":
             return compact_glu_ffn(x, *self.compact, self.kernel_act)

@@ -1,6 +1,7 @@
 """Neuron scoring (spec section 2): activation accumulators (L2 / EMA), the static output proxy
-and its disk cache, ranking methods, top-k and threshold selection, the GRIFFIN statistic and the
-layer-sensitivity statistics used by ``auto`` budgets.
+and its disk cache, ranking methods, top-k and threshold selection, and the layer-sensitivity
+statistics used by ``auto`` budgets. (A method's transform of the activations before they are
+accumulated, e.g. GRIFFIN's, is part of the method: :mod:`dart.methods`.)
 
 All accumulators keep per-layer, per-sequence state in fp32 tensors; updates are batched over the
 sequence and time dimensions with no host synchronisation.
@@ -18,12 +19,12 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from .config import RANKINGS, SENSITIVITIES
+
 __all__ = [
-    "RANKING_METHODS",
     "ActivationAccumulator",
     "ProxyCache",
     "SensitivityAccumulator",
-    "griffin_scores",
     "output_proxy",
     "rank_scores",
     "select_threshold",
@@ -32,7 +33,6 @@ __all__ = [
     "weight_fingerprint",
 ]
 
-RANKING_METHODS = ("magnitude", "max", "mean", "combined", "product")
 T = TypeVar("T")
 
 
@@ -131,6 +131,10 @@ class ActivationAccumulator:
         """``m`` of ``layer``: ``Tensor[B, N]`` fp32 (sqrt of the sum of squares in L2 mode)."""
         s = self._state[layer]
         return s.sqrt() if self.ema_decay is None else s.clone()
+
+    def state_bytes(self) -> int:
+        """Bytes of the per-neuron state (``[B, N_l]`` fp32 per layer)."""
+        return sum(s.numel() * s.element_size() for s in self._state)
 
     def squared_magnitudes(self, layer: int) -> Tensor:
         """``m^2`` (L2 mode: the raw sum of squares, no sqrt round trip)."""
@@ -237,8 +241,8 @@ def rank_scores(
 ) -> Tensor:
     """Neuron scores ``[B, N]`` (spec table): magnitude ``m``; max ``Pmax m``; mean ``Pmean m``;
     combined ``(Pmax + Pmean) m``; product ``Pmax Pmean m^2``."""
-    if method not in RANKING_METHODS:
-        raise ValueError(f"ranking: {method!r} is not one of {', '.join(RANKING_METHODS)}")
+    if method not in RANKINGS:
+        raise ValueError(f"ranking: {method!r} is not one of {', '.join(RANKINGS)}")
     m = m.float()
     if method == "magnitude":
         return m
@@ -316,19 +320,6 @@ def shared_scores(m: Tensor, valid_rows: Tensor | None = None, ema: bool = False
     return (w @ m.square()).sqrt()[None]
 
 
-def griffin_scores(h: Tensor, valid: Tensor | None = None, eps: float = 1e-12) -> Tensor:
-    """GRIFFIN's prompt statistic ``[B, N]``: each token's activation vector is L2-normalised
-    over neurons, then the L2 norm over the valid tokens is taken per neuron."""
-    if h.dim() != 3:
-        raise ValueError(f"h: shape {tuple(h.shape)} is not [B, T, N]")
-    b, t, _ = h.shape
-    v = _valid_mask(valid, b, t, h.device)
-    hf = h.float()
-    z = hf / torch.linalg.vector_norm(hf, dim=-1, keepdim=True).clamp_min(eps)
-    z = torch.where(v[..., None], z, 0.0)
-    return torch.linalg.vector_norm(z, dim=1)
-
-
 # --------------------------------------------------------------------------------------------
 # Layer sensitivity (auto budgets)
 
@@ -343,8 +334,8 @@ class SensitivityAccumulator:
     """
 
     def __init__(self, num_layers: int, mode: str = "residual", eps: float = 1e-12) -> None:
-        if mode not in ("residual", "raw"):
-            raise ValueError(f"sensitivity mode: {mode!r} is not one of residual, raw")
+        if mode not in SENSITIVITIES:
+            raise ValueError(f"sensitivity mode: {mode!r} is not one of {', '.join(SENSITIVITIES)}")
         self.num_layers = num_layers
         self.mode = mode
         self.eps = eps
@@ -380,6 +371,10 @@ class SensitivityAccumulator:
         self.c_sum[layer] += torch.where(ok, c, 0.0).sum(1)
         self.g_sum[layer] += torch.where(ok, g, 0.0).sum(1)
         self.count[layer] += ok.sum(1)
+
+    def state_bytes(self) -> int:
+        """Bytes of the sums and counts (``[L, B]`` each)."""
+        return sum(t.numel() * t.element_size() for t in (self.c_sum, self.g_sum, self.count))
 
     def per_sequence_scores(self) -> Tensor:
         """``S`` per layer and sequence, ``[L, B]``."""

@@ -3,11 +3,13 @@ import json
 import pytest
 
 from dart.config import (
+    BudgetConfig,
     ConfigError,
     DARTConfig,
     DriftConfig,
     LayerKeep,
     parse_layer_topk,
+    parse_total_prune,
     resolve_keep_counts,
 )
 
@@ -15,7 +17,8 @@ from dart.config import (
 def test_defaults():
     c = DARTConfig()
     assert c.layer_topk == "all:auto"
-    assert c.total_prune == 0.5
+    assert c.total_prune is None and c.prune_target == 0.5 and c.has_auto
+    assert c.budget == BudgetConfig() and c.budget.sensitivity == "residual"
     assert c.masking_step == 0 and c.release_step is None and c.ema_decay is None
     assert (c.ranking, c.strategy, c.backend, c.batch_policy, c.method) == (
         "magnitude",
@@ -38,7 +41,6 @@ def test_defaults():
         ({"batch_policy": "x"}, r"DARTConfig.batch_policy: 'x' is not one of per_sequence"),
         ({"method": "x"}, r"DARTConfig.method: 'x' is not one of dense, static, griffin"),
         ({"proxy_source": "x"}, r"DARTConfig.proxy_source: 'x' is not one of embedding"),
-        ({"sensitivity": "x"}, r"DARTConfig.sensitivity: 'x' is not one of residual, raw"),
         ({"total_prune": 1.0}, r"DARTConfig.total_prune: 1.0 is not a number in \[0.0, 1.0\)"),
         ({"total_prune": -0.1}, r"DARTConfig.total_prune"),
         ({"total_prune": float("nan")}, r"DARTConfig.total_prune"),
@@ -47,13 +49,12 @@ def test_defaults():
         ({"masking_step": 3, "release_step": 3}, r"DARTConfig.release_step: 3 .*> masking_step"),
         ({"ema_decay": 1.0}, r"DARTConfig.ema_decay: 1.0 is not a number in \(0.0, 1.0\)"),
         ({"ema_decay": 0.0}, r"DARTConfig.ema_decay"),
-        ({"depth_early": 1.5}, r"DARTConfig.depth_early"),
-        ({"depth_late_floor": -1}, r"DARTConfig.depth_late_floor"),
-        ({"prune_min": 0.5, "prune_max": 0.4}, r"DARTConfig.prune_min: 0.5 is greater"),
-        ({"prune_max": 1.0}, r"DARTConfig.prune_max"),
+        ({"total_prune": "half"}, r"DARTConfig.total_prune: 'half' is not a number"),
         ({"seed": "a"}, r"DARTConfig.seed"),
         ({"calibration_text": 3}, r"DARTConfig.calibration_text"),
         ({"drift": 3}, r"DARTConfig.drift"),
+        ({"budget": 3}, r"DARTConfig.budget: 3 is not a BudgetConfig or a dict"),
+        ({"budget": {"depth_early_floor": 0.2}}, r"BudgetConfig: unknown keys 'depth_early_floor'"),
         ({"layer_topk": "all:63.29"}, r"63.29.*not an integer"),
         ({"layer_topk": ""}, r"DARTConfig.layer_topk"),
         ({"layer_topk": "all"}, r"not of the form 'target:value'"),
@@ -88,6 +89,67 @@ def test_drift_config_validation(kwargs, pattern):
         DriftConfig(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        ({"sensitivity": "x"}, r"BudgetConfig.sensitivity: 'x' is not one of residual, raw"),
+        ({"depth_early": 1.5}, r"BudgetConfig.depth_early"),
+        ({"late_floor": -1}, r"BudgetConfig.late_floor"),
+        ({"prune_min": 0.5, "prune_max": 0.4}, r"BudgetConfig.prune_min: 0.5 is greater"),
+        ({"prune_max": 1.0}, r"BudgetConfig.prune_max"),
+    ],
+)
+def test_budget_config_validation(kwargs, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        BudgetConfig(**kwargs)
+    with pytest.raises(ConfigError, match=pattern):
+        DARTConfig(budget=kwargs)
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("depth_early", "budget.depth_early"),
+        ("depth_late", "budget.depth_late"),
+        ("depth_early_floor", "budget.early_floor"),
+        ("depth_late_floor", "budget.late_floor"),
+        ("prune_min", "budget.prune_min"),
+        ("prune_max", "budget.prune_max"),
+        ("sensitivity", "budget.sensitivity"),
+    ],
+)
+def test_old_flat_keys_say_where_they_moved(old, new):
+    with pytest.raises(ConfigError, match=f"'{old}' is now {new}"):
+        DARTConfig.from_dict({"layer_topk": "all:auto", old: 0.2})
+
+
+def test_total_prune_only_with_auto():
+    """total_prune is read by 'auto' items only: with a fixed spec it would be ignored."""
+    with pytest.raises(ConfigError, match=r"'all:0.3' has none.*'all:0.5' keeps 50%"):
+        DARTConfig(layer_topk="all:0.3", total_prune=0.5)
+    with pytest.raises(ConfigError, match=r"layer_topk='all:auto' with total_prune=0.7"):
+        DARTConfig.from_dict({"layer_topk": "0-1:dense,all:10", "total_prune": 0.7})
+    fixed = DARTConfig(layer_topk="all:0.3")
+    assert fixed.total_prune is None and fixed.prune_target is None
+    assert DARTConfig(layer_topk="all:0.3,2:auto", total_prune=0.7).prune_target == 0.7
+    assert DARTConfig(total_prune="0.25").total_prune == 0.25  # text, converted once
+    # a method that does not prune ignores both: any sparsity is accepted with any spec
+    dense = DARTConfig(method="dense", layer_topk="all:0.3", total_prune=0.0)
+    assert dense.prune_target is None and dense.fixed_keep_counts([4, 6]) == [4, 6]
+
+
+def test_parse_total_prune_is_the_one_check():
+    assert parse_total_prune("0.5") == 0.5 and parse_total_prune(0) == 0.0
+    for bad in ("x", 1.0, -0.1, float("nan"), None, True):
+        with pytest.raises(ConfigError, match=r"--total-prune: .* is not a number in \[0.0, 1.0\)"):
+            parse_total_prune(bad, "--total-prune")
+
+
+def test_fixed_keep_counts():
+    assert DARTConfig(layer_topk="all:0.5,1:dense").fixed_keep_counts([10, 8]) == [5, 8]
+    assert DARTConfig().fixed_keep_counts([10, 8]) is None  # auto: decided per prompt
+
+
 def test_config_error_is_value_error():
     assert issubclass(ConfigError, ValueError)
 
@@ -103,18 +165,21 @@ def test_drift_dict_conversion_and_list_layers():
 def test_from_dict_unknown_keys():
     with pytest.raises(ConfigError, match="unknown keys 'a', 'zz'"):
         DARTConfig.from_dict({"zz": 1, "a": 2, "total_prune": 0.3})
+    with pytest.raises(ConfigError, match="unknown keys 'depth'.*budget"):
+        DARTConfig.from_dict({"depth": 1})
 
 
 @pytest.mark.parametrize("suffix", [".yaml", ".yml", ".json"])
 def test_round_trip(tmp_path, suffix):
     c = DARTConfig(
-        layer_topk="all:0.5,0-2:dense,5:300",
+        layer_topk="all:0.5,0-2:dense,5:300,6:auto",
         total_prune=0.7,
         masking_step=2,
         release_step=400,
         ema_decay=0.9,
         ranking="product",
         drift=DriftConfig(signal="attn_probs", layers=(-1, 3), window=4),
+        budget=BudgetConfig(sensitivity="raw", depth_early=0.2, prune_max=0.8),
         calibration_text="hello",
     )
     p = tmp_path / "sub" / f"cfg{suffix}"
@@ -124,6 +189,7 @@ def test_round_trip(tmp_path, suffix):
     assert [x.name for x in p.parent.iterdir()] == [p.name]  # no temp files left
     if suffix == ".json":
         assert json.loads(p.read_text())["drift"]["layers"] == [-1, 3]
+        assert json.loads(p.read_text())["budget"]["prune_max"] == 0.8
 
 
 def test_bad_suffix(tmp_path):

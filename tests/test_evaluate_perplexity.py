@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from models import tiny_model
 from tiny_assets import tiny_tokenizer
+from tiny_models import tiny_model
 
 import dart
 from dart import DARTConfig

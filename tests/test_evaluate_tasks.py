@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 import torch
-from models import tiny_model
 from tiny_assets import tiny_tokenizer
+from tiny_models import tiny_model
 
 from dart import DARTConfig
 from dart.evaluate import Arm, attach_arm

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import tiny_model
 from tiny_assets import save_tiny
+from tiny_models import tiny_model
 
 import dart
 from dart import DARTConfig

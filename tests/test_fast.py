@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo.testing
-from models import tiny_model
+from tiny_models import tiny_model
 
 import dart
 from dart import DARTConfig

@@ -8,8 +8,8 @@ import math
 import lightning as L
 import pytest
 import torch
-from models import tiny_model
 from tiny_assets import tiny_tokenizer
+from tiny_models import tiny_model
 
 from dart import DARTConfig
 from dart.evaluate import RecordStore, aggregate_accuracy, aggregate_perplexity, perplexity

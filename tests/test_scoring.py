@@ -7,7 +7,6 @@ from dart.scoring import (
     ActivationAccumulator,
     ProxyCache,
     SensitivityAccumulator,
-    griffin_scores,
     output_proxy,
     rank_scores,
     select_threshold,
@@ -212,16 +211,6 @@ def test_shared_scores():
     torch.testing.assert_close(shared_scores(m, rows, ema=True), torch.tensor([[3.5, 0.5]]))
     assert shared_scores(m).shape == (1, 2)
     assert shared_scores(m, torch.zeros(3, dtype=torch.bool), ema=True).abs().sum() == 0
-
-
-def test_griffin_vs_naive():
-    torch.manual_seed(3)
-    h = torch.randn(2, 4, 5)
-    valid = _left_pad_mask([4, 2], 4)
-    out = griffin_scores(h, valid)
-    for i in range(2):
-        toks = [h[i, j] / h[i, j].norm() for j in range(4) if valid[i, j]]
-        torch.testing.assert_close(out[i], torch.stack(toks).norm(dim=0))
 
 
 # ---------------------------------------------------------------- sensitivity

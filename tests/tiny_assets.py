@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models import VOCAB, tiny_model
+from tiny_models import VOCAB, tiny_model
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 

@@ -93,3 +93,38 @@ def tiny_model(
             if p.dim() == 2:
                 p.mul_(4.0)
     return model
+
+
+# ------------------------------------------------------------------------------------------
+# Driving a patched model in the model-level tests
+
+NO_DRIFT = {"enabled": False}
+
+
+def random_ids(batch: int = 2, length: int = 10, seed: int = 1) -> torch.Tensor:
+    """Token ids in [3, VOCAB) (clear of pad/bos/eos), seeded."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+def prefill_and_step(model, ids, attention_mask=None):
+    """Logits of the prompt's pass and of one greedy step through the cache."""
+    out = model(ids, attention_mask=attention_mask, use_cache=True)
+    nxt = out.logits[:, -1:].argmax(-1)
+    mask = None
+    if attention_mask is not None:
+        mask = torch.cat([attention_mask, torch.ones_like(nxt)], dim=1)
+    step = model(nxt, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+    return out.logits, step.logits
+
+
+def drive(model, handle, ids, steps: int):
+    """Prefill, then `steps` greedy single-token passes; the phases after each pass."""
+    out = model(ids, use_cache=True)
+    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    phases = [list(handle.controller.phase)]
+    for _ in range(steps):
+        out = model(nxt, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        phases.append(list(handle.controller.phase))
+    return phases

@@ -1,127 +1,45 @@
-"""Model-level behaviour of DART on tiny random models of every supported family."""
+"""The per-sequence schedule: trace -> mask -> monitor -> re-trace -> release."""
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import pytest
 import torch
-from models import FAMILIES, VOCAB, tiny_model
+from tiny_models import NO_DRIFT, drive, prefill_and_step, random_ids, tiny_model
 
 import dart
 from dart import DARTConfig
-from dart.controller import Phase
-
-BACKENDS = ("masked", "gathered", "compact")
-NO_DRIFT = {"enabled": False}
-
-
-def _ids(batch: int = 2, length: int = 10, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (batch, length), generator=g)
+from dart.adapters import get_adapter
+from dart.config import BACKENDS
+from dart.controller import Controller, Phase
+from dart.ffn import DARTFFN, DENSE, SPARSE, TRACE
 
 
-def _prefill_and_step(model, ids, attention_mask=None):
-    out = model(ids, attention_mask=attention_mask, use_cache=True)
-    nxt = out.logits[:, -1:].argmax(-1)
-    mask = None
-    if attention_mask is not None:
-        mask = torch.cat([attention_mask, torch.ones_like(nxt)], dim=1)
-    step = model(nxt, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
-    return out.logits, step.logits
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_keep_everything_is_identical_and_detach_restores(family, backend):
-    model = tiny_model(family)
-    ids = _ids()
-    ref_prefill, ref_step = _prefill_and_step(model, ids)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    handle = dart.attach(model, DARTConfig(layer_topk="all:1.0", backend=backend))
-    prefill, step = _prefill_and_step(model, ids)
-    assert torch.equal(prefill, ref_prefill) and torch.equal(step, ref_step)
-    handle.detach()
-    # a pruning attach re-lays weights out; detach must restore them bit for bit
-    handle = dart.attach(model, DARTConfig(total_prune=0.5, backend=backend))
-    _prefill_and_step(model, ids)
-    handle.detach()
-    restored = model.state_dict()
-    assert restored.keys() == state.keys()
-    for k, v in state.items():
-        assert torch.equal(restored[k], v) and restored[k].is_contiguous() == v.is_contiguous(), k
-    prefill, step = _prefill_and_step(model, ids)
-    assert torch.equal(prefill, ref_prefill) and torch.equal(step, ref_step)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_backends_agree_and_pruning_changes_output(family):
-    model = tiny_model(family)
-    ids = _ids()
-    _, dense_step = _prefill_and_step(model, ids)
-    steps, selections = {}, {}
-    for backend in BACKENDS:
-        cfg = DARTConfig(layer_topk="all:0.5", backend=backend, drift=NO_DRIFT)
-        handle = dart.attach(model, cfg)
-        _, steps[backend] = _prefill_and_step(model, ids)
-        selections[backend] = [f.idx.clone() for f in handle.ffns]
-        assert all(f.idx.shape == (2, f.width // 2) for f in handle.ffns)
-        handle.detach()
-    for backend in BACKENDS[1:]:
-        assert all(
-            torch.equal(a, b)
-            for a, b in zip(selections["masked"], selections[backend], strict=False)
-        )
-        torch.testing.assert_close(steps[backend], steps["masked"], atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(steps["masked"], dense_step, atol=1e-3)
-
-
-def test_bf16_backends_agree():
-    model = tiny_model("llama").to(torch.bfloat16)
-    ids = _ids()
-    steps = {}
-    for backend in BACKENDS:
-        handle = dart.attach(
-            model, DARTConfig(layer_topk="all:0.5", backend=backend, drift=NO_DRIFT)
-        )
-        _, steps[backend] = _prefill_and_step(model, ids)
-        handle.detach()
-    for backend in BACKENDS[1:]:
-        torch.testing.assert_close(steps[backend], steps["masked"], atol=0.1, rtol=0.05)
-
-
-def test_unsupported_model_lists_families():
-    from transformers import BertConfig, BertModel
-
-    model = BertModel(
-        BertConfig(
-            vocab_size=50,
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-        )
-    )
-    with pytest.raises(ValueError, match="supported families: llama.*gpt2.*opt"):
-        dart.attach(model, DARTConfig())
-
-
-def test_attach_twice_is_refused():
-    model = tiny_model()
-    handle = dart.attach(model, DARTConfig(backend="masked"))
-    with pytest.raises(RuntimeError, match="already has DART attached"):
-        dart.attach(model, DARTConfig())
-    handle.detach()
-    dart.attach(model, DARTConfig()).detach()
+def test_controller_is_built_complete():
+    model = tiny_model("llama")
+    adapter = get_adapter(model)
+    refs = adapter.layer_refs()
+    parts = [adapter.ffn_parts(r) for r in refs]
+    norms = [r.post_ffn_norm for r in refs]
+    c = Controller(DARTConfig(layer_topk="all:0.5", backend="masked"), parts, norms)
+    assert [type(f) for f in c.layers] == [DARTFFN] * len(parts)
+    assert [f.layer_index for f in c.layers] == list(range(len(parts)))
+    assert c.widths == [p.width for p in parts] and c.post_ffn_norms == norms
+    assert c.fixed_counts == [p.width // 2 for p in parts] and c.monitors_drift
+    c.begin(2)
+    assert c.phase == [Phase.TRACE] * 2 and all(f.mode == TRACE for f in c.layers)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_per_sequence_masks_match_running_alone(backend):
     model = tiny_model("llama")
     cfg = DARTConfig(layer_topk="all:0.4", backend=backend, drift=NO_DRIFT)
-    long_ids, short_ids = _ids(1, 12, seed=3), _ids(1, 7, seed=4)
+    long_ids, short_ids = random_ids(1, 12, seed=3), random_ids(1, 7, seed=4)
     alone = []
     for ids in (long_ids, short_ids):
         handle = dart.attach(model, cfg)
-        _, step = _prefill_and_step(model, ids, torch.ones_like(ids))
+        _, step = prefill_and_step(model, ids, torch.ones_like(ids))
         alone.append((step, [f.idx.clone() for f in handle.ffns]))
         handle.detach()
     pad = torch.zeros(1, 5, dtype=torch.long)
@@ -129,7 +47,7 @@ def test_per_sequence_masks_match_running_alone(backend):
     mask = torch.ones_like(batch)
     mask[1, :5] = 0
     handle = dart.attach(model, cfg)
-    _, step = _prefill_and_step(model, batch, mask)
+    _, step = prefill_and_step(model, batch, mask)
     for row, (alone_step, alone_idx) in enumerate(alone):
         for ffn, idx in zip(handle.ffns, alone_idx, strict=False):
             assert torch.equal(ffn.idx[row], idx[0]), "padding changed a sequence's mask"
@@ -144,21 +62,9 @@ def test_shared_policy_uses_one_mask():
     handle = dart.attach(
         model, DARTConfig(layer_topk="all:0.5", batch_policy="shared", drift=NO_DRIFT)
     )
-    _prefill_and_step(model, _ids(3))
+    prefill_and_step(model, random_ids(3))
     assert all(f.idx.shape == (f.width // 2,) for f in handle.ffns)
     handle.detach()
-
-
-def _drive(model, handle, ids, steps: int):
-    """Prefill, then `steps` greedy single-token passes through the cache."""
-    out = model(ids, use_cache=True)
-    cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    phases = [list(handle.controller.phase)]
-    for _ in range(steps):
-        out = model(nxt, past_key_values=cache, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
-        phases.append(list(handle.controller.phase))
-    return phases
 
 
 @pytest.mark.parametrize("masking_step", [0, 1, 3])
@@ -167,7 +73,7 @@ def test_masking_step(masking_step, layer_topk):
     model = tiny_model("llama")
     cfg = DARTConfig(layer_topk=layer_topk, masking_step=masking_step, drift=NO_DRIFT)
     handle = dart.attach(model, cfg)
-    phases = _drive(model, handle, _ids(1), 5)
+    phases = drive(model, handle, random_ids(1), 5)
     first_sparse = max(masking_step, 1)  # m=0 builds the mask from the prompt (pass 0)
     # phases[s] is the phase after pass s, i.e. the phase in force for pass s+1
     assert [p[0] for p in phases[: first_sparse - 1]] == [Phase.TRACE] * (first_sparse - 1)
@@ -183,10 +89,21 @@ def test_masking_step(masking_step, layer_topk):
     handle.detach()
 
 
+def test_auto_budget_follows_the_budget_config():
+    model = tiny_model("llama")
+    cfg = DARTConfig(total_prune=0.3, budget={"prune_min": 0.3, "prune_max": 0.3}, drift=NO_DRIFT)
+    handle = dart.attach(model, cfg)
+    drive(model, handle, random_ids(1), 1)
+    stats = handle.stats()
+    assert stats["budget_prune_fractions"] == pytest.approx([0.3] * 3)
+    assert stats["keep_counts"] == [45] * 3  # round(0.7 * 64)
+    handle.detach()
+
+
 def test_release_step_goes_dense():
     model = tiny_model("llama")
     handle = dart.attach(model, DARTConfig(release_step=4, drift=NO_DRIFT))
-    phases = _drive(model, handle, _ids(2), 6)
+    phases = drive(model, handle, random_ids(2), 6)
     assert phases[2] == [Phase.SPARSE] * 2
     assert phases[3] == [Phase.RELEASED] * 2 and phases[6] == [Phase.RELEASED] * 2
     assert all(f.mode == "dense" for f in handle.ffns)
@@ -209,7 +126,7 @@ def test_forced_drift_retraces_one_row_and_keeps_cache():
         return flags
 
     c.monitor.poll = fake_poll
-    ids = _ids(2)
+    ids = random_ids(2)
     out = model(ids, use_cache=True)
     cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
     before = None
@@ -285,7 +202,7 @@ def test_attn_probs_monitor_runs_on_eager_attention():
     sdpa = tiny_model("llama", attn="sdpa")
     handle = dart.attach(sdpa, DARTConfig(drift={"signal": "attn_probs"}))
     with pytest.raises(RuntimeError, match="eager"):
-        sdpa(_ids(1))
+        sdpa(random_ids(1))
     handle.detach()
 
 
@@ -293,7 +210,7 @@ def test_single_token_trace_never_disables_detection():
     """masking_step 0/1 with a 1-token prompt: the threshold must stay finite."""
     model = tiny_model("llama")
     handle = dart.attach(model, DARTConfig(masking_step=0, drift={"window": 5}))
-    _drive(model, handle, _ids(1, 1), 12)
+    drive(model, handle, random_ids(1, 1), 12)
     tau = handle.controller.monitor.tau
     assert torch.isfinite(tau).all()
     assert all(
@@ -302,44 +219,14 @@ def test_single_token_trace_never_disables_detection():
     handle.detach()
 
 
-@pytest.mark.parametrize("method", ["dense", "static", "griffin", "random", "dart"])
-def test_methods_generate(method):
-    model = tiny_model("llama")
-    cfg = DARTConfig(method=method, layer_topk="all:0.5")
-    handle = dart.attach(model, cfg)
-    if method == "static":
-        with pytest.raises(RuntimeError, match="calibration"):
-            model.generate(_ids(1), max_new_tokens=3, do_sample=False)
-        handle.calibrate(_ids(1, 30, seed=9))
-    out = model.generate(_ids(2), max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert out.shape == (2, 16)
-    stats = handle.stats()
-    expected = 0.0 if method == "dense" else 0.5
-    assert stats["nominal_sparsity"] == pytest.approx(expected, abs=0.02)
-    if method in ("static",):
-        assert all(f.idx.dim() == 1 for f in handle.ffns)
-    handle.detach()
-
-
 def test_sampling_generate_runs():
     model = tiny_model("llama")
     handle = dart.attach(model, DARTConfig())
     torch.manual_seed(0)
-    out = model.generate(_ids(2), max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0)
+    out = model.generate(random_ids(2), max_new_tokens=8, do_sample=True, top_k=20, pad_token_id=0)
     assert out.shape == (2, 18)
     assert handle.stats()["decode_passes"] == 7
     handle.detach()
-
-
-def test_ranking_with_output_proxy(tmp_path, monkeypatch):
-    monkeypatch.setenv("DART_CACHE", str(tmp_path))
-    model = tiny_model("llama")
-    for ranking in ("max", "mean", "combined", "product"):
-        handle = dart.attach(model, DARTConfig(ranking=ranking, layer_topk="all:0.5"))
-        _prefill_and_step(model, _ids())
-        assert handle.controller.proxies is not None
-        handle.detach()
-    assert any(tmp_path.rglob("*"))  # proxies were cached on disk
 
 
 def test_extra_state_is_small_on_the_packaged_shape():
@@ -356,7 +243,7 @@ def test_extra_state_is_small_on_the_packaged_shape():
     )
     model = LlamaForCausalLM(cfg).eval()
     handle = dart.attach(model, DARTConfig(drift=NO_DRIFT))
-    _prefill_and_step(model, _ids(1, 16))
+    prefill_and_step(model, random_ids(1, 16))
     ffn_bytes = sum(3 * 576 * 1536 * 4 for _ in range(4))
     stats = handle.stats()
     assert stats["extra_state_bytes_total"] < 0.01 * ffn_bytes
@@ -364,26 +251,41 @@ def test_extra_state_is_small_on_the_packaged_shape():
     handle.detach()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_prepare_and_hold_score_under_context_masks(backend):
-    """Log-likelihood protocol: masks from the context only, then the full text under them."""
+def test_paused_forwards_leave_the_schedule_untouched():
     model = tiny_model("llama")
-    context, full = _ids(2, 8, seed=5), None
-    full = torch.cat([context, _ids(2, 4, seed=6)], 1)
-    handle = dart.attach(model, DARTConfig(layer_topk="all:0.5", backend=backend))
-    handle.prepare(context)
+    handle = dart.attach(model, DARTConfig(layer_topk="all:0.5", drift={"window": 2}))
+    c = handle.controller
+    drive(model, handle, random_ids(2), 2)
+    state = (c.step, list(c.phase), handle.stats()["decode_passes"], c.monitor)
     masks = [f.idx.clone() for f in handle.ffns]
-    with handle.hold():
-        held = model(full).logits
-        model(full)  # a second forward does not re-trace
+    with c.paused(3), ExitStack() as stack:
+        assert c.batch_size == 3 and not c.auto_step and c.monitor is None
+        for f in handle.ffns:
+            stack.enter_context(f.routed())  # dense: the masks are for 2 rows
+        with torch.no_grad():
+            model(random_ids(3), use_cache=False)  # no begin(): the hooks are inert
+    assert (c.step, c.phase, handle.stats()["decode_passes"], c.monitor) == state
+    assert c.batch_size == 2 and c.auto_step
     assert all(torch.equal(a, f.idx) for a, f in zip(masks, handle.ffns, strict=True))
-    assert all(f.mode == "sparse" for f in handle.ffns)
+    assert all(f.mode == SPARSE for f in handle.ffns)
+    handle.reset()
+    assert handle.stats()["decode_passes"] == 0 and handle.stats()["mask_builds"] == 0
     handle.detach()
-    # the same masks applied by hand through the masked reference path
-    ref = dart.attach(model, DARTConfig(layer_topk="all:0.5", backend="masked"))
-    ref.prepare(context)
-    with ref.hold():
-        expected = model(full).logits
-    ref.detach()
-    torch.testing.assert_close(held, expected, atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(held, model(full).logits, atol=1e-3)
+
+
+def test_select_traced_builds_masks_before_the_masking_step():
+    model = tiny_model("llama")
+    handle = dart.attach(model, DARTConfig(layer_topk="all:0.5", masking_step=4, drift=NO_DRIFT))
+    c = handle.controller
+    with torch.no_grad():
+        model(random_ids(2), use_cache=False)
+    assert c.phase == [Phase.TRACE] * 2
+    c.select_traced()
+    assert c.phase == [Phase.SPARSE] * 2 and all(f.mode == SPARSE for f in handle.ffns)
+    handle.detach()
+    dense = dart.attach(model, DARTConfig(method="dense"))
+    with torch.no_grad():
+        model(random_ids(2), use_cache=False)
+    dense.controller.select_traced()  # nothing to select: dense stays dense
+    assert all(f.mode == DENSE for f in dense.ffns)
+    dense.detach()

@@ -1,0 +1,96 @@
+"""The methods registry: what each method says it does, and that a patched model does it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from tiny_models import random_ids, tiny_model
+
+import dart
+from dart import DARTConfig
+from dart.methods import METHODS, get_method, per_token_l2_normalised
+from dart.scoring import ActivationAccumulator
+
+
+def test_registry_names_and_lookup():
+    assert list(METHODS) == ["dense", "static", "griffin", "random", "dart", "dart-nodrift"]
+    assert all(get_method(name).name == name for name in METHODS)
+    with pytest.raises(ValueError, match="'x' is not one of dense, static, griffin"):
+        get_method("x")
+    with pytest.raises(TypeError):
+        METHODS["new"] = METHODS["dart"]  # read-only
+
+
+def replace_description(method):
+    return dataclasses.replace(method, description="")
+
+
+def test_what_each_method_needs():
+    prompt = {n for n, m in METHODS.items() if m.selects_from_prompt}
+    assert prompt == {"griffin", "random", "dart", "dart-nodrift"}
+    assert [n for n, m in METHODS.items() if m.needs_calibration] == ["static"]
+    assert [n for n, m in METHODS.items() if m.uses_drift] == ["dart"]
+    assert [n for n, m in METHODS.items() if not m.prunes] == ["dense"]
+    assert {n for n, m in METHODS.items() if m.uses_ema} == {"static", "dart", "dart-nodrift"}
+    assert [n for n, m in METHODS.items() if m.score is not None] == ["random"]
+    assert [n for n, m in METHODS.items() if m.shared_mask] == ["static"]
+    # DART without drift is DART in every other respect
+    same = dataclasses.replace(
+        METHODS["dart-nodrift"], name="dart", description="", uses_drift=True
+    )
+    assert same == dataclasses.replace(METHODS["dart"], description="")
+
+
+def test_configure_turns_drift_off_for_methods_without_it():
+    for name, method in METHODS.items():
+        cfg = DARTConfig(method=name, layer_topk="all:0.5", drift={"window": 3})
+        assert cfg.drift.enabled == method.uses_drift and cfg.drift.window == 3
+    assert DARTConfig.from_dict(DARTConfig(method="dart-nodrift").to_dict()).drift.enabled is False
+
+
+def test_griffin_statistic_vs_naive():
+    """GRIFFIN's prompt statistic: each token's vector L2-normalised over neurons, then the L2
+    norm over the valid tokens per neuron (the accumulator after one pass)."""
+    torch.manual_seed(3)
+    h = torch.randn(2, 4, 5)
+    valid = torch.tensor([[True] * 4, [False, False, True, True]])
+    acc = ActivationAccumulator([5])
+    acc.reset(2)
+    acc.update(0, get_method("griffin").statistic(h), valid)
+    out = acc.magnitudes(0)
+    for i in range(2):
+        toks = [h[i, j] / h[i, j].norm() for j in range(4) if valid[i, j]]
+        torch.testing.assert_close(out[i], torch.stack(toks).norm(dim=0))
+    assert torch.equal(per_token_l2_normalised(torch.zeros(1, 3)), torch.zeros(1, 3))
+    assert get_method("dart").statistic(h) is h
+
+
+def test_random_scores_are_seeded():
+    score = get_method("random").score
+    m = torch.ones(2, 7)
+    a = score(m, torch.Generator().manual_seed(5))
+    b = score(m, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and a.shape == m.shape and not torch.equal(a[0], a[1])
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_methods_generate(method):
+    model = tiny_model("llama")
+    cfg = DARTConfig(method=method, layer_topk="all:0.5")
+    handle = dart.attach(model, cfg)
+    if get_method(method).needs_calibration:
+        with pytest.raises(RuntimeError, match="calibration"):
+            model.generate(random_ids(1), max_new_tokens=3, do_sample=False)
+        handle.calibrate(random_ids(1, 30, seed=9))
+    out = model.generate(random_ids(2), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 16)
+    stats = handle.stats()
+    assert stats["method"] == method
+    expected = 0.0 if method == "dense" else 0.5
+    assert stats["nominal_sparsity"] == pytest.approx(expected, abs=0.02)
+    if method in ("static",):
+        assert all(f.idx.dim() == 1 for f in handle.ffns)
+    assert handle.controller.monitors_drift == (method == "dart")
+    handle.detach()
