@@ -145,9 +145,11 @@ def run_experiment(
         torch.manual_seed(run.seed)
         if run.threads:
             torch.set_num_threads(run.threads)
+        arms = task.arms(run.methods, run.total_prune, options)
+        # every arm's config is checked before the model loads: a bad setting fails at once
+        configs = {a: arm_config(a, run.dart, backend=run.backend, seed=run.seed) for a in arms}
         log.info("task %s: loading model %s", task.name, run.model)
         model, tokenizer = load_model(run.model)
-        arms = task.arms(run.methods, run.total_prune, options)
         calibration = _calibration_ids(run, tokenizer, arms)
         store = RecordStore(out)
         items = task.items(tokenizer, options, run.seed)
@@ -162,9 +164,8 @@ def run_experiment(
                 log.info("arm %s: all %d samples done", key, len(data.skip))
                 continue
             log.info("arm %s: %d pending (%d done)", key, pending, len(data.skip))
-            config = arm_config(arm, run.dart, backend=run.backend, seed=run.seed)
             module = dl.DARTModule(
-                model, task, options, config, arm.to_dict(), calibration, tokenizer
+                model, task, options, configs[arm], arm.to_dict(), calibration, tokenizer
             )
             trainer = _trainer(run, dl.RecordWriter(str(out), stop_after=run.stop_after))
             start = time.perf_counter()

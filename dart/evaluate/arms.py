@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..api import DARTHandle, attach
-from ..config import ConfigError, DARTConfig
+from ..config import ConfigError, DARTConfig, parse_total_prune
 from ..methods import METHODS, Method, get_method
 
 __all__ = ["Arm", "arm_config", "attach_arm", "parse_arms"]
@@ -82,12 +82,9 @@ def parse_arms(
     bad = [m for m in names if m not in METHODS]
     if bad or not names:
         raise ConfigError(f"unknown methods {bad or names}; accepted: {', '.join(METHODS)}")
-    prunes = [float(p) for p in _split(total_prune)]
+    prunes = [parse_total_prune(p, "--total-prune") for p in _split(total_prune)]
     if not prunes:
         raise ConfigError("--total-prune needs at least one value")
-    for p in prunes:
-        if not 0.0 <= p < 1.0:
-            raise ConfigError(f"--total-prune {p} is not in [0, 1)")
     releases = [int(r) for r in _split(release_steps)]
     arms: list[Arm] = []
     for name in names:
