@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 import re
 from collections.abc import Sequence
@@ -56,9 +57,11 @@ __all__ = [
     "format_summarization_prompt",
     "load_documents",
     "load_drift_prompts",
+    "load_file_documents",
     "load_mmlu",
     "load_summarization",
     "load_text",
+    "load_text_file",
     "load_wiki_articles",
     "mmlu_split",
     "mmlu_subjects",
@@ -198,11 +201,12 @@ def split_documents(docs: Sequence[Any], split: str) -> list[Any]:
 
 
 def load_documents(name: str) -> list[str]:
-    """Documents of a corpus (``wiki``/``c4``/``tiny``) or of a local text file, in file order.
+    """Documents of a packaged corpus (``wiki``/``c4``/``tiny``), in file order.
 
     ``wiki``: one per ``<doc>`` article with a non-empty body (title, blank line, paragraphs);
-    ``c4``: one per non-empty line; ``tiny``: stories separated by ``<|endoftext|>``;
-    a local file: blocks separated by blank lines.
+    ``c4``: one per non-empty line; ``tiny``: stories separated by ``<|endoftext|>``. A name is
+    never looked up as a file (a local file called ``wiki`` must not shadow the corpus, nor the
+    corpus the file): local text goes through :func:`load_file_documents`.
     """
     if name == "wiki":
         return [a.text for a in _wiki_articles_all() if a.paragraphs]
@@ -210,24 +214,43 @@ def load_documents(name: str) -> list[str]:
         raw = _read(str(_package_file(_EXLLAMA, "conversion", "standard_cal_data", name + ".utf8")))
         parts = raw.split("\n") if name == "c4" else raw.split("<|endoftext|>")
         return [p.strip() for p in parts if p.strip()]
-    path = Path(name).expanduser()
-    if path.is_file():
-        raw = path.read_text(encoding="utf-8")
-        return [p.strip() for p in re.split(r"\n\s*\n", raw) if p.strip()]
+    hint = " (a local text file goes through --text-file)" if Path(name).exists() else ""
     raise ValueError(
-        f"unknown text corpus {name!r}; accepted names: {', '.join(TEXT_CORPORA)} "
-        "or the path of an existing local text file"
+        f"unknown text corpus {name!r}{hint}; accepted corpora: {', '.join(TEXT_CORPORA)}"
     )
 
 
+def load_file_documents(path: str | os.PathLike) -> list[str]:
+    """Documents of a local UTF-8 text file: blocks separated by blank lines. ``path`` is
+    always a path, whatever its name (``wiki`` included)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        what = "a folder, not a file" if p.is_dir() else "no such file"
+        raise FileNotFoundError(f"text file {str(path)!r}: {what}")
+    try:
+        raw = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"text file {str(path)!r} is not UTF-8 text ({e})") from e
+    docs = [d.strip() for d in re.split(r"\n\s*\n", raw) if d.strip()]
+    if not docs:
+        raise ValueError(f"text file {str(path)!r} holds no text")
+    return docs
+
+
 def load_text(name: str, split: str = "all") -> str:
-    """Corpus text for perplexity/calibration: documents joined by a blank line.
+    """Packaged corpus text for perplexity/calibration: documents joined by a blank line.
 
     ``split``: ``all``, ``calibration`` (first 10% of documents) or ``eval`` (the rest); the two
     parts are disjoint and together give ``all``. Marker lines (``<doc ...>``, ``</doc>``,
     ``<|endoftext|>``) are removed; paragraph breaks inside documents are kept.
     """
     return "\n\n".join(split_documents(load_documents(name), split))
+
+
+def load_text_file(path: str | os.PathLike, split: str = "all") -> str:
+    """A local text file's documents joined by a blank line (``split`` as in
+    :func:`load_text`); ``path`` is always read as a path."""
+    return "\n\n".join(split_documents(load_file_documents(path), split))
 
 
 def load_wiki_articles(split: str = "all", include_empty: bool = False) -> list[Article]:

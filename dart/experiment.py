@@ -1,9 +1,12 @@
 """The experiment driver: every arm of a task through Lightning, into a resumable results folder.
 
-The folder holds ``config.yaml`` (the resolved options), ``samples.jsonl`` (per-sample records
-keyed by (method, total_prune, id); a rerun skips what is there), ``metrics.json`` (a list of
-``{task, method, total_prune, metric, value}`` records, recomputed from all samples), ``stats.json``
-(masking statistics per arm), ``timings.json``, ``table.md``, ``log.txt`` and PNG plots.
+The folder holds ``fingerprint.json`` (options, model and data that determine the samples; a
+rerun under another fingerprint is refused), ``config.yaml`` (the resolved options),
+``samples.jsonl`` (per-sample records keyed by (method, total_prune, id), each with the
+sparsity that ran; a rerun skips what is there), ``metrics.json`` (a list of
+``{task, method, total_prune, metric, value}`` records, recomputed from all samples),
+``stats.json`` (masking statistics per arm), ``timings.json``, ``table.md``, ``log.txt`` and
+PNG plots.
 
 The task (its items, step and aggregation) comes from :data:`dart.evaluate.tasks.TASKS`; the
 driver only runs arms, writes records and summaries.
@@ -11,9 +14,7 @@ driver only runs arms, writes records and summaries.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,15 +22,15 @@ from typing import Any
 
 import torch
 
-from .config import BACKENDS
+from .config import BACKENDS, DARTConfig
 from .data import load_text
 from .evaluate.arms import Arm, arm_config
 from .evaluate.perplexity import tokenize_prefix
-from .evaluate.store import RecordStore
+from .evaluate.store import RunStore, data_identity, model_identity, process_rank, run_fingerprint
 from .evaluate.tasks import Task, compute_metrics, get_task
 from .models import load_model
 from .options import options_dict
-from .results import atomic_write_text, write_json
+from .results import atomic_write_text
 
 __all__ = ["RunOptions", "run_experiment"]
 
@@ -93,12 +94,6 @@ def _setup_logging(out: Path) -> logging.Handler:
     return handler
 
 
-def _merge_json(path: Path, key: str, value: Any) -> None:
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data[key] = value
-    write_json(path, data)
-
-
 def _trainer(run: RunOptions, writer: Any):
     import lightning as L
 
@@ -128,81 +123,99 @@ def run_experiment(
 ) -> list[dict[str, Any]]:
     """Run every arm of ``task`` with the shared options ``run`` and the task's ``options``
     (default: the task's defaults) into ``run.out``; returns the metrics records (also in
-    metrics.json). ``command`` is recorded in config.yaml."""
-    from . import lightning as dl
-
+    metrics.json). ``command`` is recorded in config.yaml. The folder is locked for the run
+    and bound to its fingerprint: a rerun resumes it only under the same options, model and
+    data (:class:`~dart.evaluate.store.RunStore`)."""
     task = get_task(task) if isinstance(task, str) else task
     options = task.options() if options is None else options
     if run.out is None:
         raise ValueError("run_experiment: RunOptions.out (the results folder) is not set")
-    out = Path(run.out)
-    handler = _setup_logging(out)
-    try:
-        import yaml
+    arms = task.arms(run.methods, run.total_prune, options)
+    # every arm's config is checked before anything loads: a bad setting fails at once
+    configs = {a: arm_config(a, run.dart, backend=run.backend, seed=run.seed) for a in arms}
+    with RunStore.open(run.out) as store:  # one run per folder, for the run's lifetime
+        handler = _setup_logging(store.folder)
+        try:
+            return _run_locked(task, run, options, command, store, configs)
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
 
-        resolved = {"task": task.name, **options_dict(run, options), "command": command}
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved))
-        torch.manual_seed(run.seed)
-        if run.threads:
-            torch.set_num_threads(run.threads)
-        arms = task.arms(run.methods, run.total_prune, options)
-        # every arm's config is checked before the model loads: a bad setting fails at once
-        configs = {a: arm_config(a, run.dart, backend=run.backend, seed=run.seed) for a in arms}
-        log.info("task %s: loading model %s", task.name, run.model)
-        model, tokenizer = load_model(run.model)
-        calibration = _calibration_ids(run, tokenizer, arms)
-        store = RecordStore(out)
-        items = task.items(tokenizer, options, run.seed)
-        data = dl.ItemsDataModule(items, task.batch_size(options))
-        log.info("%d samples x %d arms -> %s", len(items), len(arms), out)
-        main_rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
-        for arm in arms:
-            data.skip = {i for m, p, i in store.done() if (m, p) == arm.key}
-            pending = len(data.pending())
-            key = f"{arm.label}@{arm.total_prune}"
-            if not pending:
-                log.info("arm %s: all %d samples done", key, len(data.skip))
-                continue
-            log.info("arm %s: %d pending (%d done)", key, pending, len(data.skip))
-            module = dl.DARTModule(
-                model, task, options, configs[arm], arm.to_dict(), calibration, tokenizer
-            )
-            trainer = _trainer(run, dl.RecordWriter(str(out), stop_after=run.stop_after))
-            start = time.perf_counter()
-            trainer.predict(module, datamodule=data, return_predictions=False)
-            seconds = time.perf_counter() - start
-            trainer.strategy.barrier()  # every rank's records are on disk
-            main_rank = trainer.global_rank == 0
-            if not main_rank:
-                continue
-            timing = {
-                "seconds": seconds,
-                "samples": pending,
-                "seconds_per_sample": seconds / pending,
-            }
-            _merge_json(out / "timings.json", key, timing)
-            if module.last_stats is not None:
-                stats = dict(module.last_stats)
-                stats["drift_events"] = len(stats["drift_events"])
-                _merge_json(out / "stats.json", key, stats)
-            log.info("arm %s: %.1f s for %d samples", key, seconds, pending)
-        if not main_rank:
-            return []  # multi-process runs: rank 0 writes the summaries
-        return _summarise(task, out, store, tokenizer, arms, {it["id"] for it in items})
-    finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+
+def _run_locked(
+    task: Task,
+    run: RunOptions,
+    options: Any,
+    command: str | None,
+    store: RunStore,
+    configs: dict[Arm, DARTConfig | None],
+) -> list[dict[str, Any]]:
+    import yaml
+
+    from . import lightning as dl
+
+    torch.manual_seed(run.seed)
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    log.info("task %s: loading model %s", task.name, run.model)
+    model, tokenizer = load_model(run.model)
+    model_id = model_identity(model, run.model)  # before any arm relays the weights out
+    arms = list(configs)
+    calibration = _calibration_ids(run, tokenizer, arms)
+    items = task.items(tokenizer, options, run.seed)
+    resolved = options_dict(run, options)
+    store.claim(run_fingerprint(task.name, resolved, model_id, data_identity(items)))
+    config = {"task": task.name, **resolved, "command": command}
+    atomic_write_text(store.folder / "config.yaml", yaml.safe_dump(config))
+    data = dl.ItemsDataModule(items, task.batch_size(options))
+    log.info("%d samples x %d arms -> %s", len(items), len(arms), store.folder)
+    main_rank = process_rank() == 0
+    for arm in arms:
+        data.skip = store.done_ids(arm.key)
+        pending = len(data.pending())
+        key = f"{arm.label}@{arm.total_prune}"
+        if not pending:
+            log.info("arm %s: all %d samples done", key, len(data.skip))
+            continue
+        log.info("arm %s: %d pending (%d done)", key, pending, len(data.skip))
+        module = dl.DARTModule(
+            model, task, options, configs[arm], arm.to_dict(), calibration, tokenizer
+        )
+        writer = dl.RecordWriter(str(store.folder), stop_after=run.stop_after)
+        trainer = _trainer(run, writer)
+        start = time.perf_counter()
+        trainer.predict(module, datamodule=data, return_predictions=False)
+        seconds = time.perf_counter() - start
+        trainer.strategy.barrier()  # every rank's records are on disk
+        main_rank = trainer.global_rank == 0
+        if main_rank:
+            _record_arm(store, key, seconds, pending, module.last_stats)
+    if not main_rank:
+        return []  # multi-process runs: rank 0 writes the summaries
+    return _summarise(task, store, tokenizer, arms, {it["id"] for it in items})
+
+
+def _record_arm(
+    store: RunStore, key: str, seconds: float, samples: int, stats: dict[str, Any] | None
+) -> None:
+    timing = {"seconds": seconds, "samples": samples, "seconds_per_sample": seconds / samples}
+    store.update_summary("timings.json", key, timing)
+    if stats is not None:
+        stats = {**stats, "drift_events": len(stats["drift_events"])}
+        store.update_summary("stats.json", key, stats)
+    log.info("arm %s: %.1f s for %d samples", key, seconds, samples)
 
 
 def _summarise(
-    task: Task, out: Path, store: RecordStore, tokenizer: Any, arms: list[Arm], ids: set[str]
+    task: Task, store: RunStore, tokenizer: Any, arms: list[Arm], ids: set[str]
 ) -> list[dict[str, Any]]:
     from .report import drift_plot, markdown_table, plot_metric_vs_sparsity
 
     records = [r for r in store if r["id"] in ids]
     decode = lambda t: tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
     metrics = compute_metrics(task, records, arms, decode)
-    write_json(out / "metrics.json", metrics)
+    store.write_summary("metrics.json", metrics)
+    out = store.folder
     if task.main_metric:
         plot_metric_vs_sparsity(out / f"{task.main_metric}.png", metrics, task.main_metric)
     drift_plot(out / "drift.png", records)

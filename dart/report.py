@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from collections.abc import Iterable
@@ -11,7 +10,7 @@ from typing import Any
 
 from .evaluate.store import RecordStore
 from .evaluate.tasks import TASKS
-from .results import atomic_write_text, plot_drift, save_figure
+from .results import CorruptFileError, atomic_write_text, plot_drift, read_json, save_figure
 
 __all__ = [
     "build_report",
@@ -51,7 +50,13 @@ METRIC_KEYS = ("task", "method", "total_prune", "metric", "value")
 
 def load_metrics(folder: str | os.PathLike) -> list[dict[str, Any]]:
     """metrics.json of a results folder (checked against the schema)."""
-    data = json.loads((Path(folder) / "metrics.json").read_text(encoding="utf-8"))
+    try:
+        data = read_json(Path(folder) / "metrics.json")
+    except CorruptFileError as e:
+        raise CorruptFileError(
+            f"{e}; rerun the folder's `dart eval` command (same --out): it recomputes "
+            "metrics.json from the per-sample records without rerunning them"
+        ) from e
     if not isinstance(data, list):
         raise ValueError(f"{folder}/metrics.json is not a list of records")
     for r in data:
@@ -88,7 +93,7 @@ def plot_metric_vs_sparsity(
     """One line per method of ``metric`` against total_prune (dense drawn as a flat line)."""
     points: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for r in metrics:
-        if r["metric"] == metric:
+        if r["metric"] == metric and r["value"] is not None:  # null: non-finite, see metrics
             points[r["method"]].append((float(r["total_prune"]), float(r["value"])))
     if not points:
         return None

@@ -11,7 +11,7 @@ from tiny_assets import save_tiny
 
 from dart.cli import build_parser, main
 from dart.config import ConfigError
-from dart.data import load_text
+from dart.data import load_text_file
 from dart.evaluate import RecordStore
 from dart.evaluate.tasks import TASKS
 from dart.experiment import RunOptions
@@ -307,7 +307,7 @@ def test_generate_and_text_file(tiny_folder, tmp_path):
         == 0
     )
     ppl = [m for m in load_metrics(tmp_path / "p") if m["metric"] == "tokens"]
-    assert ppl[0]["value"] == len(load_text(str(text))) - 1  # char tokenizer: 1 token a char
+    assert ppl[0]["value"] == len(load_text_file(text)) - 1  # char tokenizer: 1 token a char
 
 
 def test_demo_runs_the_generate_task_and_prints_the_arms(tiny_folder, tmp_path, capsys):

@@ -83,8 +83,43 @@ def test_wiki_articles_parsed():
 def test_local_file(tmp_path):
     p = tmp_path / "corpus.txt"
     p.write_text("first doc\nline two\n\n\nsecond doc\n", encoding="utf-8")
-    assert data.load_text(str(p)) == "first doc\nline two\n\nsecond doc"
-    assert data.load_documents(str(p)) == ["first doc\nline two", "second doc"]
+    assert data.load_text_file(p) == "first doc\nline two\n\nsecond doc"
+    assert data.load_file_documents(str(p)) == ["first doc\nline two", "second doc"]
+    assert data.load_text_file(p, split="calibration") == ""  # 2 docs: 10% is none
+
+
+@pytest.mark.parametrize("name", data.TEXT_CORPORA)
+def test_a_local_file_named_like_a_corpus_is_the_file(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).write_text("my own text\n\nnot the packaged corpus\n", encoding="utf-8")
+    assert data.load_text_file(name) == "my own text\n\nnot the packaged corpus"
+    corpus = data.load_text(name)  # a name is the packaged corpus, whatever is on disk
+    assert len(corpus) > 100_000 and "my own text" not in corpus
+
+
+def test_a_path_is_never_taken_for_a_corpus_name(tmp_path):
+    p = tmp_path / "corpus.txt"
+    p.write_text("text\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="--text-file"):
+        data.load_text(str(p))
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda p: None, "no such file"),
+        (lambda p: p.mkdir(), "a folder"),
+        (lambda p: p.write_bytes(b"\xff\xfe\x00"), "not UTF-8"),
+        (lambda p: p.write_text("\n \n"), "holds no text"),
+    ],
+    ids=["missing", "folder", "binary", "blank"],
+)
+def test_bad_text_files_are_named(tmp_path, make, match):
+    p = tmp_path / "wiki"
+    make(p)
+    with pytest.raises((FileNotFoundError, ValueError), match=match) as err:
+        data.load_text_file(p)
+    assert str(p) in str(err.value)
 
 
 def test_unknown_corpus_lists_names():
@@ -239,3 +274,18 @@ def test_tokenize_corpus(tokenizer):
     assert tokenizer.decode(ids.tolist()) == text
     bos = data.tokenize_corpus(tokenizer, text, max_tokens=5, add_bos=True)
     assert bos.tolist() == [tokenizer.bos_token_id, *ids.tolist()[:4]]
+
+
+def test_text_file_named_wiki_on_the_command_line_is_the_file(tmp_path, monkeypatch):
+    from tiny_assets import save_tiny
+
+    from dart.cli import main
+    from dart.report import load_metrics
+
+    model = save_tiny(tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "wiki").write_text("Local text named wiki. " * 3, encoding="utf-8")
+    argv = ["eval", "ppl", "--model", str(model), "--methods", "dense", "--text-file", "wiki"]
+    assert main([*argv, "--window", "32", "--stride", "16", "--out", "p", "--quiet"]) == 0
+    tokens = [m["value"] for m in load_metrics(tmp_path / "p") if m["metric"] == "tokens"]
+    assert tokens == [len("Local text named wiki. " * 3) - 2]  # char tokenizer, stripped, -1

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 
 from ..api import DARTHandle
-from ..data import load_drift_prompts, load_text
+from ..data import load_drift_prompts, load_text, load_text_file
 from ..fast import FastGenerator
 from ..generation import encode_prompts
 from .arms import Arm, parse_arms
@@ -215,7 +215,7 @@ GENERATE = StepKind("generate", batched=True, run=_generate_step)
 
 # -- items ---------------------------------------------------------------------------------------
 def _ppl_items(tokenizer: Any, o: PerplexityOptions, seed: int) -> list[dict[str, Any]]:
-    text = load_text(o.text_file, split="all") if o.text_file else load_text(o.corpus, o.split)
+    text = load_text_file(o.text_file) if o.text_file else load_text(o.corpus, o.split)
     return window_items(tokenize_prefix(tokenizer, text, o.max_tokens).tolist(), o.window, o.stride)
 
 
