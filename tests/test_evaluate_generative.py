@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from tiny_assets import tiny_tokenizer
-from tiny_models import tiny_model
+from tiny_models import random_ids, tiny_model
 
 import dart
 from dart import DARTConfig
@@ -13,16 +13,13 @@ from dart.evaluate import (
 )
 from dart.fast import FastGenerator
 
-NO_DRIFT = {"enabled": False}
-
-
-def _ids(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 96, (n,), generator=torch.Generator().manual_seed(seed))
-
 
 def test_generate_batch_records_with_padding():
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    items = [{"id": "a", "prompt": _ids(6).tolist()}, {"id": "b", "prompt": _ids(10, 1).tolist()}]
+    items = [
+        {"id": "a", "prompt": random_ids(1, 6, 0)[0].tolist()},
+        {"id": "b", "prompt": random_ids(1, 10, 1)[0].tolist()},
+    ]
     handle = dart.attach(model, DARTConfig(layer_topk="all:0.5", drift={"window": 2}))
     recs = generate_batch(model, items, 6, 0, None, handle, decode=tok.decode)
     stats = handle.stats()
@@ -40,7 +37,10 @@ def test_generate_batch_records_with_padding():
 
 def test_generate_batch_in_the_fast_loop_equals_hf_generate():
     model = tiny_model("llama")
-    items = [{"id": "a", "prompt": _ids(6).tolist()}, {"id": "b", "prompt": _ids(10, 1).tolist()}]
+    items = [
+        {"id": "a", "prompt": random_ids(1, 6, 0)[0].tolist()},
+        {"id": "b", "prompt": random_ids(1, 10, 1)[0].tolist()},
+    ]
     cfg = DARTConfig(layer_topk="all:0.5", drift={"window": 2})
     handle = dart.attach(model, cfg)
     ref = generate_batch(model, items, 12, 0, None, handle)

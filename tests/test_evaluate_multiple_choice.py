@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tiny_assets import tiny_tokenizer
-from tiny_models import tiny_model
+from tiny_models import NO_DRIFT, random_ids, tiny_model
 
 import dart
 from dart import DARTConfig
@@ -19,16 +19,10 @@ from dart.evaluate import (
     score_choices,
 )
 
-NO_DRIFT = {"enabled": False}
-
-
-def _ids(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 96, (n,), generator=torch.Generator().manual_seed(seed))
-
 
 def test_choices_single_token_fast_path_equals_full_scoring():
     model = tiny_model("llama")
-    ctx = _ids(12, seed=2).tolist()
+    ctx = random_ids(1, 12, 2)[0].tolist()
     choices = [[5], [6], [7], [8]]
     fast = score_choices(model, ctx, choices)
     with torch.no_grad():
@@ -43,7 +37,7 @@ def test_choices_single_token_fast_path_equals_full_scoring():
 
 def test_choices_masks_from_context_only_and_leaky_switch():
     model = tiny_model("llama")
-    ctx = _ids(12, seed=3).tolist()
+    ctx = random_ids(1, 12, 3)[0].tolist()
     choices = [[5, 9], [6, 10]]
     handle = dart.attach(model, DARTConfig(layer_topk="all:0.5", drift=NO_DRIFT))
     clean = score_choices(model, ctx, choices, handle)
@@ -60,11 +54,13 @@ def test_choices_masks_from_context_only_and_leaky_switch():
 def test_static_choices_use_calibration_masks():
     model = tiny_model("llama")
     handle = attach_arm(
-        model, arm_config(Arm("static", 0.5), {"layer_topk": "all:0.5"}), _ids(32)[None]
+        model,
+        arm_config(Arm("static", 0.5), {"layer_topk": "all:0.5"}),
+        random_ids(1, 32, 0)[0][None],
     )
-    got = score_choices(model, _ids(10).tolist(), [[5], [6]], handle)
+    got = score_choices(model, random_ids(1, 10, 0)[0].tolist(), [[5], [6]], handle)
     handle.detach()
-    dense = score_choices(model, _ids(10).tolist(), [[5], [6]])
+    dense = score_choices(model, random_ids(1, 10, 0)[0].tolist(), [[5], [6]])
     assert got != pytest.approx(dense, rel=1e-6)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from tiny_assets import tiny_tokenizer
-from tiny_models import tiny_model
+from tiny_models import NO_DRIFT, random_ids, tiny_model
 
 import dart
 from dart import DARTConfig
@@ -18,12 +18,6 @@ from dart.evaluate import (
     score_window,
     sliding_windows,
 )
-
-NO_DRIFT = {"enabled": False}
-
-
-def _ids(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, 96, (n,), generator=torch.Generator().manual_seed(seed))
 
 
 def _full_nll(model, ids):
@@ -57,7 +51,7 @@ def test_sliding_windows_bad_arguments():
 
 
 def test_dense_perplexity_one_window_matches_full_sequence():
-    model, ids = tiny_model("llama"), _ids(40)
+    model, ids = tiny_model("llama"), random_ids(1, 40, 0)[0]
     with torch.no_grad():
         ref = _full_nll(model, ids)
     res = perplexity(model, ids, window=64, stride=32)
@@ -66,7 +60,7 @@ def test_dense_perplexity_one_window_matches_full_sequence():
 
 
 def test_dense_perplexity_disjoint_windows_sum_chunks():
-    model, ids = tiny_model("llama"), _ids(48)
+    model, ids = tiny_model("llama"), random_ids(1, 48, 0)[0]
     with torch.no_grad():
         nll = _full_nll(model, ids[:16])
         for b in (16, 32):  # later chunks: every token scored, the first predicted from none
@@ -79,7 +73,7 @@ def test_dense_perplexity_disjoint_windows_sum_chunks():
 
 
 def test_dart_window_is_scored_under_masks_of_its_context():
-    model, ids = tiny_model("llama"), _ids(24, seed=1)
+    model, ids = tiny_model("llama"), random_ids(1, 24, 1)[0]
     handle = dart.attach(model, DARTConfig(layer_topk="all:0.5", drift=NO_DRIFT))
     got = score_window(model, ids, score_from=12, prep_len=12, handle=handle)
     handle.prepare(ids[None, :12])

@@ -7,9 +7,8 @@ import math
 
 import lightning as L
 import pytest
-import torch
 from tiny_assets import tiny_tokenizer
-from tiny_models import tiny_model
+from tiny_models import random_ids, tiny_model
 
 from dart import DARTConfig
 from dart.evaluate import RecordStore, aggregate_accuracy, aggregate_perplexity, perplexity
@@ -41,17 +40,13 @@ def _trainer(tmp_path, **kw) -> L.Trainer:
     )
 
 
-def _ids(n: int) -> torch.Tensor:
-    return torch.randint(3, 96, (n,), generator=torch.Generator().manual_seed(0))
-
-
 def _predict(trainer: L.Trainer, module: DARTModule, data: ItemsDataModule) -> None:
     assert trainer.predict(module, data, return_predictions=False) is None
 
 
 @pytest.mark.parametrize("config", [None, CFG])
 def test_ppl_predict_step_records_equal_plain_function(tmp_path, config):
-    model, ids = tiny_model("llama"), _ids(64)
+    model, ids = tiny_model("llama"), random_ids(1, 64, 0)[0]
     arm = ARM if config else DENSE
     module = DARTModule(model, TASKS["ppl"], PPL, config=config, arm=arm)
     _predict(_trainer(tmp_path), module, ItemsDataModule(window_items(ids.tolist(), 16, 8)))
@@ -72,7 +67,7 @@ def test_ppl_predict_step_records_equal_plain_function(tmp_path, config):
 
 def test_ppl_two_processes_ddp_equals_one(tmp_path):
     """DDP (gloo, 2 CPU processes): the records of both ranks give the 1-process perplexity."""
-    model, items = tiny_model("llama"), window_items(_ids(48).tolist(), 16, 8)
+    model, items = tiny_model("llama"), window_items(random_ids(1, 48, 0)[0].tolist(), 16, 8)
     assert len(items) == 5  # an uneven split across 2 ranks
     one = DARTModule(model, TASKS["ppl"], PPL, CFG, ARM)
     _predict(_trainer(tmp_path / "one"), one, ItemsDataModule(items))
@@ -105,7 +100,7 @@ def test_mc_predict_step_and_micro_accuracy(tmp_path):
 
 def test_predict_streams_records_and_resumes(tmp_path):
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    items = [{"id": f"p{i}", "prompt": _ids(5 + i).tolist()} for i in range(5)]
+    items = [{"id": f"p{i}", "prompt": random_ids(1, 5 + i, 0)[0].tolist()} for i in range(5)]
     options = GenerateOptions(max_new_tokens=4, batch_size=2)
     task = TASKS["generate"]
     module = DARTModule(model, task, options, CFG, ARM, tokenizer=tok)
