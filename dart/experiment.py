@@ -23,11 +23,12 @@ from typing import Any
 import torch
 
 from .config import BACKENDS, DARTConfig
-from .data import load_text
+from .data import TEXT_CORPORA, load_text
 from .evaluate.arms import Arm, arm_config
 from .evaluate.perplexity import tokenize_prefix
 from .evaluate.store import RunStore, data_identity, model_identity, process_rank, run_fingerprint
 from .evaluate.tasks import Task, compute_metrics, get_task
+from .methods import METHODS
 from .models import load_model
 from .options import options_dict
 from .results import atomic_write_text
@@ -46,7 +47,7 @@ class RunOptions:
     )
     methods: list[str] = field(
         default_factory=lambda: ["dense", "static", "griffin", "dart"],
-        metadata={"help": "comma list of dense,static,griffin,random,dart,dart-nodrift"},
+        metadata={"help": "comma list of methods", "choices": tuple(METHODS)},
     )
     total_prune: list[float] = field(
         default_factory=lambda: [0.5],
@@ -61,7 +62,11 @@ class RunOptions:
         default="gathered", metadata={"help": "sparse FFN backend", "choices": BACKENDS}
     )
     calibration: str = field(
-        default="wiki", metadata={"help": "corpus of the static method's calibration text"}
+        default="wiki",
+        metadata={
+            "help": "corpus of the static method's calibration text",
+            "choices": TEXT_CORPORA,
+        },
     )
     calibration_tokens: int = field(
         default=512, metadata={"help": "tokens of the static calibration text"}

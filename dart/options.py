@@ -181,6 +181,8 @@ def add_options(parser: argparse.ArgumentParser, *classes: type, config: bool = 
                 kw["choices"] = choices
             if element is not None:
                 kw["metavar"] = f"{field.name.upper()}[,...]"
+                if choices is not None and kw["help"] is not argparse.SUPPRESS:
+                    kw["help"] += f"; each one of {','.join(map(str, choices))}"
             if required and not config:
                 kw["required"] = True
             parser.add_argument(_flag(field), **kw)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 
 from ..api import DARTHandle
-from ..data import load_drift_prompts, load_text, load_text_file
+from ..data import TEXT_CORPORA, load_drift_prompts, load_text, load_text_file
 from ..fast import FastGenerator
 from ..generation import encode_prompts
 from .arms import Arm, parse_arms
@@ -53,8 +53,8 @@ __all__ = [
 # -- options (one declaration per option; the CLI flags and YAML keys derive from them) --------
 @dataclass
 class PerplexityOptions:
-    corpus: Literal["wiki", "c4", "tiny"] = field(
-        default="wiki", metadata={"help": "packaged corpus to score"}
+    corpus: str = field(
+        default="wiki", metadata={"help": "packaged corpus to score", "choices": TEXT_CORPORA}
     )
     text_file: str | None = field(
         default=None, metadata={"help": "a local text file instead of a corpus (scored whole)"}
