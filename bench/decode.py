@@ -116,7 +116,7 @@ def weight_bytes_per_token(model, keep_fraction: float) -> tuple[float, float]:
 
 
 def _ffn_tensors(ffn):
-    p = ffn._parts
+    p = ffn.parts
     return [t for t in (p.w_gate, p.w_up, p.w_down_t) if t is not None]
 
 
@@ -186,9 +186,7 @@ class Arm:
         """Weights and buffers (unique storages), DART's extra state and the static KV cache."""
         tensors = [*self.model.parameters(), *self.model.buffers()]
         if self.fast is not None:
-            for cache in self.fast._caches.values():
-                for layer in cache.layers:
-                    tensors += [t for t in (layer.keys, layer.values) if t is not None]
+            tensors += self.fast.cache_tensors()
         seen: dict[int, int] = {}
         for t in tensors:
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()

@@ -140,8 +140,15 @@ def _task_parser(sub: Any, name: str, task: Task, help_text: str) -> None:
     p.set_defaults(_run=lambda args: cmd_task(task, args))
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import ExportOptions, export_command
+
+    (options,) = resolve_options(_given(args), ExportOptions)
+    return export_command(options)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .export import add_export_parser
+    from .export import ExportOptions
 
     parser = argparse.ArgumentParser(prog="dart", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="_command_name", required=True)
@@ -156,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="dense vs static vs DART on a two-topic prompt")
     add_options(demo, DemoOptions)
     demo.set_defaults(_run=cmd_demo)
-    add_export_parser(sub)
+    export = sub.add_parser("export", help="torch.export + AOTInductor packages of the decode step")
+    add_options(export, ExportOptions)
+    export.set_defaults(_run=cmd_export)
     return parser
 
 
@@ -165,8 +174,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args._command = "dart " + " ".join(argv)
-    if not hasattr(args, "_run"):  # a subcommand that kept its own argparse handler
-        return args.func(args)
     try:
         return args._run(args)
     except ConfigError as e:

@@ -33,45 +33,46 @@ DART's pass-0 selection). Drift detection and re-tracing stay in the Python path
 `auto` budget is allocated from a calibration prompt traced (eagerly, by `handle.prepare`) at
 export time, and the resulting counts are frozen into the programs (the manifest records them).
 
-Files under the output folder: `prefill.pt2`, `decode.pt2` (AOTInductor packages; each embeds
-the weights it reads, so the weights are on disk twice) and `manifest.json`.
-`scripts/run_exported.py` runs them with only torch and the ops library
-(`torch.ops.load_library(manifest["ops_library"])`, the compiled `dart_ext._C` shared object),
-greedy, token ids in and out.
+Files under the output folder (the package): `prefill.pt2`, `decode.pt2` (AOTInductor
+packages; each embeds the weights it reads, so the weights are on disk twice), `dart_ops.so` (a
+copy of the compiled `dart_ext._C`, the ops the programs call) and `manifest.json`, written last
+and atomically: the format version, the torch version and the ops library's sha256, which
+`dart.runner.load_package` checks before it loads anything. `dart.runner` (torch only; also
+`scripts/run_exported.py`) runs a package greedily, token ids in and out. A package is native
+code: trust it as you would an executable.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import shutil
 import time
 import warnings
 from contextlib import ExitStack, contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from .api import DARTHandle, attach, load_ops
 from .config import DARTConfig
+from .fast import static_cache_logits
+from .results import write_json
+from .runner import FORMAT, MANIFEST, OPS_LIBRARY, file_sha256, greedy_generate
 from .scoring import rank_scores, shared_scores
 
 __all__ = [
-    "MANIFEST",
     "DARTExportModule",
-    "add_export_parser",
-    "cmd_export",
+    "ExportOptions",
+    "export_command",
     "export_decode",
     "export_programs",
     "resolve_export_counts",
 ]
 
-MANIFEST = "manifest.json"
 PREFILL = "prefill.pt2"
 DECODE = "decode.pt2"
-FORMAT = "dart-export/1"
 _WEIGHTS = ("w_gate", "w_up", "w_down_t", "b_in", "b_out")
 
 
@@ -96,13 +97,7 @@ def resolve_export_counts(
             "calibration_ids (dart export --prompt) to fix the keep counts at export time"
         )
     ids = calibration_ids if calibration_ids.dim() == 2 else calibration_ids.unsqueeze(0)
-    device = next(handle.model.parameters()).device
-    auto_step = c.auto_step
-    c.auto_step = True
-    try:
-        handle.prepare(ids.to(device))
-    finally:
-        c.auto_step = auto_step
+    handle.prepare(ids.to(next(handle.model.parameters()).device))
     if c.counts is None:
         raise RuntimeError("the calibration prompt did not produce keep counts")
     return list(c.counts)
@@ -163,9 +158,9 @@ class DARTExportModule(nn.Module):
         self.ranking = cfg.ranking
         self.recipes = {
             i: {
-                name: _view_recipe(getattr(handle.ffns[i]._parts, name), handle.ffns[i].original)
+                name: _view_recipe(getattr(handle.ffns[i].parts, name), handle.ffns[i].original)
                 for name in _WEIGHTS
-                if getattr(handle.ffns[i]._parts, name) is not None
+                if getattr(handle.ffns[i].parts, name) is not None
             }
             for i in self.pruned
         }
@@ -256,7 +251,7 @@ class DARTExportModule(nn.Module):
         hidden: dict[int, torch.Tensor] = {}
         hooks = []
         for i in self.pruned:
-            down = self.handle.ffns[i]._parts.down
+            down = self.handle.ffns[i].parts.down
             if not isinstance(down, nn.Module):
                 raise TypeError("export needs the FFN down projection to be a module")
             hooks.append(
@@ -264,20 +259,15 @@ class DARTExportModule(nn.Module):
             )
         try:
             with self._routed(batch, None):
-                logits = self.model(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=positions,
-                    cache_position=cache_position,
-                    past_key_values=cache,
-                    use_cache=True,
-                ).logits[:, -1, :]
+                logits = static_cache_logits(
+                    self.model, input_ids, attention_mask, positions, cache_position, cache
+                )
         finally:
             for hook in hooks:
                 hook.remove()
         valid = attention_mask.bool()
         idx = [self._select(i, hidden[i], valid) for i in self.pruned]
-        return (logits.float(), *idx)
+        return (logits, *idx)
 
     def _select(self, i: int, h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """The controller's prompt selection (pass-0 statistics), as graph ops."""
@@ -304,18 +294,11 @@ class DARTExportModule(nn.Module):
         idx, state = idx_and_state[:n], idx_and_state[n:]
         full_mask, cache = self._bind(state, cache_position)
         with self._routed(input_ids.shape[0], idx):
-            logits = self.model(
-                input_ids=input_ids,
-                position_ids=position_ids,
-                cache_position=cache_position,
-                attention_mask=full_mask,
-                past_key_values=cache,
-                use_cache=True,
-            ).logits[:, -1, :]
-        return logits.float()
+            return static_cache_logits(
+                self.model, input_ids, full_mask, position_ids, cache_position, cache
+            )
 
-    # -- eager reference loop (same contract as scripts/run_exported.py) -------------------------
-    @torch.no_grad()
+    # -- the runner's greedy loop over these programs ------------------------------------------
     def generate(
         self,
         input_ids: torch.Tensor,
@@ -324,28 +307,15 @@ class DARTExportModule(nn.Module):
         programs: tuple[Any, Any] | None = None,
     ) -> torch.Tensor:
         """Greedy tokens `[B, max_new_tokens]` from `programs` (prefill, decode callables, e.g.
-        `ep.module()` of the exported programs; default: this module's eager methods)."""
+        `ep.module()` of the exported programs; default: this module's eager methods), by the
+        loop that runs the packages (`dart.runner.greedy_generate`)."""
         prefill, decode = programs or (self.prefill, self.decode)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         state = self.new_state()
-        logits, *idx = prefill(input_ids, attention_mask, *state)
-        return greedy_loop(decode, logits, idx, state, attention_mask, max_new_tokens)
-
-
-def greedy_loop(decode, logits, idx, state, attention_mask, max_new_tokens) -> torch.Tensor:
-    """The decode loop of the runner (kept identical to scripts/run_exported.py)."""
-    batch, length = attention_mask.shape
-    pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -1:] + 1
-    token = logits.argmax(-1)
-    out = [token]
-    for t in range(1, max_new_tokens):
-        cache_position = torch.tensor([length + t - 1])
-        logits = decode(token[:, None], pos, cache_position, *idx, *state)
-        token = logits.argmax(-1)
-        out.append(token)
-        pos = pos + 1
-    return torch.stack(out, 1)
+        return greedy_generate(
+            prefill, decode, input_ids, attention_mask, state, max_new_tokens
+        ).tokens
 
 
 def _head_shapes(config) -> tuple[int, int]:
@@ -408,10 +378,13 @@ def export_programs(
     return {"prefill": prefill, "decode": decode}
 
 
-def _ops_library() -> str:
+def _copy_ops_library(folder: Path) -> str:
+    """Copy the compiled ops into the package; their sha256 (for the manifest). A torn copy
+    fails that check at load, so the manifest, written last, is the package's commit point."""
     import dart_ext._C
 
-    return str(Path(dart_ext._C.__file__).resolve())
+    shutil.copyfile(dart_ext._C.__file__, folder / OPS_LIBRARY)
+    return file_sha256(folder / OPS_LIBRARY)
 
 
 def _eos(model: nn.Module) -> int | None:
@@ -440,6 +413,8 @@ def export_decode(
     `prefill.pt2`, `decode.pt2` (with `compile=True`; AOTInductor) and `manifest.json`.
 
     Returns the manifest; its `"exported"` key (not written) holds the `ExportedProgram`s.
+    `path` becomes a package (see the module docstring); files of an earlier export there are
+    replaced, the manifest last.
     """
     if not load_ops():
         raise RuntimeError("export needs the compiled dart_ext kernels (torch.ops.dart.*)")
@@ -485,7 +460,8 @@ def export_decode(
             "pruned_layers": wrapper.pruned,
             "idx_layout": "shared [k]" if wrapper.shared else "per_sequence [B, k]",
             "state": wrapper.state_spec(),
-            "ops_library": _ops_library(),
+            "ops_library": OPS_LIBRARY,  # relative to the package folder
+            "ops_library_sha256": _copy_ops_library(out),
             "model_type": model.config.model_type,
             "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
             "dart_config": handle.config.to_dict(),
@@ -494,7 +470,7 @@ def export_decode(
             "export_seconds": export_s,
             "compile_seconds": compile_s,
         }
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_json(out / MANIFEST, manifest)
     finally:
         if attached:
             handle.detach()
@@ -503,68 +479,78 @@ def export_decode(
 
 
 # ------------------------------------------------------------------------------------------------
-# CLI (wired into dart/cli.py as `dart export`)
+# `dart export` (cli.py builds the flags from ExportOptions' fields)
 
 
-def add_export_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "export", help="torch.export + AOTInductor packages of the DART decode step"
+@dataclass
+class ExportOptions:
+    """Options of `dart export`: one field per flag (`--max-len` for `max_len`)."""
+
+    out: str = field(metadata={"help": "output folder (the package: programs + manifest.json)"})
+    model: str = field(
+        default="smollm2-135m", metadata={"help": "packaged model name or HF model folder"}
     )
-    p.add_argument("--model", default="smollm2-135m", help="packaged model name or HF folder")
-    p.add_argument("--out", required=True, help="output folder (packages + manifest.json)")
-    p.add_argument("--batch", type=int, default=1, help="fixed batch size of the programs")
-    p.add_argument("--max-len", type=int, default=512, help="static cache length")
-    p.add_argument(
-        "--prompt-len", type=int, default=None, help="fixed prompt length (default dynamic)"
+    batch: int = field(default=1, metadata={"help": "fixed batch size of the programs"})
+    max_len: int = field(default=512, metadata={"help": "static KV cache length"})
+    prompt_len: int | None = field(
+        default=None, metadata={"help": "fixed prompt length (default: dynamic, 1..max_len-1)"}
     )
-    p.add_argument("--total-prune", type=float, default=0.5, help="FFN sparsity")
-    p.add_argument("--layer-topk", default=None, help="per-layer keep spec (default all:auto)")
-    p.add_argument("--method", default="dart", choices=("dart", "griffin", "dense"))
-    p.add_argument(
-        "--prompt",
+    total_prune: float = field(default=0.5, metadata={"help": "fraction of FFN neurons pruned"})
+    layer_topk: str | None = field(
+        default=None, metadata={"help": "per-layer keep spec (default all:auto)"}
+    )
+    method: Literal["dart", "griffin", "dense"] = field(
+        default="dart", metadata={"help": "prompt-selected masks (dart, griffin) or none"}
+    )
+    prompt: str | None = field(
         default=None,
-        help="calibration prompt for an auto budget (counts are "
-        "allocated from it at export time); default: the first packaged drift prompt",
+        metadata={
+            "help": "calibration prompt of an auto budget (the keep counts are allocated from "
+            "it at export time); default: the first packaged drift prompt"
+        },
     )
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--no-compile", action="store_true", help="torch.export only (no packages)")
-    p.set_defaults(func=cmd_export)
-    return p
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32", metadata={"help": "weight dtype of the exported model"}
+    )
+    no_compile: bool = field(
+        default=False, metadata={"help": "torch.export only (no AOTInductor packages)"}
+    )
 
 
-def cmd_export(args: argparse.Namespace) -> int:
+def export_command(options: ExportOptions) -> int:
+    """`dart export`: load the model and export it into `options.out` (exit status 0)."""
     from .models import load_model
 
-    print(f"loading {args.model} ...", flush=True)
-    model, tokenizer = load_model(args.model, dtype=args.dtype)
-    cfg = {"method": args.method, "total_prune": args.total_prune, "backend": "gathered"}
-    if args.layer_topk:
-        cfg["layer_topk"] = args.layer_topk
+    print(f"loading {options.model} ...", flush=True)
+    model, tokenizer = load_model(options.model, dtype=options.dtype)
+    cfg = {"method": options.method, "total_prune": options.total_prune, "backend": "gathered"}
+    if options.layer_topk:
+        cfg["layer_topk"] = options.layer_topk
     config = DARTConfig(**cfg, drift={"enabled": False})
     calibration = None
     if "auto" in config.layer_topk and config.method != "dense":
-        text = args.prompt
+        text = options.prompt
         if text is None:
             from .data import load_drift_prompts
 
             text = load_drift_prompts("two_topic")[0].prompt
-        calibration = tokenizer(text, return_tensors="pt")["input_ids"][:, : args.max_len]
+        calibration = tokenizer(text, return_tensors="pt")["input_ids"][:, : options.max_len]
     print("exporting ...", flush=True)
     manifest = export_decode(
         model,
-        args.out,
-        args.batch,
-        args.max_len,
+        options.out,
+        options.batch,
+        options.max_len,
         config=config,
         calibration_ids=calibration,
-        prompt_len=args.prompt_len,
-        compile=not args.no_compile,
+        prompt_len=options.prompt_len,
+        compile=not options.no_compile,
     )
     kept = sum(manifest["keep_counts"]) / sum(manifest["widths"])
     print(
-        f"wrote {args.out}: keep {kept:.1%} of FFN neurons, export "
+        f"wrote {options.out}: keep {kept:.1%} of FFN neurons, export "
         f"{manifest['export_seconds']:.1f}s, AOTInductor {manifest['compile_seconds']:.1f}s\n"
-        f"run: python scripts/run_exported.py {args.out} --prompt-ids 1,2,3 "
+        f"run: python scripts/run_exported.py {options.out} --prompt-ids 1,2,3 "
         "--max-new-tokens 32"
     )
     return 0

@@ -3,14 +3,17 @@
 Only the single-token decode step is compiled (`torch.compile(fullgraph=True)`, fixed shapes).
 The prompt's pass runs eagerly; DART's single-token re-trace passes run as a second compiled
 graph (they update the accumulators in place). Re-selections write the kept-neuron indices in place,
-so the compiled step sees new masks without recompiling. The controller's schedule runs on the
-host between steps; the drift monitor is polled once per window, and the loop looks for EOS only
-then, so the hot path has no per-token host sync.
+so the compiled step sees new masks without recompiling. The next token is chosen inside the
+compiled step (argmax, or gpt-fast's exponential-race sampling), so a step returns `[B]` ids
+rather than `[B, V]` logits. The controller's schedule runs on the host between steps; the drift
+monitor is polled once per window, and the loop looks for EOS only then, so the hot path has no
+per-token host sync.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +22,11 @@ from transformers import StaticCache
 from .api import DARTHandle
 from .ffn import TRACE
 
-__all__ = ["FastGenerator", "FastResult"]
+__all__ = ["FastGenerator", "FastResult", "next_token", "static_cache_logits"]
+
+# Every generator compiles the same code object (`_decode_step`), guarded on its model: while a
+# generator runs, leave room for several (models, dtypes, backends, greedy/sampled) in a process.
+_RECOMPILE_LIMIT = 64
 
 _CPP_WRAPPER = {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
 
@@ -37,6 +44,40 @@ class FastResult:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens.shape[0] * self.decode_steps / self.decode_seconds
+
+
+def static_cache_logits(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache_position: torch.Tensor,
+    cache,
+) -> torch.Tensor:
+    """One forward over a static KV cache (written in place): the last position's logits,
+    `[B, V]` fp32."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache_position=cache_position,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return out.logits[:, -1, :].float()
+
+
+def next_token(
+    logits: torch.Tensor, noise: torch.Tensor | None = None, temperature: float = 1.0
+) -> torch.Tensor:
+    """`[B]` ids: greedy without `noise`; with `noise` (`Exp(1)` samples shaped like `logits`)
+    a sample of `softmax(logits / temperature)`. `argmax(p / q)` with exponential `q` draws
+    from `p` without `torch.multinomial`'s host sync (gpt-fast's `multinomial_sample_one_no_sync`);
+    the noise is drawn outside so that a `torch.Generator` seeds it and the step stays one graph."""
+    if noise is None:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return (probs / noise).argmax(-1)
 
 
 class FastGenerator:
@@ -58,6 +99,10 @@ class FastGenerator:
     accumulator updates in it, instead of running the whole model eagerly at every re-trace.
     Trace passes that also collect the `auto` budget's sensitivity run eagerly (they happen
     only before a sequence's first selection).
+
+    The loop drives the handle's controller explicitly only while `generate` runs (its hooks
+    stay inert then); outside, the handle follows HF forwards as before, so `model.generate`
+    and this loop can take turns on one handle.
     """
 
     def __init__(
@@ -76,11 +121,6 @@ class FastGenerator:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self._caches: dict[int, StaticCache] = {}
-        if handle is not None:
-            handle.controller.auto_step = False  # this loop drives the schedule explicitly
-        # Every generator compiles the same code object (`_decode_step`), guarded on its model:
-        # leave room for several generators (models, dtypes, backends) in one process.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         on_cuda = self.device.type == "cuda"
         cpp_wrapper = not on_cuda if cpp_wrapper is None else cpp_wrapper
         cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
@@ -110,19 +150,42 @@ class FastGenerator:
         cache.reset()
         return cache
 
-    def _decode_step(self, ids, position_ids, cache_position, attention_mask, cache):
-        out = self.model(
-            input_ids=ids,
-            position_ids=position_ids,
-            cache_position=cache_position,
-            attention_mask=attention_mask,
-            past_key_values=cache,
-            use_cache=True,
+    def cache_tensors(self) -> list[torch.Tensor]:
+        """The static KV caches' tensors (one cache per batch size generated so far)."""
+        return [
+            t
+            for cache in self._caches.values()
+            for layer in cache.layers
+            for t in (layer.keys, layer.values)
+            if t is not None
+        ]
+
+    def _decode_step(
+        self, ids, position_ids, cache_position, attention_mask, cache, noise, temperature
+    ) -> torch.Tensor:
+        logits = static_cache_logits(
+            self.model, ids, attention_mask, position_ids, cache_position, cache
         )
-        return out.logits[:, -1, :].float()
+        return next_token(logits, noise, temperature)
 
     def _tracing(self) -> bool:
         return self.handle is not None and any(f.mode == TRACE for f in self.handle.ffns)
+
+    @contextmanager
+    def _driving(self):
+        """While the loop runs: the controller is stepped by the loop, not by its hooks, and
+        dynamo may keep more compiled variants of the step; both restored on exit."""
+        c = self.handle.controller if self.handle is not None else None
+        auto_step = c.auto_step if c is not None else None
+        limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
+        try:
+            if c is not None:
+                c.auto_step = False
+            with torch._dynamo.config.patch(recompile_limit=limit):
+                yield c
+        finally:
+            if c is not None:
+                c.auto_step = auto_step
 
     @torch.no_grad()
     def generate(
@@ -146,35 +209,54 @@ class FastGenerator:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(self.device)
+        with self._driving() as c:
+            return self._generate(
+                c,
+                input_ids,
+                attention_mask,
+                max_new_tokens,
+                do_sample,
+                temperature,
+                eos_token_id,
+                generator,
+            )
+
+    def _generate(
+        self, c, input_ids, attention_mask, max_new_tokens, do_sample, temperature, eos, generator
+    ) -> FastResult:
+        batch, prompt_len = input_ids.shape
         cache = self._cache(batch)
         # Full-length 2-D mask (fixed shape for the compiled step): future slots are 1, the
         # causal mask hides them; left padding stays 0.
         full_mask = torch.ones(batch, self.max_len, dtype=attention_mask.dtype, device=self.device)
         full_mask[:, :prompt_len] = attention_mask
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        c = self.handle.controller if self.handle is not None else None
 
         start = time.perf_counter()
         if c is not None:
             c.begin(batch, self.device)
             c.before_forward(attention_mask.bool())
-        logits = (
-            self.model(
-                input_ids=input_ids,
-                attention_mask=full_mask[:, :prompt_len],
-                position_ids=positions,
-                cache_position=self._positions[:prompt_len],
-                past_key_values=cache,
-                use_cache=True,
-            )
-            .logits[:, -1, :]
-            .float()
+        logits = static_cache_logits(
+            self.model,
+            input_ids,
+            full_mask[:, :prompt_len],
+            positions,
+            self._positions[:prompt_len],
+            cache,
         )
         if c is not None:
             c.after_forward()
+        vocab = logits.shape[-1]
+
+        def noise():
+            if not do_sample:
+                return None
+            q = torch.empty(batch, vocab, device=self.device)
+            return q.exponential_(generator=generator)
+
         next_pos = positions[:, -1:] + 1
         out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=self.device)
-        token = self._pick(logits, do_sample, temperature, generator)
+        token = next_token(logits, noise(), temperature)
         out[:, 0] = token
         prefill = time.perf_counter() - start
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
@@ -184,37 +266,32 @@ class FastGenerator:
         trace_seconds = 0.0
         for t in range(1, max_new_tokens):
             cache_position = self._positions[prompt_len + t - 1 : prompt_len + t]
-            ids = token[:, None]
+            step_args = (token[:, None], next_pos, cache_position, full_mask, cache)
+            step_args += (noise(), temperature)
             if c is not None:
                 c.before_forward(None)
             if self._tracing():
                 trace_start = time.perf_counter()
                 step = self._decode_step if c.needs_sensitivity else self.trace_fn
-                logits = step(ids, next_pos, cache_position, full_mask, cache)
+                token = step(*step_args)
                 c.after_forward()
                 trace_seconds += time.perf_counter() - trace_start
                 trace_steps += 1
             else:
-                logits = self.step_fn(ids, next_pos, cache_position, full_mask, cache)
+                token = self.step_fn(*step_args)
                 if c is not None:
                     c.after_forward()
-            token = self._pick(logits, do_sample, temperature, generator)
-            if eos_token_id is not None:
-                token = torch.where(done, eos_token_id, token)
-                done |= token == eos_token_id
+            # a copy: with CUDA graphs the step's output buffer is overwritten by the next replay
+            token = token.clone()
+            if eos is not None:
+                token = torch.where(done, eos, token)
+                done |= token == eos
             out[:, t] = token
             next_pos = next_pos + 1
             steps += 1
-            if eos_token_id is not None and t % window == 0 and bool(done.all()):
-                out[:, t + 1 :] = eos_token_id
+            if eos is not None and t % window == 0 and bool(done.all()):
+                out[:, t + 1 :] = eos
                 break
         decode = time.perf_counter() - start
         stats = self.handle.stats() if self.handle is not None else {}
         return FastResult(out, prefill, decode, steps, trace_steps, trace_seconds, stats)
-
-    @staticmethod
-    def _pick(logits, do_sample, temperature, generator) -> torch.Tensor:
-        if not do_sample:
-            return logits.argmax(-1)
-        probs = torch.softmax(logits / temperature, dim=-1)
-        return torch.multinomial(probs, 1, generator=generator)[:, 0]

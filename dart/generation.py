@@ -9,6 +9,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from .runner import trim_at_eos
+
 __all__ = ["GenerationResult", "encode_prompts", "generate"]
 
 
@@ -86,11 +88,7 @@ def generate(
         bar.close()
     prompt_len = enc["input_ids"].shape[1]
     new = out[:, prompt_len:]
-    new_tokens = []
-    for row in new.tolist():
-        if tokenizer.eos_token_id in row:
-            row = row[: row.index(tokenizer.eos_token_id) + 1]
-        new_tokens.append(row)
+    new_tokens = [trim_at_eos(row, tokenizer.eos_token_id) for row in new.tolist()]
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in new_tokens]
     prefill = (timer.first_token_at or time.perf_counter()) - start
     return GenerationResult(texts, new_tokens, int(enc["attention_mask"].sum()), seconds, prefill)

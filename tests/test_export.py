@@ -4,8 +4,9 @@ separate process."""
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,16 +18,28 @@ from tiny_models import tiny_model
 
 import dart
 from dart import DARTConfig
+from dart.cli import main
 from dart.export import (
     DARTExportModule,
-    add_export_parser,
     export_decode,
     export_programs,
     resolve_export_counts,
 )
 from dart.fast import FastGenerator
+from dart.runner import OPS_LIBRARY, PackageError, file_sha256, load_package
 
-RUNNER = Path(__file__).resolve().parents[1] / "scripts" / "run_exported.py"
+ROOT = Path(__file__).resolve().parents[1]
+RUNNER = ROOT / "scripts" / "run_exported.py"
+# Run in a subprocess before anything else: imports of transformers and dart_ext fail, as on a
+# machine with torch alone.
+TORCH_ONLY = (
+    "import sys\n"
+    "class Block:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.split('.')[0] in ('transformers', 'dart_ext'):\n"
+    "            raise ImportError(f'{name} is blocked: torch only')\n"
+    "sys.meta_path.insert(0, Block())\n"
+)
 MAX_LEN = 48
 FIXED = DARTConfig(layer_topk="all:0.5", drift={"enabled": False})
 
@@ -134,13 +147,13 @@ def test_auto_budget_counts_come_from_the_calibration_prompt():
     handle.detach()
 
 
-def test_aoti_package_reproduces_eager_tokens_in_a_separate_process(tmp_path):
+def test_aoti_package_reproduces_eager_tokens_in_a_torch_only_process(tmp_path):
     model = tiny_model("llama")
     ids, mask = _batch()
     ref, _ = _eager_tokens(model, FIXED, ids, mask, 16)
-    manifest = export_decode(model, tmp_path, batch_size=2, max_len=MAX_LEN, config=FIXED)
+    manifest = export_decode(model, tmp_path / "pkg", batch_size=2, max_len=MAX_LEN, config=FIXED)
     assert not hasattr(model, "_dart_handle")  # attached for the export, then detached
-    written = json.loads((tmp_path / "manifest.json").read_text())
+    written = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
     assert written["keep_counts"] == [32, 32, 32] and written["pruned_layers"] == [0, 1, 2]
     assert written["vocab_size"] == 96 and written["eos_token_id"] == 2
     assert written["state"][0] == {
@@ -148,36 +161,101 @@ def test_aoti_package_reproduces_eager_tokens_in_a_separate_process(tmp_path):
         "shape": [2, MAX_LEN],
         "dtype": "int64",
     }
-    assert Path(written["ops_library"]).is_file() and manifest["exported"]
+    assert manifest["exported"]
+    # the package carries its ops library (a relative path): it still runs once moved
+    assert written["ops_library"] == OPS_LIBRARY
+    package = shutil.move(tmp_path / "pkg", tmp_path / "moved")
     prompts = [",".join(map(str, ids[0].tolist())), ",".join(map(str, ids[1, 3:].tolist()))]
-    check = (
-        "import runpy, sys; sys.argv = sys.argv[1:]; "
-        "runpy.run_path(sys.argv[0], run_name='__main__')"
-    )
-    # the runner imports neither dart nor dart_ext (python -X importtime would show it too)
-    guard = (
-        "import atexit, sys; atexit.register(lambda: sys.modules.get('dart') is None and "
-        "sys.modules.get('dart_ext') is None or print('DART IMPORTED', file=sys.stderr))"
-    )
-    cmd = [sys.executable, "-c", f"{guard}; {check}", str(RUNNER), str(tmp_path)]
+    run = "import runpy; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    cmd = [sys.executable, "-c", TORCH_ONLY + run, str(RUNNER), str(package)]
     cmd += [a for p in prompts for a in ("--prompt-ids", p)]
     cmd += ["--max-new-tokens", "16", "--ignore-eos", "--json", str(tmp_path / "out.json")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "DART IMPORTED" not in proc.stderr
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["tokens"] == ref.tolist()
 
 
-def test_cli_export_parser_writes_a_manifest(tmp_path):
-    folder = save_tiny(tmp_path / "model")
-    parser = argparse.ArgumentParser(prog="dart")
-    add_export_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(
-        ["export", "--model", str(folder), "--out", str(tmp_path / "pkg"), "--max-len", "64"]
-        + ["--total-prune", "0.5", "--prompt", "The quick brown fox.", "--no-compile"]
+def test_the_runner_imports_with_torch_alone():
+    code = TORCH_ONLY + "import dart.runner; assert 'transformers' not in sys.modules"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
     )
-    assert args.func(args) == 0
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def uncompiled_package(tmp_path_factory):
+    """A package exported without AOTInductor (its manifest and ops library are checked
+    before any program is loaded)."""
+    folder = tmp_path_factory.mktemp("pkg")
+    export_decode(tiny_model("llama"), folder, max_len=MAX_LEN, config=FIXED, compile=False)
+    return folder
+
+
+def _copy(folder, tmp_path, **manifest_changes):
+    copy = Path(shutil.copytree(folder, tmp_path / "pkg"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, **manifest_changes}))
+    return copy
+
+
+def test_a_package_passes_its_checks_and_says_it_has_no_programs(uncompiled_package, tmp_path):
+    manifest = json.loads((uncompiled_package / "manifest.json").read_text())
+    assert manifest["ops_library_sha256"] == file_sha256(uncompiled_package / OPS_LIBRARY)
+    with pytest.raises(PackageError, match="no programs"):
+        load_package(_copy(uncompiled_package, tmp_path))
+
+
+def test_a_changed_ops_library_is_refused(uncompiled_package, tmp_path):
+    copy = _copy(uncompiled_package, tmp_path)
+    with open(copy / OPS_LIBRARY, "r+b") as f:
+        f.seek(4096)
+        byte = f.read(1)
+        f.seek(4096)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(PackageError, match="sha256 .* does not match the manifest"):
+        load_package(copy)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"format": "dart-export/1"}, "package format 'dart-export/1', this runner reads"),
+        ({"torch_version": "1.0.0"}, "exported with torch 1.0.0, this process runs torch"),
+        ({"ops_library": "/usr/lib/libc.so.6"}, "must be a file inside the package"),
+        ({"ops_library": "../escape.so"}, "must be a file inside the package"),
+    ],
+    ids=["format", "torch", "absolute", "outside"],
+)
+def test_a_package_of_another_format_or_torch_is_refused(
+    uncompiled_package, tmp_path, change, message
+):
+    with pytest.raises(PackageError, match=message):
+        load_package(_copy(uncompiled_package, tmp_path, **change))
+
+
+def test_the_manifest_is_replaced_atomically(uncompiled_package, tmp_path, monkeypatch):
+    """A failed write leaves the previous manifest whole (temp file + rename)."""
+    copy = _copy(uncompiled_package, tmp_path)
+    before = (copy / "manifest.json").read_text()
+
+    def interrupted(src, dst):
+        raise OSError("interrupted")
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(OSError, match="interrupted"):
+        export_decode(tiny_model("llama"), copy, max_len=32, config=FIXED, compile=False)
+    assert (copy / "manifest.json").read_text() == before
+    assert sorted(p.name for p in copy.iterdir()) == ["dart_ops.so", "manifest.json"]
+
+
+def test_dart_export_writes_a_manifest(tmp_path):
+    """`dart export` (flags from ExportOptions) -> export_command."""
+    folder = save_tiny(tmp_path / "model")
+    argv = ["export", "--model", str(folder), "--out", str(tmp_path / "pkg"), "--max-len", "64"]
+    argv += ["--total-prune", "0.5", "--prompt", "The quick brown fox.", "--no-compile"]
+    assert main(argv) == 0
     manifest = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
     assert manifest["max_len"] == 64 and manifest["prompt_len"] is None
     assert manifest["programs"] == {} and manifest["dart_config"]["total_prune"] == 0.5

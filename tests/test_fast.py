@@ -61,6 +61,8 @@ def test_dense_loop_matches_hf_generate_and_stops_at_eos():
     )[:, ids.shape[1] :]
     fast = FastGenerator(model, None, max_len=64)
     assert torch.equal(fast.generate(ids, mask, max_new_tokens=20).tokens, ref)
+    cache = fast.cache_tensors()  # keys and values of the 3 layers, [B, kv heads, max_len, d]
+    assert len(cache) == 6 and all(t.shape == (2, 2, 64, 8) for t in cache)
     eos = int(ref[0, 5])
     out = fast.generate(ids, mask, max_new_tokens=20, eos_token_id=eos).tokens
     row = out[0].tolist()
@@ -105,9 +107,50 @@ def test_auto_budgets_of_new_prompts_reuse_the_compiled_step():
 def _eager_tokens(model, handle, ids, new):
     """HF greedy `generate` with the handle following through its hooks (as without a loop)."""
     handle.reset()
-    handle.controller.auto_step = True
-    try:
-        out = model.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=0)
-    finally:
-        handle.controller.auto_step = False
+    out = model.generate(ids, max_new_tokens=new, do_sample=False, pad_token_id=0)
     return out[:, ids.shape[1] :]
+
+
+def test_generate_and_the_fast_loop_take_turns_on_one_handle():
+    """The loop steps the controller itself only while it runs: HF `generate`, the loop and
+    HF `generate` again on one handle each give the tokens of a fresh handle."""
+    model = tiny_model("llama")
+    cfg = DARTConfig(layer_topk="all:0.5", drift={"window": 4})
+    prompts = [
+        torch.randint(3, 96, (1, 10), generator=torch.Generator().manual_seed(s)) for s in (1, 2, 3)
+    ]
+
+    def fresh(run):
+        handle = dart.attach(model, cfg)
+        try:
+            return run(handle)
+        finally:
+            handle.detach()
+
+    def fast(handle, ids):
+        return (
+            FastGenerator(model, handle, max_len=48, compile=False)
+            .generate(ids, max_new_tokens=16)
+            .tokens
+        )
+
+    expected = [
+        fresh(lambda h: _eager_tokens(model, h, prompts[0], 16)),
+        fresh(lambda h: fast(h, prompts[1])),
+        fresh(lambda h: _eager_tokens(model, h, prompts[2], 16)),
+    ]
+    handle = dart.attach(model, cfg)
+    loop = FastGenerator(model, handle, max_len=48, compile=False)
+    assert torch.equal(_eager_tokens(model, handle, prompts[0], 16), expected[0])
+    assert torch.equal(loop.generate(prompts[1], max_new_tokens=16).tokens, expected[1])
+    assert torch.equal(_eager_tokens(model, handle, prompts[2], 16), expected[2])
+    handle.detach()
+
+
+def test_the_recompile_limit_is_raised_only_while_the_loop_runs():
+    limit = torch._dynamo.config.recompile_limit
+    model = tiny_model("llama")
+    fast = FastGenerator(model, None, max_len=32)
+    ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(0))
+    fast.generate(ids, max_new_tokens=4)
+    assert torch._dynamo.config.recompile_limit == limit
