@@ -99,23 +99,6 @@ def _setup_logging(out: Path) -> logging.Handler:
     return handler
 
 
-def _trainer(run: RunOptions, writer: Any):
-    import lightning as L
-
-    return L.Trainer(
-        accelerator=run.accelerator,
-        devices=run.devices,
-        strategy=run.strategy,
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        enable_progress_bar=not run.quiet,
-        use_distributed_sampler=False,
-        inference_mode=False,
-        callbacks=[writer],
-    )
-
-
 def _calibration_ids(run: RunOptions, tokenizer: Any, arms: list[Arm]) -> torch.Tensor | None:
     if not any(a.needs_calibration for a in arms):
         return None
@@ -187,7 +170,9 @@ def _run_locked(
             model, task, options, configs[arm], arm.to_dict(), calibration, tokenizer
         )
         writer = dl.RecordWriter(str(store.folder), stop_after=run.stop_after)
-        trainer = _trainer(run, writer)
+        trainer = dl.make_trainer(
+            [writer], run.accelerator, run.devices, run.strategy, progress=not run.quiet
+        )
         start = time.perf_counter()
         trainer.predict(module, datamodule=data, return_predictions=False)
         seconds = time.perf_counter() - start

@@ -28,7 +28,7 @@ from .evaluate.store import RecordStore
 from .evaluate.tasks import StepContext, Task
 from .fast import FastGenerator
 
-__all__ = ["DARTModule", "ItemsDataModule", "RecordWriter", "StopAfter"]
+__all__ = ["DARTModule", "ItemsDataModule", "RecordWriter", "StopAfter", "make_trainer"]
 
 
 class DARTModule(L.LightningModule):
@@ -168,3 +168,27 @@ class RecordWriter(BasePredictionWriter):
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
     ):
         self._write(trainer, prediction)
+
+
+def make_trainer(
+    callbacks: list[Any],
+    accelerator: str = "auto",
+    devices: int = 1,
+    strategy: str = "auto",
+    progress: bool = False,
+) -> L.Trainer:
+    """A Trainer for evaluation: no logger, checkpoints or summary; no distributed sampler
+    (:class:`ItemsDataModule` shards by rank itself); autograd left on (``torch.no_grad`` in the
+    step) so sparse backends may relay weights out in place."""
+    return L.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        use_distributed_sampler=False,
+        inference_mode=False,
+        callbacks=callbacks,
+    )

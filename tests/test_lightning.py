@@ -16,7 +16,7 @@ from dart.evaluate.arms import attach_arm
 from dart.evaluate.multiple_choice import mmlu_items
 from dart.evaluate.perplexity import window_items
 from dart.evaluate.tasks import TASKS, GenerateOptions, MMLUOptions, PerplexityOptions
-from dart.lightning import DARTModule, ItemsDataModule, RecordWriter, StopAfter
+from dart.lightning import DARTModule, ItemsDataModule, RecordWriter, StopAfter, make_trainer
 
 CFG = DARTConfig(method="dart", layer_topk="all:0.5", drift={"enabled": False})
 ARM = {"method": "dart", "total_prune": 0.5}
@@ -24,20 +24,8 @@ DENSE = {"method": "dense", "total_prune": 0.0}
 PPL = PerplexityOptions(window=16, stride=8)
 
 
-def _trainer(tmp_path, **kw) -> L.Trainer:
-    kw.setdefault("callbacks", [RecordWriter(str(tmp_path))])
-    return L.Trainer(
-        accelerator="cpu",
-        devices=kw.pop("devices", 1),
-        strategy=kw.pop("strategy", "auto"),
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        inference_mode=False,
-        **kw,
-    )
+def _trainer(tmp_path, callbacks=None, **kw) -> L.Trainer:
+    return make_trainer(callbacks or [RecordWriter(str(tmp_path))], "cpu", **kw)
 
 
 def _predict(trainer: L.Trainer, module: DARTModule, data: ItemsDataModule) -> None:
