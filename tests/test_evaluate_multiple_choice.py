@@ -53,11 +53,7 @@ def test_choices_masks_from_context_only_and_leaky_switch():
 
 def test_static_choices_use_calibration_masks():
     model = tiny_model("llama")
-    handle = attach_arm(
-        model,
-        arm_config(Arm("static", 0.5), {"layer_topk": "all:0.5"}),
-        random_ids(1, 32, 0)[0][None],
-    )
+    handle = attach_arm(model, arm_config(Arm("static", 0.5)), random_ids(1, 32, 0))
     got = score_choices(model, random_ids(1, 10, 0)[0].tolist(), [[5], [6]], handle)
     handle.detach()
     dense = score_choices(model, random_ids(1, 10, 0)[0].tolist(), [[5], [6]])
