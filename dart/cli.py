@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
-import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -19,6 +18,7 @@ from .evaluate.store import RecordStore
 from .evaluate.tasks import TASKS, GenerateOptions, Task, prompt_texts
 from .experiment import RunOptions, run_experiment
 from .options import add_options, resolve_options
+from .results import unique_folder
 
 __all__ = ["build_parser", "main"]
 
@@ -27,9 +27,8 @@ SAVED_KEYS = ("task", "command")
 
 
 def _default_out(run: RunOptions, name: str) -> RunOptions:
-    if run.out:
-        return run
-    return replace(run, out=f"results/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    """``run`` with a new ``results/<name>-<time>`` folder when ``--out`` was not given."""
+    return run if run.out else replace(run, out=str(unique_folder("results", name)))
 
 
 def _given(args: argparse.Namespace) -> dict[str, Any]:
