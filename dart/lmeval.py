@@ -31,7 +31,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,15 @@ from .lmeval_tasks import default_tasks_dir, write_tasks
 from .models import load_model
 from .results import atomic_write_text, write_json
 
-__all__ = ["DARTLM", "LMEvalOptions", "compute_metrics", "main", "results_table", "run_lm_eval"]
+__all__ = [
+    "DARTLM",
+    "LMEvalOptions",
+    "compute_metrics",
+    "load_protocol",
+    "main",
+    "results_table",
+    "run_lm_eval",
+]
 
 log = logging.getLogger("dart.lmeval")
 
@@ -311,6 +319,32 @@ class LMEvalOptions:
     def from_namespace(cls, ns: argparse.Namespace) -> LMEvalOptions:
         return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LMEvalOptions:
+        """From a config mapping; lists (tasks, methods, total_prune) become comma lists."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown lm-eval options {unknown}; accepted: {sorted(known)}")
+        joined = {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**joined)
+
+
+def load_protocol(path: str | os.PathLike) -> dict[str, LMEvalOptions]:
+    """The runs of a protocol config: shared options at the top, one entry per run under
+    ``runs`` (its options override the shared ones; its folder is ``<out>/<run name>``)."""
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    runs = data.pop("runs", None)
+    if not isinstance(runs, dict) or not runs:
+        raise ValueError(f"{path}: needs a `runs:` mapping of run name -> options")
+    out = data.pop("out", "results/lmeval")
+    return {
+        name: LMEvalOptions.from_dict({**data, "out": f"{out}/{name}", **(opts or {})})
+        for name, opts in runs.items()
+    }
+
 
 def _split(text: str) -> list[str]:
     return [t.strip() for t in str(text).split(",") if t.strip()]
@@ -547,7 +581,8 @@ def results_table(metrics: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m dart.lmeval run --tasks ... --methods ... --total-prune ...`` runs the
-    comparison; any other arguments go to lm-eval's own CLI with ``dart`` registered and the
+    comparison, ``python -m dart.lmeval protocol CONFIG`` the runs of a config; any other
+    arguments go to lm-eval's own CLI with ``dart`` registered and the
     offline tasks on its include path."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["run"]:
@@ -557,6 +592,28 @@ def main(argv: list[str] | None = None) -> None:
         LMEvalOptions.add_arguments(parser)
         metrics = run_lm_eval(LMEvalOptions.from_namespace(parser.parse_args(argv[1:])))
         print(results_table(metrics))
+        return
+    if argv[:1] == ["protocol"]:
+        parser = argparse.ArgumentParser(
+            prog="python -m dart.lmeval protocol", description="Run a protocol config."
+        )
+        parser.add_argument("config", help="e.g. configs/paper_lmeval.yaml")
+        parser.add_argument("--runs", default=None, help="comma-separated subset of its runs")
+        parser.add_argument("--methods", default=None, help="override the config's arms")
+        parser.add_argument("--total-prune", dest="total_prune", default=None)
+        parser.add_argument("--limit", type=int, default=None, help="override every run's")
+        parser.add_argument("--out", default=None, help="parent folder of the runs")
+        args = parser.parse_args(argv[1:])
+        runs = load_protocol(args.config)
+        for name in _split(args.runs) if args.runs else list(runs):
+            if name not in runs:
+                raise SystemExit(f"no run {name!r} in {args.config}; runs: {', '.join(runs)}")
+            changes = {k: getattr(args, k) for k in ("methods", "total_prune", "limit")}
+            opts = replace(runs[name], **{k: v for k, v in changes.items() if v is not None})
+            if args.out:
+                opts = replace(opts, out=f"{args.out}/{name}")
+            print(f"== {name} -> {opts.out}", flush=True)
+            print(results_table(run_lm_eval(opts)), flush=True)
         return
     from lm_eval.__main__ import cli_evaluate
 

@@ -213,3 +213,18 @@ def test_options_map_to_flags():
         "boolq", "0.5,0.7", 3, "dense,griffin,dart")  # fmt: skip
     with pytest.raises(SystemExit):
         main(["run", "--no-such-flag"])
+
+
+def test_paper_protocol_config_loads():
+    from dart.lmeval import load_protocol
+
+    runs = load_protocol(Path(__file__).parents[1] / "configs" / "paper_lmeval.yaml")
+    assert list(runs) == ["zero_shot", "mmlu_5shot", "xsum"]
+    zero = runs["zero_shot"]
+    assert set(zero.tasks.split(",")) == {
+        "boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"
+    }  # fmt: skip
+    assert (zero.num_fewshot, zero.limit, zero.out) == (0, 100, "results/paper_lmeval/zero_shot")
+    assert runs["mmlu_5shot"].num_fewshot == 5 and runs["mmlu_5shot"].methods.startswith("dense")
+    assert all(t in {*lmeval_tasks.OFFLINE_TASKS, "mmlu"} for r in runs.values()
+               for t in r.tasks.split(","))  # fmt: skip
