@@ -98,6 +98,9 @@ class DARTLM(HFLM):
         batch_size: int | str = 1,
         **kwargs: Any,
     ) -> None:
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            log.warning("device %r is not available here: using the CPU", device)
+            device = "cpu"  # lm-eval's command line asks for cuda unless told otherwise
         if isinstance(pretrained, str):
             model, tokenizer = load_model(pretrained, dtype=dtype, device=device)
         else:
