@@ -213,8 +213,8 @@ class DARTLM(HFLM):
     def _continue(self, conts, cache, ctx_mask: torch.Tensor) -> torch.Tensor:
         """Logits after each continuation's tokens but its last, from the context's cache."""
         width = max((len(c) - 1 for c in conts if c is not None), default=0)
-        if width == 0:
-            return torch.empty(len(conts), 0, 1, device=self.device)
+        if width == 0:  # single-token continuations: the context's last logits say it all
+            return torch.empty(len(conts), 0, self.model.config.vocab_size, device=self.device)
         pad = self.tokenizer.pad_token_id or 0
         rows = [(c or [])[:-1] for c in conts]
         ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)

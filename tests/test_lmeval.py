@@ -98,7 +98,7 @@ def _requests(lm: DARTLM, pairs):
 
 PAIRS = [("the cat sat on the", " mat"), ("the cat sat on the", " red rug"),
          ("a dog", " ran far away"), ("the cat sat on the", " sofa bed"),
-         ("one two three", " four")]  # fmt: skip
+         ("one two three", " four"), ("one two", "!")]  # fmt: skip
 
 
 @pytest.mark.parametrize("method", ["dense", "griffin", "dart"])
@@ -119,7 +119,7 @@ def test_loglikelihood_is_context_masked_scoring(tiny, method):
             assert ll == pytest.approx(float(want), abs=1e-4)
             assert greedy == bool((lp.argmax(-1) == torch.tensor(cont)).all())
         if method != "dense":
-            assert len(lm.sparsity_log) == 3  # one trace per distinct context
+            assert len(lm.sparsity_log) == 4  # one trace per distinct context
             assert lm.sparsity_log[0]["ffn_sparsity"] == pytest.approx(0.5, abs=0.02)
             assert 0 < lm.sparsity_log[0]["weight_bytes_sparsity"] < 0.5
     finally:
