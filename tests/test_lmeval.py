@@ -101,14 +101,18 @@ PAIRS = [("the cat sat on the", " mat"), ("the cat sat on the", " red rug"),
          ("one two three", " four"), ("one two", "!")]  # fmt: skip
 
 
-@pytest.mark.parametrize("method", ["dense", "griffin", "dart"])
+@pytest.mark.parametrize("method", ["dense", "static", "griffin", "dart"])
 def test_loglikelihood_is_context_masked_scoring(tiny, method):
     lm = DARTLM(str(tiny), method=method, total_prune=0.5, backend="masked")
     try:
         got = lm._loglikelihood_tokens(_requests(lm, PAIRS), disable_tqdm=True)
         for (_, ctx, cont), (ll, greedy) in zip(_requests(lm, PAIRS), got, strict=True):
             ids = torch.tensor([ctx + cont])
-            if lm.handle is not None:
+            if method == "static":  # the calibrated masks for every context
+                lm.handle.controller.begin(1, "cpu")
+                with lm.handle.hold():
+                    logits = lm.model(ids).logits[0]
+            elif lm.handle is not None:
                 lm.handle.prepare(torch.tensor([ctx]))  # masks from the context only
                 with lm.handle.hold():
                     logits = lm.model(ids).logits[0]
@@ -119,7 +123,7 @@ def test_loglikelihood_is_context_masked_scoring(tiny, method):
             assert ll == pytest.approx(float(want), abs=1e-4)
             assert greedy == bool((lp.argmax(-1) == torch.tensor(cont)).all())
         if method != "dense":
-            assert len(lm.sparsity_log) == 4  # one trace per distinct context
+            assert len(lm.sparsity_log) == 4  # one mask set per distinct context
             assert lm.sparsity_log[0]["ffn_sparsity"] == pytest.approx(0.5, abs=0.02)
             assert 0 < lm.sparsity_log[0]["weight_bytes_sparsity"] < 0.5
     finally:
