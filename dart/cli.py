@@ -132,11 +132,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- the parser ----------------------------------------------------------------------------------
-def _task_parser(sub: Any, name: str, task: Task, help_text: str) -> None:
-    p = sub.add_parser(name, help=help_text, description=task.help)
-    add_options(p, RunOptions, task.options)
-    p.set_defaults(_run=lambda args: cmd_task(task, args))
+# -- lm-eval / export ----------------------------------------------------------------------------
+LM_EVAL_HELP = "the arms through lm-eval's tasks (offline), with paired differences"
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    """`dart eval lm-eval`: the arms through lm-eval's tasks (dart.lmeval). Its flags are
+    derived here, on use, so that other commands do not import lm-eval."""
+    from .lmeval import LMEvalOptions, results_table, run_lm_eval
+
+    parser = argparse.ArgumentParser(prog="dart eval lm-eval", description=LM_EVAL_HELP)
+    add_options(parser, LMEvalOptions)
+    (options,) = resolve_options(_given(parser.parse_args(args._rest)), LMEvalOptions)
+    print(results_table(run_lm_eval(options)))
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -144,6 +153,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     (options,) = resolve_options(_given(args), ExportOptions)
     return export_command(options)
+
+
+# -- the parser ----------------------------------------------------------------------------------
+def _task_parser(sub: Any, name: str, task: Task, help_text: str) -> None:
+    p = sub.add_parser(name, help=help_text, description=task.help)
+    add_options(p, RunOptions, task.options)
+    p.set_defaults(_run=lambda args: cmd_task(task, args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev_sub = ev.add_subparsers(dest="_task", required=True)
     for name, task in TASKS.items():
         _task_parser(ev_sub, name, task, f"{task.help}; all --methods side by side")
+    lm_eval = ev_sub.add_parser("lm-eval", help=LM_EVAL_HELP, add_help=False)
+    lm_eval.set_defaults(_run=cmd_lm_eval, _passes_flags=True)
     _task_parser(sub, "generate", TASKS["generate"], "generate with every arm, records to JSONL")
     rep = sub.add_parser("report", help="results folders -> markdown table and plots")
     add_options(rep, ReportOptions, config=False)
@@ -171,7 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "_passes_flags", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args._rest = rest
     args._command = "dart " + " ".join(argv)
     try:
         return args._run(args)

@@ -322,3 +322,12 @@ def test_demo_runs_the_generate_task_and_prints_the_arms(tiny_folder, tmp_path, 
     assert {m["task"] for m in metrics} == {"generate"}
     nominal = {m["method"]: m["value"] for m in metrics if m["metric"] == "nominal_sparsity"}
     assert nominal["dense"] == 0.0 and nominal["static"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_lm_eval_subcommand_flags_come_from_lmeval_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "lm-eval", "--help"])
+    assert e.value.code == 0 and "--num-fewshot" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # other commands still refuse flags they lack
+        main(["eval", "ppl", "--num-fewshot", "3"])
+    assert e.value.code == 2 and "unrecognized arguments: --num-fewshot" in capsys.readouterr().err
