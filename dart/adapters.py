@@ -81,11 +81,17 @@ class Adapter:
     def ffn_parts(self, refs: LayerRefs) -> FFNParts:
         raise NotImplementedError
 
+    def neuron_columns(self, refs: LayerRefs) -> nn.Parameter:
+        """The FFN weight that stores the neuron axis as columns (`[d, N]`)."""
+        raise NotImplementedError
+
     def relayout(self, refs: LayerRefs) -> None:
         """Make every neuron's weights contiguous rows (in place, no extra copy kept)."""
+        _column_major_to_rows(self.neuron_columns(refs))
 
     def restore(self, refs: LayerRefs) -> None:
         """Undo `relayout` exactly."""
+        _rows_to_column_major(self.neuron_columns(refs))
 
     def activation(self) -> str:
         for name in ("hidden_activation", "hidden_act", "activation_function"):
@@ -150,17 +156,54 @@ class LlamaAdapter(Adapter):
             original=mlp,
         )
 
-    def relayout(self, refs: LayerRefs) -> None:
-        _column_major_to_rows(refs.layer.mlp.down_proj.weight)
-
-    def restore(self, refs: LayerRefs) -> None:
-        _rows_to_column_major(refs.layer.mlp.down_proj.weight)
+    def neuron_columns(self, refs: LayerRefs) -> nn.Parameter:
+        return refs.layer.mlp.down_proj.weight
 
 
-class GPT2Adapter(Adapter):
+class _TwoMatrixAdapter(Adapter):
+    """Families whose FFN is `fc_out(act(fc_in(x)))` with biases; subclasses name the parts."""
+
+    fc_in: str
+    fc_out: str
+    act: str
+    conv1d = False  # GPT-2's Conv1D stores weights `[in, out]` (nn.Linear: `[out, in]`)
+
+    def ffn_module(self, refs: LayerRefs) -> nn.Module:
+        """The module holding `fc_in`, `act`, `fc_out` (its forward is the dense FFN)."""
+        return refs.layer.mlp
+
+    def ffn_parts(self, refs: LayerRefs) -> FFNParts:
+        module = self.ffn_module(refs)
+        fc_in, fc_out = getattr(module, self.fc_in), getattr(module, self.fc_out)
+        act = getattr(module, self.act)
+        if self.conv1d:
+            w_in, w_out_t = fc_in.weight.t(), fc_out.weight  # [d, N] -> neuron rows; [N, d]
+        else:
+            w_in, w_out_t = fc_in.weight, fc_out.weight.t()
+        return FFNParts(
+            kind="mlp",
+            act=self.activation(),
+            width=w_in.shape[0],
+            w_gate=None,
+            w_up=w_in,
+            w_down_t=w_out_t,
+            b_in=fc_in.bias,
+            b_out=fc_out.bias,
+            hidden=lambda x: act(fc_in(x)),
+            down=fc_out,
+            original=module,
+        )
+
+    def neuron_columns(self, refs: LayerRefs) -> nn.Parameter:
+        module = self.ffn_module(refs)
+        return getattr(module, self.fc_in if self.conv1d else self.fc_out).weight
+
+
+class GPT2Adapter(_TwoMatrixAdapter):
     """GPT-2: Conv1D layers store weights `[in, out]`."""
 
     families = ("gpt2",)
+    fc_in, fc_out, act, conv1d = "c_fc", "c_proj", "act", True
 
     def decoder_layers(self) -> list[nn.Module]:
         return list(self.model.transformer.h)
@@ -171,33 +214,12 @@ class GPT2Adapter(Adapter):
             for i, layer in enumerate(self.decoder_layers())
         ]
 
-    def ffn_parts(self, refs: LayerRefs) -> FFNParts:
-        mlp = refs.layer.mlp
-        return FFNParts(
-            kind="mlp",
-            act=self.activation(),
-            width=mlp.c_fc.weight.shape[1],
-            w_gate=None,
-            w_up=mlp.c_fc.weight.t(),  # Conv1D weight [d, N] -> neuron rows
-            w_down_t=mlp.c_proj.weight,  # already [N, d]
-            b_in=mlp.c_fc.bias,
-            b_out=mlp.c_proj.bias,
-            hidden=lambda x: mlp.act(mlp.c_fc(x)),
-            down=mlp.c_proj,
-            original=mlp,
-        )
 
-    def relayout(self, refs: LayerRefs) -> None:
-        _column_major_to_rows(refs.layer.mlp.c_fc.weight)
-
-    def restore(self, refs: LayerRefs) -> None:
-        _rows_to_column_major(refs.layer.mlp.c_fc.weight)
-
-
-class GPTNeoXAdapter(Adapter):
+class GPTNeoXAdapter(_TwoMatrixAdapter):
     """GPT-NeoX / Pythia (parallel or sequential residual)."""
 
     families = ("gpt_neox",)
+    fc_in, fc_out, act = "dense_h_to_4h", "dense_4h_to_h", "act"
 
     def decoder_layers(self) -> list[nn.Module]:
         return list(self.model.gpt_neox.layers)
@@ -207,28 +229,6 @@ class GPTNeoXAdapter(Adapter):
             LayerRefs(i, layer, layer.attention, layer.post_attention_layernorm, None, layer, "mlp")
             for i, layer in enumerate(self.decoder_layers())
         ]
-
-    def ffn_parts(self, refs: LayerRefs) -> FFNParts:
-        mlp = refs.layer.mlp
-        return FFNParts(
-            kind="mlp",
-            act=self.activation(),
-            width=mlp.dense_h_to_4h.weight.shape[0],
-            w_gate=None,
-            w_up=mlp.dense_h_to_4h.weight,
-            w_down_t=mlp.dense_4h_to_h.weight.t(),
-            b_in=mlp.dense_h_to_4h.bias,
-            b_out=mlp.dense_4h_to_h.bias,
-            hidden=lambda x: mlp.act(mlp.dense_h_to_4h(x)),
-            down=mlp.dense_4h_to_h,
-            original=mlp,
-        )
-
-    def relayout(self, refs: LayerRefs) -> None:
-        _column_major_to_rows(refs.layer.mlp.dense_4h_to_h.weight)
-
-    def restore(self, refs: LayerRefs) -> None:
-        _rows_to_column_major(refs.layer.mlp.dense_4h_to_h.weight)
 
 
 class _OPTFFN(nn.Module):
@@ -242,10 +242,11 @@ class _OPTFFN(nn.Module):
         return self.fc2(self.activation_fn(self.fc1(x)))
 
 
-class OPTAdapter(Adapter):
+class OPTAdapter(_TwoMatrixAdapter):
     """OPT: the DART FFN takes `fc1`'s place; `activation_fn` and `fc2` become Identity."""
 
     families = ("opt",)
+    fc_in, fc_out, act = "fc1", "fc2", "activation_fn"
 
     def decoder_layers(self) -> list[nn.Module]:
         return list(self.model.model.decoder.layers)
@@ -262,27 +263,8 @@ class OPTAdapter(Adapter):
             )
         return refs
 
-    def ffn_parts(self, refs: LayerRefs) -> FFNParts:
-        group = _OPTFFN(refs.layer)
-        return FFNParts(
-            kind="mlp",
-            act=self.activation(),
-            width=group.fc1.weight.shape[0],
-            w_gate=None,
-            w_up=group.fc1.weight,
-            w_down_t=group.fc2.weight.t(),
-            b_in=group.fc1.bias,
-            b_out=group.fc2.bias,
-            hidden=lambda x: group.activation_fn(group.fc1(x)),
-            down=group.fc2,
-            original=group,
-        )
-
-    def relayout(self, refs: LayerRefs) -> None:
-        _column_major_to_rows(refs.layer.fc2.weight)
-
-    def restore(self, refs: LayerRefs) -> None:
-        _rows_to_column_major(refs.layer.fc2.weight)
+    def ffn_module(self, refs: LayerRefs) -> nn.Module:
+        return _OPTFFN(refs.layer)
 
 
 _ADAPTERS: tuple[type[Adapter], ...] = (LlamaAdapter, GPT2Adapter, GPTNeoXAdapter, OPTAdapter)

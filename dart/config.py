@@ -103,8 +103,23 @@ def parse_total_prune(value: Any, setting: str = "DARTConfig.total_prune") -> fl
     return float(value)
 
 
+class _Section:
+    """A nested section of :class:`DARTConfig` (a dataclass): plain-dict round trip."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON/YAML-safe dict (tuples as lists)."""
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        """Build from a dict; unknown keys raise :class:`ConfigError` naming them."""
+        _check_keys(cls, data)
+        return cls(**data)
+
+
 @dataclass
-class BudgetConfig:
+class BudgetConfig(_Section):
     """How an ``auto`` budget spreads ``total_prune`` over layers (spec section 3).
 
     ``sensitivity``: the layer statistic (``residual``: ``cos(r, r + f)``; ``raw``: ``cos(r, f)``,
@@ -134,14 +149,6 @@ class BudgetConfig:
                 f"{o}.prune_min: {self.prune_min!r} is greater than prune_max ({self.prune_max!r})"
             )
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BudgetConfig:
-        _check_keys(cls, data)
-        return cls(**data)
-
 
 # Flat DARTConfig keys of earlier versions -> where they live now (named in the error).
 _MOVED_KEYS = {
@@ -156,7 +163,7 @@ _MOVED_KEYS = {
 
 
 @dataclass
-class DriftConfig:
+class DriftConfig(_Section):
     """Drift detection settings (spec section 5).
 
     ``tau = mu - max(sigma_scale * sigma, threshold_floor)``; ``layers`` are decoder layer indices
@@ -197,16 +204,6 @@ class DriftConfig:
         _int_at_least(o, "pressure_trigger", self.pressure_trigger, 1)
         _int_at_least(o, "num_buckets", self.num_buckets, 2)
         _int_at_least(o, "min_windows", self.min_windows, 1)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["layers"] = list(self.layers)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DriftConfig:
-        _check_keys(cls, data)
-        return cls(**data)
 
 
 # --------------------------------------------------------------------------------------------

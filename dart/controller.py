@@ -380,6 +380,7 @@ class Controller:
             "selection_seconds": c.selection_seconds,
             "drift_events": [{"step": s, "row": b} for s, b in c.drift_events],
             "sequences": c.sequences,
+            "budget_total_prune": self.cfg.prune_target,  # what an auto budget allocated
             "budget_prune_fractions": self.budget.prune_fractions if self.budget else None,
             "extra_state_bytes": state_bytes,
             "extra_state_bytes_total": sum(state_bytes.values()),

@@ -36,6 +36,10 @@ Public interface (stable):
 * ``METHODS``: read-only mapping name -> ``Method``, in the order of the comparison tables
   (dense, static, griffin, random, dart, dart-nodrift).
 * ``get_method(name) -> Method``.
+* ``per_token_l2_normalised(h)``: GRIFFIN's statistic, written once (the controller's
+  accumulation and ``dart.export``'s in-graph selection both go through ``Method.statistic``).
+
+A patched model's method is ``handle.method`` (``dart.attach``) and ``controller.method``.
 """
 
 from __future__ import annotations

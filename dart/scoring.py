@@ -94,10 +94,6 @@ class ActivationAccumulator:
             s.mul_(keep[:, None])
             c.mul_(keep)
 
-    def token_counts(self, layer: int) -> Tensor:
-        """Valid tokens accumulated per sequence for ``layer`` (``LongTensor[B]``)."""
-        return self._counts[layer]
-
     def update(self, layer: int, h: Tensor, valid: Tensor | None = None) -> None:
         """Accumulate ``h [B, T, N]`` (FFN hidden activations) over the valid tokens."""
         state = self._state[layer]
@@ -135,11 +131,6 @@ class ActivationAccumulator:
     def state_bytes(self) -> int:
         """Bytes of the per-neuron state (``[B, N_l]`` fp32 per layer)."""
         return sum(s.numel() * s.element_size() for s in self._state)
-
-    def squared_magnitudes(self, layer: int) -> Tensor:
-        """``m^2`` (L2 mode: the raw sum of squares, no sqrt round trip)."""
-        s = self._state[layer]
-        return s.clone() if self.ema_decay is None else s.square()
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,12 +366,6 @@ class SensitivityAccumulator:
     def state_bytes(self) -> int:
         """Bytes of the sums and counts (``[L, B]`` each)."""
         return sum(t.numel() * t.element_size() for t in (self.c_sum, self.g_sum, self.count))
-
-    def per_sequence_scores(self) -> Tensor:
-        """``S`` per layer and sequence, ``[L, B]``."""
-        n = self.count.clamp_min(1.0)
-        s = (1.0 - self.c_sum / n) * (self.g_sum / n)
-        return torch.where(self.count > 0, s, 0.0)
 
     def scores(self, rows: Tensor | None = None) -> Tensor:
         """``S`` per layer ``[L]`` over all valid tokens of the rows in ``rows`` (default all)."""

@@ -6,7 +6,7 @@ from contextlib import ExitStack
 
 import pytest
 import torch
-from tiny_models import NO_DRIFT, drive, prefill_and_step, random_ids, tiny_model
+from tiny_models import NO_DRIFT, drive, prefill_and_step, random_ids, tiny_config, tiny_model
 
 import dart
 from dart import DARTConfig
@@ -231,16 +231,11 @@ def test_sampling_generate_runs():
 
 def test_extra_state_is_small_on_the_packaged_shape():
     """Gathered backend state stays under 1% of the FFN weights (SmolLM2-like shape)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=256,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=4,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-    )
+    cfg = tiny_config("llama")
+    cfg.update({"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 4})
+    cfg.update({"num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64})
     model = LlamaForCausalLM(cfg).eval()
     handle = dart.attach(model, DARTConfig(drift=NO_DRIFT))
     prefill_and_step(model, random_ids(1, 16))

@@ -36,10 +36,8 @@ def test_l2_vs_naive_left_padding_and_fp16():
         rows = [h[i, j].float() for j in range(t) if valid[i, j]]
         ref = torch.stack(rows).square().sum(0).sqrt()
         torch.testing.assert_close(acc.magnitudes(0)[i], ref)
-        torch.testing.assert_close(acc.squared_magnitudes(0)[i], ref.square())
     assert torch.isfinite(acc.magnitudes(0)).all()
-    assert acc.token_counts(0).tolist() == [6, 3, 1]
-    assert acc.magnitudes(1).shape == (b, 7) and acc.token_counts(1).tolist() == [0, 0, 0]
+    assert acc.magnitudes(1).shape == (b, 7) and not acc.magnitudes(1).any()
 
 
 def _ema_naive(tokens_per_call, d):
@@ -95,9 +93,15 @@ def test_reset_rows():
     acc.update(0, torch.ones(2, 2, 3), None)
     acc.update(1, torch.ones(2, 2, 2), None)
     acc.reset_rows(torch.tensor([True, False]))
-    assert acc.token_counts(0).tolist() == [0, 2]
     assert acc.magnitudes(0)[0].abs().sum() == 0
     torch.testing.assert_close(acc.magnitudes(1)[1], torch.full((2,), math.sqrt(2)))
+    # EMA: a reset row starts afresh (its next update is normalised), the other continues
+    ema = ActivationAccumulator([1], ema_decay=0.5)
+    ema.reset(2)
+    ema.update(0, torch.full((2, 1, 1), 4.0), None)
+    ema.reset_rows(torch.tensor([True, False]))
+    ema.update(0, torch.full((2, 1, 1), 2.0), None)
+    torch.testing.assert_close(ema.magnitudes(0), torch.tensor([[2.0], [3.0]]))
 
 
 def test_update_shape_error():
@@ -244,7 +248,9 @@ def test_sensitivity_vs_naive(mode):
     s = acc.scores()
     assert s[0] == 0.0  # no statistics for layer 0
     torch.testing.assert_close(s[1], total)
-    torch.testing.assert_close(acc.per_sequence_scores()[1], torch.stack(per_seq))
+    for row in range(b):
+        rows = torch.arange(b) == row
+        torch.testing.assert_close(acc.scores(rows)[1], per_seq[row])
     torch.testing.assert_close(acc.scores(torch.tensor([False, True]))[1], per_seq[1])
     acc.reset_rows(torch.tensor([True, False]))
     torch.testing.assert_close(acc.scores()[1], per_seq[1])

@@ -39,27 +39,13 @@ def tiny_config(family: str):
         return tf.Phi3Config(**_common(**llama_like))
     if family == "gpt2":
         return tf.GPT2Config(**_common(n_embd=32, n_layer=3, n_head=4, n_positions=128))
+    two_matrix = dict(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=128
+    )
     if family == "gpt_neox":
-        return tf.GPTNeoXConfig(
-            **_common(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=3,
-                num_attention_heads=4,
-                max_position_embeddings=128,
-            )
-        )
+        return tf.GPTNeoXConfig(**_common(intermediate_size=64, **two_matrix))
     if family == "opt":
-        return tf.OPTConfig(
-            **_common(
-                hidden_size=32,
-                ffn_dim=64,
-                num_hidden_layers=3,
-                num_attention_heads=4,
-                max_position_embeddings=128,
-                word_embed_proj_dim=32,
-            )
-        )
+        return tf.OPTConfig(**_common(ffn_dim=64, word_embed_proj_dim=32, **two_matrix))
     raise ValueError(family)
 
 
