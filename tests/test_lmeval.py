@@ -102,6 +102,7 @@ PAIRS = [("the cat sat on the", " mat"), ("the cat sat on the", " red rug"),
 
 
 @pytest.mark.parametrize("method", ["dense", "static", "griffin", "dart"])
+@torch.no_grad()
 def test_loglikelihood_is_context_masked_scoring(tiny, method):
     lm = DARTLM(str(tiny), method=method, total_prune=0.5, backend="masked")
     try:
