@@ -223,7 +223,7 @@ def test_options_map_to_flags():
 def test_paper_protocol_config_loads():
     from dart.lmeval import load_protocol
 
-    runs = load_protocol(Path(__file__).parents[1] / "configs" / "paper_lmeval.yaml")
+    runs = load_protocol(Path(__file__).parents[1] / "configs" / "lmeval" / "paper.yaml")
     assert list(runs) == ["zero_shot", "mmlu_5shot", "xsum"]
     zero = runs["zero_shot"]
     assert set(zero.tasks.split(",")) == {
