@@ -600,7 +600,7 @@ def main(argv: list[str] | None = None) -> None:
         parser = argparse.ArgumentParser(
             prog="python -m dart.lmeval protocol", description="Run a protocol config."
         )
-        parser.add_argument("config", help="e.g. configs/paper_lmeval.yaml")
+        parser.add_argument("config", help="e.g. configs/lmeval/paper.yaml")
         parser.add_argument("--runs", default=None, help="comma-separated subset of its runs")
         parser.add_argument("--methods", default=None, help="override the config's arms")
         parser.add_argument("--total-prune", dest="total_prune", default=None)

@@ -102,6 +102,7 @@ PAIRS = [("the cat sat on the", " mat"), ("the cat sat on the", " red rug"),
 
 
 @pytest.mark.parametrize("method", ["dense", "static", "griffin", "dart"])
+@torch.no_grad()
 def test_loglikelihood_is_context_masked_scoring(tiny, method):
     lm = DARTLM(str(tiny), method=method, total_prune=0.5, backend="masked")
     try:
@@ -222,7 +223,7 @@ def test_options_map_to_flags():
 def test_paper_protocol_config_loads():
     from dart.lmeval import load_protocol
 
-    runs = load_protocol(Path(__file__).parents[1] / "configs" / "paper_lmeval.yaml")
+    runs = load_protocol(Path(__file__).parents[1] / "configs" / "lmeval" / "paper.yaml")
     assert list(runs) == ["zero_shot", "mmlu_5shot", "xsum"]
     zero = runs["zero_shot"]
     assert set(zero.tasks.split(",")) == {
