@@ -83,8 +83,6 @@ def test_shipped_configs_resolve():
     assert files
     for f in files:
         task = f.stem.split("_")[0]
-        if task == "paper":  # the lm-eval protocol (runs of dart.lmeval): test_lmeval loads it
-            continue
         run, _ = resolve_options({"config": str(f)}, RunOptions, TASKS[task].options)
         assert run.methods and run.out
 

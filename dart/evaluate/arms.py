@@ -122,7 +122,7 @@ def attach_arm(
     """Attach an arm's config; a method that needs calibration (static) is calibrated on
     ``calibration_ids``."""
     handle = attach(model, config)
-    if get_method(config.method).needs_calibration:
+    if handle.method.needs_calibration:
         if calibration_ids is None:
             handle.detach()
             raise ValueError(f"method {config.method!r} needs calibration token ids")

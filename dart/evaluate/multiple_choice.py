@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 from ..api import DARTHandle
 from ..data import MMLU_CONTINUATIONS, format_mmlu_prompt, sample_mmlu
-from ..methods import get_method
 from .perplexity import accepts_logits_to_keep
 
 __all__ = ["aggregate_accuracy", "mmlu_items", "score_choices"]
@@ -75,7 +74,7 @@ def score_choices(
     device = next(model.parameters()).device
     ctx = torch.tensor([list(context)], device=device)
     n = ctx.shape[1]
-    prepared = handle is not None and get_method(handle.config.method).selects_from_prompt
+    prepared = handle is not None and handle.method.selects_from_prompt
 
     def run(ids: torch.Tensor, last: int = 0) -> torch.Tensor:
         kw = {"logits_to_keep": last} if last and accepts_logits_to_keep(model) else {}

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..api import DARTHandle
-from ..methods import get_method
 
 __all__ = [
     "Window",
@@ -125,7 +124,7 @@ def score_window(
     """Summed NLL (fp32) and count of the targets ``ids[score_from:]`` of one window ``[1, L]``."""
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
-    prepared = handle is not None and get_method(handle.config.method).selects_from_prompt
+    prepared = handle is not None and handle.method.selects_from_prompt
     keep = ids.shape[1] - score_from + 1  # logits of the scored positions only
     kwargs = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
     if prepared:
