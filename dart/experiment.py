@@ -15,7 +15,10 @@ driver only runs arms, writes records and summaries.
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,7 @@ from .models import load_model
 from .options import options_dict
 from .results import atomic_write_text
 
-__all__ = ["RunOptions", "run_experiment"]
+__all__ = ["RunOptions", "folder_log", "run_experiment"]
 
 log = logging.getLogger("dart.experiment")
 
@@ -88,15 +91,23 @@ class RunOptions:
     )
 
 
-def _setup_logging(out: Path) -> logging.Handler:
-    out.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out / "log.txt", encoding="utf-8")
+@contextmanager
+def folder_log(folder: str | os.PathLike, logger: logging.Logger) -> Iterator[None]:
+    """While the block runs, every log record (root logger) also goes to ``folder/log.txt``,
+    and ``logger``'s INFO records reach the console."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(folder / "log.txt", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logging.getLogger().addHandler(handler)
-    log.setLevel(logging.INFO)
-    if not log.handlers:
-        log.addHandler(logging.StreamHandler())
-    return handler
+    logger.setLevel(logging.INFO)
+    if not logger.handlers:
+        logger.addHandler(logging.StreamHandler())
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
 
 
 def _calibration_ids(run: RunOptions, tokenizer: Any, arms: list[Arm]) -> torch.Tensor | None:
@@ -121,13 +132,8 @@ def run_experiment(
     arms = task.arms(run.methods, run.total_prune, options)
     # every arm's config is checked before anything loads: a bad setting fails at once
     configs = {a: arm_config(a, run.dart, backend=run.backend, seed=run.seed) for a in arms}
-    with RunStore.open(run.out) as store:  # one run per folder, for the run's lifetime
-        handler = _setup_logging(store.folder)
-        try:
-            return _run_locked(task, run, options, command, store, configs)
-        finally:
-            logging.getLogger().removeHandler(handler)
-            handler.close()
+    with RunStore.open(run.out) as store, folder_log(store.folder, log):
+        return _run_locked(task, run, options, command, store, configs)
 
 
 def _run_locked(
