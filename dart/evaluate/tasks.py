@@ -150,12 +150,17 @@ class StepContext:
 
 
 def sparsity_of(handle: DARTHandle | None) -> dict[str, float]:
-    """The sparsity that actually ran under ``handle`` (dense: none)."""
-    stats = handle.stats() if handle is not None else {}
-    return {
-        "nominal_sparsity": stats.get("nominal_sparsity", 0.0),
-        "effective_sparsity": stats.get("effective_sparsity", 0.0),
-    }
+    """The sparsity that actually ran under ``handle`` (dense: none): the keep counts'
+    (``nominal_sparsity``) and, once decode passes ran, the share of FFN neurons they skipped
+    (``effective_sparsity``; the controller counts decode passes only, so a scored window has
+    none)."""
+    if handle is None:
+        return {"nominal_sparsity": 0.0, "effective_sparsity": 0.0}
+    stats = handle.stats()
+    out = {"nominal_sparsity": stats["nominal_sparsity"]}
+    if stats["decode_passes"]:
+        out["effective_sparsity"] = stats["effective_sparsity"]
+    return out
 
 
 def _window_step(ctx: StepContext, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
