@@ -68,10 +68,9 @@ ZERO_SHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_c
 
 def _arm_dart_config(arm: Arm, overrides: dict | None, backend: str, seed: int):
     data = dict(overrides or {})
-    if arm.method == "griffin" and "layer_topk" not in data:
-        # GRIFFIN keeps the same k in every layer (not DART's auto budget)
-        data["layer_topk"] = f"all:{1.0 - arm.total_prune:.6g}"
-    return arm_config(arm, data, backend=backend, seed=seed)
+    # GRIFFIN keeps the same k in every layer (not DART's auto budget)
+    uniform = arm.method == "griffin" and "layer_topk" not in data
+    return arm_config(arm, data, uniform=uniform, backend=backend, seed=seed)
 
 
 @register_model("dart")

@@ -42,3 +42,9 @@ def test_reference_arm_and_what_arms_need_come_from_the_method_registry():
         Arm("dart-nodrift", 0.5),
         Arm("griffin", 0.5),
     ]
+
+
+def test_uniform_arm_keeps_the_same_share_of_every_layer():
+    cfg = arm_config(Arm("griffin", 0.7), uniform=True)
+    assert cfg.layer_topk == "all:0.3" and cfg.total_prune is None
+    assert arm_config(Arm("griffin", 0.7)).total_prune == 0.7  # the auto budget

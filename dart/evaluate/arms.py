@@ -100,17 +100,23 @@ def parse_arms(
 
 
 def arm_config(
-    arm: Arm, overrides: dict[str, Any] | None = None, **fields: Any
+    arm: Arm, overrides: dict[str, Any] | None = None, *, uniform: bool = False, **fields: Any
 ) -> DARTConfig | None:
     """DARTConfig of an arm: ``overrides`` (the YAML ``dart:`` section) then the arm's fields;
-    None for the reference arm, which runs the model unpatched."""
+    None for the reference arm, which runs the model unpatched. The arm's sparsity is the
+    ``total_prune`` of the ``auto`` budget, or with ``uniform`` the same share of every layer
+    (``layer_topk='all:<1 - total_prune>'``, GRIFFIN's protocol)."""
     if arm.is_reference:
         return None
     data = copy.deepcopy(overrides or {})
     data.update(fields)
     drift = dict(data.get("drift") or {})
     drift["enabled"] = arm.spec.uses_drift and drift.get("enabled", True)
-    data.update(method=arm.method, total_prune=arm.total_prune, drift=drift)
+    data.update(method=arm.method, drift=drift)
+    if uniform:
+        data["layer_topk"] = f"all:{1.0 - arm.total_prune:.6g}"
+    else:
+        data["total_prune"] = arm.total_prune
     if arm.release_step is not None:
         data["release_step"] = arm.release_step
     return DARTConfig.from_dict(data)
