@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from dart.config import DriftConfig
+from .config import DriftConfig
 
 __all__ = [
     "AttnOutputMonitor",
