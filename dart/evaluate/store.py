@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..results import CorruptFileError, read_json, write_json
+from ..results import FILE_MODE, CorruptFileError, read_json, write_json
 
 __all__ = [
     "RUN_ONLY_OPTIONS",
@@ -69,7 +69,6 @@ RUN_ONLY_OPTIONS = frozenset(
     }
 )
 _SAMPLE_FILE = re.compile(r"^(?P<stem>.+?)(\.rank(?P<rank>[1-9][0-9]*))?\.jsonl$")
-_LINE_MODE = 0o644
 
 
 class FolderLockedError(RuntimeError):
@@ -130,7 +129,7 @@ class RecordStore:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.path(rank)
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, _LINE_MODE)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, FILE_MODE)
         try:
             if _ends_torn(fd):
                 _write_all(fd, b"\n")  # the torn line of a crash stays a line of its own
@@ -315,7 +314,7 @@ class RunStore:
     # -- lock
     def _lock(self) -> None:
         path = self.folder / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, _LINE_MODE)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
