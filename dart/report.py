@@ -4,12 +4,24 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .evaluate.store import RecordStore
+from .evaluate.tasks import TASKS
 from .results import CorruptFileError, atomic_write_text, plot_drift, read_json, save_figure
 
-__all__ = ["build_report", "load_metrics", "markdown_table", "plot_metric_vs_sparsity"]
+__all__ = [
+    "build_report",
+    "drift_plot",
+    "load_metrics",
+    "markdown_table",
+    "plot_metric_vs_sparsity",
+]
+
+# The metric plotted against sparsity, per task (from the task registry).
+MAIN_METRICS = tuple(dict.fromkeys(t.main_metric for t in TASKS.values() if t.main_metric))
 
 # Metrics shown in tables (others stay in metrics.json), in this order.
 TABLE_METRICS = (
@@ -26,7 +38,9 @@ TABLE_METRICS = (
     "rougeL_vs_dense_first",
     "rougeL_vs_dense_second",
     "retraces",
+    "nominal_sparsity",
     "effective_sparsity",
+    "tokens_per_s",
     "tokens",
     "questions",
     "samples",
@@ -92,8 +106,8 @@ def plot_metric_vs_sparsity(
     xs = sorted({x for pts in points.values() for x, _ in pts})
     for method, pts in sorted(points.items()):
         pts.sort()
-        if method == "dense" and len(pts) == 1:
-            ax.axhline(pts[0][1], color="black", ls="--", label="dense")
+        if pts == [(0.0, pts[0][1])]:  # an unpruned method: one point, drawn across
+            ax.axhline(pts[0][1], color="black", ls="--", label=method)
         else:
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=method)
     ax.set_xticks(xs)
@@ -123,13 +137,11 @@ def build_report(folders: list[str | os.PathLike], out: str | os.PathLike) -> Pa
         sections.append(
             f"## {folder}\n\n" + (f"`{cmd}`\n\n" if cmd else "") + markdown_table(metrics)
         )
-        drift = Path(folder) / "samples.jsonl"
-        if metrics and metrics[0]["task"] == "drift" and drift.exists():
-            _drift_plot(Path(folder), out / f"drift-{Path(folder).name}.png")
+        drift_plot(out / f"drift-{Path(folder).name}.png", RecordStore(folder))
     plots = []
     for folder in folders:  # one plot per folder and metric: corpora/settings never mix
         metrics = load_metrics(folder)
-        for metric in ("perplexity", "acc_micro", "rougeL", "rougeL_vs_dense_second"):
+        for metric in MAIN_METRICS:
             name = f"{Path(folder).name}-{metric}.png"
             title = f"{Path(folder).name}: {metric}"
             if plot_metric_vs_sparsity(out / name, metrics, metric, title) is not None:
@@ -143,17 +155,17 @@ def build_report(folders: list[str | os.PathLike], out: str | os.PathLike) -> Pa
     return atomic_write_text(out / "report.md", text + "\n")
 
 
-def _drift_plot(folder: Path, path: Path) -> None:
-    from .evaluate.store import RecordStore
-
-    recs = [r for r in RecordStore(folder) if r.get("trace")]
-    if not recs:
-        return
-    ident = min(r["id"] for r in recs)
-    traces = {
-        f"{r['method']}@{r['total_prune']}": [tuple(t) for t in r["trace"]]
-        for r in recs
-        if r["id"] == ident
-    }
-    events = {f"{r['method']}@{r['total_prune']}": r["events"] for r in recs if r["id"] == ident}
-    plot_drift(path, traces, events, title=f"Drift signal, prompt {ident}")
+def drift_plot(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> Path | None:
+    """The drift traces of every arm on the first prompt that has any (generation records);
+    None when no record has a trace."""
+    first: dict[str, dict] = {}
+    for r in records:
+        label = f"{r['method']}@{r['total_prune']}"
+        if r.get("trace") and (label not in first or r["id"] < first[label]["id"]):
+            first[label] = r
+    if not first:
+        return None
+    ident = min(r["id"] for r in first.values())
+    traces = {k: [tuple(t) for t in r["trace"]] for k, r in first.items() if r["id"] == ident}
+    events = {k: r["events"] for k, r in first.items() if r["id"] == ident}
+    return plot_drift(path, traces, events, title=f"Drift signal, prompt {ident}")

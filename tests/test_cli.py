@@ -1,5 +1,5 @@
-"""The `dart` CLI: argument parsing, YAML configs, an end-to-end run on a tiny local model,
-resume after an interruption, and `dart report`."""
+"""The `dart` CLI: flags from the option dataclasses, YAML configs, end-to-end runs of every
+task on a tiny local model, resume after an interruption, `dart report`, `dart demo`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,14 @@ import pytest
 import yaml
 from tiny_assets import save_tiny
 
-from dart.cli import build_parser, main, resolve_options
+from dart.cli import build_parser, main
+from dart.config import ConfigError
 from dart.data import load_text_file
 from dart.evaluate import RecordStore
+from dart.evaluate.tasks import TASKS
+from dart.experiment import RunOptions
 from dart.lightning import StopAfter
+from dart.options import resolve_options
 from dart.report import load_metrics
 
 
@@ -21,39 +25,54 @@ def tiny_folder(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("tiny") / "model")
 
 
-def _given(argv):
+def _resolve(argv):
+    """(RunOptions, task options) of an ``eval`` command line, as the CLI resolves them."""
     args = build_parser().parse_args(argv)
-    return {k: v for k, v in vars(args).items() if k not in ("command", "func", "task")}
+    given = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    return resolve_options(given, RunOptions, TASKS[args._task].options)
 
 
 def test_parse_flags_and_defaults():
-    args = build_parser().parse_args(
+    run, ppl = _resolve(
         ["eval", "ppl", "--methods", "dense,dart", "--total-prune", "0.5,0.7", "--window", "64"]
     )
-    assert args.task == "ppl" and args.methods == "dense,dart" and args.window == 64
-    opts = resolve_options("ppl", _given(["eval", "ppl", "--max-tokens", "100"]))
-    assert opts["max_tokens"] == 100 and opts["stride"] == 256 and opts["model"] == "smollm2-135m"
-    assert opts["out"].startswith("results/ppl-")
-    mmlu = resolve_options("mmlu", _given(["eval", "mmlu", "--leaky", "--shots", "0"]))
-    assert mmlu["leaky"] is True and mmlu["shots"] == 0
+    assert run.methods == ["dense", "dart"] and run.total_prune == [0.5, 0.7] and ppl.window == 64
+    run, ppl = _resolve(["eval", "ppl", "--max-tokens", "100"])
+    assert ppl.max_tokens == 100 and ppl.stride == 256 and run.model == "smollm2-135m"
+    assert run.methods == ["dense", "static", "griffin", "dart"] and run.total_prune == [0.5]
+    _, mmlu = _resolve(
+        ["eval", "mmlu", "--leaky", "--shots", "0", "--subjects", "anatomy,virology"]
+    )
+    assert mmlu.leaky is True and mmlu.shots == 0 and mmlu.subjects == ["anatomy", "virology"]
+    _, gen = _resolve(["eval", "generate", "--prompt", "a, b", "--prompt", "c", "--no-chat"])
+    assert gen.prompts == ["a, b", "c"] and gen.chat is False  # a prompt is never comma-split
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "mmlu", "--shots", "7"])
-    assert build_parser().parse_args(["demo", "--total-prune", "0.4"]).total_prune == 0.4
+    with pytest.raises(SystemExit):  # a task's flag on another task
+        build_parser().parse_args(["eval", "mmlu", "--window", "7"])
+    with pytest.raises(ConfigError, match="--total-prune: 'x' is not a valid float"):
+        _resolve(["eval", "ppl", "--total-prune", "0.5,x"])
 
 
-def test_yaml_config_then_flags_override(tmp_path):
+def test_yaml_config_then_flags_override(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
         yaml.safe_dump(
             {"methods": ["dense", "dart"], "total_prune": [0.5, 0.7], "window": 32, "out": "x"}
         )
     )
-    opts = resolve_options("ppl", _given(["eval", "ppl", "--config", str(cfg), "--window", "16"]))
-    assert opts["methods"] == "dense,dart" and opts["total_prune"] == "0.5,0.7"
-    assert opts["window"] == 16 and opts["out"] == "x"  # the flag wins over the file
+    run, ppl = _resolve(["eval", "ppl", "--config", str(cfg), "--window", "16"])
+    assert run.methods == ["dense", "dart"] and run.total_prune == [0.5, 0.7]
+    assert ppl.window == 16 and run.out == "x"  # the flag wins over the file
     cfg.write_text("windw: 3\n")
-    with pytest.raises(SystemExit, match="unknown keys"):
-        resolve_options("ppl", _given(["eval", "ppl", "--config", str(cfg)]))
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "ppl", "--config", str(cfg)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown keys 'windw'" in err and "window" in err  # names what is accepted
+    cfg.write_text("window: many\n")
+    with pytest.raises(ConfigError, match="window: 'many' is not a valid int"):
+        _resolve(["eval", "ppl", "--config", str(cfg)])
 
 
 def test_shipped_configs_resolve():
@@ -63,9 +82,22 @@ def test_shipped_configs_resolve():
     files = sorted(root.glob("*.yaml"))
     assert files
     for f in files:
-        task = {"ppl": "ppl", "mml": "mmlu", "sum": "summarize", "dri": "drift"}[f.stem[:3]]
-        opts = resolve_options(task, {"config": str(f)})
-        assert opts["methods"] and opts["out"]
+        task = f.stem.split("_")[0]
+        run, _ = resolve_options({"config": str(f)}, RunOptions, TASKS[task].options)
+        assert run.methods and run.out
+
+
+def test_python_dash_m_dart_is_the_dart_command():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "dart", "eval", "ppl", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "usage: dart eval ppl" in out and "--window" in out
 
 
 def _ppl_argv(folder, out, *extra):
@@ -120,9 +152,19 @@ def test_end_to_end_ppl_resume_and_report(tiny_folder, tmp_path):
     for name in ("config.yaml", "log.txt", "stats.json", "perplexity.png", "table.md"):
         assert (out / name).exists(), name
     cfg = yaml.safe_load((out / "config.yaml").read_text())
-    assert cfg["window"] == 32 and cfg["task"] == "ppl"
+    assert cfg["window"] == 32 and cfg["task"] == "ppl" and cfg["command"].startswith("dart eval")
     stats = json.loads((out / "stats.json").read_text())
     assert stats["dart@0.7"]["nominal_sparsity"] == pytest.approx(0.7, abs=0.02)
+    # the records hold the sparsity that ran, per sample and per arm
+    dart7 = [r for r in recs if (r["method"], r["total_prune"]) == ("dart", 0.7)]
+    assert all(r["nominal_sparsity"] == pytest.approx(0.7, abs=0.02) for r in dart7)
+    nominal = {
+        (m["method"], m["total_prune"]): m["value"]
+        for m in metrics
+        if m["metric"] == "nominal_sparsity"
+    }
+    assert nominal[("dense", 0.0)] == 0.0
+    assert nominal[("dart", 0.7)] == pytest.approx(0.7, abs=0.02)
     # a third run finds everything done and only recomputes the metrics
     assert main(_ppl_argv(tiny_folder, out)) == 0
     assert len((out / "samples.jsonl").read_text().splitlines()) == 25
@@ -266,3 +308,26 @@ def test_generate_and_text_file(tiny_folder, tmp_path):
     )
     ppl = [m for m in load_metrics(tmp_path / "p") if m["metric"] == "tokens"]
     assert ppl[0]["value"] == len(load_text_file(text)) - 1  # char tokenizer: 1 token a char
+
+
+def test_demo_runs_the_generate_task_and_prints_the_arms(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--model", str(tiny_folder), "--max-new-tokens", "6", "--prompt", "Hello"]
+    assert main([*argv, "--total-prune", "0.5", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "prompt: Hello" in printed and "DENSE" in printed and "STATIC" in printed
+    recs = list(RecordStore(out))
+    assert sorted(r["method"] for r in recs) == ["dart", "dense", "static"]
+    metrics = load_metrics(out)
+    assert {m["task"] for m in metrics} == {"generate"}
+    nominal = {m["method"]: m["value"] for m in metrics if m["metric"] == "nominal_sparsity"}
+    assert nominal["dense"] == 0.0 and nominal["static"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_lm_eval_subcommand_flags_come_from_lmeval_options(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "lm-eval", "--help"])
+    assert e.value.code == 0 and "--num-fewshot" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # other commands still refuse flags they lack
+        main(["eval", "ppl", "--num-fewshot", "3"])
+    assert e.value.code == 2 and "unrecognized arguments: --num-fewshot" in capsys.readouterr().err

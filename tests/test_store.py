@@ -169,7 +169,7 @@ def test_run_fingerprint_ignores_how_and_where_but_not_what():
 
 
 def test_model_identity_tells_weights_apart_and_ignores_the_folder():
-    from models import tiny_model
+    from tiny_models import tiny_model
 
     a, b = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
     ida = model_identity(a, "m")

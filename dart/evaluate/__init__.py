@@ -1,7 +1,8 @@
 """Evaluations as plain functions: perplexity, multiple choice (MMLU), summarisation stand-in,
-knowledge drift; plus arms (the methods compared) and resumable per-sample records."""
+knowledge drift; the task registry over them; arms (the methods compared) and resumable
+per-sample records. No Lightning, no plots: the driver is :mod:`dart.experiment`."""
 
-from .arms import ARM_METHODS, Arm, arm_config, attach_arm, parse_arms
+from .arms import Arm, arm_config, attach_arm, parse_arms
 from .generative import (
     aggregate_drift,
     aggregate_summarization,
@@ -18,11 +19,15 @@ from .perplexity import (
     sliding_windows,
 )
 from .store import RecordStore, record_key
+from .tasks import TASKS, StepContext, StepKind, Task, compute_metrics, get_task
 
 __all__ = [
-    "ARM_METHODS",
+    "TASKS",
     "Arm",
     "RecordStore",
+    "StepContext",
+    "StepKind",
+    "Task",
     "Window",
     "aggregate_accuracy",
     "aggregate_drift",
@@ -30,8 +35,10 @@ __all__ = [
     "aggregate_summarization",
     "arm_config",
     "attach_arm",
+    "compute_metrics",
     "drift_items",
     "generate_batch",
+    "get_task",
     "mmlu_items",
     "parse_arms",
     "perplexity",

@@ -1,4 +1,7 @@
-"""Arms of a comparison: (method, total_prune[, release_step]) and how to attach each one."""
+"""Arms of a comparison: (method, total_prune[, release_step]) and how to attach each one.
+
+What an arm runs is asked of its method object (:mod:`dart.methods`), never of its name.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +12,10 @@ from typing import Any
 import torch
 
 from ..api import DARTHandle, attach
-from ..config import METHODS, DARTConfig
+from ..config import ConfigError, DARTConfig, parse_total_prune
+from ..methods import METHODS, Method, get_method
 
-__all__ = ["ARM_METHODS", "Arm", "arm_config", "attach_arm", "parse_arms"]
-
-# Method names accepted by --methods: the library's methods plus DART without drift detection.
-ARM_METHODS: tuple[str, ...] = (*METHODS, "dart-nodrift")
+__all__ = ["Arm", "arm_config", "attach_arm", "parse_arms"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,23 @@ class Arm:
     method: str
     total_prune: float = 0.0
     release_step: int | None = None
+
+    @classmethod
+    def reference(cls) -> Arm:
+        """The unpruned arm every comparison is measured against."""
+        return cls(next(m.name for m in METHODS.values() if not m.prunes), 0.0)
+
+    @property
+    def spec(self) -> Method:
+        return get_method(self.method)
+
+    @property
+    def is_reference(self) -> bool:
+        return not self.spec.prunes
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.spec.needs_calibration
 
     @property
     def label(self) -> str:
@@ -57,39 +75,48 @@ def parse_arms(
     total_prune: str | float | list[float],
     release_steps: str | list[int] | None = None,
 ) -> list[Arm]:
-    """Arms of a run: dense once (sparsity 0), every other method at every sparsity; with
-    ``release_steps`` DART additionally runs once per release step (the release-step sweep)."""
+    """Arms of a run: an unpruned method once (sparsity 0), every other method at every
+    sparsity; with ``release_steps`` each drift-detecting method (DART) additionally runs once
+    per release step (the release-step sweep)."""
     names = _split(methods)
-    bad = [m for m in names if m not in ARM_METHODS]
+    bad = [m for m in names if m not in METHODS]
     if bad or not names:
-        raise ValueError(f"unknown methods {bad or names}; accepted: {', '.join(ARM_METHODS)}")
-    prunes = [float(p) for p in _split(total_prune)]
+        raise ConfigError(f"unknown methods {bad or names}; accepted: {', '.join(METHODS)}")
+    prunes = [parse_total_prune(p, "--total-prune") for p in _split(total_prune)]
     if not prunes:
-        raise ValueError("--total-prune needs at least one value")
-    for p in prunes:
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"--total-prune {p} is not in [0, 1)")
+        raise ConfigError("--total-prune needs at least one value")
     releases = [int(r) for r in _split(release_steps)]
     arms: list[Arm] = []
     for name in names:
-        if name == "dense":
-            arms.append(Arm("dense", 0.0))
+        method = get_method(name)
+        if not method.prunes:
+            arms.append(Arm(name, 0.0))
             continue
         for p in prunes:
             arms.append(Arm(name, p))
-            if name == "dart":
+            if method.uses_drift:
                 arms.extend(Arm(name, p, r) for r in releases)
     return list(dict.fromkeys(arms))
 
 
-def arm_config(arm: Arm, overrides: dict[str, Any] | None = None, **fields: Any) -> DARTConfig:
-    """DARTConfig of an arm: ``overrides`` (the YAML ``dart:`` section) then the arm's fields."""
+def arm_config(
+    arm: Arm, overrides: dict[str, Any] | None = None, *, uniform: bool = False, **fields: Any
+) -> DARTConfig | None:
+    """DARTConfig of an arm: ``overrides`` (the YAML ``dart:`` section) then the arm's fields;
+    None for the reference arm, which runs the model unpatched. The arm's sparsity is the
+    ``total_prune`` of the ``auto`` budget, or with ``uniform`` the same share of every layer
+    (``layer_topk='all:<1 - total_prune>'``, GRIFFIN's protocol)."""
+    if arm.is_reference:
+        return None
     data = copy.deepcopy(overrides or {})
     data.update(fields)
-    method = "dart" if arm.method == "dart-nodrift" else arm.method
     drift = dict(data.get("drift") or {})
-    drift["enabled"] = arm.method == "dart" and drift.get("enabled", True)
-    data.update(method=method, total_prune=arm.total_prune, drift=drift)
+    drift["enabled"] = arm.spec.uses_drift and drift.get("enabled", True)
+    data.update(method=arm.method, drift=drift)
+    if uniform:
+        data["layer_topk"] = f"all:{1.0 - arm.total_prune:.6g}"
+    else:
+        data["total_prune"] = arm.total_prune
     if arm.release_step is not None:
         data["release_step"] = arm.release_step
     return DARTConfig.from_dict(data)
@@ -98,12 +125,13 @@ def arm_config(arm: Arm, overrides: dict[str, Any] | None = None, **fields: Any)
 def attach_arm(
     model: torch.nn.Module, config: DARTConfig, calibration_ids: torch.Tensor | None = None
 ) -> DARTHandle:
-    """Attach an arm's config; ``method='static'`` is calibrated on ``calibration_ids``."""
+    """Attach an arm's config; a method that needs calibration (static) is calibrated on
+    ``calibration_ids``."""
     handle = attach(model, config)
-    if config.method == "static":
+    if handle.method.needs_calibration:
         if calibration_ids is None:
             handle.detach()
-            raise ValueError("method 'static' needs calibration token ids")
+            raise ValueError(f"method {config.method!r} needs calibration token ids")
         device = next(model.parameters()).device
         handle.calibrate(calibration_ids.to(device), max_tokens=calibration_ids.shape[-1])
     return handle

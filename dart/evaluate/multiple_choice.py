@@ -5,7 +5,8 @@ then under ``handle.hold()`` the context plus each continuation is scored. With 
 continuations (MMLU's `` A``..`` D``) one forward of the context suffices: each choice's
 log-likelihood is read at the last context position. ``leaky=True`` reproduces the reference
 code's protocol for comparison: masks are rebuilt from context + choice for every choice.
-``dense`` and ``static`` need no preparation (no masks or frozen calibration masks).
+Methods that do not select from the prompt (``dense``, ``static``) need no preparation (no masks
+or frozen calibration masks).
 """
 
 from __future__ import annotations
@@ -73,8 +74,7 @@ def score_choices(
     device = next(model.parameters()).device
     ctx = torch.tensor([list(context)], device=device)
     n = ctx.shape[1]
-    method = handle.config.method if handle is not None else "dense"
-    prepared = method not in ("dense", "static")
+    prepared = handle is not None and handle.method.selects_from_prompt
 
     def run(ids: torch.Tensor, last: int = 0) -> torch.Tensor:
         kw = {"logits_to_keep": last} if last and accepts_logits_to_keep(model) else {}

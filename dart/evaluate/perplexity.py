@@ -1,21 +1,23 @@
 """Sliding-window perplexity (labels of the overlap excluded, NLL summed in fp32).
 
-Masks per window, by method:
+Masks per window, by what the method does (:mod:`dart.methods`):
 
-* ``dense``: none.
-* ``static``: the calibration masks (the paper's protocol: a calibration prompt, then frozen).
-* ``dart``, ``griffin``, ``random``: built from the window's already-seen part, the overlap
-  with the previous window (``window - stride`` tokens), via ``handle.prepare``; the window is
-  then scored under them with ``handle.hold()``. The first window has no overlap: its first
-  quarter serves as the context (those first-quarter tokens are scored under masks that saw
-  them: a small leak confined to the first window, which is documented rather than hidden).
-  Masks are built once per window and not re-traced inside it (no drift checks under hold).
+* unpruned (``dense``): none.
+* calibrated (``static``): the calibration masks (the paper's protocol: a calibration prompt,
+  then frozen).
+* selecting from the prompt (``dart``, ``griffin``, ``random``): built from the window's
+  already-seen part, the overlap with the previous window (``window - stride`` tokens), via
+  ``handle.prepare``; the window is then scored under them with ``handle.hold()``. The first
+  window has no overlap: its first quarter serves as the context (those first-quarter tokens
+  are scored under masks that saw them: a small leak confined to the first window, which is
+  documented rather than hidden). Masks are built once per window and not re-traced inside it
+  (no drift checks under hold).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -32,6 +34,7 @@ __all__ = [
     "score_window",
     "sliding_windows",
     "tokenize_prefix",
+    "window_items",
 ]
 
 FIRST_CONTEXT_FRACTION = 0.25
@@ -78,6 +81,15 @@ def sliding_windows(num_tokens: int, window: int, stride: int) -> list[Window]:
         begin += stride
 
 
+def window_items(ids: Sequence[int], window: int, stride: int) -> list[dict[str, Any]]:
+    """The sliding windows over token ids as items: the :class:`Window` fields and its ``ids``."""
+    ids = list(ids)
+    return [
+        {**w.to_dict(), "ids": ids[w.begin : w.end]}
+        for w in sliding_windows(len(ids), window, stride)
+    ]
+
+
 def tokenize_prefix(tokenizer: Any, text: str, max_tokens: int | None) -> torch.Tensor:
     """``tokenize_corpus(tokenizer, text, max_tokens)`` without tokenising the whole text: a
     growing prefix is tokenised until it holds ``max_tokens`` plus a margin (so the cut cannot
@@ -112,15 +124,15 @@ def score_window(
     """Summed NLL (fp32) and count of the targets ``ids[score_from:]`` of one window ``[1, L]``."""
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
-    method = handle.config.method if handle is not None else "dense"
+    prepared = handle is not None and handle.method.selects_from_prompt
     keep = ids.shape[1] - score_from + 1  # logits of the scored positions only
     kwargs = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
-    if method in ("dense", "static"):
-        logits = model(input_ids=ids, use_cache=False, **kwargs).logits
-    else:
+    if prepared:
         handle.prepare(ids[:, :prep_len])
         with handle.hold():
             logits = model(input_ids=ids, use_cache=False, **kwargs).logits
+    else:
+        logits = model(input_ids=ids, use_cache=False, **kwargs).logits
     pred = logits[0, -keep:-1].float()
     nll = F.cross_entropy(pred, ids[0, score_from:], reduction="sum")
     return {"nll": float(nll), "tokens": int(ids.shape[1] - score_from)}

