@@ -433,12 +433,17 @@ class DARTConfig:
 
     def fixed_keep_counts(self, widths: list[int]) -> list[int] | None:
         """Per-layer keep counts fixed before any prompt is seen: every width for a method that
-        does not prune, None when an ``auto`` budget decides them at run time."""
-        if not get_method(self.method).prunes:
+        does not prune, ``round((1 - total_prune) * width)`` for the ``auto`` layers of a method
+        with a uniform budget (GRIFFIN), None when an ``auto`` budget decides them at run time."""
+        method = get_method(self.method)
+        if not method.prunes:
             return list(widths)
         keeps = self.layer_keeps(widths)
         if any(keep.kind == "auto" for keep in keeps):
-            return None
+            if not method.uniform_budget:
+                return None
+            uniform = LayerKeep("fraction", 1.0 - self.prune_target)  # GRIFFIN: same k everywhere
+            keeps = [uniform if keep.kind == "auto" else keep for keep in keeps]
         return resolve_keep_counts(keeps, widths)
 
     # ---------------------------------------------------------------- serialisation

@@ -26,6 +26,9 @@ Public interface (stable):
   - ``uses_proxies``: the ``ranking`` (output proxies) applies; a method with a ``score``
     function ignores it;
   - ``shared_mask``: one mask serves every row, whatever ``batch_policy`` says (static);
+  - ``uniform_budget``: ``auto`` layers keep the same fraction ``1 - total_prune`` of their
+    neurons in every layer (GRIFFIN), fixed before any prompt is seen; otherwise the ``auto``
+    budget spreads ``total_prune`` over layers by sensitivity (:mod:`dart.budget`);
   - ``statistic(h) -> h'``: transform of the FFN hidden activation ``[..., N]`` before it is
     accumulated (GRIFFIN: each token's vector L2-normalised over neurons; others: unchanged);
   - ``score(m, generator) -> scores`` or None: replaces the ranking of the magnitudes ``m``
@@ -34,7 +37,7 @@ Public interface (stable):
   and ``configure(config)``: adjusts a ``DARTConfig`` in place to what the method runs (a
   method without drift detection records ``drift.enabled = False``). ``DARTConfig`` calls it.
 * ``METHODS``: read-only mapping name -> ``Method``, in the order of the comparison tables
-  (dense, static, griffin, random, dart, dart-nodrift).
+  (dense, static, griffin, griffin+budget, random, dart, dart-nodrift).
 * ``get_method(name) -> Method``.
 * ``per_token_l2_normalised(h)``: GRIFFIN's statistic, written once (the controller's
   accumulation and ``dart.export``'s in-graph selection both go through ``Method.statistic``).
@@ -88,6 +91,7 @@ class Method:
     uses_ema: bool = False
     uses_proxies: bool = False
     shared_mask: bool = False
+    uniform_budget: bool = False
     statistic: Callable[[Tensor], Tensor] = _unchanged
     score: Callable[[Tensor, torch.Generator], Tensor] | None = None
 
@@ -109,7 +113,16 @@ _ALL = (
     ),
     Method(
         "griffin",
-        "GRIFFIN: masks from the prompt's per-token-normalised activations, kept throughout",
+        "GRIFFIN: the same keep fraction in every layer, masks from the prompt's "
+        "per-token-normalised activations, kept throughout",
+        selects_from_prompt=True,
+        uses_proxies=True,
+        uniform_budget=True,
+        statistic=per_token_l2_normalised,
+    ),
+    Method(
+        "griffin+budget",
+        "GRIFFIN's statistic and frozen prompt masks with DART's auto budget over layers",
         selects_from_prompt=True,
         uses_proxies=True,
         statistic=per_token_l2_normalised,
