@@ -168,8 +168,10 @@ class DriftConfig(_Section):
 
     ``tau = mu - max(sigma_scale * sigma, threshold_floor)``; ``layers`` are decoder layer indices
     (negative = from the end); ``num_buckets`` is the number of log-spaced relative-distance
-    buckets of the ``attn_probs`` feature; ``min_windows`` is the number of complete trace windows
-    needed to use the trace statistics (fewer: ``mu = 1``, ``sigma = 0``).
+    buckets of the ``attn_probs`` feature; ``min_windows`` (>= 2) is the number of complete trace
+    windows a baseline and threshold are built from: a trace that ends with fewer keeps
+    collecting windows from the following tokens, and the previous baseline and threshold stay
+    in use until it has them (see :mod:`dart.drift`).
     """
 
     enabled: bool = True
@@ -180,7 +182,7 @@ class DriftConfig(_Section):
     threshold_floor: float = 0.1
     pressure_trigger: int = 2
     num_buckets: int = 16
-    min_windows: int = 1
+    min_windows: int = 2
 
     def __post_init__(self) -> None:
         o = "DriftConfig"
@@ -203,7 +205,7 @@ class DriftConfig(_Section):
         )
         _int_at_least(o, "pressure_trigger", self.pressure_trigger, 1)
         _int_at_least(o, "num_buckets", self.num_buckets, 2)
-        _int_at_least(o, "min_windows", self.min_windows, 1)
+        _int_at_least(o, "min_windows", self.min_windows, 2)
 
 
 # --------------------------------------------------------------------------------------------
