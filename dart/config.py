@@ -30,6 +30,7 @@ from .methods import METHODS, get_method
 
 __all__ = [
     "BACKENDS",
+    "BUDGET_NORMALIZATIONS",
     "DEFAULT_TOTAL_PRUNE",
     "RANKINGS",
     "BudgetConfig",
@@ -54,6 +55,7 @@ BACKENDS = ("masked", "gathered", "compact")
 BATCH_POLICIES = ("per_sequence", "shared")
 PROXY_SOURCES = ("embedding", "lm_head")
 SENSITIVITIES = ("residual", "raw")
+BUDGET_NORMALIZATIONS = ("minmax", "rank", "winsorized")  # dart.budget.NORMALIZATIONS
 DRIFT_SIGNALS = ("attn_output", "attn_probs")
 DEFAULT_TOTAL_PRUNE = 0.5
 
@@ -127,6 +129,13 @@ class BudgetConfig(_Section):
     that are protected, ramping up from ``early_floor``/``late_floor`` (see
     :func:`dart.budget.depth_protection`); ``prune_min``/``prune_max``: bounds of any layer's
     prune fraction.
+
+    Guards against starving a layer (defaults: off, the spec's min-max budget):
+    ``normalize``: how the sensitivities ``S`` become ``R`` in [0, 1] (``minmax``; ``rank``: by
+    their ranks; ``winsorized``: ``S`` clipped to Tukey's fences ``[Q1 - 1.5 IQR, Q3 + 1.5 IQR]``
+    first, so one outlier layer does not squash the others to ``R ~ 1``); ``cap_margin``: no
+    layer prunes more than ``min(prune_max, total_prune + cap_margin)`` (None: ``prune_max``);
+    ``uniform_blend`` in [0, 1]: the final fractions are ``(1 - a) p_auto + a total_prune``.
     """
 
     sensitivity: str = "residual"
@@ -136,10 +145,17 @@ class BudgetConfig(_Section):
     late_floor: float = 0.35
     prune_min: float = 0.1
     prune_max: float = 0.9
+    normalize: str = "minmax"
+    cap_margin: float | None = None
+    uniform_blend: float = 0.0
 
     def __post_init__(self) -> None:
         o = "BudgetConfig"
         _choice(o, "sensitivity", self.sensitivity, SENSITIVITIES)
+        _choice(o, "normalize", self.normalize, BUDGET_NORMALIZATIONS)
+        if self.cap_margin is not None:
+            _real_in(o, "cap_margin", self.cap_margin, 0.0, 1.0, low_open=False, high_open=False)
+        _real_in(o, "uniform_blend", self.uniform_blend, 0.0, 1.0, low_open=False, high_open=False)
         for name in ("depth_early", "depth_late", "early_floor", "late_floor"):
             _real_in(o, name, getattr(self, name), 0.0, 1.0, low_open=False, high_open=False)
         _real_in(o, "prune_min", self.prune_min, 0.0, 1.0, low_open=False, high_open=True)
