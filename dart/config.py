@@ -33,6 +33,7 @@ __all__ = [
     "BUDGET_NORMALIZATIONS",
     "DEFAULT_TOTAL_PRUNE",
     "RANKINGS",
+    "STATISTICS",
     "BudgetConfig",
     "ConfigError",
     "DARTConfig",
@@ -49,6 +50,7 @@ class ConfigError(ValueError):
     accepted."""
 
 
+STATISTICS = ("l2", "normalized_l2")  # dart.methods.STATISTICS
 RANKINGS = ("magnitude", "max", "mean", "combined", "product")
 STRATEGIES = ("topk", "auto")
 BACKENDS = ("masked", "gathered", "compact")
@@ -373,7 +375,12 @@ class DARTConfig:
     """Everything that defines one DART (or baseline) run. See docs/DART_SPEC.md.
 
     ``method`` is a name of the registry :data:`dart.methods.METHODS`; the method adjusts the
-    config to what it runs (e.g. drift detection off for every method but ``dart``).
+    config to what it runs (e.g. drift detection off for every method but ``dart``,
+    ``statistic`` set to ``normalized_l2`` for the GRIFFIN methods).
+    ``statistic``: the per-token transform of the FFN activations before they are accumulated
+    (``l2``: none, DART's L2 over tokens; ``normalized_l2``: GRIFFIN's, each token's vector
+    divided by its L2 norm over neurons); ``ema_decay`` (an EMA over tokens instead of the L2)
+    combines with either.
     ``total_prune`` is the sparsity of ``auto`` items of ``layer_topk`` (None: 0.5, see
     :attr:`prune_target`); with a spec without ``auto`` it must be left out.
     """
@@ -383,6 +390,7 @@ class DARTConfig:
     masking_step: int = 0
     release_step: int | None = None
     ema_decay: float | None = None
+    statistic: str = "l2"
     ranking: str = "magnitude"
     strategy: str = "topk"
     drift: DriftConfig = field(default_factory=DriftConfig)
@@ -420,6 +428,7 @@ class DARTConfig:
             )
         if self.ema_decay is not None:
             _real_in(o, "ema_decay", self.ema_decay, 0.0, 1.0, low_open=True, high_open=True)
+        _choice(o, "statistic", self.statistic, STATISTICS)
         _choice(o, "ranking", self.ranking, RANKINGS)
         _choice(o, "strategy", self.strategy, STRATEGIES)
         _choice(o, "backend", self.backend, BACKENDS)

@@ -75,7 +75,7 @@ class Controller:
         topk_fn: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
     ):
         self.cfg = config
-        self.method = get_method(config.method)
+        self.method = get_method(config.method).for_config(config)
         self.widths = [p.width for p in parts]
         self.num_layers = len(parts)
         self.proxies = proxies

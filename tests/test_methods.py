@@ -110,14 +110,16 @@ def test_methods_generate(method):
     handle.detach()
 
 
-# The "griffin" arm before it became real GRIFFIN (copied from dart/methods.py at core c6faea9):
-# GRIFFIN's statistic under DART's auto budget. "griffin+budget" must reproduce it exactly.
+# The "griffin" arm before it became real GRIFFIN (copied from dart/methods.py at core c6faea9,
+# plus own_statistic, which the config's statistic setting added since): GRIFFIN's statistic
+# under DART's auto budget. "griffin+budget" must reproduce it exactly.
 OLD_GRIFFIN = dart.methods.Method(
     "griffin",
     "GRIFFIN: masks from the prompt's per-token-normalised activations, kept throughout",
     selects_from_prompt=True,
     uses_proxies=True,
     statistic=per_token_l2_normalised,
+    own_statistic="normalized_l2",
 )
 
 
@@ -162,3 +164,38 @@ def test_griffin_keeps_the_same_fraction_in_every_layer(total_prune):
         top = handle.controller.acc.magnitudes(layer).topk(expected[layer], dim=-1).indices
         assert torch.equal(ffn.idx.sort(-1).values, top.sort(-1).values)
     handle.detach()
+
+
+def test_statistics_registry():
+    from dart.config import STATISTICS as CONFIG_STATISTICS
+    from dart.methods import STATISTICS
+
+    assert tuple(STATISTICS) == CONFIG_STATISTICS == ("l2", "normalized_l2")
+    assert STATISTICS["normalized_l2"] is per_token_l2_normalised
+    for name, method in METHODS.items():  # the registry holds a default config's statistic
+        cfg = DARTConfig(method=name, layer_topk="all:0.5")
+        assert method.for_config(cfg) == method
+    # the GRIFFIN methods always use their own statistic, and the config records it
+    for name in ("griffin", "griffin+budget"):
+        assert DARTConfig(method=name, statistic="l2").statistic == "normalized_l2"
+    with pytest.raises(ValueError, match="DARTConfig.statistic: 'l1' is not one of l2"):
+        DARTConfig(statistic="l1")
+
+
+def test_dart_with_griffins_statistic_is_griffin_budget():
+    """``statistic="normalized_l2"`` reaches DART's accumulation (through the registry): DART
+    without drift then builds exactly the masks of griffin+budget; with ``l2`` it does not."""
+    ids = random_ids(2, 12, seed=4)
+    masks = {}
+    for name, statistic in (("griffin+budget", None), ("dart", "normalized_l2"), ("dart", "l2")):
+        model = tiny_model("llama", layers=4)
+        extra = {} if statistic is None else {"statistic": statistic}
+        handle = dart.attach(model, DARTConfig(method=name, drift=NO_DRIFT, **extra))
+        model(ids, use_cache=True)
+        assert handle.method.statistic is dart.methods.STATISTICS[handle.config.statistic]
+        masks[(name, statistic)] = [f.idx.clone() for f in handle.ffns]
+        handle.detach()
+    griffin, normalized, plain = masks.values()
+    assert all(torch.equal(a, b) for a, b in zip(griffin, normalized, strict=True))
+    same = [a.shape == b.shape and torch.equal(a, b) for a, b in zip(griffin, plain, strict=True)]
+    assert not all(same)
