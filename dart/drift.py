@@ -175,7 +175,6 @@ class DriftMonitor(ABC):
             self._allocated_feature = None  # feature buffers are allocated on first observe
             self._maybe_tracing = True
             self._maybe_monitoring = False
-            self._maybe_pending = False
             return
         r = rows.to(device=self.device, dtype=torch.bool)
         self._maybe_tracing = True
@@ -258,7 +257,7 @@ class DriftMonitor(ABC):
             self._store_chunks(means, torch.where(tr, ncomp, 0))
         if self._maybe_monitoring:
             self._monitor(means, ncomp, j_max, mon, va, steps_before)
-        if self._maybe_pending:
+        if self._maybe_tracing:  # pending rows are tracing rows (a flag that flips recompiles)
             self._finalize(self.pending & (self.chunk_total >= self.cfg.min_windows))
 
     def _monitor(
@@ -325,16 +324,15 @@ class DriftMonitor(ABC):
         enough = self.chunk_total >= self.cfg.min_windows
         later = r & ~enough
         self.pending |= later
-        if bool(later.any()):
-            self._maybe_pending = True
-        elif rows is None:
+        if rows is None and not bool(later.any()):
             self._maybe_tracing = False
-        self._finalize(r & enough)
+        self._maybe_monitoring = True
+        if self._allocated_feature is not None:  # else nothing observed: no row has a window
+            self._finalize(r & enough)
 
     def _finalize(self, r: Tensor) -> None:
-        """Baseline, mu, sigma and tau of rows ``r`` (each with >= min_windows windows)."""
-        if self._allocated_feature is None:  # nothing observed: no row has a window
-            return
+        """Baseline, mu, sigma and tau of rows ``r`` (each with >= min_windows windows); tensor
+        operations only (it runs inside :meth:`observe`, possibly in a compiled step)."""
         cfg = self.cfg
         base = self.trace_sum / self.trace_n.clamp_min(1)[:, None, None].float()
         sims = self.similarity(self.chunks, base[:, None])  # [B, C]
@@ -352,7 +350,6 @@ class DriftMonitor(ABC):
         self.armed |= r
         self.tracing &= ~r
         self.pending &= ~r
-        self._maybe_monitoring = True
         self.pressure.masked_fill_(r, 0)
         self.cur_n.masked_fill_(r, 0)
         self.cur_sum.masked_fill_(r[:, None, None], 0.0)
@@ -362,8 +359,6 @@ class DriftMonitor(ABC):
         clears the flags."""
         out = self.triggered.clone()
         self.triggered.zero_()
-        if self._maybe_pending and not bool(self.pending.any()):
-            self._maybe_pending = False  # skip the per-token check once nothing is pending
         return out
 
     def state_bytes(self) -> int:
