@@ -47,7 +47,7 @@ class DARTHandle:
     def __init__(self, model: nn.Module, config: DARTConfig):
         self.model = model
         self.config = config
-        self.method = get_method(config.method)
+        self.method = get_method(config.method).for_config(config)
         self.adapter = get_adapter(model)
         self.refs: list[LayerRefs] = self.adapter.layer_refs()
         if config.backend != "masked" and self.method.prunes and not load_ops():

@@ -4,8 +4,12 @@ Notes:
 
 * The budget is counted in neurons: ``sum_l p_l N_l = total_prune * sum_l N_l``. With equal
   widths this is the spec's layer formula ``p_l = B P_l / sum(P)``, ``B = total_prune * L``.
-* The settings (depth protection, bounds) are a :class:`~dart.config.BudgetConfig`.
-* Prune fractions are clipped to ``[prune_min, prune_max]``, so a ``total_prune`` outside that
+* The settings (depth protection, bounds, guards against starving a layer) are a
+  :class:`~dart.config.BudgetConfig`.
+* ``R = 1 - norm(S)`` with ``norm`` one of :data:`NORMALIZATIONS` (``BudgetConfig.normalize``).
+* Prune fractions are clipped to ``[prune_min, upper]`` with ``upper = prune_max``, or
+  ``min(prune_max, total_prune + cap_margin)`` when ``cap_margin`` is set; a ``total_prune``
+  outside that
   range (or one that the clipped layers cannot absorb) is not reachable: the result is the
   clipped allocation and :attr:`BudgetAllocation.achieved_prune` reports the real total.
 * Redistribution rounds spread the remaining difference over the layers that can still move in
@@ -13,6 +17,8 @@ Notes:
   less), in proportion to ``P`` (weighted by width); when all such layers have ``P = 0`` the
   difference is spread uniformly over them. Whenever the spec's "layers not at a bound" rule
   reaches the target, this gives the same result.
+* ``uniform_blend = a`` then gives ``(1 - a) p_l + a total_prune`` (clipped the same way): both
+  terms remove the same number of neurons, so the blend does too.
 * ``keep_l = round((1 - p_l) N_l)`` with round-half-up, clamped to ``[1, N_l]``.
 """
 
@@ -27,7 +33,7 @@ from torch import Tensor
 
 from .config import BudgetConfig, parse_total_prune
 
-__all__ = ["BudgetAllocation", "allocate_budget", "depth_protection"]
+__all__ = ["NORMALIZATIONS", "BudgetAllocation", "allocate_budget", "depth_protection"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,29 @@ class BudgetAllocation:
     prune_fractions: list[float]  # p_l before rounding to whole neurons
     target_prune: float
     achieved_prune: float  # fraction of all FFN neurons removed by keep_counts
+
+
+def _minmax(s: Tensor) -> Tensor:
+    span = s.max() - s.min()
+    return torch.zeros_like(s) if span <= 0 else (s - s.min()) / span
+
+
+def _rank(s: Tensor) -> Tensor:
+    """Ranks scaled to [0, 1] (ties share their mean rank): only the order of S counts."""
+    below = (s[None, :] < s[:, None]).sum(1).double()
+    ties = (s[None, :] == s[:, None]).sum(1).double()
+    return _minmax(below + (ties - 1) / 2)
+
+
+def _winsorized(s: Tensor) -> Tensor:
+    """Min-max of S clipped to Tukey's fences, so one outlier layer cannot squash the rest."""
+    q1, q3 = torch.quantile(s, torch.tensor([0.25, 0.75], dtype=s.dtype)).tolist()
+    iqr = q3 - q1
+    return _minmax(s.clamp(q1 - 1.5 * iqr, q3 + 1.5 * iqr))
+
+
+# BudgetConfig.normalize -> S (float64 [L]) normalised to [0, 1] (most sensitive layer: 1)
+NORMALIZATIONS = {"minmax": _minmax, "rank": _rank, "winsorized": _winsorized}
 
 
 def depth_protection(num_layers: int, budget: BudgetConfig | None = None) -> Tensor:
@@ -81,20 +110,21 @@ def allocate_budget(
     if total_prune == 0.0:
         return BudgetAllocation(widths_i, [0.0] * num_layers, 0.0, 0.0)
 
-    span = s.max() - s.min()
-    r = torch.ones_like(s) if span <= 0 else 1.0 - (s - s.min()) / span
+    r = 1.0 - NORMALIZATIONS[b.normalize](s)
     p_weight = r * depth_protection(num_layers, b)
     if p_weight.sum() <= 0:
         p_weight = torch.ones_like(s)
+    upper = b.prune_max if b.cap_margin is None else min(b.prune_max, total_prune + b.cap_margin)
+    lower = min(b.prune_min, upper)
 
     budget_neurons = total_prune * n.sum()  # neurons to remove
-    p = (budget_neurons * p_weight / (p_weight * n).sum()).clamp(b.prune_min, b.prune_max)
+    p = (budget_neurons * p_weight / (p_weight * n).sum()).clamp(lower, upper)
     tol = 1e-9 * float(n.sum())
     for _ in range(rounds):
         diff = budget_neurons - (p * n).sum()
         if abs(float(diff)) <= tol:
             break
-        free = p < b.prune_max if diff > 0 else p > b.prune_min
+        free = p < upper if diff > 0 else p > lower
         if not bool(free.any()):
             break
         wsum = (p_weight * n)[free].sum()
@@ -102,7 +132,10 @@ def allocate_budget(
             delta = diff * p_weight / wsum
         else:
             delta = diff / n[free].sum() * torch.ones_like(p)
-        p = torch.where(free, p + delta, p).clamp(b.prune_min, b.prune_max)
+        p = torch.where(free, p + delta, p).clamp(lower, upper)
+    if b.uniform_blend > 0:
+        uniform = min(max(total_prune, lower), upper)
+        p = (1.0 - b.uniform_blend) * p + b.uniform_blend * uniform
 
     keep = [
         min(max(math.floor((1.0 - float(pl)) * nl + 0.5), 1), nl)

@@ -30,8 +30,10 @@ from .methods import METHODS, get_method
 
 __all__ = [
     "BACKENDS",
+    "BUDGET_NORMALIZATIONS",
     "DEFAULT_TOTAL_PRUNE",
     "RANKINGS",
+    "STATISTICS",
     "BudgetConfig",
     "ConfigError",
     "DARTConfig",
@@ -48,12 +50,14 @@ class ConfigError(ValueError):
     accepted."""
 
 
+STATISTICS = ("l2", "normalized_l2")  # dart.methods.STATISTICS
 RANKINGS = ("magnitude", "max", "mean", "combined", "product")
 STRATEGIES = ("topk", "auto")
 BACKENDS = ("masked", "gathered", "compact")
 BATCH_POLICIES = ("per_sequence", "shared")
 PROXY_SOURCES = ("embedding", "lm_head")
 SENSITIVITIES = ("residual", "raw")
+BUDGET_NORMALIZATIONS = ("minmax", "rank", "winsorized")  # dart.budget.NORMALIZATIONS
 DRIFT_SIGNALS = ("attn_output", "attn_probs")
 DEFAULT_TOTAL_PRUNE = 0.5
 
@@ -127,6 +131,13 @@ class BudgetConfig(_Section):
     that are protected, ramping up from ``early_floor``/``late_floor`` (see
     :func:`dart.budget.depth_protection`); ``prune_min``/``prune_max``: bounds of any layer's
     prune fraction.
+
+    Guards against starving a layer (defaults: off, the spec's min-max budget):
+    ``normalize``: how the sensitivities ``S`` become ``R`` in [0, 1] (``minmax``; ``rank``: by
+    their ranks; ``winsorized``: ``S`` clipped to Tukey's fences ``[Q1 - 1.5 IQR, Q3 + 1.5 IQR]``
+    first, so one outlier layer does not squash the others to ``R ~ 1``); ``cap_margin``: no
+    layer prunes more than ``min(prune_max, total_prune + cap_margin)`` (None: ``prune_max``);
+    ``uniform_blend`` in [0, 1]: the final fractions are ``(1 - a) p_auto + a total_prune``.
     """
 
     sensitivity: str = "residual"
@@ -136,10 +147,17 @@ class BudgetConfig(_Section):
     late_floor: float = 0.35
     prune_min: float = 0.1
     prune_max: float = 0.9
+    normalize: str = "minmax"
+    cap_margin: float | None = None
+    uniform_blend: float = 0.0
 
     def __post_init__(self) -> None:
         o = "BudgetConfig"
         _choice(o, "sensitivity", self.sensitivity, SENSITIVITIES)
+        _choice(o, "normalize", self.normalize, BUDGET_NORMALIZATIONS)
+        if self.cap_margin is not None:
+            _real_in(o, "cap_margin", self.cap_margin, 0.0, 1.0, low_open=False, high_open=False)
+        _real_in(o, "uniform_blend", self.uniform_blend, 0.0, 1.0, low_open=False, high_open=False)
         for name in ("depth_early", "depth_late", "early_floor", "late_floor"):
             _real_in(o, name, getattr(self, name), 0.0, 1.0, low_open=False, high_open=False)
         _real_in(o, "prune_min", self.prune_min, 0.0, 1.0, low_open=False, high_open=True)
@@ -168,8 +186,10 @@ class DriftConfig(_Section):
 
     ``tau = mu - max(sigma_scale * sigma, threshold_floor)``; ``layers`` are decoder layer indices
     (negative = from the end); ``num_buckets`` is the number of log-spaced relative-distance
-    buckets of the ``attn_probs`` feature; ``min_windows`` is the number of complete trace windows
-    needed to use the trace statistics (fewer: ``mu = 1``, ``sigma = 0``).
+    buckets of the ``attn_probs`` feature; ``min_windows`` (>= 2) is the number of complete trace
+    windows a baseline and threshold are built from: a trace that ends with fewer keeps
+    collecting windows from the following tokens, and the previous baseline and threshold stay
+    in use until it has them (see :mod:`dart.drift`).
     """
 
     enabled: bool = True
@@ -180,7 +200,7 @@ class DriftConfig(_Section):
     threshold_floor: float = 0.1
     pressure_trigger: int = 2
     num_buckets: int = 16
-    min_windows: int = 1
+    min_windows: int = 2
 
     def __post_init__(self) -> None:
         o = "DriftConfig"
@@ -203,7 +223,7 @@ class DriftConfig(_Section):
         )
         _int_at_least(o, "pressure_trigger", self.pressure_trigger, 1)
         _int_at_least(o, "num_buckets", self.num_buckets, 2)
-        _int_at_least(o, "min_windows", self.min_windows, 1)
+        _int_at_least(o, "min_windows", self.min_windows, 2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,7 +375,12 @@ class DARTConfig:
     """Everything that defines one DART (or baseline) run. See docs/DART_SPEC.md.
 
     ``method`` is a name of the registry :data:`dart.methods.METHODS`; the method adjusts the
-    config to what it runs (e.g. drift detection off for every method but ``dart``).
+    config to what it runs (e.g. drift detection off for every method but ``dart``,
+    ``statistic`` set to ``normalized_l2`` for the GRIFFIN methods).
+    ``statistic``: the per-token transform of the FFN activations before they are accumulated
+    (``l2``: none, DART's L2 over tokens; ``normalized_l2``: GRIFFIN's, each token's vector
+    divided by its L2 norm over neurons); ``ema_decay`` (an EMA over tokens instead of the L2)
+    combines with either.
     ``total_prune`` is the sparsity of ``auto`` items of ``layer_topk`` (None: 0.5, see
     :attr:`prune_target`); with a spec without ``auto`` it must be left out.
     """
@@ -365,6 +390,7 @@ class DARTConfig:
     masking_step: int = 0
     release_step: int | None = None
     ema_decay: float | None = None
+    statistic: str = "l2"
     ranking: str = "magnitude"
     strategy: str = "topk"
     drift: DriftConfig = field(default_factory=DriftConfig)
@@ -402,6 +428,7 @@ class DARTConfig:
             )
         if self.ema_decay is not None:
             _real_in(o, "ema_decay", self.ema_decay, 0.0, 1.0, low_open=True, high_open=True)
+        _choice(o, "statistic", self.statistic, STATISTICS)
         _choice(o, "ranking", self.ranking, RANKINGS)
         _choice(o, "strategy", self.strategy, STRATEGIES)
         _choice(o, "backend", self.backend, BACKENDS)
@@ -433,12 +460,17 @@ class DARTConfig:
 
     def fixed_keep_counts(self, widths: list[int]) -> list[int] | None:
         """Per-layer keep counts fixed before any prompt is seen: every width for a method that
-        does not prune, None when an ``auto`` budget decides them at run time."""
-        if not get_method(self.method).prunes:
+        does not prune, ``round((1 - total_prune) * width)`` for the ``auto`` layers of a method
+        with a uniform budget (GRIFFIN), None when an ``auto`` budget decides them at run time."""
+        method = get_method(self.method)
+        if not method.prunes:
             return list(widths)
         keeps = self.layer_keeps(widths)
         if any(keep.kind == "auto" for keep in keeps):
-            return None
+            if not method.uniform_budget:
+                return None
+            uniform = LayerKeep("fraction", 1.0 - self.prune_target)  # GRIFFIN: same k everywhere
+            keeps = [uniform if keep.kind == "auto" else keep for keep in keeps]
         return resolve_keep_counts(keeps, widths)
 
     # ---------------------------------------------------------------- serialisation

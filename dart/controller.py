@@ -48,6 +48,8 @@ class Phase:
 @dataclass
 class _Counters:
     decode_passes: int = 0
+    decode_tokens: int = 0  # decode passes x rows (each row's token counts)
+    layer_neurons: list[float] = field(default_factory=list)  # per layer, over decode tokens
     decode_neurons: float = 0.0  # neurons computed, summed over decode passes and rows
     decode_capacity: float = 0.0  # neurons a dense model would compute
     mask_builds: int = 0  # selections of (row, all layers), the initial ones included
@@ -75,7 +77,7 @@ class Controller:
         topk_fn: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
     ):
         self.cfg = config
-        self.method = get_method(config.method)
+        self.method = get_method(config.method).for_config(config)
         self.widths = [p.width for p in parts]
         self.num_layers = len(parts)
         self.proxies = proxies
@@ -310,6 +312,14 @@ class Controller:
         for p in self.phase:
             c.decode_neurons += sparse_neurons if p == Phase.SPARSE else total
             c.decode_capacity += total
+        rows = len(self.phase)
+        sparse_rows = sum(p == Phase.SPARSE for p in self.phase)
+        counts = self.counts if self.counts is not None else self.widths
+        if not c.layer_neurons:
+            c.layer_neurons = [0.0] * self.num_layers
+        for i, (k, n) in enumerate(zip(counts, self.widths, strict=True)):
+            c.layer_neurons[i] += sparse_rows * k + (rows - sparse_rows) * n
+        c.decode_tokens += rows
 
     # -- calibration, explicit selection, forwards outside the schedule -------------------------
     @contextmanager
@@ -354,6 +364,16 @@ class Controller:
         return m.history() if m is not None and m.batch_size else []
 
     # -- reporting ---------------------------------------------------------------------------
+    def _layer_sparsity(self) -> list[float]:
+        """Per layer, the fraction of its neurons not computed over the decode tokens."""
+        c = self.counters
+        if not c.decode_tokens:
+            return [0.0] * self.num_layers
+        return [
+            1.0 - neurons / (c.decode_tokens * n)
+            for neurons, n in zip(c.layer_neurons, self.widths, strict=True)
+        ]
+
     def stats(self) -> dict:
         c = self.counters
         counts = self.counts if self.counts is not None else list(self.widths)
@@ -378,7 +398,12 @@ class Controller:
             "mask_builds": c.mask_builds,
             "mask_refreshes": c.refreshes,
             "selection_seconds": c.selection_seconds,
+            "effective_sparsity_per_layer": self._layer_sparsity(),
+            "decode_tokens": c.decode_tokens,
             "drift_events": [{"step": s, "row": b} for s, b in c.drift_events],
+            "drift_events_per_100_tokens": (
+                100.0 * len(c.drift_events) / c.decode_tokens if c.decode_tokens else 0.0
+            ),
             "sequences": c.sequences,
             "budget_total_prune": self.cfg.prune_target,  # what an auto budget allocated
             "budget_prune_fractions": self.budget.prune_fractions if self.budget else None,

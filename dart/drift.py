@@ -9,10 +9,13 @@ Per sequence (row ``b`` of a batch) the monitor goes through
 2. **finalize**: ``baseline`` = mean feature of all trace tokens; ``mu``, ``sigma`` = mean and
    sample standard deviation of the stored trace-window similarities to that baseline;
    ``tau = mu - max(sigma_scale * sigma, threshold_floor)``. A trailing partial window is not
-   used. Degenerate cases keep ``tau`` finite: with ``K`` complete windows, ``K < 2`` gives
-   ``sigma = 0``; ``K < min_windows`` (in particular ``K = 0``, e.g. a 1-token trace) gives
-   ``mu = 1``, so ``tau = 1 - threshold_floor``. A row whose trace saw no token at all has no
-   baseline and is not monitored until its next trace.
+   used. The monitor never arms on fewer than ``min_windows`` (>= 2) complete windows: a row
+   whose trace ends with fewer (a re-trace of one decode pass, a short prompt) becomes
+   *pending*: it keeps collecting trace windows from the tokens that follow and is finalized by
+   :meth:`DriftMonitor.observe` as soon as it has ``min_windows``; until then it keeps its
+   previous baseline and threshold (and is monitored with them when it had any; a row's first
+   trace is not monitored before it has a baseline). So a baseline is never one token's feature
+   and ``tau`` is always the statistic of at least two windows.
 3. **monitor**: new tokens fill a window of ``w`` tokens; at each complete window its mean's
    similarity to the baseline is compared to ``tau``: below -> ``pressure += 1``, else
    ``pressure = max(pressure - 1, 0)``; ``pressure >= pressure_trigger`` sets the row's trigger
@@ -150,7 +153,8 @@ class DriftMonitor(ABC):
                 return torch.zeros(batch_size, dtype=dt, device=self.device)
 
             self.tracing = torch.ones(batch_size, dtype=torch.bool, device=self.device)
-            self.armed = z(torch.bool)
+            self.armed = z(torch.bool)  # has a baseline and threshold
+            self.pending = z(torch.bool)  # trace ended with < min_windows windows: still tracing
             self.triggered = z(torch.bool)
             self.pressure = z(torch.long)
             self.tau = z()
@@ -175,7 +179,7 @@ class DriftMonitor(ABC):
         r = rows.to(device=self.device, dtype=torch.bool)
         self._maybe_tracing = True
         self.tracing |= r
-        self.armed &= ~r
+        self.pending &= ~r  # armed rows keep their baseline until the new one has its windows
         self.triggered &= ~r
         for t in (self.pressure, self.trace_n, self.cur_n, self.chunk_total, self.chunk_stored):
             t.masked_fill_(r, 0)
@@ -239,7 +243,7 @@ class DriftMonitor(ABC):
         self.steps += v.sum(1)
 
         tr = self.tracing
-        mon = self.armed & ~tr
+        mon = self.armed & (~tr | self.pending)  # pending rows: watched with the old baseline
         # Rows are either tracing or monitoring: one pass over windows serves both.
         active = tr | mon
         va = v & active[:, None]
@@ -251,9 +255,14 @@ class DriftMonitor(ABC):
         # flags (set by begin/finalize, never read from device) skip work that cannot apply.
         if self._maybe_tracing:
             self._store_chunks(means, torch.where(tr, ncomp, 0))
-        if not self._maybe_monitoring:
-            return
+        if self._maybe_monitoring:
+            self._monitor(means, ncomp, j_max, mon, va, steps_before)
+        if self._maybe_tracing:  # pending rows are tracing rows (a flag that flips recompiles)
+            self._finalize(self.pending & (self.chunk_total >= self.cfg.min_windows))
 
+    def _monitor(
+        self, means: Tensor, ncomp: Tensor, j_max: int, mon: Tensor, va: Tensor, steps: Tensor
+    ) -> None:
         # -- monitoring rows: hysteresis over the complete windows, in order
         sims = self.similarity(means, self.baseline[:, None])  # [B, J]
         first_pos = self.window - (self.cur_n + ncomp * self.window - va.sum(1))
@@ -264,8 +273,7 @@ class DriftMonitor(ABC):
             fire = done & (p >= self.cfg.pressure_trigger)
             self.pressure.copy_(torch.where(done, torch.where(fire, 0, p), self.pressure))
             self.triggered |= fire
-            step = steps_before + first_pos + j * self.window
-            self._log(done, step, sims[:, j])
+            self._log(done, steps + first_pos + j * self.window, sims[:, j])
 
     def _store_chunks(self, means: Tensor, ncomp: Tensor) -> None:
         b, j_max, g, f = means.shape
@@ -305,16 +313,26 @@ class DriftMonitor(ABC):
         self.hist_n += done.long()
 
     def finalize_trace(self, rows: Tensor | None = None) -> None:
-        """End the trace for ``rows`` (default: every tracing row): baseline, mu, sigma, tau."""
+        """End the trace for ``rows`` (default: every tracing row): baseline, mu, sigma, tau
+        for rows with ``min_windows`` complete windows; the others become pending (see the
+        module docstring). One host synchronisation (rare: once per mask build)."""
         r = (
             self.tracing.clone()
             if rows is None
             else rows.to(self.device, torch.bool) & self.tracing
         )
-        if self._allocated_feature is None:  # nothing observed at all
-            self.tracing &= ~r
-            self.armed &= ~r
-            return
+        enough = self.chunk_total >= self.cfg.min_windows
+        later = r & ~enough
+        self.pending |= later
+        if rows is None and not bool(later.any()):
+            self._maybe_tracing = False
+        self._maybe_monitoring = True
+        if self._allocated_feature is not None:  # else nothing observed: no row has a window
+            self._finalize(r & enough)
+
+    def _finalize(self, r: Tensor) -> None:
+        """Baseline, mu, sigma and tau of rows ``r`` (each with >= min_windows windows); tensor
+        operations only (it runs inside :meth:`observe`, possibly in a compiled step)."""
         cfg = self.cfg
         base = self.trace_sum / self.trace_n.clamp_min(1)[:, None, None].float()
         sims = self.similarity(self.chunks, base[:, None])  # [B, C]
@@ -324,17 +342,14 @@ class DriftMonitor(ABC):
         mu = torch.where(used, sims, 0.0).sum(1) / kf.clamp_min(1.0)
         var = torch.where(used, (sims - mu[:, None]).square(), 0.0).sum(1) / (kf - 1).clamp_min(1)
         sigma = torch.where(k >= 2, var.sqrt(), 0.0)
-        mu = torch.where(k >= max(cfg.min_windows, 1), mu, 1.0)
         tau = mu - torch.clamp_min(cfg.sigma_scale * sigma, cfg.threshold_floor)
         self.baseline.copy_(torch.where(r[:, None, None], base, self.baseline))
         self.mu.copy_(torch.where(r, mu, self.mu))
         self.sigma.copy_(torch.where(r, sigma, self.sigma))
         self.tau.copy_(torch.where(r, tau, self.tau))
-        self.armed.copy_(torch.where(r, self.trace_n > 0, self.armed))
+        self.armed |= r
         self.tracing &= ~r
-        self._maybe_monitoring = True
-        if rows is None:
-            self._maybe_tracing = False
+        self.pending &= ~r
         self.pressure.masked_fill_(r, 0)
         self.cur_n.masked_fill_(r, 0)
         self.cur_sum.masked_fill_(r[:, None, None], 0.0)

@@ -7,6 +7,7 @@ method what it needs and does::
     method = get_method(config.method)     # a Method; ValueError listing the names otherwise
     if method.selects_from_prompt: ...      # trace each prompt, select from it (prepare + hold)
     if method.needs_calibration: ...        # masks from a calibration text (handle.calibrate)
+    method = method.for_config(config)      # its statistic as the config says (see below)
     h = method.statistic(h)                 # the FFN hidden activation as the method scores it
 
 Public interface (stable):
@@ -26,20 +27,35 @@ Public interface (stable):
   - ``uses_proxies``: the ``ranking`` (output proxies) applies; a method with a ``score``
     function ignores it;
   - ``shared_mask``: one mask serves every row, whatever ``batch_policy`` says (static);
+  - ``uniform_budget``: ``auto`` layers keep the same fraction ``1 - total_prune`` of their
+    neurons in every layer (GRIFFIN), fixed before any prompt is seen; otherwise the ``auto``
+    budget spreads ``total_prune`` over layers by sensitivity (:mod:`dart.budget`);
   - ``statistic(h) -> h'``: transform of the FFN hidden activation ``[..., N]`` before it is
-    accumulated (GRIFFIN: each token's vector L2-normalised over neurons; others: unchanged);
+    accumulated: one of :data:`STATISTICS` (``l2``: unchanged, so the accumulator's L2 over
+    tokens is DART's statistic; ``normalized_l2``: GRIFFIN's, each token's vector
+    L2-normalised over neurons). The registry's entries hold the statistic of a default config;
+    :meth:`Method.for_config` the one a config runs;
+  - ``own_statistic``: the name of a statistic the method always uses (griffin,
+    griffin+budget: ``normalized_l2``), or None: it uses ``DARTConfig.statistic``;
   - ``score(m, generator) -> scores`` or None: replaces the ranking of the magnitudes ``m``
     (random: uniform noise from the run's seeded generator);
 
   and ``configure(config)``: adjusts a ``DARTConfig`` in place to what the method runs (a
-  method without drift detection records ``drift.enabled = False``). ``DARTConfig`` calls it.
+  method without drift detection records ``drift.enabled = False``; one with its own
+  statistic records it in ``statistic``). ``DARTConfig`` calls it. ``for_config(config)``: the
+  method with ``config.statistic`` as its ``statistic`` (what the controller and
+  ``handle.method`` use).
 * ``METHODS``: read-only mapping name -> ``Method``, in the order of the comparison tables
-  (dense, static, griffin, random, dart, dart-nodrift).
+  (dense, static, griffin, griffin+budget, random, dart, dart-nodrift).
 * ``get_method(name) -> Method``.
+* ``STATISTICS``: read-only mapping ``DARTConfig.statistic`` name -> transform (``l2``,
+  ``normalized_l2``). EMA accumulation (``DARTConfig.ema_decay``) is separate and combines with
+  either.
 * ``per_token_l2_normalised(h)``: GRIFFIN's statistic, written once (the controller's
   accumulation and ``dart.export``'s in-graph selection both go through ``Method.statistic``).
 
-A patched model's method is ``handle.method`` (``dart.attach``) and ``controller.method``.
+A patched model's method (``for_config`` of its config) is ``handle.method`` (``dart.attach``)
+and ``controller.method``.
 """
 
 from __future__ import annotations
@@ -56,7 +72,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .config import DARTConfig
 
-__all__ = ["METHODS", "Method", "get_method", "per_token_l2_normalised"]
+__all__ = ["METHODS", "STATISTICS", "Method", "get_method", "per_token_l2_normalised"]
 
 
 def _unchanged(h: Tensor) -> Tensor:
@@ -68,6 +84,11 @@ def per_token_l2_normalised(h: Tensor) -> Tensor:
     norm over neurons (fp32; an all-zero vector stays zero)."""
     h = h.float()
     return h / torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+STATISTICS: Mapping[str, Callable[[Tensor], Tensor]] = MappingProxyType(
+    {"l2": _unchanged, "normalized_l2": per_token_l2_normalised}
+)
 
 
 def _uniform_noise(m: Tensor, generator: torch.Generator) -> Tensor:
@@ -88,13 +109,21 @@ class Method:
     uses_ema: bool = False
     uses_proxies: bool = False
     shared_mask: bool = False
+    uniform_budget: bool = False
     statistic: Callable[[Tensor], Tensor] = _unchanged
+    own_statistic: str | None = None
     score: Callable[[Tensor, torch.Generator], Tensor] | None = None
 
     def configure(self, config: DARTConfig) -> None:
         """Make ``config`` state what this method runs (drift detection off if it has none)."""
         if not self.uses_drift and config.drift.enabled:
             config.drift = dataclasses.replace(config.drift, enabled=False)
+        if self.own_statistic is not None:
+            config.statistic = self.own_statistic
+
+    def for_config(self, config: DARTConfig) -> Method:
+        """This method with the statistic ``config`` runs (``config.statistic``)."""
+        return dataclasses.replace(self, statistic=STATISTICS[config.statistic])
 
 
 _ALL = (
@@ -109,10 +138,21 @@ _ALL = (
     ),
     Method(
         "griffin",
-        "GRIFFIN: masks from the prompt's per-token-normalised activations, kept throughout",
+        "GRIFFIN: the same keep fraction in every layer, masks from the prompt's "
+        "per-token-normalised activations, kept throughout",
+        selects_from_prompt=True,
+        uses_proxies=True,
+        uniform_budget=True,
+        statistic=per_token_l2_normalised,
+        own_statistic="normalized_l2",
+    ),
+    Method(
+        "griffin+budget",
+        "GRIFFIN's statistic and frozen prompt masks with DART's auto budget over layers",
         selects_from_prompt=True,
         uses_proxies=True,
         statistic=per_token_l2_normalised,
+        own_statistic="normalized_l2",
     ),
     Method(
         "random",

@@ -103,3 +103,111 @@ def test_budget_bounds_come_from_the_config():
     a = allocate_budget([0.0, 1.0, 0.5], [100] * 3, 0.4, BudgetConfig(prune_min=0.2, prune_max=0.5))
     assert all(0.2 - 1e-12 <= p <= 0.5 + 1e-12 for p in a.prune_fractions)
     assert sum(a.prune_fractions) == pytest.approx(1.2)
+
+
+# -- guards against starving a layer (BudgetConfig.normalize / cap_margin / uniform_blend) ------
+
+
+def outlier_sensitivities(num_layers: int = 30, seed: int = 0) -> torch.Tensor:
+    """Like SmolLM2-135M's residual sensitivities: layer 0 at 13-16, the rest 0.003-0.22."""
+    g = torch.Generator().manual_seed(seed)
+    s = 0.003 + 0.217 * torch.rand(num_layers, generator=g, dtype=torch.float64)
+    s[0] = 14.5
+    return s
+
+
+def test_normalizations_registry_matches_config():
+    from dart.budget import NORMALIZATIONS
+    from dart.config import BUDGET_NORMALIZATIONS
+
+    assert tuple(NORMALIZATIONS) == BUDGET_NORMALIZATIONS
+
+
+def test_default_budget_starves_the_middle_of_an_outlier_model():
+    """The issue-12 failure this section guards against (and the default it keeps): min-max
+    squashes every layer but 0 to R ~ 1, so the depth ramp alone decides and the middle layers
+    lose ~86% of their neurons at 70%."""
+    a = allocate_budget(outlier_sensitivities(), [1536] * 30, 0.7)
+    mid = a.prune_fractions[9:25]
+    assert min(mid) > 0.85 and max(mid) - min(mid) < 0.01
+    explicit = BudgetConfig(normalize="minmax", cap_margin=None, uniform_blend=0.0)
+    assert allocate_budget(outlier_sensitivities(), [1536] * 30, 0.7, explicit) == a
+
+
+@pytest.mark.parametrize("normalize", ["rank", "winsorized"])
+def test_robust_normalisation_spreads_the_budget_by_sensitivity(normalize):
+    s = outlier_sensitivities()
+    cfg = BudgetConfig(normalize=normalize, depth_early=0.0, depth_late=0.0)
+    a = allocate_budget(s, [1536] * 30, 0.5, cfg)
+    p = torch.tensor(a.prune_fractions)
+    rest = s[1:]
+    # layer 0 stays the most protected; among the others, more sensitive -> pruned less
+    assert p[0] == p.min()
+    hi, lo = int(rest.argmax()) + 1, int(rest.argmin()) + 1
+    assert p[hi] < p[lo] - 0.3
+    minmax = torch.tensor(allocate_budget(s, [1536] * 30, 0.5, NO_DEPTH).prune_fractions)
+    assert p[1:].std() > 5 * minmax[1:].std()  # min-max: all the same but layer 0
+
+
+def test_rank_and_winsorized_hand_computed():
+    from dart.budget import NORMALIZATIONS
+
+    s = torch.tensor([3.0, 1.0, 1.0, 2.0, 100.0], dtype=torch.float64)
+    # below + (ties - 1) / 2 = [3, 0.5, 0.5, 2, 4] (the tied 1s share 0.5); min-max: -0.5, / 3.5
+    torch.testing.assert_close(
+        NORMALIZATIONS["rank"](s), torch.tensor([2.5, 0, 0, 1.5, 3.5], dtype=torch.float64) / 3.5
+    )
+    # Q1 = 1, Q3 = 3, IQR = 2: fences [-2, 6]; 100 -> 6; min-max over [1, 6]
+    torch.testing.assert_close(
+        NORMALIZATIONS["winsorized"](s),
+        torch.tensor([0.4, 0.0, 0.0, 0.2, 1.0], dtype=torch.float64),
+    )
+    assert NORMALIZATIONS["rank"](torch.ones(4, dtype=torch.float64)).tolist() == [0.0] * 4
+
+
+@pytest.mark.parametrize("total", [0.5, 0.7])
+def test_cap_margin_bounds_every_layer(total):
+    s = outlier_sensitivities()
+    a = allocate_budget(s, [1536] * 30, total, BudgetConfig(cap_margin=0.1))
+    assert max(a.prune_fractions) <= total + 0.1 + 1e-12
+    assert sum(a.prune_fractions) == pytest.approx(30 * total)
+    assert a.achieved_prune == pytest.approx(total, abs=1 / 1536)
+    # a margin of 0 is the uniform budget (every layer must prune exactly total_prune)
+    z = allocate_budget(s, [1536] * 30, total, BudgetConfig(cap_margin=0.0))
+    assert z.prune_fractions == pytest.approx([total] * 30)
+
+
+def test_uniform_blend_interpolates_toward_uniform():
+    s, widths = outlier_sensitivities(), [1536] * 30
+    auto = allocate_budget(s, widths, 0.7)
+    half = allocate_budget(s, widths, 0.7, BudgetConfig(uniform_blend=0.5))
+    full = allocate_budget(s, widths, 0.7, BudgetConfig(uniform_blend=1.0))
+    assert full.prune_fractions == pytest.approx([0.7] * 30)
+    exp = [0.5 * p + 0.35 for p in auto.prune_fractions]
+    assert half.prune_fractions == pytest.approx(exp)
+
+
+@pytest.mark.parametrize("normalize", ["minmax", "rank", "winsorized"])
+@pytest.mark.parametrize("cap_margin", [None, 0.05, 0.15])
+@pytest.mark.parametrize("blend", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("total", [0.3, 0.5, 0.7])
+def test_guarded_budgets_meet_total_prune_in_neurons(normalize, cap_margin, blend, total):
+    s = outlier_sensitivities(12, seed=3)
+    widths = [64, 96, 128, 64, 256, 64, 100, 128, 64, 96, 200, 64]  # unequal widths
+    cfg = BudgetConfig(normalize=normalize, cap_margin=cap_margin, uniform_blend=blend)
+    a = allocate_budget(s, widths, total, cfg)
+    pruned = sum(p * n for p, n in zip(a.prune_fractions, widths, strict=True))
+    assert pruned == pytest.approx(total * sum(widths), rel=1e-6)
+    removed = sum(n - k for n, k in zip(widths, a.keep_counts, strict=True))
+    assert abs(removed - total * sum(widths)) <= len(widths) / 2 + 1e-9
+    upper = 0.9 if cap_margin is None else min(0.9, total + cap_margin)
+    assert all(0.1 - 1e-12 <= p <= upper + 1e-12 for p in a.prune_fractions)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("normalize", "zscore"), ("cap_margin", -0.1), ("cap_margin", 2.0), ("uniform_blend", 1.5)],
+)
+def test_guard_settings_are_checked(field, value):
+    with pytest.raises(ConfigError, match=f"BudgetConfig.{field}"):
+        BudgetConfig(**{field: value})

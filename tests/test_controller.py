@@ -149,6 +149,30 @@ def test_forced_drift_retraces_one_row_and_keeps_cache():
     assert all(torch.equal(a[0], b[0]) for a, b in zip(after, before, strict=False))
     assert any(not torch.equal(a[1], b[1]) for a, b in zip(after, before, strict=False))
     assert handle.stats()["mask_refreshes"] == 1
+    stats = handle.stats()
+    assert stats["decode_tokens"] == 2 * 9  # two rows, nine decode passes
+    assert stats["drift_events_per_100_tokens"] == pytest.approx(100 / 18)
+    handle.detach()
+
+
+def test_effective_sparsity_per_layer():
+    """Per layer: neurons skipped over the decode tokens; dense (tracing) rows skip none."""
+    model = tiny_model("llama", layers=3)
+    handle = dart.attach(
+        model, DARTConfig(layer_topk="0:0.25,1:0.5", masking_step=3, drift=NO_DRIFT)
+    )
+    assert handle.stats()["effective_sparsity_per_layer"] == [0.0, 0.0, 0.0]
+    drive(model, handle, random_ids(2), steps=6)  # passes 1-2 trace, 3-6 sparse
+    stats = handle.stats()
+    assert stats["decode_tokens"] == 12 and stats["drift_events_per_100_tokens"] == 0.0
+    sparse = 8 / 12
+    expected = [0.75 * sparse, 0.5 * sparse, 0.0]
+    assert stats["effective_sparsity_per_layer"] == pytest.approx(expected)
+    widths = stats["widths"]
+    overall = sum(e * n for e, n in zip(expected, widths, strict=True)) / sum(widths)
+    assert stats["effective_sparsity"] == pytest.approx(overall)
+    handle.controller.reset_stats()
+    assert handle.stats()["effective_sparsity_per_layer"] == [0.0, 0.0, 0.0]
     handle.detach()
 
 

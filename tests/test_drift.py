@@ -88,28 +88,88 @@ def test_chunk_decimation_matches_subsampled_naive():
     assert float(mon.sigma[0]) == pytest.approx(sd, abs=1e-5)
 
 
-def test_degenerate_traces_give_finite_tau():
-    mon = AttnOutputMonitor(DriftConfig(window=5))
+def test_short_traces_stay_pending_until_min_windows():
+    """Fewer than min_windows complete windows: no baseline yet (not armed, still tracing);
+    the row arms as soon as the following tokens complete its windows, from all its tokens."""
+    torch.manual_seed(4)
+    mon = AttnOutputMonitor(DriftConfig(window=5, min_windows=2))
     mon.begin_trace(3)
     valid = torch.tensor([[True] * 7, [False] * 6 + [True], [False] * 7])
-    mon.observe(torch.randn(3, 7, 4), valid)
+    x = torch.randn(3, 7, 4)
+    mon.observe(x, valid)
     mon.finalize_trace()
-    assert torch.isfinite(mon.tau).all() and torch.isfinite(mon.mu).all()
-    # row 0: one complete window -> sigma 0, mu = its similarity; row 1: 1 token -> mu = 1
-    assert float(mon.sigma[0]) == 0.0
-    assert float(mon.tau[1]) == pytest.approx(0.9)
-    assert mon.armed.tolist() == [True, True, False]  # row 2 saw nothing: not monitored
-    for _ in range(20):
-        mon.observe(torch.randn(3, 1, 4))
-    assert mon.history()[2] == []
+    assert mon.armed.tolist() == [False] * 3 and mon.pending.tolist() == [True] * 3
+    assert mon.tracing.tolist() == [True] * 3
+    y = torch.randn(3, 3, 4)
+    mon.observe(y)  # row 0: 10 tokens = 2 windows -> armed; rows 1 and 2: 4 and 3 tokens
+    assert mon.armed.tolist() == [True, False, False]
+    base, mu, sd, tau = _naive_tau(torch.cat([x[0], y[0]]), 5)
+    torch.testing.assert_close(mon.baseline[0, 0], base)
+    assert float(mon.tau[0]) == pytest.approx(tau, abs=1e-5)
+    mon.observe(torch.randn(3, 7, 4))
+    assert mon.armed.tolist() == [True, True, True] and not mon.pending.any()
+    assert torch.isfinite(mon.tau).all() and (mon.sigma > 0).all()
+    assert mon.history()[1] == [] and len(mon.history()[0]) == 1  # watched once armed
 
 
-def test_min_windows():
-    mon = AttnOutputMonitor(DriftConfig(window=2, min_windows=3))
+@pytest.mark.parametrize("min_windows", [0, 1])
+def test_min_windows_is_at_least_two(min_windows):
+    with pytest.raises(ValueError, match="DriftConfig.min_windows"):
+        DriftConfig(min_windows=min_windows)
+
+
+def _retrace_one_token(mon, token):
+    """What the controller does at a drift event with masking_step=0: restart the row's trace,
+    one dense decode pass, mask built (finalize)."""
+    mon.begin_trace(1, rows=torch.tensor([True]))
+    mon.observe(token[None, None])
+    mon.finalize_trace(torch.tensor([True]))
+
+
+def test_one_token_retrace_keeps_the_previous_threshold():
+    """The hair trigger of issue 12: after a one-token re-trace the old rule (mu = 1,
+    tau = 1 - floor = 0.9, baseline = that token) fires on the same topic's windows; now the
+    previous baseline and threshold stay until the re-trace has min_windows windows."""
+    a = torch.zeros(16)
+    a[0] = 1.0
+    prompt, after = _topic(100, a, 0.2, seed=1), _topic(200, a, 0.2, seed=2)
+    one_token_baseline = after[0]
+    old_sims = [_cos(after[1 + i * 5 : 6 + i * 5].mean(0), one_token_baseline) for i in range(39)]
+    assert sum(s < 0.9 for s in old_sims) > 30  # the old rule's pressure would fire repeatedly
+    mon = AttnOutputMonitor(DriftConfig())
     mon.begin_trace(1)
-    mon.observe(torch.randn(1, 4, 3))  # 2 windows < 3
+    mon.observe(prompt[None])
     mon.finalize_trace()
-    assert float(mon.mu[0]) == 1.0 and float(mon.tau[0]) == pytest.approx(0.9)
+    tau_prompt, base_prompt = float(mon.tau[0]), mon.baseline[0, 0].clone()
+    _retrace_one_token(mon, after[0])
+    assert float(mon.tau[0]) == tau_prompt and torch.equal(mon.baseline[0, 0], base_prompt)
+    fired = []
+    for t in range(1, 200):
+        mon.observe(after[None, t : t + 1])
+        fired.append(bool(mon.poll()[0]))
+    assert not any(fired)
+    assert not mon.pending.any() and float(mon.tau[0]) != tau_prompt  # re-armed: new statistics
+    torch.testing.assert_close(mon.baseline[0, 0], after[:10].mean(0))  # its first 2 windows
+    assert float(mon.tau[0]) > 0.7
+
+
+@pytest.mark.parametrize("switch_at", [1, 60])
+def test_topic_switch_after_a_retrace_still_fires(switch_at):
+    """A real switch fires while the re-trace is pending (old baseline) and after it armed."""
+    a, b = torch.zeros(16), torch.zeros(16)
+    a[0], b[1] = 1.0, 1.0
+    mon = AttnOutputMonitor(DriftConfig())
+    mon.begin_trace(1)
+    mon.observe(_topic(100, a, 0.2, seed=1)[None])
+    mon.finalize_trace()
+    stream = torch.cat([_topic(switch_at, a, 0.2, seed=2), _topic(40, b, 0.2, seed=3)])
+    _retrace_one_token(mon, stream[0])
+    fired = []
+    for t in range(1, stream.shape[0]):
+        mon.observe(stream[None, t : t + 1])
+        fired.append(bool(mon.poll()[0]))
+    first = fired.index(True) + 1
+    assert switch_at <= first <= switch_at + 15
 
 
 def _run(mon, trace, gen, step=1, valid_gen=None):
@@ -208,8 +268,8 @@ def test_retrace_some_rows():
     mon.observe(_topic(20, a, 0.0)[None].expand(2, -1, -1))
     mon.finalize_trace()
     tau0 = mon.tau.clone()
-    mon.begin_trace(2, rows=torch.tensor([True, False]))
-    assert mon.tracing.tolist() == [True, False] and mon.armed.tolist() == [False, True]
+    mon.begin_trace(2, rows=torch.tensor([True, False]))  # row 0 keeps its baseline meanwhile
+    assert mon.tracing.tolist() == [True, False] and mon.armed.tolist() == [True, True]
     mon.observe(_topic(10, b, 0.0)[None].expand(2, -1, -1))  # row 1 monitors, sees drift
     assert mon.poll().tolist() == [False, True]
     mon.finalize_trace(torch.tensor([True, False]))
