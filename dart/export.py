@@ -58,6 +58,7 @@ from torch import nn
 from .api import DARTHandle, attach, load_ops
 from .config import DARTConfig
 from .fast import static_cache_logits
+from .methods import METHODS, Method, get_method
 from .results import write_json
 from .runner import FORMAT, MANIFEST, OPS_LIBRARY, file_sha256, greedy_generate
 from .scoring import rank_scores, shared_scores
@@ -117,6 +118,12 @@ def _view_recipe(t: torch.Tensor, owner: nn.Module) -> tuple[str, tuple, tuple, 
     raise ValueError("an FFN weight is not a view of its module's parameters")
 
 
+def _exportable(method: Method) -> bool:
+    """The exported prefill selects each row's masks from its prompt by the method's statistic
+    in-graph: no calibration text, no random scores."""
+    return not method.prunes or (method.selects_from_prompt and method.score is None)
+
+
 class DARTExportModule(nn.Module):
     """A DART-patched model as two exportable programs (`prefill`, `decode`) over explicit
     static-cache state; see the module docstring. `counts[l] >= width` keeps layer l dense.
@@ -130,12 +137,13 @@ class DARTExportModule(nn.Module):
         from transformers.cache_utils import StaticLayer
 
         cfg = handle.config
-        if cfg.method not in ("dart", "griffin", "dense"):
+        if not _exportable(handle.method):
+            names = ", ".join(m.name for m in METHODS.values() if _exportable(m))
             raise ValueError(
-                f"export supports method dart, griffin or dense (prompt-selected or no masks), "
-                f"not {cfg.method!r}"
+                f"export supports the methods whose masks come from the prompt's statistic, or "
+                f"no masks ({names}), not {cfg.method!r}"
             )
-        if cfg.method != "dense" and cfg.backend == "masked":
+        if handle.method.prunes and cfg.backend == "masked":
             raise ValueError("export runs the gathered kernels: attach with backend 'gathered'")
         if cfg.ema_decay is not None or cfg.strategy != "topk":
             raise ValueError("export needs L2 magnitudes (ema_decay=None) and strategy='topk'")
@@ -528,7 +536,8 @@ def export_command(options: ExportOptions) -> int:
         cfg["layer_topk"] = options.layer_topk
     config = DARTConfig(**cfg, drift={"enabled": False})
     calibration = None
-    if "auto" in config.layer_topk and config.method != "dense":
+    method = get_method(config.method)
+    if config.has_auto and method.prunes and not method.uniform_budget:
         text = options.prompt
         if text is None:
             from .data import load_drift_prompts

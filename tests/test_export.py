@@ -147,6 +147,17 @@ def test_auto_budget_counts_come_from_the_calibration_prompt():
     handle.detach()
 
 
+@pytest.mark.parametrize("method", ["random", "static"])
+def test_methods_without_prompt_statistics_are_refused(method):
+    handle = dart.attach(tiny_model("llama"), FIXED, method=method)
+    try:
+        with pytest.raises(ValueError, match=f"not '{method}'") as err:
+            DARTExportModule(handle, 1, MAX_LEN, list(handle.controller.widths))
+        assert "dart" in str(err.value) and "griffin" in str(err.value)
+    finally:
+        handle.detach()
+
+
 def test_aoti_package_reproduces_eager_tokens_in_a_torch_only_process(tmp_path):
     model = tiny_model("llama")
     ids, mask = _batch()
