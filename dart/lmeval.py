@@ -46,6 +46,7 @@ from .evaluate.arms import Arm, arm_config, attach_arm, parse_arms
 from .evaluate.perplexity import tokenize_prefix
 from .evaluate.store import RecordStore
 from .lmeval_tasks import default_tasks_dir, write_tasks
+from .methods import get_method
 from .models import load_model
 from .results import atomic_write_text, write_json
 
@@ -67,10 +68,7 @@ ZERO_SHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_c
 
 
 def _arm_dart_config(arm: Arm, overrides: dict | None, backend: str, seed: int):
-    data = dict(overrides or {})
-    # GRIFFIN keeps the same k in every layer (not DART's auto budget)
-    uniform = arm.method == "griffin" and "layer_topk" not in data
-    return arm_config(arm, data, uniform=uniform, backend=backend, seed=seed)
+    return arm_config(arm, dict(overrides or {}), backend=backend, seed=seed)
 
 
 @register_model("dart")
@@ -111,17 +109,18 @@ class DARTLM(HFLM):
             pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size), **kwargs
         )
         rs = None if release_step in (None, "", "None") else int(release_step)
-        self.arm = Arm(method, 0.0 if method == "dense" else float(total_prune), rs)
+        prunes = get_method(method).prunes
+        self.arm = Arm(method, float(total_prune) if prunes else 0.0, rs)
         overrides = dart_config
         if isinstance(dart_config, str):
             from .config import DARTConfig
 
             overrides = DARTConfig.load(dart_config).to_dict()
         self.handle: DARTHandle | None = None
-        if method != "dense":
+        if prunes:
             cfg = _arm_dart_config(self.arm, overrides, backend, int(seed))
             cal = None
-            if cfg.method == "static":
+            if get_method(cfg.method).needs_calibration:
                 text = load_text(calibration, split="calibration")
                 cal = tokenize_prefix(tokenizer, text, int(calibration_tokens))[None]
             self.handle = attach_arm(model, cfg, cal)
@@ -142,7 +141,7 @@ class DARTLM(HFLM):
         h = self.handle
         if h is None:
             return contextlib.nullcontext()
-        if h.config.method == "static":
+        if h.method.needs_calibration:
             h.controller.begin(ids.shape[0], ids.device)  # the calibrated masks, every row
         else:
             h.prepare(ids, attention_mask=mask)
@@ -549,14 +548,13 @@ def compute_metrics(
 
 
 def _pairs(arm: Arm, arms: list[Arm]):
-    if arm.method != "dense":
-        for other in arms:
-            if other.method == "dense":
-                yield other, "dense"
-    if arm.method == "dart":
-        for other in arms:
-            if other.method == "griffin" and other.total_prune == arm.total_prune:
-                yield other, "griffin"
+    if arm.is_reference:
+        return
+    for other in arms:
+        if other.is_reference:
+            yield other, other.method
+        elif other.method in arm.spec.compared_with and other.total_prune == arm.total_prune:
+            yield other, other.method
 
 
 def _metric(task, arm, metric, value, stderr, n) -> dict[str, Any]:

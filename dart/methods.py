@@ -39,6 +39,8 @@ Public interface (stable):
     griffin+budget: ``normalized_l2``), or None: it uses ``DARTConfig.statistic``;
   - ``score(m, generator) -> scores`` or None: replaces the ranking of the magnitudes ``m``
     (random: uniform noise from the run's seeded generator);
+  - ``compared_with``: the baselines whose arms at the same sparsity a report pairs it with,
+    beside the unpruned reference (dart: griffin);
 
   and ``configure(config)``: adjusts a ``DARTConfig`` in place to what the method runs (a
   method without drift detection records ``drift.enabled = False``; one with its own
@@ -113,6 +115,7 @@ class Method:
     statistic: Callable[[Tensor], Tensor] = _unchanged
     own_statistic: str | None = None
     score: Callable[[Tensor, torch.Generator], Tensor] | None = None
+    compared_with: tuple[str, ...] = ()
 
     def configure(self, config: DARTConfig) -> None:
         """Make ``config`` state what this method runs (drift detection off if it has none)."""
@@ -167,6 +170,7 @@ _ALL = (
         uses_drift=True,
         uses_ema=True,
         uses_proxies=True,
+        compared_with=("griffin",),
     ),
     Method(
         "dart-nodrift",

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import pytest
+from tiny_models import tiny_model
 
+from dart.adapters import get_adapter
+from dart.controller import Controller
 from dart.evaluate import (
     Arm,
     arm_config,
     parse_arms,
 )
+from dart.methods import get_method
 
 
 def test_parse_arms():
@@ -44,7 +48,12 @@ def test_reference_arm_and_what_arms_need_come_from_the_method_registry():
     ]
 
 
-def test_uniform_arm_keeps_the_same_share_of_every_layer():
-    cfg = arm_config(Arm("griffin", 0.7), uniform=True)
-    assert cfg.layer_topk == "all:0.3" and cfg.total_prune is None
-    assert arm_config(Arm("griffin", 0.7)).total_prune == 0.7  # the auto budget
+def test_griffin_arm_keeps_the_same_share_of_every_layer():
+    cfg = arm_config(Arm("griffin", 0.7))
+    assert cfg.total_prune == 0.7 and get_method(cfg.method).uniform_budget
+    adapter = get_adapter(tiny_model("llama"))
+    parts = [adapter.ffn_parts(r) for r in adapter.layer_refs()]
+    counts = Controller(cfg, parts).fixed_counts
+    assert counts == [round(0.3 * p.width) for p in parts]
+    budget = arm_config(Arm("griffin+budget", 0.7))  # DART's auto budget: counts per prompt
+    assert Controller(budget, parts).fixed_counts is None

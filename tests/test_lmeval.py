@@ -147,7 +147,9 @@ def test_batches_use_per_sequence_masks(tiny):
 def test_griffin_keeps_the_same_k_in_every_layer(tiny):
     lm = DARTLM(str(tiny), method="griffin", total_prune=0.5, backend="masked")
     try:
-        assert lm.handle.config.layer_topk == "all:0.5"
+        c = lm.handle.controller
+        assert lm.handle.method.uniform_budget
+        assert c.fixed_counts == [round(0.5 * w) for w in c.widths]
     finally:
         lm.close()
 

@@ -100,12 +100,12 @@ def parse_arms(
 
 
 def arm_config(
-    arm: Arm, overrides: dict[str, Any] | None = None, *, uniform: bool = False, **fields: Any
+    arm: Arm, overrides: dict[str, Any] | None = None, **fields: Any
 ) -> DARTConfig | None:
     """DARTConfig of an arm: ``overrides`` (the YAML ``dart:`` section) then the arm's fields;
     None for the reference arm, which runs the model unpatched. The arm's sparsity is the
-    ``total_prune`` of the ``auto`` budget, or with ``uniform`` the same share of every layer
-    (``layer_topk='all:<1 - total_prune>'``, GRIFFIN's protocol)."""
+    ``total_prune`` of the ``auto`` budget (a method with ``uniform_budget``, GRIFFIN, spreads it
+    as the same share of every layer)."""
     if arm.is_reference:
         return None
     data = copy.deepcopy(overrides or {})
@@ -113,10 +113,7 @@ def arm_config(
     drift = dict(data.get("drift") or {})
     drift["enabled"] = arm.spec.uses_drift and drift.get("enabled", True)
     data.update(method=arm.method, drift=drift)
-    if uniform:
-        data["layer_topk"] = f"all:{1.0 - arm.total_prune:.6g}"
-    else:
-        data["total_prune"] = arm.total_prune
+    data["total_prune"] = arm.total_prune
     if arm.release_step is not None:
         data["release_step"] = arm.release_step
     return DARTConfig.from_dict(data)
