@@ -123,7 +123,7 @@ class RecordStore:
 
     def append(self, records: Iterable[dict[str, Any]], rank: int = 0) -> None:
         """Append records: each line one ``write`` with ``O_APPEND`` (never split or
-        interleaved), then one fsync."""
+        interleaved) under an exclusive ``flock`` of the file, then one fsync."""
         lines = [(json.dumps(r, default=_jsonable) + "\n").encode("utf-8") for r in records]
         if not lines:
             return
@@ -131,6 +131,9 @@ class RecordStore:
         path = self.path(rank)
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, FILE_MODE)
         try:
+            # Another appender's write may be under way: a reader can see its line half
+            # written, which must not be taken for a crash's torn tail (that would add a line).
+            fcntl.flock(fd, fcntl.LOCK_EX)
             if _ends_torn(fd):
                 _write_all(fd, b"\n")  # the torn line of a crash stays a line of its own
             for line in lines:
