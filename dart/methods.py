@@ -40,7 +40,7 @@ Public interface (stable):
   - ``score(m, generator) -> scores`` or None: replaces the ranking of the magnitudes ``m``
     (random: uniform noise from the run's seeded generator);
   - ``compared_with``: the baselines whose arms at the same sparsity a report pairs it with,
-    beside the unpruned reference (dart: griffin);
+    beside the unpruned reference (dart, dart-nodrift: griffin);
 
   and ``configure(config)``: adjusts a ``DARTConfig`` in place to what the method runs (a
   method without drift detection records ``drift.enabled = False``; one with its own
@@ -178,6 +178,7 @@ _ALL = (
         selects_from_prompt=True,
         uses_ema=True,
         uses_proxies=True,
+        compared_with=("griffin",),
     ),
 )
 

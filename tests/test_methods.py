@@ -45,6 +45,8 @@ def test_what_each_method_needs():
     assert [n for n, m in METHODS.items() if m.score is not None] == ["random"]
     assert [n for n, m in METHODS.items() if m.shared_mask] == ["static"]
     assert [n for n, m in METHODS.items() if m.uniform_budget] == ["griffin"]
+    paired = {n: m.compared_with for n, m in METHODS.items() if m.compared_with}
+    assert paired == {"dart": ("griffin",), "dart-nodrift": ("griffin",)}
     # GRIFFIN with DART's budget is GRIFFIN in every other respect
     same = dataclasses.replace(
         METHODS["griffin+budget"], name="griffin", description="", uniform_budget=True
