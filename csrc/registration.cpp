@@ -29,14 +29,16 @@ extern "C" int dart_ops_anchor() { return 1; }
 
 TORCH_LIBRARY(dart, m) {
   m.set_python_module("dart_ext.ops");
+  // idx is [k] (shared) or [B, k] (per sequence); `lengths` [B] makes a per-sequence idx padded:
+  // row b uses its first lengths[b] entries, the rest are never read.
   m.def("topk_indices(Tensor scores, int k) -> Tensor");
   m.def(
       "gathered_glu_ffn(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down_t, Tensor idx, "
-      "str act) -> Tensor");
+      "str act, Tensor? lengths=None) -> Tensor");
   m.def(
       "gathered_mlp(Tensor x, Tensor w_in, Tensor? b_in, Tensor w_out_t, Tensor? b_out, "
-      "Tensor idx, str act) -> Tensor");
-  m.def("gather_neurons_(Tensor(a!) out, Tensor[] srcs, Tensor idx) -> ()");
+      "Tensor idx, str act, Tensor? lengths=None) -> Tensor");
+  m.def("gather_neurons_(Tensor(a!) out, Tensor[] srcs, Tensor idx, Tensor? lengths=None) -> ()");
   // Settings of the CPU kernels as this process runs them (csrc/cpu/config.cpp parses the
   // environment once; Python reads them here instead of parsing the variables again).
   m.def("cpu_gemm_min_tokens() -> int");

@@ -33,7 +33,14 @@ from torch import Tensor
 
 from .config import BudgetConfig, parse_total_prune
 
-__all__ = ["NORMALIZATIONS", "BudgetAllocation", "allocate_budget", "depth_protection"]
+__all__ = [
+    "NORMALIZATIONS",
+    "BudgetAllocation",
+    "allocate_budget",
+    "allocate_budgets",
+    "depth_protection",
+    "max_keep_counts",
+]
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,46 @@ def depth_protection(num_layers: int, budget: BudgetConfig | None = None) -> Ten
     return d
 
 
+def _bounds(total_prune: float, b: BudgetConfig) -> tuple[float, float]:
+    """``(lower, upper)``: the range every layer's prune fraction is clipped to."""
+    upper = b.prune_max if b.cap_margin is None else min(b.prune_max, total_prune + b.cap_margin)
+    return min(b.prune_min, upper), upper
+
+
+def _keep(prune: float, width: int) -> int:
+    """Neurons kept at prune fraction ``prune``: round-half-up, clamped to ``[1, width]``."""
+    return min(max(math.floor((1.0 - float(prune)) * width + 0.5), 1), width)
+
+
+def max_keep_counts(
+    widths: Sequence[int], total_prune: float, budget: BudgetConfig | None = None
+) -> list[int]:
+    """The most neurons :func:`allocate_budget` can keep in each layer for this ``total_prune``
+    and ``budget``, whatever the sensitivities (every fraction it returns is at least the lower
+    bound). Per-row budgets size their padded index tensors ``[B, kmax]`` with it, so the shapes
+    depend on the config alone, never on which prompts share a batch."""
+    total_prune = parse_total_prune(total_prune, "total_prune")
+    widths_i = [int(x) for x in widths]
+    if total_prune == 0.0:
+        return widths_i
+    lower, _ = _bounds(total_prune, budget or BudgetConfig())
+    return [_keep(lower, n) for n in widths_i]
+
+
+def allocate_budgets(
+    sensitivities: Tensor,
+    widths: Sequence[int],
+    total_prune: float,
+    budget: BudgetConfig | None = None,
+) -> list[BudgetAllocation]:
+    """One :func:`allocate_budget` per row of ``sensitivities`` ``[B, L]``: each sequence's
+    budget from its own statistics alone, so batch-mates cannot change it."""
+    s = torch.as_tensor(sensitivities).detach().cpu()
+    if s.dim() != 2:
+        raise ValueError(f"sensitivities must be [B, L], got shape {tuple(s.shape)}")
+    return [allocate_budget(row, widths, total_prune, budget) for row in s]
+
+
 def allocate_budget(
     sensitivity: Tensor | Sequence[float],
     widths: Sequence[int],
@@ -114,8 +161,7 @@ def allocate_budget(
     p_weight = r * depth_protection(num_layers, b)
     if p_weight.sum() <= 0:
         p_weight = torch.ones_like(s)
-    upper = b.prune_max if b.cap_margin is None else min(b.prune_max, total_prune + b.cap_margin)
-    lower = min(b.prune_min, upper)
+    lower, upper = _bounds(total_prune, b)
 
     budget_neurons = total_prune * n.sum()  # neurons to remove
     p = (budget_neurons * p_weight / (p_weight * n).sum()).clamp(lower, upper)
@@ -137,9 +183,6 @@ def allocate_budget(
         uniform = min(max(total_prune, lower), upper)
         p = (1.0 - b.uniform_blend) * p + b.uniform_blend * uniform
 
-    keep = [
-        min(max(math.floor((1.0 - float(pl)) * nl + 0.5), 1), nl)
-        for pl, nl in zip(p.tolist(), widths_i, strict=True)
-    ]
+    keep = [_keep(pl, nl) for pl, nl in zip(p.tolist(), widths_i, strict=True)]
     achieved = 1.0 - sum(keep) / sum(widths_i)
     return BudgetAllocation(keep, [float(x) for x in p.tolist()], float(total_prune), achieved)

@@ -11,26 +11,31 @@ them out of bounds; no autograd: inference only):
     scores of each row, sorted ascending (memory order). ``1 <= k <= N``. Ties: among equal scores
     the lower index wins; NaN counts as -inf.
 
-``gathered_glu_ffn(x, w_gate, w_up, w_down_t, idx, act) -> y``
+``gathered_glu_ffn(x, w_gate, w_up, w_down_t, idx, act, lengths=None) -> y``
     ``y = sum_j act(x . w_gate[idx_j]) * (x . w_up[idx_j]) * w_down_t[idx_j]``.
     x ``[..., d]``; weights ``[N, d]`` with unit last-dim stride (any row stride: pass
     ``down_proj.weight.t()`` of a down projection stored ``[N, d]`` contiguous; weights are never
     copied whole); weights share x's dtype. idx int64 (int32 accepted) ``[k]`` shared by all tokens,
     or ``[B, k]`` per sequence for x ``[B, T, d]``; values in ``[0, N)``; ``k = 0`` gives zeros.
+    ``lengths`` (int64/int32 ``[B]``, values in ``[0, kmax]``, only with a per-sequence idx
+    ``[B, kmax]``): row ``b`` uses its first ``lengths[b]`` indices (its own keep count); the
+    entries past a row's length are never read, so any padding value is safe.
     Duplicate indices are allowed and counted twice. act in silu, gelu (erf), gelu_tanh (aliases
     gelu_new, gelu_pytorch_tanh), relu. fp32 accumulation; y has x's shape and dtype (contiguous),
     rounded once.
 
-``gathered_mlp(x, w_in, b_in, w_out_t, b_out, idx, act) -> y``
+``gathered_mlp(x, w_in, b_in, w_out_t, b_out, idx, act, lengths=None) -> y``
     Plain 2-matrix FFN (GPT-2 / OPT / NeoX): ``h_j = act(x . w_in[idx_j] + b_in[idx_j])``,
     ``y = sum_j h_j * w_out_t[idx_j] + b_out``; biases optional (``b_in [N]``, ``b_out [d]``).
-    Same shapes, dtypes and acts as above.
+    Same shapes, dtypes, acts and ``lengths`` as above.
 
-``gather_neurons_(out, srcs, idx) -> None``  (mutates ``out``)
+``gather_neurons_(out, srcs, idx, lengths=None) -> None``  (mutates ``out``)
     Re-slices kept neuron rows into a persistent buffer. Shared idx ``[k]``: out ``[S*k, d]`` and
     block ``s`` (rows ``s*k .. s*k+k-1``) gets ``srcs[s][idx]``. Per-sequence idx ``[B, k]``: out
-    ``[B, S*k, d]``. srcs are ``[N, d]`` with unit last-dim stride and out's dtype. Biases: pass a
-    ``[N, 1]`` view (d = 1 works).
+    ``[B, S*k, d]``; with ``lengths`` (padded idx ``[B, kmax]``) row ``b``'s block entries past
+    ``lengths[b]`` are set to zero, so the compact GEMMs below sum each row's own neurons only.
+    srcs are ``[N, d]`` with unit last-dim stride and out's dtype. Biases: pass a ``[N, 1]`` view
+    (d = 1 works).
 
 Compact (slice-on-reselect) FFN, run between re-selections as dense GEMMs::
 
@@ -85,18 +90,32 @@ def _check_weight(op, name, w, x, d):
         _fail(op, f"{name} must have unit stride in its last dim, got strides {w.stride()}")
 
 
-def _check_idx(op, idx, x, n):
+def _check_idx(op, idx, x, n, lengths=None):
     if idx.device != x.device:
         _fail(op, f"idx is on {idx.device} but x is on {x.device}")
-    if idx.dtype not in _IDX_DTYPES:
-        _fail(op, f"idx must be int64 (or int32), got {idx.dtype}")
-    if idx.dim() not in (1, 2):
-        _fail(op, f"idx must be 1-D [k] or 2-D [B, k], got shape {tuple(idx.shape)}")
+    _check_idx_layout(op, idx, lengths)
     if idx.dim() == 2:
         if x.dim() != 3:
             _fail(op, f"a per-sequence idx [B, k] needs x [B, T, d], got x {tuple(x.shape)}")
         if idx.shape[0] != x.shape[0]:
             _fail(op, f"idx has B = {idx.shape[0]} rows but x has batch size {x.shape[0]}")
+
+
+def _check_idx_layout(op, idx, lengths):
+    if idx.dtype not in _IDX_DTYPES:
+        _fail(op, f"idx must be int64 (or int32), got {idx.dtype}")
+    if idx.dim() not in (1, 2):
+        _fail(op, f"idx must be 1-D [k] or 2-D [B, k], got shape {tuple(idx.shape)}")
+    if lengths is None:
+        return
+    if idx.dim() != 2:
+        _fail(op, f"lengths need a per-sequence idx [B, kmax] (padded rows), got {idx.shape}")
+    if lengths.device != idx.device:
+        _fail(op, f"lengths is on {lengths.device} but idx is on {idx.device}")
+    if lengths.dtype not in _IDX_DTYPES:
+        _fail(op, f"lengths must be int64 (or int32), got {lengths.dtype}")
+    if lengths.dim() != 1 or lengths.shape[0] != idx.shape[0]:
+        _fail(op, f"lengths must be 1-D [B] = [{idx.shape[0]}], got shape {tuple(lengths.shape)}")
 
 
 def _check_x(op, x):
@@ -123,7 +142,7 @@ def _topk_indices_fake(scores, k):
 
 
 @torch.library.register_fake("dart::gathered_glu_ffn")
-def _gathered_glu_ffn_fake(x, w_gate, w_up, w_down_t, idx, act):
+def _gathered_glu_ffn_fake(x, w_gate, w_up, w_down_t, idx, act, lengths=None):
     op = "gathered_glu_ffn"
     _check_x(op, x)
     d = x.shape[-1]
@@ -135,12 +154,12 @@ def _gathered_glu_ffn_fake(x, w_gate, w_up, w_down_t, idx, act):
     if w_down_t.shape[0] != n:
         _fail(op, f"w_down_t has N = {w_down_t.shape[0]} rows but w_gate has N = {n}")
     _check_act(op, act)
-    _check_idx(op, idx, x, n)
+    _check_idx(op, idx, x, n, lengths)
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("dart::gathered_mlp")
-def _gathered_mlp_fake(x, w_in, b_in, w_out_t, b_out, idx, act):
+def _gathered_mlp_fake(x, w_in, b_in, w_out_t, b_out, idx, act, lengths=None):
     op = "gathered_mlp"
     _check_x(op, x)
     d = x.shape[-1]
@@ -157,19 +176,16 @@ def _gathered_mlp_fake(x, w_in, b_in, w_out_t, b_out, idx, act):
         if b.dim() != 1 or b.shape[0] != size:
             _fail(op, f"{name} must be 1-D [{what}] = [{size}], got shape {tuple(b.shape)}")
     _check_act(op, act)
-    _check_idx(op, idx, x, n)
+    _check_idx(op, idx, x, n, lengths)
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("dart::gather_neurons_")
-def _gather_neurons_fake(out, srcs, idx):
+def _gather_neurons_fake(out, srcs, idx, lengths=None):
     op = "gather_neurons_"
     if len(srcs) < 1:
         _fail(op, "srcs must hold at least one [N, d] tensor")
-    if idx.dtype not in _IDX_DTYPES:
-        _fail(op, f"idx must be int64 (or int32), got {idx.dtype}")
-    if idx.dim() not in (1, 2):
-        _fail(op, f"idx must be 1-D [k] or 2-D [B, k], got shape {tuple(idx.shape)}")
+    _check_idx_layout(op, idx, lengths)
     per_seq = idx.dim() == 2
     if out.dim() != (3 if per_seq else 2):
         _fail(
@@ -207,9 +223,11 @@ def gathered_glu_ffn(
     w_down_t: torch.Tensor,
     idx: torch.Tensor,
     act: str = "silu",
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gated FFN over the kept neurons ``idx`` only (see the module docstring)."""
-    return torch.ops.dart.gathered_glu_ffn.default(x, w_gate, w_up, w_down_t, idx, act)
+    """Gated FFN over the kept neurons ``idx`` only (per sequence: row b's first ``lengths[b]``;
+    see the module docstring)."""
+    return torch.ops.dart.gathered_glu_ffn.default(x, w_gate, w_up, w_down_t, idx, act, lengths)
 
 
 def gathered_mlp(
@@ -220,16 +238,23 @@ def gathered_mlp(
     b_out: torch.Tensor | None,
     idx: torch.Tensor,
     act: str = "gelu_tanh",
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain 2-matrix FFN over the kept neurons ``idx`` only (see the module docstring)."""
-    return torch.ops.dart.gathered_mlp.default(x, w_in, b_in, w_out_t, b_out, idx, act)
+    return torch.ops.dart.gathered_mlp.default(x, w_in, b_in, w_out_t, b_out, idx, act, lengths)
 
 
-def gather_neurons_(out: torch.Tensor, srcs: list[torch.Tensor], idx: torch.Tensor) -> None:
+def gather_neurons_(
+    out: torch.Tensor,
+    srcs: list[torch.Tensor],
+    idx: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+) -> None:
     """In place: ``out`` <- concatenation over s of ``srcs[s][idx]``.
 
-    Per sequence for idx ``[B, k]`` (out ``[B, S*k, d]``)."""
-    torch.ops.dart.gather_neurons_.default(out, list(srcs), idx)
+    Per sequence for idx ``[B, k]`` (out ``[B, S*k, d]``); with ``lengths`` the entries past a
+    row's length give zero rows."""
+    torch.ops.dart.gather_neurons_.default(out, list(srcs), idx, lengths)
 
 
 # Below this many tokens per index set (the CPU kernels' own GEMM threshold, as the C++ side parsed
@@ -275,23 +300,52 @@ def _check_compact(op: str, x: torch.Tensor, buffers) -> None:
             raise ValueError(f"{op}: {name} must be [{spec}] = {list(shape)}, got {list(t.shape)}")
 
 
+def _row_indices(
+    x: torch.Tensor, ident: torch.Tensor, lengths: torch.Tensor | None
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(idx, lengths) of each sequence's kernel call over its compact rows: the identity
+    ``[k]``, or ``[1, k]`` with that row's ``[1]`` length (no host read: compiled steps use it)."""
+    if lengths is None:
+        return [(ident, None)] * x.shape[0]
+    return [(ident[None], lengths[b : b + 1]) for b in range(x.shape[0])]
+
+
+def _check_lengths(op: str, x: torch.Tensor, per_sequence: bool, lengths) -> None:
+    if lengths is None:
+        return
+    if not per_sequence:
+        raise ValueError(f"{op}: lengths need per-sequence buffers [B, ., d] and x [B, T, d]")
+    if lengths.dim() != 1 or lengths.shape[0] != x.shape[0] or lengths.device != x.device:
+        raise ValueError(
+            f"{op}: lengths must be [B] = [{x.shape[0]}] on {x.device}, got "
+            f"{tuple(lengths.shape)} on {lengths.device}"
+        )
+
+
 def _lead(x: torch.Tensor, per_sequence: bool) -> tuple[tuple, str]:
     """Leading shape and spec prefix of the compact buffers: (B,) per sequence, else none."""
     return ((x.shape[0],), "B, ") if per_sequence else ((), "")
 
 
 def compact_glu_ffn(
-    x: torch.Tensor, gate_up: torch.Tensor, down_c: torch.Tensor, act: str = "silu"
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down_c: torch.Tensor,
+    act: str = "silu",
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FFN on compact buffers: gate_up ``[2k, d]`` / down_c ``[k, d]`` (shared) or
     ``[B, 2k, d]`` / ``[B, k, d]`` (per sequence, x ``[B, T, d]``), as filled by gather_neurons_.
 
     ``gu = F.linear(x, gate_up); h = act(gu[..., :k]) * gu[..., k:]; y = h @ down_c``; at decode
-    shapes on CPU the same through ``gathered_glu_ffn`` over the compact rows.
+    shapes on CPU the same through ``gathered_glu_ffn`` over the compact rows. ``lengths`` ``[B]``
+    (per sequence, as given to gather_neurons_, whose padding rows are zero): the kernel route
+    reads row b's first ``lengths[b]`` compact rows only; the GEMM route sums the zero rows.
     """
     op = "compact_glu_ffn"
     canonical_act(act)
     per_sequence = _per_sequence(op, x, "gate_up", gate_up)
+    _check_lengths(op, x, per_sequence, lengths)
     k = down_c.shape[-2] if down_c.dim() >= 2 else 0
     d = x.shape[-1] if x.dim() else 0
     lead, b = _lead(x, per_sequence)
@@ -307,11 +361,13 @@ def compact_glu_ffn(
         ident = torch.arange(k, device=x.device)
         if not per_sequence:
             return torch.ops.dart.gathered_glu_ffn(x, gate_up[:k], gate_up[k:], down_c, ident, act)
-        rows = [
-            torch.ops.dart.gathered_glu_ffn(xb, gu[:k], gu[k:], dc, ident, act)
-            for xb, gu, dc in zip(x.split(1), gate_up, down_c, strict=True)
-        ]
-        return torch.cat(rows)
+        rows = zip(x.split(1), gate_up, down_c, _row_indices(x, ident, lengths), strict=True)
+        return torch.cat(
+            [
+                torch.ops.dart.gathered_glu_ffn(xb, gu[:k], gu[k:], dc, ix, act, n)
+                for xb, gu, dc, (ix, n) in rows
+            ]
+        )
     if not per_sequence:
         gu = F.linear(x, gate_up)
         return (apply_act(act, gu[..., :k]) * gu[..., k:]) @ down_c
@@ -326,16 +382,18 @@ def compact_mlp(
     w_out_c: torch.Tensor,
     b_out: torch.Tensor | None,
     act: str,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain FFN on compact buffers: w_in_c / w_out_c ``[k, d]`` (shared) or ``[B, k, d]`` (per
     sequence), b_in_c the kept input biases ``[k]`` / ``[B, k]`` (or None), b_out ``[d]``.
 
     ``y = act(x @ w_in_c^T + b_in_c) @ w_out_c + b_out``; at decode shapes on CPU the same
-    through ``gathered_mlp`` over the compact rows.
+    through ``gathered_mlp`` over the compact rows; ``lengths`` as in :func:`compact_glu_ffn`.
     """
     op = "compact_mlp"
     canonical_act(act)
     per_sequence = _per_sequence(op, x, "w_in_c", w_in_c)
+    _check_lengths(op, x, per_sequence, lengths)
     k = w_out_c.shape[-2] if w_out_c.dim() >= 2 else 0
     d = x.shape[-1] if x.dim() else 0
     lead, b = _lead(x, per_sequence)
@@ -354,11 +412,15 @@ def compact_mlp(
         if not per_sequence:
             return torch.ops.dart.gathered_mlp(x, w_in_c, b_in_c, w_out_c, b_out, ident, act)
         biases = [None] * x.shape[0] if b_in_c is None else b_in_c
-        rows = [
-            torch.ops.dart.gathered_mlp(xb, wi, bi, wo, b_out, ident, act)
-            for xb, wi, bi, wo in zip(x.split(1), w_in_c, biases, w_out_c, strict=True)
-        ]
-        return torch.cat(rows)
+        rows = zip(
+            x.split(1), w_in_c, biases, w_out_c, _row_indices(x, ident, lengths), strict=True
+        )
+        return torch.cat(
+            [
+                torch.ops.dart.gathered_mlp(xb, wi, bi, wo, b_out, ix, act, n)
+                for xb, wi, bi, wo, (ix, n) in rows
+            ]
+        )
     z = torch.matmul(x, w_in_c.transpose(-1, -2))
     if b_in_c is not None:
         z = z + (b_in_c.unsqueeze(1) if per_sequence else b_in_c)

@@ -50,42 +50,57 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(order, dim=-1).values.to(torch.int64)
 
 
-def _per_batch(x, idx, fn):
-    """Applies fn(x_rows [M, d] fp32, idx [k]) for a shared or per-sequence idx."""
+def _rows(idx, lengths):
+    """Each sequence's own indices (int64): ``idx[b, :lengths[b]]`` (all of ``idx[b]`` without
+    lengths); padding entries are never looked at."""
+    idx = idx.long()
+    if lengths is None:
+        return list(idx)
+    return [idx[b, : int(lengths[b])] for b in range(idx.shape[0])]
+
+
+def _per_batch(x, idx, fn, lengths=None):
+    """Applies fn(x_rows [M, d] fp32, idx [k]) for a shared or per-sequence (padded) idx."""
     rows = math.prod(x.shape[:-1])  # not reshape(-1, d): d may be 0
     xf = x.float()
     if idx.dim() == 1:
         return fn(xf.reshape(rows, x.shape[-1]), idx.long()).reshape(x.shape)
-    return torch.stack([fn(xf[b], idx[b].long()) for b in range(x.shape[0])]).reshape(x.shape)
+    per_row = _rows(idx, lengths)
+    return torch.stack([fn(xf[b], ix) for b, ix in enumerate(per_row)]).reshape(x.shape)
 
 
-def gathered_glu_ffn(x, w_gate, w_up, w_down_t, idx, act):
+def gathered_glu_ffn(x, w_gate, w_up, w_down_t, idx, act, lengths=None):
     def fn(xr, ix):
         g = F.linear(xr, w_gate.float().index_select(0, ix))
         u = F.linear(xr, w_up.float().index_select(0, ix))
         return (apply_act(act, g) * u) @ w_down_t.float().index_select(0, ix)
 
-    return _per_batch(x, idx, fn).to(x.dtype)
+    return _per_batch(x, idx, fn, lengths).to(x.dtype)
 
 
-def gathered_mlp(x, w_in, b_in, w_out_t, b_out, idx, act):
+def gathered_mlp(x, w_in, b_in, w_out_t, b_out, idx, act, lengths=None):
     def fn(xr, ix):
         b = None if b_in is None else b_in.float().index_select(0, ix)
         h = apply_act(act, F.linear(xr, w_in.float().index_select(0, ix), b))
         y = h @ w_out_t.float().index_select(0, ix)
         return y if b_out is None else y + b_out.float()
 
-    return _per_batch(x, idx, fn).to(x.dtype)
+    return _per_batch(x, idx, fn, lengths).to(x.dtype)
 
 
-def gather_neurons(srcs, idx):
-    """Functional form of gather_neurons_: the tensor `out` should hold afterwards."""
-    idx = idx.long()
+def gather_neurons(srcs, idx, lengths=None):
+    """Functional form of gather_neurons_: the tensor `out` should hold afterwards (with
+    lengths, row b's blocks are zero past its first lengths[b] entries)."""
     if idx.dim() == 1:
+        idx = idx.long()
         return torch.cat([s.index_select(0, idx) for s in srcs], dim=0)
-    return torch.stack(
-        [torch.cat([s.index_select(0, idx[b]) for s in srcs], dim=0) for b in range(idx.shape[0])]
-    )
+    kmax = idx.shape[1]
+
+    def block(s, ix):
+        pad = s.new_zeros(kmax - ix.numel(), s.shape[1])
+        return torch.cat([s.index_select(0, ix), pad])
+
+    return torch.stack([torch.cat([block(s, ix) for s in srcs]) for ix in _rows(idx, lengths)])
 
 
 def dense_glu_ffn(x, w_gate, w_up, w_down, act):

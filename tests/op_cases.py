@@ -80,8 +80,23 @@ _REFERENCE = {
     GLU: ref.gathered_glu_ffn,
     MLP: ref.gathered_mlp,
     TOPK: ref.topk_indices,
-    GATHER: lambda out, srcs, idx: ref.gather_neurons(srcs, idx),
+    GATHER: lambda out, srcs, idx, lengths=None: ref.gather_neurons(srcs, idx, lengths),
 }
+
+# Per-row lengths of a padded idx [B, kmax]: none kept, one, all kmax, and mixtures
+LENGTH_SETS = {"zeros": (0, 0, 0), "ones": (1, 1, 1), "full": (-1, -1, -1), "mixed": (0, -1, 1)}
+
+
+def padded(n, kmax, lengths, device="cpu", seed=9, dtype=torch.int64):
+    """A padded per-sequence idx [B, kmax] and its lengths [B] (-1 in `lengths`: kmax): row b's
+    first lengths[b] entries are distinct kept neurons, the rest garbage no kernel may read
+    (out of range, negative, huge)."""
+    lens = [kmax if n_ < 0 else n_ for n_ in lengths]
+    idx = kept(n, kmax, seed=seed, batch=len(lens))
+    garbage = torch.tensor([-1, n, 2**31 - 1, -(2**31)])
+    for b, n_ in enumerate(lens):
+        idx[b, n_:] = garbage[(torch.arange(kmax - n_) + b) % 4]
+    return idx.to(dtype).to(device), torch.tensor(lens, dtype=dtype, device=device)
 
 
 def _glu_samples(dev):
@@ -107,6 +122,7 @@ def _glu_samples(dev):
             yield f"glu-k{k}-T{t}-batched", GLU, (x, *ws, shared, "gelu")
             yield f"glu-k{k}-T{t}-per-seq", GLU, (x, *ws, per_seq, "gelu")
             yield f"glu-k{k}-T{t}-per-seq-B1", GLU, (x[:1], *ws, per_seq[:1], "gelu")
+    yield from _glu_length_samples(dev)
     ws = weights(50, 24, device=dev)
     idx = torch.tensor([1, 4, 9, 49], device=dev)
     buf = rand((3 * 24 + 1,), device=dev)
@@ -133,6 +149,22 @@ def _glu_samples(dev):
         yield f"glu-multiblock-T{t}", GLU, (rand((t, 2048), device=dev), *ws, idx, "silu")
 
 
+def _glu_length_samples(dev):
+    """Padded per-sequence idx with per-row lengths on both CPU routes (decode loop / GEMM) and
+    the CUDA decode kernels (one split and split-K) and GEMM path."""
+    for dtype in DTYPES:
+        for n, d, kmax in ((64, 33, 40), (300, 64, 256)):
+            ws = weights(n, d, dtype, dev)
+            for tag, lengths in LENGTH_SETS.items():
+                for idx_dtype in (torch.int64, torch.int32):
+                    idx, lens = padded(n, kmax, lengths, dev, dtype=idx_dtype)
+                    for t in (1, 3, 40):
+                        x = rand((3, t, d), dtype, dev)
+                        it = str(idx_dtype).replace("torch.", "")
+                        name = f"glu-lengths-{tag}-{dtype}-N{n}-{it}-T{t}".replace("torch.", "")
+                        yield name, GLU, (x, *ws, idx, "silu", lens)
+
+
 def _mlp_samples(dev):
     w_in, w_out_t, _ = weights(48, 19, device=dev)
     biases = {"both": (0, 1), "none": (), "in": (0,), "out": (1,)}
@@ -148,6 +180,15 @@ def _mlp_samples(dev):
                 for kind, idx in (("shared", shared), ("per-seq", per_seq)):
                     name = f"mlp-bias-{bias}-T{t}-{act}-{kind}"
                     yield name, MLP, (x, w_in, b_in, w_out_t, b_out, idx, act)
+    for tag, lengths in LENGTH_SETS.items():
+        idx, lens = padded(48, 30, lengths, dev)
+        for bias, which in biases.items():
+            for t in (1, 6, 40):
+                x = rand((3, t, 19), device=dev)
+                b_in = b[0] if 0 in which else None
+                b_out = b[1] if 1 in which else None
+                name = f"mlp-lengths-{tag}-bias-{bias}-T{t}"
+                yield name, MLP, (x, w_in, b_in, w_out_t, b_out, idx, "gelu_tanh", lens)
     for dtype in DTYPES:
         w_in, w_out_t, _ = weights(64, 40, dtype, dev)
         b_in, b_out = rand((64,), dtype, dev, 2), rand((40,), dtype, dev, 3)
@@ -198,6 +239,14 @@ def _gather_samples(dev):
             yield f"gather-{tag}-int32", GATHER, (out1, [wdt], idx.int())
             outb = torch.empty(3, 12, d, dtype=dtype, device=dev)
             yield f"gather-{tag}-per-seq", GATHER, (outb, [wg, wu, wdt], per_seq)
+    for dtype in DTYPES:
+        ws = weights(30, 5, dtype, dev, layout="rowstride")
+        for tag, lengths in LENGTH_SETS.items():
+            pidx, lens = padded(30, 6, lengths, dev)
+            out = torch.full((3, 18, 5), 7.0, dtype=dtype, device=dev)
+            name = f"gather-lengths-{tag}-{dtype}".replace("torch.", "")
+            yield name, GATHER, (out, ws, pidx, lens)
+            yield name + "-int32", GATHER, (out[:, :6].clone(), ws[:1], pidx.int(), lens.int())
     b = rand((30,), device=dev)
     yield "gather-bias-column", GATHER, (torch.empty(3, 1, device=dev), [b.view(-1, 1)], idx[:3])
     srcs = weights(64, 40, torch.bfloat16, dev, count=2, layout="view")
@@ -247,6 +296,8 @@ def opcheck_inputs(device: str) -> list[tuple[torch._ops.OpOverload, tuple]]:
     idx = kept(n, 40, device)
     idx_b = kept(n, 40, device, batch=2)
     b_in, b_out = rand((n,), device=device, seed=5), rand((d,), device=device, seed=6)
+    idx3, lens3 = padded(n, 40, (3, 40, 0), device)
+    idx4, lens4 = padded(n, 40, (0, -1, 7), device, dtype=torch.int32)
     return [
         (TOPK, (rand((3, n), device=device), 10)),
         (TOPK, (rand((n,), torch.bfloat16, device), n)),
@@ -259,6 +310,13 @@ def opcheck_inputs(device: str) -> list[tuple[torch._ops.OpOverload, tuple]]:
         (MLP, (rand((2, 33, d), device=device), ws[0], None, ws[1], None, idx_b, "relu")),
         (GATHER, (torch.empty(80, d, device=device), ws[:2], idx)),
         (GATHER, (torch.empty(2, 120, d, device=device), ws, idx_b)),
+        (GLU, (rand((3, 2, d), device=device), *ws, idx4, "silu", lens4)),
+        (GLU, (rand((3, 20, d), device=device), *ws, idx3, "gelu", lens3)),
+        (
+            MLP,
+            (rand((3, 1, d), device=device), ws[0], b_in, ws[1], b_out, idx3, "relu", lens3),
+        ),
+        (GATHER, (torch.empty(3, 80, d, device=device), ws[:2], idx3, lens3.int())),
     ]
 
 
@@ -334,6 +392,27 @@ def bad_inputs(device: str) -> list[tuple[str, Callable[[Operands], object]]]:
         ("out shares memory with srcs\\[1\\]", lambda o: GATHER(o.wu[2:6], [o.wg, o.wu], o.idx)),
         ("out shares memory with srcs\\[0\\]", lambda o: GATHER(o.wg[:2], [o.wg], o.idx)),
     ]
+    # per-row lengths of a padded idx [B, kmax]
+    cases += [
+        (
+            "lengths need a per-sequence idx",
+            lambda o: GLU(o.x, o.wg, o.wu, o.wdt, o.idx, "silu", _on(o, [1])),
+        ),
+        ("lengths must be int64", lambda o: GLU(*_batched(o), "silu", _on(o, [1.0]))),
+        (
+            "lengths must be 1-D \\[B\\] = \\[1\\]",
+            lambda o: GLU(*_batched(o), "silu", _on(o, [1, 1])),
+        ),
+        ("lengths must be 1-D", lambda o: MLP(*_batched_mlp(o), "relu", _on(o, [[1]]))),
+        (
+            "lengths need a per-sequence idx",
+            lambda o: GATHER(o.empty(2, D), [o.wg], o.idx, _on(o, [1])),
+        ),
+        (
+            "lengths must be 1-D",
+            lambda o: GATHER(o.empty(1, 2, D), [o.wg], o.idx[None], _on(o, [1, 2])),
+        ),
+    ]
     # compact_* (Python): one check for both routes (T = 1: kernel route on CPU, T = 20: GEMMs)
     for t in (1, 20):
         cases += [
@@ -376,6 +455,15 @@ def bad_inputs(device: str) -> list[tuple[str, Callable[[Operands], object]]]:
         ]
     if torch.device(device).type == "cpu":  # CUDA checks the range on the device (test_ops_cuda)
         cases += [
+            (
+                "lengths\\[0\\] = 3 is not in \\[0, kmax\\]",
+                lambda o: GLU(*_batched(o), "silu", _on(o, [3])),
+            ),
+            (
+                "lengths\\[0\\] = -1",
+                lambda o: GATHER(o.empty(1, 2, D), [o.wg], o.idx[None], _on(o, [-1])),
+            ),
+            ("idx out of range.*row 0", lambda o: GLU(*_batched(o, [1, N]), "silu", _on(o, [2]))),
             ("idx out of range", lambda o: GLU(o.x, o.wg, o.wu, o.wdt, _on(o, [0, N]), "silu")),
             ("idx out of range", lambda o: GLU(o.x, o.wg, o.wu, o.wdt, _on(o, [-1]), "silu")),
             ("idx out of range", lambda o: MLP(o.x, o.wg, None, o.wdt, None, _on(o, [N]), "relu")),
@@ -391,6 +479,16 @@ def bad_inputs(device: str) -> list[tuple[str, Callable[[Operands], object]]]:
 
 def _on(o: Operands, values: list[int]) -> torch.Tensor:
     return torch.tensor(values, device=o.device)
+
+
+def _batched(o: Operands, idx: list[int] | None = None) -> tuple:
+    """GLU operands with one sequence: x [1, 3, D] and a per-sequence idx [1, 2]."""
+    ix = o.idx[None] if idx is None else _on(o, [idx])
+    return o.x[None], o.wg, o.wu, o.wdt, ix
+
+
+def _batched_mlp(o: Operands) -> tuple:
+    return o.x[None], o.wg, None, o.wdt, None, o.idx[None]
 
 
 def _x(o: Operands, tokens: int) -> torch.Tensor:  # x of compact_*: tokens [T, D]

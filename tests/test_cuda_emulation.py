@@ -435,6 +435,7 @@ def run_gather(
     out_group_stride,
     row_bytes,
     s_base=0,
+    lens=None,
 ):
     n = len(srcs)
     src_ptrs = (ctypes.c_void_p * n)(
@@ -454,6 +455,7 @@ def run_gather(
         C(s_base),
         emu.ptr(idx),
         C(k if idx.ndim == 2 else 0),
+        None if lens is None else emu.ptr(lens),
         C(k),
         C(groups),
         C(row_bytes),
@@ -512,6 +514,27 @@ def test_gather_rows_every_copy_unit(
                 at = out_off + g * out_group_stride + (s * k + j) * out_row_stride
                 want[at : at + row_bytes] = srcs[s][src_at : src_at + row_bytes]
     np.testing.assert_array_equal(out, want)  # rows copied, gaps untouched
+
+
+def test_gather_rows_per_group_lengths_zero_the_padding():
+    """Rows past a group's length are zero and their (garbage) indices never read."""
+    rng = np.random.default_rng(5)
+    n_rows, k, nsrc, row_bytes = 20, 6, 2, 48
+    srcs = [rng.integers(1, 256, size=n_rows * row_bytes, dtype=np.uint8) for _ in range(nsrc)]
+    lens = np.array([0, 1, 6, 3], dtype=np.int64)
+    idx = rng.integers(0, n_rows, size=(len(lens), k)).astype(np.int64)
+    for g, n in enumerate(lens):
+        idx[g, n:] = -(10**12)  # out of range: reading it would be a device error
+    group_stride = nsrc * k * row_bytes
+    out = np.full(len(lens) * group_stride, 0xAB, dtype=np.uint8)
+    args = (idx, k, len(lens), out, 0, row_bytes, group_stride, row_bytes)
+    run_gather(srcs, [0] * nsrc, row_bytes, *args, lens=lens)
+    rows = out.reshape(len(lens), nsrc, k, row_bytes)
+    for g, n in enumerate(lens):
+        for s in range(nsrc):
+            want = srcs[s].reshape(n_rows, row_bytes)[idx[g, :n]]
+            np.testing.assert_array_equal(rows[g, s, :n], want)
+            assert not rows[g, s, n:].any()
 
 
 def test_gather_rows_source_block_offset_and_range_check():

@@ -90,6 +90,7 @@ class Case:
     row_pad: int = 0  # extra elements per weight row (row stride d + row_pad)
     offset: int = 0  # bytes added to every tensor's address
     int32: bool = False
+    lengths: tuple[int, ...] | None = None  # per-group lengths of a padded idx [groups, k]
     seed: int = 0
 
 
@@ -124,6 +125,9 @@ def make_inputs(c: Case) -> dict:
     ws32 = [(rng.standard_normal((c.n, c.d)) * c.d**-0.5).astype(np.float32) for _ in range(3)]
     nidx = c.groups if (c.per_seq or c.groups > 1) else 1
     idx = np.stack([rng.permutation(c.n)[: c.k] for _ in range(nidx)])
+    if c.lengths is not None:  # padding past each length: garbage the kernels must never read
+        for g, n in enumerate(c.lengths):
+            idx[g, n:] = [-7, 10**9][g % 2]
     return {
         "x": quantize(x32, c.dtype),
         "w": [quantize(w, c.dtype) for w in ws32],
@@ -139,12 +143,18 @@ def reference(c: Case, inp: dict) -> np.ndarray:
     y = np.zeros_like(x)
     for g in range(x.shape[0]):
         rows = inp["idx"][g if len(inp["idx"]) > 1 else 0]
+        if c.lengths is not None:
+            rows = rows[: c.lengths[g]]
+        b_out = inp["b_out"][1] if c.bias_out and not c.glu else 0.0
+        if len(rows) == 0:  # no kept neuron (np.vectorize refuses empty inputs)
+            y[g] = b_out
+            continue
         pre = x[g] @ w1[rows].T
         if c.glu:
             h = act_ref(c.act, pre) * (x[g] @ w2[rows].T)
         else:
             h = act_ref(c.act, pre + (inp["b_in"][1][rows] if c.bias_in else 0.0))
-        y[g] = h @ wo[rows] + (inp["b_out"][1] if c.bias_out and not c.glu else 0.0)
+        y[g] = h @ wo[rows] + b_out
     return y.reshape(-1, c.d)
 
 
@@ -169,6 +179,11 @@ def run(c: Case, inp: dict, vec: bool | None = None) -> np.ndarray:
     w1, w2, wo = (weight(w[0]) for w in inp["w"])
     idx = inp["idx"].astype(np.int32 if c.int32 else np.int64)
     idx_raw, idx_ptr = place(idx)  # an index tensor is always aligned to its element size
+    lens_ptr = None
+    if c.lengths is not None:
+        lens = np.asarray(c.lengths, dtype=np.int32 if c.int32 else np.int64)
+        lens_raw, lens_ptr = place(lens)
+        keep.append(lens_raw)
     y_raw, y_addr = aligned(inp["x"][0].nbytes, c.offset)
     ws_raw, ws_addr = aligned(plan["ws_bytes"])
     code = emu.library().dart_emu_ffn_decode(
@@ -186,6 +201,8 @@ def run(c: Case, inp: dict, vec: bool | None = None) -> np.ndarray:
         idx_ptr,
         int(c.int32),
         C(c.k if len(idx) > 1 or c.per_seq else 0),
+        lens_ptr,
+        int(c.int32),
         ctypes.c_void_p(y_addr),
         C(c.n),
         C(c.d),
@@ -255,6 +272,43 @@ def test_decode_matches_float64_reference(tokens, glu, split):
 @pytest.mark.parametrize("glu", [True, False], ids=["glu", "mlp"])
 def test_every_activation(act, glu):
     check(Case(glu=glu, act=act, tokens=2, k=70, bias_in=True, bias_out=True, seed=3))
+
+
+@pytest.mark.parametrize(
+    "lengths", [(0, 0, 0), (1, 150, 0), (150, 150, 150), (37, 1, 129), (64, 0, 65)]
+)
+@pytest.mark.parametrize("split", [False, True], ids=["one_split", "split_k"])
+@pytest.mark.parametrize("glu", [True, False], ids=["glu", "mlp"])
+def test_per_group_lengths(lengths, split, glu):
+    """A padded idx [G, kmax] with per-group lengths: each group sums its own first lengths[g]
+    neurons; the padding (out-of-range garbage) is never read, splits past a length add zeros."""
+    i = sum(lengths) + 2 * glu + split
+    c = Case(
+        glu=glu,
+        dtype=DTYPES[i % 3],
+        tokens=1 + i % 4,
+        groups=3,
+        per_seq=True,
+        k=150,
+        splits=3 if split else 1,
+        act=list(ACTS)[i % 4],
+        bias_in=not glu,
+        bias_out=not glu,
+        int32=bool(i % 2),
+        lengths=lengths,
+        seed=i,
+    )
+    y = check(c)
+    rows = y.reshape(c.groups, c.tokens, c.d)
+    for g, n in enumerate(lengths):
+        if n == 0 and glu:
+            assert not rows[g].any(), "a group with no kept neurons gives zeros"
+
+
+def test_lengths_out_of_range_is_a_device_error():
+    c = Case(groups=2, per_seq=True, k=40, lengths=(3, 41))
+    with pytest.raises(emu.EmulationError, match="lengths out of range"):
+        run(c, make_inputs(c))
 
 
 @pytest.mark.parametrize("bias_in,bias_out", [(True, False), (False, True), (False, False)])

@@ -25,6 +25,7 @@ from op_cases import (
     bad_inputs,
     check_sample,
     opcheck_inputs,
+    padded,
     rand,
     sample_inputs,
     sample_names,
@@ -250,6 +251,34 @@ def test_compact_mlp_matches_gathered(bias, T, per_seq, dtype):
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
     assert y.shape == x.shape and y.dtype == x.dtype
     torch.testing.assert_close(y, r, **tol)
+
+
+@pytest.mark.parametrize("T", [1, 12])
+@pytest.mark.parametrize("lengths", [(0, 20, 3), (20, 20, 20), (1, 0, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compact_with_lengths_matches_gathered(T, lengths, dtype):
+    """Padded per-sequence buffers (zero rows past each length, as gather_neurons_ leaves them)
+    give each row its own neurons on both routes, GLU and plain."""
+    n, d, B, kmax = 64, 32, 3, 20
+    ws = weights(n, d, dtype)
+    b_in = rand((n,), dtype, seed=3)
+    x = rand((B, T, d), dtype)
+    idx, lens = padded(n, kmax, lengths)
+    gate_up = torch.full((B, 2 * kmax, d), 7.0, dtype=dtype)
+    down_c = torch.full((B, kmax, d), 7.0, dtype=dtype)
+    b_in_c = torch.full((B, kmax, 1), 7.0, dtype=dtype)
+    dart_ext.gather_neurons_(gate_up, ws[:2], idx, lens)
+    dart_ext.gather_neurons_(down_c, ws[2:], idx, lens)
+    dart_ext.gather_neurons_(b_in_c, [b_in.view(-1, 1)], idx, lens)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+    y = dart_ext.compact_glu_ffn(x, gate_up, down_c, "silu", lens)
+    torch.testing.assert_close(y, ref.gathered_glu_ffn(x, *ws, idx, "silu", lens), **tol)
+    w_in_c = gate_up[:, :kmax]
+    y = dart_ext.compact_mlp(x, w_in_c, b_in_c.squeeze(-1), down_c, None, "gelu_tanh", lens)
+    r = ref.gathered_mlp(x, ws[0], b_in, ws[2], None, idx, "gelu_tanh", lens)
+    torch.testing.assert_close(y, r, **tol)
+    with pytest.raises(ValueError, match="lengths need per-sequence buffers"):
+        dart_ext.compact_glu_ffn(x[0], gate_up[0], down_c[0], "silu", lens)
 
 
 def test_compact_buffers_need_a_matching_batch():

@@ -80,39 +80,82 @@ inline at::Tensor owned_indices(const at::Tensor& idx) {
   return own;
 }
 
-// Validates idx against N; returns a private int64 contiguous copy (owned_indices). per_seq is
-// set for idx [B, k].
-inline at::Tensor check_idx(const at::Tensor& idx, const at::Tensor& x, int64_t N,
-                            const char* op, bool* per_seq) {
-  TORCH_CHECK(idx.device() == x.device(), op, ": idx is on ", idx.device(), " but x is on ",
-              x.device());
+// The kept-neuron indices an FFN op reads: a private int64 contiguous copy of idx (owned_indices),
+// `[k]` shared by all tokens or `[B, kmax]` per sequence, and for a padded per-sequence idx the
+// private int64 copy of the per-row lengths `[B]` (row b uses its first lengths[b] entries; the
+// rest are never read: their copies are set to 0 so any padding value is safe).
+struct Indices {
+  at::Tensor idx;
+  at::Tensor lens;  // undefined: every row uses all k entries
+  bool per_seq = false;
+  int64_t k = 0;  // entries per row (kmax with lengths)
+
+  int64_t length(int64_t b) const { return lens.defined() ? lens.data_ptr<int64_t>()[b] : k; }
+};
+
+// Validates the optional per-row lengths of a per-sequence idx [B, kmax]: int32/int64 [B] on
+// idx's device with values in [0, kmax]. Returns a private int64 copy (undefined if absent).
+inline at::Tensor check_lengths(const c10::optional<at::Tensor>& lengths, const at::Tensor& idx,
+                                const char* op) {
+  if (!lengths.has_value()) return at::Tensor();
+  const at::Tensor& l = *lengths;
+  TORCH_CHECK(idx.dim() == 2, op,
+              ": lengths need a per-sequence idx [B, kmax] (padded rows), got idx of shape ",
+              idx.sizes());
+  TORCH_CHECK(l.device() == idx.device(), op, ": lengths is on ", l.device(), " but idx is on ",
+              idx.device());
+  TORCH_CHECK(l.scalar_type() == at::kLong || l.scalar_type() == at::kInt, op,
+              ": lengths must be int64 (or int32), got ", l.scalar_type());
+  TORCH_CHECK(l.dim() == 1 && l.size(0) == idx.size(0), op, ": lengths must be 1-D [B] = [",
+              idx.size(0), "] (one length per idx row), got shape ", l.sizes());
+  at::Tensor own = owned_indices(l);
+  const int64_t* p = own.data_ptr<int64_t>();
+  const int64_t kmax = idx.size(1);
+  for (int64_t b = 0; b < own.numel(); ++b)
+    TORCH_CHECK(p[b] >= 0 && p[b] <= kmax, op, ": lengths[", b, "] = ", p[b],
+                " is not in [0, kmax] with kmax = ", kmax, " (idx's row length)");
+  return own;
+}
+
+// Validates idx (and its optional per-row lengths) against N: the entries a row uses must lie in
+// [0, N); padding entries are never read. Returns the private copies (Indices).
+inline Indices check_indices(const at::Tensor& idx, const c10::optional<at::Tensor>& lengths,
+                             const at::Device& device, int64_t N, const char* op) {
+  TORCH_CHECK(idx.device() == device, op, ": idx is on ", idx.device(), " but x is on ", device);
   TORCH_CHECK(idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt, op,
               ": idx must be int64 (or int32), got ", idx.scalar_type());
   TORCH_CHECK(idx.dim() == 1 || idx.dim() == 2, op,
               ": idx must be 1-D [k] (shared) or 2-D [B, k] (per sequence), got ", idx.dim(),
               "-D with shape ", idx.sizes());
-  *per_seq = idx.dim() == 2;
-  if (*per_seq) {
+  Indices ix;
+  ix.per_seq = idx.dim() == 2;
+  ix.k = idx.size(-1);
+  ix.lens = check_lengths(lengths, idx, op);
+  ix.idx = owned_indices(idx);
+  int64_t* p = ix.idx.data_ptr<int64_t>();
+  const int64_t rows = ix.per_seq ? idx.size(0) : 1;
+  for (int64_t b = 0; b < rows; ++b) {
+    int64_t* row = p + b * ix.k;
+    const int64_t used = ix.length(b);
+    for (int64_t j = 0; j < used; ++j)
+      TORCH_CHECK(row[j] >= 0 && row[j] < N, op,
+                  ": idx out of range: values must be in [0, N) with N = ", N, ", got ", row[j],
+                  ix.per_seq ? " in row " : "", ix.per_seq ? std::to_string(b) : "");
+    for (int64_t j = used; j < ix.k; ++j) row[j] = 0;  // padding: never read, made harmless
+  }
+  return ix;
+}
+
+// check_indices for the FFN ops, whose per-sequence idx [B, k] needs x [B, T, d].
+inline Indices check_idx(const at::Tensor& idx, const c10::optional<at::Tensor>& lengths,
+                         const at::Tensor& x, int64_t N, const char* op) {
+  if (idx.dim() == 2) {
     TORCH_CHECK(x.dim() == 3, op, ": a per-sequence idx [B, k] needs x of shape [B, T, d], got x ",
                 "with shape ", x.sizes());
     TORCH_CHECK(idx.size(0) == x.size(0), op, ": idx has B = ", idx.size(0),
                 " rows but x has batch size ", x.size(0));
   }
-  at::Tensor out = owned_indices(idx);
-  const int64_t* p = out.data_ptr<int64_t>();
-  int64_t n = out.numel();
-  int64_t lo = 0, hi = 0;
-  if (n > 0) {
-    lo = p[0];
-    hi = p[0];
-    for (int64_t i = 1; i < n; ++i) {
-      lo = p[i] < lo ? p[i] : lo;
-      hi = p[i] > hi ? p[i] : hi;
-    }
-    TORCH_CHECK(lo >= 0 && hi < N, op, ": idx out of range: values must be in [0, N) with N = ",
-                N, ", got min ", lo, " and max ", hi);
-  }
-  return out;
+  return check_indices(idx, lengths, x.device(), N, op);
 }
 
 // x [..., d] as a contiguous fp32 [M, d] tensor (a no-op for contiguous fp32 x; M from the

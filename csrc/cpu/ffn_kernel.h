@@ -139,5 +139,25 @@ inline void ffn_dispatch(const at::Tensor& x2, const FfnArgs& a, const int64_t* 
   }
 }
 
+// Runs the FFN for xf [M, d] fp32 contiguous into yf [M, d] fp32 (zeroed) over the indices ix:
+// one index set [k] for all M tokens, or per sequence (xf holds B sequences of M / B tokens; row
+// b uses its first ix.length(b) indices of idx [B, kmax]). `a.b_in`, if set, holds the kept input
+// biases in idx's layout ([k] or [B, kmax]).
+inline void ffn_run(const at::Tensor& xf, const FfnArgs& a, const Indices& ix, at::Tensor& yf) {
+  const int64_t* ip = ix.idx.data_ptr<int64_t>();
+  if (!ix.per_seq) {
+    ffn_dispatch(xf, a, ip, ix.k, yf);
+    return;
+  }
+  const int64_t B = ix.idx.size(0), T = xf.size(0) / std::max<int64_t>(B, 1);
+  for (int64_t b = 0; b < B; ++b) {
+    at::Tensor xb = xf.narrow(0, b * T, T);
+    at::Tensor yb = yf.narrow(0, b * T, T);
+    FfnArgs ab = a;
+    ab.b_in = a.b_in ? a.b_in + b * ix.k : nullptr;
+    ffn_dispatch(xb, ab, ip + b * ix.k, ix.length(b), yb);
+  }
+}
+
 }  // namespace cpu
 }  // namespace dart

@@ -1,6 +1,8 @@
 // dart::gather_neurons_, CPU: in-place re-slice of kept neuron rows into a persistent buffer.
 // Shared idx [k]:      out [S*k, d],    out[s*k + j]    = srcs[s][idx[j]]
 // Per-sequence [B, k]: out [B, S*k, d], out[b, s*k + j] = srcs[s][idx[b, j]]
+// With lengths [B] (padded idx [B, kmax]): out[b, s*kmax + j] = 0 for j >= lengths[b] (padding
+// entries are never read), so a GEMM over the compact buffers sums row b's own neurons only.
 // Rows are copied with memcpy, multi-threaded over rows, from a private copy of idx. out must not
 // overlap itself, idx or a source (the copy would read rows it already overwrote).
 #include "common.h"
@@ -17,7 +19,8 @@ namespace {
 
 constexpr const char* kOp = "gather_neurons_";
 
-void gather_neurons_cpu(const at::Tensor& out, at::TensorList srcs, const at::Tensor& idx) {
+void gather_neurons_cpu(const at::Tensor& out, at::TensorList srcs, const at::Tensor& idx,
+                        const c10::optional<at::Tensor>& lengths) {
   const int64_t S = static_cast<int64_t>(srcs.size());
   TORCH_CHECK(S >= 1, kOp, ": srcs must hold at least one [N, d] tensor");
   TORCH_CHECK(idx.device() == out.device(), kOp, ": idx is on ", idx.device(),
@@ -59,11 +62,8 @@ void gather_neurons_cpu(const at::Tensor& out, at::TensorList srcs, const at::Te
   check_no_overlap(out, "out", idx, "idx", kOp);
   for (int64_t s = 0; s < S; ++s)
     check_no_overlap(out, "out", srcs[s], "srcs[" + std::to_string(s) + "]", kOp);
-  const at::Tensor ix = owned_indices(idx);
-  const int64_t* ip = ix.data_ptr<int64_t>();
-  for (int64_t i = 0; i < ix.numel(); ++i)
-    TORCH_CHECK(ip[i] >= 0 && ip[i] < N, kOp,
-                ": idx out of range: values must be in [0, N) with N = ", N, ", got ", ip[i]);
+  const Indices ix = check_indices(idx, lengths, out.device(), N, kOp);
+  const int64_t* ip = ix.idx.data_ptr<int64_t>();
   if (out.numel() == 0) return;
 
   const int64_t es = out.element_size();
@@ -85,8 +85,12 @@ void gather_neurons_cpu(const at::Tensor& out, at::TensorList srcs, const at::Te
       const int64_t b = r / (S * k);
       const int64_t rem = r % (S * k);
       const int64_t s = rem / k, j = rem % k;
-      const int64_t n = ip[b * k + j];
-      std::memcpy(obase + b * ob_stride + rem * or_stride, sbase[s] + n * sstride[s], row_bytes);
+      char* dst = obase + b * ob_stride + rem * or_stride;
+      if (j < ix.length(b)) {
+        std::memcpy(dst, sbase[s] + ip[b * k + j] * sstride[s], row_bytes);
+      } else {
+        std::memset(dst, 0, row_bytes);  // all-zero bits: +0.0 in every float dtype
+      }
     }
   });
 }

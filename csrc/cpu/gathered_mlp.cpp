@@ -1,5 +1,6 @@
 // dart::gathered_mlp, CPU: h_j = act(x . w_in[idx_j] + b_in[idx_j]);
 // y = sum_j h_j * w_out_t[idx_j] + b_out. fp32 accumulation, output rounded once to x's dtype.
+// A padded per-sequence idx [B, kmax] comes with lengths [B] (see gathered_glu_ffn.cpp).
 #include "common.h"
 #include "ffn_kernel.h"
 
@@ -26,7 +27,7 @@ void check_bias(const c10::optional<at::Tensor>& b, const at::Tensor& x, const c
 at::Tensor gathered_mlp_cpu(const at::Tensor& x, const at::Tensor& w_in,
                             const c10::optional<at::Tensor>& b_in, const at::Tensor& w_out_t,
                             const c10::optional<at::Tensor>& b_out, const at::Tensor& idx,
-                            c10::string_view act_name) {
+                            c10::string_view act_name, const c10::optional<at::Tensor>& lengths) {
   check_float_dtype(x, kOp, "x");
   TORCH_CHECK(x.dim() >= 1, kOp, ": x must be [..., d], got a 0-D tensor");
   const int64_t d = x.size(-1);
@@ -38,33 +39,20 @@ at::Tensor gathered_mlp_cpu(const at::Tensor& x, const at::Tensor& w_in,
   check_bias(b_in, x, "b_in", N, "N");
   check_bias(b_out, x, "b_out", d, "d");
   const Act act = parse_act(std::string(act_name), kOp);
-  bool per_seq = false;
-  at::Tensor ix = check_idx(idx, x, N, kOp, &per_seq);
+  const Indices ix = check_idx(idx, lengths, x, N, kOp);
 
   at::Tensor xf = x_as_f32_2d(x);
   at::Tensor yf = at::zeros_like(xf);
-  const int64_t k = ix.size(-1);
   if (xf.numel() > 0) {
-    // Kept biases, gathered once per call ([k] or [B, k]); tiny.
+    // Kept biases, gathered once per call in idx's layout ([k] or [B, kmax]; padding entries of
+    // the private idx copy are 0, so they gather a harmless bias nobody reads); tiny.
     at::Tensor bsel;
-    if (b_in.has_value() && k > 0)
-      bsel = b_in->to(at::kFloat).index_select(0, ix.reshape({-1})).contiguous();
+    if (b_in.has_value() && ix.k > 0)
+      bsel = b_in->to(at::kFloat).index_select(0, ix.idx.reshape({-1})).contiguous();
     const float* bp = bsel.defined() ? bsel.data_ptr<float>() : nullptr;
-    const int64_t* ip = ix.data_ptr<int64_t>();
     const FfnArgs a{w_in.data_ptr(), w_in.stride(0), nullptr, 0, w_out_t.data_ptr(),
                     w_out_t.stride(0), bp, act, elem_of(x), 1};
-    if (!per_seq) {
-      ffn_dispatch(xf, a, ip, k, yf);
-    } else {
-      const int64_t B = x.size(0), T = x.size(1);
-      for (int64_t b = 0; b < B; ++b) {
-        at::Tensor xb = xf.narrow(0, b * T, T);
-        at::Tensor yb = yf.narrow(0, b * T, T);
-        FfnArgs ab = a;
-        ab.b_in = bp ? bp + b * k : nullptr;
-        ffn_dispatch(xb, ab, ip + b * k, k, yb);
-      }
-    }
+    ffn_run(xf, a, ix, yf);
     if (b_out.has_value()) yf.add_(b_out->to(at::kFloat));
   }
   return yf.to(x.scalar_type()).reshape(x.sizes());

@@ -1,4 +1,5 @@
-// dart::gather_neurons_ on CUDA: out[(g,) s*k + j, :] = srcs[s][idx[(g,) j], :], in place.
+// dart::gather_neurons_ on CUDA: out[(g,) s*k + j, :] = srcs[s][idx[(g,) j], :], in place (zero
+// rows past a sequence's length with per-row lengths).
 // Vectorised warp-per-row copy (csrc/kernels/gather_rows.cuh); index range checked on device.
 // out must not overlap itself, idx or a source (the copy would read what it already overwrote).
 #include <string>
@@ -11,11 +12,14 @@ namespace dart {
 namespace cuda {
 namespace {
 
-void gather_neurons_cuda(const at::Tensor& out, at::TensorList srcs, const at::Tensor& idx_in) {
+void gather_neurons_cuda(const at::Tensor& out, at::TensorList srcs, const at::Tensor& idx_in,
+                         const std::optional<at::Tensor>& lengths) {
   constexpr const char* op = "dart::gather_neurons_";
   TORCH_CHECK(out.is_cuda(), op, ": out must be a CUDA tensor");
   TORCH_CHECK(!srcs.empty(), op, ": srcs must hold at least one [N, d] tensor");
   const at::Tensor idx = prepare_idx(idx_in, out, op, "out");
+  const at::Tensor lens = prepare_lengths(lengths, idx, op);
+  const at::Tensor lens64 = lens.defined() ? lens.to(at::kLong) : lens;
   const int64_t S = static_cast<int64_t>(srcs.size());
   const bool per_seq = idx.dim() == 2;
   const int64_t G = per_seq ? idx.size(0) : 1;
@@ -71,6 +75,7 @@ void gather_neurons_cuda(const at::Tensor& out, at::TensorList srcs, const at::T
     p.s_base = s0;
     p.idx = idx.data_ptr<int64_t>();
     p.idx_group_stride = per_seq ? k : 0;
+    p.lens = lens64.defined() ? lens64.data_ptr<int64_t>() : nullptr;
     p.k = k;
     p.groups = G;
     p.row_bytes = d * es;

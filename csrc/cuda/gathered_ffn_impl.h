@@ -45,6 +45,7 @@ struct FfnArgs {
   const at::Tensor* bo;  // b_out or nullptr
   const at::Tensor* idx;
   c10::string_view act;
+  const std::optional<at::Tensor>* lengths;  // per-row lengths of a padded idx [B, kmax]
 };
 
 inline void check_weight(const at::Tensor& w, const at::Tensor& x, int64_t N, int64_t d,
@@ -64,7 +65,8 @@ inline void check_weight(const at::Tensor& w, const at::Tensor& x, int64_t N, in
 template <typename T, bool GLU>
 void launch_decode(const kernels::FfnPlan& plan, const at::Tensor& xc, const at::Tensor& w1,
                    const at::Tensor& w2, const at::Tensor& wo, const at::Tensor& b1,
-                   const at::Tensor& bo, const at::Tensor& idx, at::Tensor& y, int64_t N,
+                   const at::Tensor& bo, const at::Tensor& idx, const at::Tensor& lens,
+                   at::Tensor& y, int64_t N,
                    int64_t d, int64_t k, int64_t G, int64_t Mc, kernels::Act act, int sms,
                    cudaStream_t stream, const char* op) {
   at::Tensor ws = at::empty({static_cast<int64_t>(plan.ws_bytes)}, xc.options().dtype(at::kByte));
@@ -82,6 +84,8 @@ void launch_decode(const kernels::FfnPlan& plan, const at::Tensor& xc, const at:
   p.idx = idx.data_ptr();
   p.idx_int32 = idx.scalar_type() == at::kInt;
   p.idx_group_stride = idx.dim() == 2 ? k : 0;
+  p.lens = lens.defined() ? lens.data_ptr() : nullptr;
+  p.lens_int32 = lens.defined() && lens.scalar_type() == at::kInt;
   p.y = y.data_ptr();
   p.N = N;
   p.d = d;
@@ -95,10 +99,12 @@ void launch_decode(const kernels::FfnPlan& plan, const at::Tensor& xc, const at:
   check_launch(kernels::launch_ffn_decode<T, GLU>(p, plan, sms, stream), op);
 }
 
-// Gather the kept rows of groups [g0, g0 + groups) (one group for a shared idx) into `buf`.
+// Gather the kept rows of groups [g0, g0 + groups) (one group for a shared idx) into `buf`
+// (zero rows past a group's length with lens64).
 template <typename T, bool GLU>
 void gather_kept_rows(at::Tensor& buf, const at::Tensor& w1, const at::Tensor& w2,
-                      const at::Tensor& wo, const at::Tensor& idx64, int64_t g0, int64_t groups,
+                      const at::Tensor& wo, const at::Tensor& idx64, const at::Tensor& lens64,
+                      int64_t g0, int64_t groups,
                       int64_t N, int64_t d, int64_t k, cudaStream_t stream, const char* op) {
   constexpr int64_t S = GLU ? 3 : 2;
   const int64_t es = static_cast<int64_t>(sizeof(T));
@@ -116,6 +122,7 @@ void gather_kept_rows(at::Tensor& buf, const at::Tensor& w1, const at::Tensor& w
   gp.s_base = 0;
   gp.idx = idx64.data_ptr<int64_t>() + (idx64.dim() == 2 ? g0 * k : 0);
   gp.idx_group_stride = idx64.dim() == 2 ? k : 0;
+  gp.lens = lens64.defined() ? lens64.data_ptr<int64_t>() + g0 : nullptr;
   gp.k = k;
   gp.groups = groups;
   gp.row_bytes = d * es;
@@ -127,7 +134,8 @@ void gather_kept_rows(at::Tensor& buf, const at::Tensor& w1, const at::Tensor& w
 template <typename T, bool GLU>
 void prefill(const at::Tensor& xc, const at::Tensor& w1, const at::Tensor& w2,
              const at::Tensor& wo, const at::Tensor& b1, const at::Tensor& bo,
-             const at::Tensor& idx64, at::Tensor& y, int64_t N, int64_t d, int64_t k, int64_t G,
+             const at::Tensor& idx64, const at::Tensor& lens64, at::Tensor& y, int64_t N,
+             int64_t d, int64_t k, int64_t G,
              int64_t Mc, kernels::Act act, int sms, cudaStream_t stream, const char* op) {
   constexpr int64_t S = GLU ? 3 : 2;
   const bool per_seq = idx64.dim() == 2;
@@ -145,7 +153,7 @@ void prefill(const at::Tensor& xc, const at::Tensor& w1, const at::Tensor& w2,
     at::Tensor bn = buf.narrow(0, 0, n);
     at::Tensor hn = h.narrow(0, 0, n);
     at::Tensor pn = pre.narrow(0, 0, n);
-    gather_kept_rows<T, GLU>(bn, w1, w2, wo, idx64, g0, n, N, d, k, stream, op);
+    gather_kept_rows<T, GLU>(bn, w1, w2, wo, idx64, lens64, g0, n, N, d, k, stream, op);
     const at::Tensor xn = x3.narrow(0, g0, n);
     at::bmm_out(pn, xn, bn.narrow(1, 0, in_rows).transpose(1, 2));
     const int64_t rows = n * Mc;
@@ -155,12 +163,13 @@ void prefill(const at::Tensor& xc, const at::Tensor& w1, const at::Tensor& w2,
                                                   sms, stream),
                    op);
     } else {
-      // b_in is indexed through the chunk's own index rows
+      // b_in is indexed through the chunk's own index rows (padding entries are zeroed)
       const int64_t* idx_chunk = idx64.data_ptr<int64_t>() + (per_seq ? g0 * k : 0);
+      const int64_t* lens_chunk = lens64.defined() ? lens64.data_ptr<int64_t>() + g0 : nullptr;
       check_launch(kernels::launch_mlp_bias_act<T>(
                        static_cast<T*>(hn.data_ptr()), rows, k,
                        b1.defined() ? static_cast<const T*>(b1.data_ptr()) : nullptr, idx_chunk,
-                       per_seq ? k : 0, Mc, N, act, sms, stream),
+                       per_seq ? k : 0, lens_chunk, Mc, N, act, sms, stream),
                    op);
     }
     at::Tensor yn = y3.narrow(0, g0, n);
@@ -216,6 +225,8 @@ at::Tensor gathered_ffn_cuda(const FfnArgs& a) {
     TORCH_CHECK(x.size(0) <= 65535, op, ": at most 65535 sequences per call with a per-sequence idx");
   }
   const int64_t k = idx.size(-1);
+  // int32 lengths reach the decode kernels as they are; the GEMM path widens them
+  const at::Tensor lens = prepare_lengths(*a.lengths, idx, op);
 
   c10::cuda::CUDAGuard guard(x.device());
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -253,11 +264,12 @@ at::Tensor gathered_ffn_cuda(const FfnArgs& a) {
                                           sms, max_smem_optin())
             : kernels::FfnPlan{};
     if (plan.ok) {
-      launch_decode<T, GLU>(plan, xc, w1, w2, wo, b1, bo, idx, y, N, d, k, G, Mc, act, sms,
-                            stream, op);
+      launch_decode<T, GLU>(plan, xc, w1, w2, wo, b1, bo, idx, lens, y, N, d, k, G, Mc, act,
+                            sms, stream, op);
     } else {
-      prefill<T, GLU>(xc, w1, w2, wo, b1, bo, idx.to(at::kLong), y, N, d, k, G, Mc, act, sms,
-                      stream, op);
+      const at::Tensor lens64 = lens.defined() ? lens.to(at::kLong) : lens;
+      prefill<T, GLU>(xc, w1, w2, wo, b1, bo, idx.to(at::kLong), lens64, y, N, d, k, G, Mc, act,
+                      sms, stream, op);
     }
   });
   return y;

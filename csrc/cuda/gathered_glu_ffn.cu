@@ -8,9 +8,10 @@ namespace {
 
 at::Tensor gathered_glu_ffn_cuda(const at::Tensor& x, const at::Tensor& w_gate,
                                  const at::Tensor& w_up, const at::Tensor& w_down_t,
-                                 const at::Tensor& idx, c10::string_view act) {
+                                 const at::Tensor& idx, c10::string_view act,
+                                 const std::optional<at::Tensor>& lengths) {
   FfnArgs a{"dart::gathered_glu_ffn", &x, &w_gate, "w_gate", &w_up, &w_down_t, "w_down_t",
-            nullptr, nullptr, &idx, act};
+            nullptr, nullptr, &idx, act, &lengths};
   return gathered_ffn_cuda<true>(a);
 }
 

@@ -78,6 +78,24 @@ inline at::Tensor prepare_idx(const at::Tensor& idx, const at::Tensor& ref, cons
   return idx.to(at::kLong).contiguous();
 }
 
+// The optional per-row lengths [B] of a padded per-sequence idx [B, kmax] (see registration.cpp):
+// checked on the host for shape, dtype and device (values are checked on the device, no sync);
+// returned contiguous in their dtype (undefined when absent).
+inline at::Tensor prepare_lengths(const c10::optional<at::Tensor>& lengths, const at::Tensor& idx,
+                                  const char* op) {
+  if (!lengths.has_value() || !lengths->defined()) return at::Tensor();
+  const at::Tensor& l = *lengths;
+  TORCH_CHECK(idx.dim() == 2, op,
+              ": lengths need a per-sequence idx [B, kmax] (padded rows), got idx of shape ",
+              idx.sizes());
+  check_cuda_tensor(l, idx, op, "lengths", "idx");
+  TORCH_CHECK(l.scalar_type() == at::kLong || l.scalar_type() == at::kInt, op,
+              ": lengths must be int64 (or int32), got ", l.scalar_type());
+  TORCH_CHECK(l.dim() == 1 && l.size(0) == idx.size(0), op, ": lengths must be 1-D [B] = [",
+              idx.size(0), "] (one length per idx row), got shape ", l.sizes());
+  return l.contiguous();
+}
+
 // A [N, d] weight whose rows are contiguous. Callers reject a non-unit last-dim stride for
 // d > 1; a d <= 1 tensor (any stride) is made contiguous (a tiny copy).
 inline at::Tensor rows_view(const at::Tensor& w) { return w.size(1) <= 1 ? w.contiguous() : w; }

@@ -3,12 +3,13 @@
 
 extern "C" {
 
-// The fields of GatherParams, arrays of nsrc for the per-source ones. *unit_bytes receives the
+// The fields of GatherParams, arrays of nsrc for the per-source ones (lens may be null). *unit_bytes receives the
 // copy unit the launcher picks. Returns the cudaError_t of the launch.
 int dart_emu_gather_rows(int nsrc, const void* const* src, const long long* src_row_stride,
                          const long long* src_rows, void* out, long long out_group_stride,
                          long long out_row_stride, long long s_base, const long long* idx,
-                         long long idx_group_stride, long long k, long long groups,
+                         long long idx_group_stride, const long long* lens, long long k,
+                         long long groups,
                          long long row_bytes, int* unit_bytes) {
   dart::kernels::GatherParams p{};
   if (nsrc < 1 || nsrc > dart::kernels::kGatherMaxSrcs) return cudaErrorInvalidValue;
@@ -24,6 +25,7 @@ int dart_emu_gather_rows(int nsrc, const void* const* src, const long long* src_
   p.s_base = s_base;
   p.idx = reinterpret_cast<const int64_t*>(idx);
   p.idx_group_stride = idx_group_stride;
+  p.lens = reinterpret_cast<const int64_t*>(lens);
   p.k = k;
   p.groups = groups;
   p.row_bytes = row_bytes;

@@ -38,11 +38,13 @@ void dart_emu_ffn_plan(int dtype, int G, int Mc, long long d, long long k, int v
 }
 
 // Runs both decode kernels with the plan dart_emu_ffn_plan returns for the same arguments;
-// `ws` holds at least its ws_bytes (256-byte aligned). Returns the cudaError_t of the launch.
+// `ws` holds at least its ws_bytes (256-byte aligned); `lens` (null: none) holds the per-group
+// lengths. Returns the cudaError_t of the launch.
 int dart_emu_ffn_decode(int dtype, int glu, const void* x, const void* w1, long long w1_stride,
                         const void* w2, long long w2_stride, const void* wo, long long wo_stride,
                         const void* b1, const void* bo, const void* idx, int idx_int32,
-                        long long idx_group_stride, void* y, long long N, long long d,
+                        long long idx_group_stride, const void* lens, int lens_int32, void* y,
+                        long long N, long long d,
                         long long k, int G, int Mc, int act, int vec, int num_sms,
                         long long splits, void* ws) {
   const dart::kernels::FfnPlan plan = make_plan(dtype, G, Mc, d, k, vec, num_sms, splits);
@@ -60,6 +62,8 @@ int dart_emu_ffn_decode(int dtype, int glu, const void* x, const void* w1, long 
   p.idx = idx;
   p.idx_int32 = idx_int32 != 0;
   p.idx_group_stride = idx_group_stride;
+  p.lens = lens;
+  p.lens_int32 = lens_int32 != 0;
   p.y = y;
   p.N = N;
   p.d = d;

@@ -1,5 +1,5 @@
 // Row gather: out[g, s*k + j, :] = srcs[s][idx[g, j], :] for every group g (sequence), source
-// s and kept neuron j. One warp per output row, copying in the widest unit (16/8/4/2/1 bytes)
+// s and kept neuron j; with per-group lengths, rows j >= lens[g] are zero (idx not read). One warp per output row, copying in the widest unit (16/8/4/2/1 bytes)
 // that every pointer, row stride and the row length are aligned to, four units in flight per
 // lane. The copy is dtype-agnostic (bytes). Used by dart::gather_neurons_ and by the prefill
 // (GEMM) path of the gathered FFN ops.
@@ -23,6 +23,7 @@ struct GatherParams {
   int64_t s_base;                          // index of src[0] among all sources (row block)
   const int64_t* idx;                      // [groups, k] (idx_group_stride = k) or [k] (0)
   int64_t idx_group_stride;
+  const int64_t* lens;                     // [groups] (entries used per group) or nullptr (k)
   int64_t k;
   int64_t groups;
   int64_t row_bytes;
@@ -43,13 +44,17 @@ __global__ void __launch_bounds__(kGatherWarpsPerCta * kWarp) gather_rows_kernel
     const int64_t rem = r - g * rows_per_group;
     const int s = static_cast<int>(rem / p.k);
     const int64_t j = rem - static_cast<int64_t>(s) * p.k;
+    U* __restrict__ dst = reinterpret_cast<U*>(p.out + g * p.out_group_stride +
+                                               ((p.s_base + s) * p.k + j) * p.out_row_stride);
+    if (p.lens != nullptr && j >= p.lens[g]) {  // padding: a zero row (+0.0 in every dtype)
+      for (int64_t i = lane; i < nunits; i += kWarp) dst[i] = U{};
+      continue;
+    }
     const int64_t row = p.idx[g * p.idx_group_stride + j];
     DART_DEVICE_CHECK(row >= 0 && row < p.src_rows[s],
                       "dart: idx out of range: every index must lie in [0, N)");
     const U* __restrict__ src =
         reinterpret_cast<const U*>(p.src[s] + row * p.src_row_stride[s]);
-    U* __restrict__ dst = reinterpret_cast<U*>(p.out + g * p.out_group_stride +
-                                               ((p.s_base + s) * p.k + j) * p.out_row_stride);
     for (int64_t base = lane; base < nunits; base += kWarp * kUnroll) {
       U buf[kUnroll];
 #pragma unroll

@@ -54,9 +54,13 @@ struct FfnParams {
   int64_t wo_stride;
   const void* b1;  // [N] or nullptr (MLP only)
   const void* bo;  // [d] or nullptr (MLP only)
-  const void* idx;  // group g uses idx[g * idx_group_stride + j], j < k; int64 or int32
+  const void* idx;  // group g uses idx[g * idx_group_stride + j], j < k_g; int64 or int32
   bool idx_int32;
   int64_t idx_group_stride;
+  // per-group lengths [G] (int64 or int32) or nullptr: group g uses its first k_g = lens[g]
+  // entries of a padded idx row (k = kmax); entries past k_g are never read
+  const void* lens;
+  bool lens_int32;
   void* y;  // [G*Mc, d] contiguous
   int64_t N, d, k;
   int G, Mc;  // groups (sequences with their own index set) and tokens per group
@@ -118,6 +122,17 @@ constexpr int phase2_rows_in_flight(int ve) {
 __device__ __forceinline__ int64_t load_index(const FfnParams& p, int64_t pos) {
   return p.idx_int32 ? static_cast<int64_t>(__ldg(static_cast<const int32_t*>(p.idx) + pos))
                      : __ldg(static_cast<const int64_t*>(p.idx) + pos);
+}
+
+// k_g: the kept neurons group g sums over (p.k without per-group lengths).
+__device__ __forceinline__ int64_t group_length(const FfnParams& p, int g) {
+  if (p.lens == nullptr) return p.k;
+  const int64_t n = p.lens_int32
+                        ? static_cast<int64_t>(__ldg(static_cast<const int32_t*>(p.lens) + g))
+                        : __ldg(static_cast<const int64_t*>(p.lens) + g);
+  DART_DEVICE_CHECK(n >= 0 && n <= p.k,
+                    "dart::gathered_glu_ffn/gathered_mlp: lengths out of range [0, kmax]");
+  return n < 0 ? 0 : (n > p.k ? p.k : n);
 }
 
 // Sums each of the V values (V a power of two <= 32) over the 32 lanes of the warp with
@@ -197,15 +212,16 @@ __global__ void __launch_bounds__(kFfnThreads, 2) ffn_phase1_kernel(FfnParams p)
   const int64_t idx_base = static_cast<int64_t>(g) * p.idx_group_stride;
   float* __restrict__ hg = p.h + static_cast<int64_t>(g) * Mc * k;
   const int64_t nvec = d / VE;
-  const int64_t units = (k + NPW - 1) / NPW;
+  const int64_t kg = group_length(p, g);  // h columns past kg are never read (phase 2 stops)
+  const int64_t units = (kg + NPW - 1) / NPW;
   const int64_t unit_stride = static_cast<int64_t>(gridDim.x) * kFfnWarps;
 
-  // rows of a unit; neurons past k (last unit only) repeat its first row and are not written
+  // rows of a unit; neurons past kg (last unit only) repeat its first row and are not written
   auto unit_rows = [&](int64_t unit, int64_t (&rows)[NPW]) {
 #pragma unroll
     for (int n = 0; n < NPW; ++n) {
       const int64_t j = unit * NPW + n;
-      rows[n] = load_index(p, idx_base + (j < k ? j : unit * NPW));
+      rows[n] = load_index(p, idx_base + (j < kg ? j : unit * NPW));
     }
   };
 
@@ -279,7 +295,7 @@ __global__ void __launch_bounds__(kFfnThreads, 2) ffn_phase1_kernel(FfnParams p)
       const int n = ri / MAXT;
       const int t = ri % MAXT;
       const int64_t j = unit * NPW + n;
-      if (t < Mc && j < k) {
+      if (t < Mc && j < kg) {
         float hv;
         if constexpr (GLU) {
           hv = act_apply(p.act, total) * up;
@@ -343,8 +359,10 @@ __global__ void __launch_bounds__(kFfnThreads, 2) ffn_phase2_kernel(FfnParams p)
   const int64_t col = c0 + lane * VE;
   const bool col_ok = col < d;  // d % VE == 0 on the vector path
 
+  // splits past group g's own length k_g sum nothing (their partials are zero)
+  const int64_t kg = group_length(p, g);
   const int64_t j0 = static_cast<int64_t>(split) * p.chunk;
-  const int64_t j1 = j0 + p.chunk < k ? j0 + p.chunk : k;
+  const int64_t j1 = j0 + p.chunk < kg ? j0 + p.chunk : kg;
 
   const T* __restrict__ wo = static_cast<const T*>(p.wo);
   const int64_t idx_base = static_cast<int64_t>(g) * p.idx_group_stride;
@@ -702,16 +720,21 @@ __global__ void glu_act_mul_kernel(const T* __restrict__ gu, int64_t gu_stride,
 }
 
 // pre[r, j] = act(pre[r, j] + b1[idx[g, j]]) in place, g = r / rows_per_group; b1 may be null.
+// With lens (int64 [groups]), entries j >= lens[g] are padding: pre[r, j] = 0, idx not read.
 template <typename T>
 __global__ void mlp_bias_act_kernel(T* __restrict__ pre, int64_t rows, int64_t k,
                                     const T* __restrict__ b1, const int64_t* __restrict__ idx,
-                                    int64_t idx_group_stride, int64_t rows_per_group, int64_t N,
-                                    Act act) {
+                                    int64_t idx_group_stride, const int64_t* __restrict__ lens,
+                                    int64_t rows_per_group, int64_t N, Act act) {
   const int64_t n = rows * k;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = i / k;
     const int64_t j = i - r * k;
+    if (lens != nullptr && j >= lens[r / rows_per_group]) {
+      pre[i] = from_float<T>(0.0f);
+      continue;
+    }
     float v = to_float<T>(pre[i]);
     if (b1 != nullptr) {
       const int64_t row = idx[(r / rows_per_group) * idx_group_stride + j];
@@ -741,11 +764,12 @@ cudaError_t launch_glu_act_mul(const T* gu, int64_t gu_stride, T* h, int64_t row
 
 template <typename T>
 cudaError_t launch_mlp_bias_act(T* pre, int64_t rows, int64_t k, const T* b1, const int64_t* idx,
-                                int64_t idx_group_stride, int64_t rows_per_group, int64_t N,
-                                Act act, int num_sms, cudaStream_t stream) {
+                                int64_t idx_group_stride, const int64_t* lens,
+                                int64_t rows_per_group, int64_t N, Act act, int num_sms,
+                                cudaStream_t stream) {
   if (rows * k <= 0) return cudaSuccess;
   DART_LAUNCH(elementwise_blocks(rows * k, num_sms), 256, 0, stream, mlp_bias_act_kernel<T>)(
-      pre, rows, k, b1, idx, idx_group_stride, rows_per_group, N, act);
+      pre, rows, k, b1, idx, idx_group_stride, lens, rows_per_group, N, act);
   return cudaGetLastError();
 }
 

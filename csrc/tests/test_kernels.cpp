@@ -23,8 +23,9 @@ at::Tensor glu(const at::Tensor& x, const at::Tensor& g, const at::Tensor& u, co
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("dart::gathered_glu_ffn", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, const at::Tensor&, c10::string_view)>();
-  return op.call(x, g, u, dt, idx, act);
+                                         const at::Tensor&, const at::Tensor&, c10::string_view,
+                                         const c10::optional<at::Tensor>&)>();
+  return op.call(x, g, u, dt, idx, act, c10::nullopt);
 }
 
 at::Tensor glu_naive(const at::Tensor& x, const at::Tensor& g, const at::Tensor& u,
@@ -84,29 +85,30 @@ int main() {
   {  // gather_neurons_
     auto op = c10::Dispatcher::singleton()
                   .findSchemaOrThrow("dart::gather_neurons_", "")
-                  .typed<void(const at::Tensor&, at::TensorList, const at::Tensor&)>();
+                  .typed<void(const at::Tensor&, at::TensorList, const at::Tensor&,
+                              const c10::optional<at::Tensor>&)>();
     auto out = at::empty({2 * idx.size(0), d});
     std::vector<at::Tensor> srcs{g, u};
-    op.call(out, srcs, idx);
+    op.call(out, srcs, idx, c10::nullopt);
     expect(at::equal(out, at::cat({g.index_select(0, idx), u.index_select(0, idx)})),
            "gather_neurons_ shared");
     bool threw = false;
     try {
-      op.call(out, srcs, at::tensor(std::vector<int64_t>{0, N}));
+      op.call(out, srcs, at::tensor(std::vector<int64_t>{0, N}), c10::nullopt);
     } catch (const c10::Error&) {
       threw = true;
     }
     expect(threw, "gather_neurons_ idx out of range throws");
     threw = false;
     try {  // out overlapping a source would read rows it already overwrote
-      op.call(g.narrow(0, 0, 2 * idx.size(0)), srcs, idx);
+      op.call(g.narrow(0, 0, 2 * idx.size(0)), srcs, idx, c10::nullopt);
     } catch (const c10::Error& e) {
       threw = std::string(e.what()).find("out shares memory with srcs[0]") != std::string::npos;
     }
     expect(threw, "gather_neurons_ out overlapping a source throws");
     threw = false;
     try {  // an expanded out has rows that share memory
-      op.call(at::empty({1, d}).expand({2 * idx.size(0), d}), srcs, idx);
+      op.call(at::empty({1, d}).expand({2 * idx.size(0), d}), srcs, idx, c10::nullopt);
     } catch (const c10::Error& e) {
       threw = std::string(e.what()).find("out has elements that share memory") != std::string::npos;
     }
