@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .adapters import FFNParts
-from .budget import BudgetAllocation, allocate_budget
+from .budget import BudgetAllocation, allocate_budget, allocate_budgets, max_keep_counts
 from .config import DARTConfig, resolve_keep_counts
 from .drift import make_monitor
 from .ffn import DARTFFN, DENSE, SPARSE, TRACE
@@ -87,6 +87,10 @@ class Controller:
         self.fixed_counts = config.fixed_keep_counts(self.widths)
         self.counts: list[int] | None = self.fixed_counts
         self.budget: BudgetAllocation | None = None  # the last auto allocation, for reports
+        # per-row `auto` budgets (batch_policy per_sequence): each row's own counts [B][L] and
+        # allocations; `counts` then holds the per-layer mean over the rows (batch reports)
+        self.row_counts: list[list[int]] | None = None
+        self.row_budgets: list[BudgetAllocation] | None = None
         ema = config.ema_decay if self.method.uses_ema else None
         self.acc = ActivationAccumulator(self.widths, ema_decay=ema)
         self.sens = SensitivityAccumulator(self.num_layers, config.budget.sensitivity)
@@ -148,6 +152,7 @@ class Controller:
             self.phase = [Phase.TRACE] * batch_size
             self.trace_start = [0] * batch_size
             self.counts = self.fixed_counts
+            self.row_counts = self.row_budgets = None
             self.acc.reset(batch_size, self.device)
             self.sens.reset(batch_size, self.device)
             for layer in self.layers:
@@ -241,13 +246,43 @@ class Controller:
             torch.cuda.synchronize(self.device)  # rare (once per re-trace): time the kernels
         self.counters.selection_seconds += time.perf_counter() - start
 
+    @property
+    def _per_row_budgets(self) -> bool:
+        """Each row's `auto` budget from its own statistics (so batch-mates cannot change a
+        sequence's output); `shared` keeps one budget for the batch. The threshold strategy
+        picks its own counts and keeps the batch-wide path."""
+        return self.fixed_counts is None and not self._shared_mask and self.cfg.strategy == "topk"
+
+    def _allocate(self, rows_mask: torch.Tensor) -> None:
+        """The `auto` keep counts: one budget over the rows being traced (shared), or one per
+        row from that row's own sensitivities (per sequence)."""
+        target = self.cfg.prune_target
+        if not self._per_row_budgets:
+            scores = self.sens.scores(rows_mask)
+            self.budget = allocate_budget(scores, self.widths, target, self.cfg.budget)
+            self.counts = resolve_keep_counts(self.keeps, self.widths, self.budget.keep_counts)
+            return
+        one_hot = torch.eye(self.batch_size, dtype=torch.bool, device=self.device)
+        scores = torch.stack([self.sens.scores(row) for row in one_hot])  # [B, L]
+        self.row_budgets = allocate_budgets(scores, self.widths, target, self.cfg.budget)
+        self.row_counts = [
+            resolve_keep_counts(self.keeps, self.widths, b.keep_counts) for b in self.row_budgets
+        ]
+        self.budget = None
+        self.counts = [
+            round(sum(layer) / len(layer)) for layer in zip(*self.row_counts, strict=True)
+        ]
+
+    def _max_counts(self) -> list[int]:
+        """kmax per layer: the most any row's budget can keep, from the config alone, so the
+        padded idx [B, kmax] has the same shape alone and in any batch (no recompiles)."""
+        auto = max_keep_counts(self.widths, self.cfg.prune_target, self.cfg.budget)
+        return resolve_keep_counts(self.keeps, self.widths, auto)
+
     def _build_selection(self, rows: list[int]) -> None:
         rows_mask = self._row_mask(rows)
         if self.counts is None:
-            scores = self.sens.scores(rows_mask)
-            target = self.cfg.prune_target
-            self.budget = allocate_budget(scores, self.widths, target, self.cfg.budget)
-            self.counts = resolve_keep_counts(self.keeps, self.widths, self.budget.keep_counts)
+            self._allocate(rows_mask)
         shared = self._shared_mask
         new_phase = list(self.phase)
         for b in rows:
@@ -255,22 +290,36 @@ class Controller:
         dense_rows = torch.tensor(
             [p != Phase.SPARSE for p in new_phase], dtype=torch.bool, device=self.device
         )
+        per_row = self.row_counts is not None
+        kmax = self._max_counts() if per_row else self.counts
         for layer_index, layer in enumerate(self.layers):
-            k = self.counts[layer_index]
-            if k >= self.widths[layer_index]:
+            width = self.widths[layer_index]
+            lengths = None
+            if per_row:
+                counts = [row[layer_index] for row in self.row_counts]
+                if min(counts) >= width:
+                    continue
+                if max(counts) > kmax[layer_index]:  # an invariant of max_keep_counts
+                    raise RuntimeError(f"layer {layer_index}: counts {counts} exceed kmax")
+                lengths = torch.tensor(counts, dtype=torch.int64, device=self.device)
+            elif self.counts[layer_index] >= width:
                 continue
-            idx = self._select(layer_index, k, shared)
+            idx = self._select(layer_index, kmax[layer_index], shared, lengths)
             if not shared and layer.selected and len(rows) < self.batch_size:
                 merged = layer.idx.clone()
                 merged[rows_mask] = idx[rows_mask]
                 idx = merged
-            layer.set_selection(idx, None if shared else dense_rows)
+            layer.set_selection(idx, None if shared else dense_rows, lengths)
         self.phase = new_phase
         self.counters.mask_builds += len(rows)
         if self.monitor is not None:
             self.monitor.finalize_trace(rows_mask)
 
-    def _select(self, layer_index: int, k: int, shared: bool) -> torch.Tensor:
+    def _select(
+        self, layer_index: int, k: int, shared: bool, lengths: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Kept indices of one layer: `[k]` (shared) or `[B, k]`; with per-row `lengths` a
+        padded `[B, k]` whose row b holds its own top `lengths[b]` neurons (ascending), then 0s."""
         m = self.acc.magnitudes(layer_index)
         if shared:
             m = shared_scores(m, ema=self.acc.ema_decay is not None)
@@ -280,6 +329,8 @@ class Controller:
             pmax, pmean = self.proxies[layer_index] if self.proxies else (None, None)
             scores = rank_scores(self.cfg.ranking, m, pmax, pmean)
         layer = self.layers[layer_index]
+        if lengths is not None:
+            return _top_per_row(scores, k, lengths)
         if self.cfg.strategy == "auto" and not layer.selected:
             idx, _ = select_threshold(scores, self.topk_fn)
         else:
@@ -304,22 +355,26 @@ class Controller:
         self.acc.reset_rows(rows_mask)
         self.monitor.begin_trace(self.batch_size, self.device, rows=rows_mask)
 
+    def _row_keep_counts(self) -> list[list[int]]:
+        """Each row's per-layer keep counts under its current selection (its own budget)."""
+        if self.row_counts is not None:
+            return self.row_counts
+        counts = self.counts if self.counts is not None else self.widths
+        return [list(counts)] * len(self.phase)
+
     def _account_decode_pass(self) -> None:
         c = self.counters
         c.decode_passes += 1
         total = float(sum(self.widths))
-        sparse_neurons = float(sum(self.counts)) if self.counts is not None else total
-        for p in self.phase:
-            c.decode_neurons += sparse_neurons if p == Phase.SPARSE else total
-            c.decode_capacity += total
-        rows = len(self.phase)
-        sparse_rows = sum(p == Phase.SPARSE for p in self.phase)
-        counts = self.counts if self.counts is not None else self.widths
         if not c.layer_neurons:
             c.layer_neurons = [0.0] * self.num_layers
-        for i, (k, n) in enumerate(zip(counts, self.widths, strict=True)):
-            c.layer_neurons[i] += sparse_rows * k + (rows - sparse_rows) * n
-        c.decode_tokens += rows
+        for p, counts in zip(self.phase, self._row_keep_counts(), strict=True):
+            row = counts if p == Phase.SPARSE else self.widths
+            c.decode_neurons += float(sum(row))
+            c.decode_capacity += total
+            for i, k in enumerate(row):
+                c.layer_neurons[i] += k
+        c.decode_tokens += len(self.phase)
 
     # -- calibration, explicit selection, forwards outside the schedule -------------------------
     @contextmanager
@@ -374,10 +429,19 @@ class Controller:
             for neurons, n in zip(c.layer_neurons, self.widths, strict=True)
         ]
 
+    def _prune_fractions(self) -> list[float] | None:
+        """The auto budget's per-layer prune fractions (per-row budgets: the rows' mean)."""
+        if self.row_budgets:
+            fractions = [b.prune_fractions for b in self.row_budgets]
+            return [sum(layer) / len(layer) for layer in zip(*fractions, strict=True)]
+        return self.budget.prune_fractions if self.budget else None
+
     def stats(self) -> dict:
         c = self.counters
         counts = self.counts if self.counts is not None else list(self.widths)
         total = sum(self.widths)
+        rows = self.row_counts
+        kept = sum(map(sum, rows)) / len(rows) if rows else sum(counts)  # a row's mean
         state_bytes = {
             "accumulators": self.acc.state_bytes(),
             "sensitivity": self.sens.state_bytes(),
@@ -388,9 +452,11 @@ class Controller:
         return {
             "method": self.method.name,
             "backend": self.cfg.backend,
+            # per layer: the batch's one budget, or under per-row budgets the rows' mean
             "keep_counts": counts,
+            "keep_counts_per_row": [list(r) for r in rows] if rows else None,
             "widths": list(self.widths),
-            "nominal_sparsity": 1.0 - sum(counts) / total,
+            "nominal_sparsity": 1.0 - kept / total,
             "effective_sparsity": (
                 1.0 - c.decode_neurons / c.decode_capacity if c.decode_capacity else 0.0
             ),
@@ -406,7 +472,23 @@ class Controller:
             ),
             "sequences": c.sequences,
             "budget_total_prune": self.cfg.prune_target,  # what an auto budget allocated
-            "budget_prune_fractions": self.budget.prune_fractions if self.budget else None,
+            "budget_prune_fractions": self._prune_fractions(),
+            "budget_prune_fractions_per_row": (
+                [b.prune_fractions for b in self.row_budgets] if self.row_budgets else None
+            ),
             "extra_state_bytes": state_bytes,
             "extra_state_bytes_total": sum(state_bytes.values()),
         }
+
+
+def _top_per_row(scores: torch.Tensor, kmax: int, lengths: torch.Tensor) -> torch.Tensor:
+    """`[B, kmax]` int64: row b's top `lengths[b]` scores' indices, ascending, then 0 padding.
+
+    The same neurons `select_topk(scores[b], lengths[b])` keeps (ties to the lower index, NaN
+    as -inf), computed for the whole batch in one sort, whatever the other rows hold."""
+    s = torch.where(torch.isnan(scores), float("-inf"), scores)
+    top = torch.sort(s, dim=-1, descending=True, stable=True).indices[:, :kmax]
+    width = scores.shape[-1]
+    kept = torch.arange(kmax, device=scores.device) < lengths.to(scores.device)[:, None]
+    idx = torch.sort(torch.where(kept, top, width), dim=-1).values
+    return torch.where(idx == width, 0, idx)

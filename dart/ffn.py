@@ -54,6 +54,7 @@ class _Routing:
     backend: str
     parts: FFNParts
     idx: torch.Tensor | None
+    lengths: torch.Tensor | None
     keep: int
     prunes: bool
     selected: bool
@@ -93,26 +94,45 @@ class DARTFFN(nn.Module):
         self.selected = False  # whether idx/mask/compact hold the current selection
         self.mode = DENSE
         self.idx: torch.Tensor | None = None  # [k] shared or [B, k] per sequence
+        # [B] int64: row b keeps its first lengths[b] entries of a padded idx [B, kmax] (per-row
+        # budgets); None: every row keeps all of its idx row
+        self.lengths: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None  # [1 or B, 1, N] 0/1 in the activation dtype
         self.compact: tuple[torch.Tensor, ...] | None = None
 
     # -- selection (called by the controller on a re-selection, never per token) ----------
-    def set_selection(self, idx: torch.Tensor, row_keeps_all: torch.Tensor | None) -> None:
+    def set_selection(
+        self,
+        idx: torch.Tensor,
+        row_keeps_all: torch.Tensor | None,
+        lengths: torch.Tensor | None = None,
+    ) -> None:
         """Install kept-neuron indices (`[k]` or `[B, k]`, sorted) and rebuild derived state.
 
         `row_keeps_all` ([B] bool) marks rows that currently run dense (tracing or released):
         their mask row is all ones so a mixed batch can be computed in one masked pass.
+        `lengths` ([B] int64, per-row budgets): row b keeps the first `lengths[b]` entries of its
+        padded idx row (`[B, kmax]`, kmax fixed per layer); the rest are never read.
         Tensors are updated in place when their shapes allow, so a compiled step that reads
         them sees the new selection without recompiling.
         """
         p = self._parts
         self._assign("idx", idx, dynamic_dim=-1)
+        if lengths is None:
+            self.lengths = None
+            self.prunes = idx.shape[-1] < self.width
+        else:
+            self._assign("lengths", lengths.to(device=idx.device, dtype=torch.int64))
+            self.prunes = bool((lengths < self.width).any())  # a host read, once per selection
         self.keep = idx.shape[-1]
-        self.prunes = self.keep < self.width
         self.selected = True
         rows = idx if idx.dim() == 2 else idx.unsqueeze(0)
-        mask = torch.zeros(rows.shape[0], 1, self.width, dtype=p.w_up.dtype, device=idx.device)
+        if lengths is not None:  # padding entries go to a spare column, cut off below
+            kept = torch.arange(rows.shape[-1], device=idx.device) < self.lengths[:, None]
+            rows = torch.where(kept, rows, self.width)
+        mask = torch.zeros(rows.shape[0], 1, self.width + 1, dtype=p.w_up.dtype, device=idx.device)
         mask.scatter_(2, rows.unsqueeze(1), 1.0)
+        mask = mask[..., : self.width].contiguous()
         if row_keeps_all is not None:
             mask[row_keeps_all] = 1.0
         self._assign("mask", mask)
@@ -132,7 +152,14 @@ class DARTFFN(nn.Module):
         gathered kernels on `idx` (`[k]` or `[B, k]`), with the weights of `parts` if given
         (e.g. views rebuilt from traced parameters). The routing is restored on exit."""
         saved = _Routing(
-            self.mode, self.backend, self._parts, self.idx, self.keep, self.prunes, self.selected
+            self.mode,
+            self.backend,
+            self._parts,
+            self.idx,
+            self.lengths,
+            self.keep,
+            self.prunes,
+            self.selected,
         )
         try:
             if idx is None:
@@ -143,13 +170,13 @@ class DARTFFN(nn.Module):
                         "routed(idx) runs the gathered kernels: attach with backend "
                         "'gathered' or 'compact', not 'masked'"
                     )
-                self.mode, self.backend, self.idx = SPARSE, "gathered", idx
+                self.mode, self.backend, self.idx, self.lengths = SPARSE, "gathered", idx, None
                 self.keep, self.prunes, self.selected = idx.shape[-1], True, True
                 self._parts = parts or self._parts
             yield
         finally:
             self.mode, self.backend, self._parts = saved.mode, saved.backend, saved.parts
-            self.idx, self.keep = saved.idx, saved.keep
+            self.idx, self.lengths, self.keep = saved.idx, saved.lengths, saved.keep
             self.prunes, self.selected = saved.prunes, saved.selected
 
     def _assign(self, name: str, value: torch.Tensor, dynamic_dim: int | None = None) -> None:
@@ -186,12 +213,12 @@ class DARTFFN(nn.Module):
         if old is None or [tuple(t.shape) for t in old] != shapes:
             old = tuple(_dynamic_rows(p.w_up.new_empty(shape), -2) for shape in shapes)
         for buffer, sources in zip(old, srcs, strict=True):
-            torch.ops.dart.gather_neurons_(buffer, sources, idx)
+            torch.ops.dart.gather_neurons_(buffer, sources, idx, self.lengths)
         self.compact = old
 
     def extra_bytes(self) -> int:
         """Bytes of state this module holds beyond the model's own weights."""
-        tensors = [self.idx, self.mask, *(self.compact or ())]
+        tensors = [self.idx, self.lengths, self.mask, *(self.compact or ())]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     # -- forward ------------------------------------------------------------------------------
@@ -222,10 +249,10 @@ class DARTFFN(nn.Module):
         if self.backend == "gathered":
             if self.kind == "glu":
                 return torch.ops.dart.gathered_glu_ffn(
-                    x, p.w_gate, p.w_up, p.w_down_t, self.idx, self.kernel_act
+                    x, p.w_gate, p.w_up, p.w_down_t, self.idx, self.kernel_act, self.lengths
                 )
             return torch.ops.dart.gathered_mlp(
-                x, p.w_up, p.b_in, p.w_down_t, p.b_out, self.idx, self.kernel_act
+                x, p.w_up, p.b_in, p.w_down_t, p.b_out, self.idx, self.kernel_act, self.lengths
             )
         return self._compact_forward(x)
 
@@ -233,10 +260,10 @@ class DARTFFN(nn.Module):
         from dart_ext.ops import compact_glu_ffn, compact_mlp  # built kernels: non-masked only
 
         if self.kind == "glu":
-            return compact_glu_ffn(x, *self.compact, self.kernel_act)
+            return compact_glu_ffn(x, *self.compact, self.kernel_act, self.lengths)
         w_in, w_out = self.compact[:2]
         b_in = self.compact[2].squeeze(-1) if len(self.compact) == 3 else None  # [.., k, 1]
-        return compact_mlp(x, w_in, b_in, w_out, self._parts.b_out, self.kernel_act)
+        return compact_mlp(x, w_in, b_in, w_out, self._parts.b_out, self.kernel_act, self.lengths)
 
 
 def _dynamic_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
