@@ -87,7 +87,9 @@ def resolve_export_counts(
     """The per-layer keep counts `k_l` frozen into the programs.
 
     Fixed fractions/counts: resolved from the config. `auto` budgets: `calibration_ids` (a prompt,
-    `[1, T]` or `[T]`) is traced by `handle.prepare` and the budget it allocates is used.
+    `[1, T]` or `[T]`) is traced by `handle.prepare` and the budget it allocates is used (the
+    programs freeze it for every row: calibration rows with different per-sequence budgets are
+    refused).
     """
     c = handle.controller
     if c.fixed_counts is not None:
@@ -101,6 +103,13 @@ def resolve_export_counts(
     handle.prepare(ids.to(next(handle.model.parameters()).device))
     if c.counts is None:
         raise RuntimeError("the calibration prompt did not produce keep counts")
+    if c.row_counts is not None and len({tuple(r) for r in c.row_counts}) > 1:
+        raise ValueError(
+            f"the {ids.shape[0]} calibration prompts got different per-sequence 'auto' budgets "
+            "(batch_policy='per_sequence': each row's from its own statistics), but the "
+            "exported programs keep one count per layer for every row: pass one calibration "
+            "prompt ([1, T]), or attach with batch_policy='shared' for one budget over them"
+        )
     return list(c.counts)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_assets import save_tiny
-from tiny_models import tiny_model
+from tiny_models import random_ids, tiny_model
 
 import dart
 from dart import DARTConfig
@@ -144,6 +144,20 @@ def test_auto_budget_counts_come_from_the_calibration_prompt():
     programs = export_programs(wrapper, prompt_len=ids.shape[1])  # fixed prompt length
     modules = (programs["prefill"].module(), programs["decode"].module())
     assert torch.equal(wrapper.generate(ids, max_new_tokens=16, programs=modules), ref)
+    handle.detach()
+
+
+def test_calibration_rows_with_different_budgets_are_refused():
+    """Per-sequence budgets give each calibration row its own counts; the programs keep one."""
+    model = tiny_model("llama", layers=8)  # these prompts' budgets differ (test_per_sequence)
+    ids = random_ids(4, 12, seed=7)
+    handle = dart.attach(model, DARTConfig(total_prune=0.5, drift={"enabled": False}))
+    with pytest.raises(ValueError, match="different per-sequence 'auto' budgets.*one calibration"):
+        resolve_export_counts(handle, ids)
+    handle.detach()
+    cfg = DARTConfig(total_prune=0.5, drift={"enabled": False}, batch_policy="shared")
+    handle = dart.attach(model, cfg)
+    assert resolve_export_counts(handle, ids) == handle.stats()["keep_counts"]
     handle.detach()
 
 
