@@ -1,5 +1,8 @@
 """Op-level benchmark: index-in-kernel gathered_glu_ffn, compact path (compact_glu_ffn on
-pre-sliced buffers), one re-slice (gather_neurons_ for gate_up and down) vs the dense FFN.
+pre-sliced buffers), one re-slice (gather_neurons_ for gate_up and down) vs the dense FFN. On CPU
+also `padded`: gathered_glu_ffn on the same k neurons given as a per-row budget (a padded idx
+[1, kmax] with kmax = min(N, 2k) and lengths [k]), whose ratio to `gathered` (`p/g`) is the cost of
+the padding (ideally 1: entries past the length are never read).
 
 Arms are timed interleaved (dense, gathered, compact, reslice, dense, ...) after a warm-up; the
 table reports medians. Example:
@@ -131,6 +134,14 @@ def dense_ffn(x, wg, wu, wd, act):
     return F.linear(apply_act(act, F.linear(x, wg)) * F.linear(x, wu), wd)
 
 
+def padded_indices(idx: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """idx [k] as one row of a per-row budget: [1, min(n, 2k)] padded with garbage, lengths [1]."""
+    k = idx.shape[0]
+    padded = torch.full((1, min(n, 2 * k)), n, dtype=idx.dtype, device=idx.device)
+    padded[0, :k] = idx
+    return padded, torch.tensor([k], device=idx.device)
+
+
 def make_arms(x, wg, wu, wdt, wd, idx, gate_up, down_c):
     """The timed callables; only the dense arm when idx is None."""
 
@@ -150,7 +161,16 @@ def make_arms(x, wg, wu, wdt, wd, idx, gate_up, down_c):
         dart_ext.gather_neurons_(gate_up, [wg, wu], idx)
         dart_ext.gather_neurons_(down_c, [wdt], idx)
 
-    return {"dense": dense, "gathered": gathered, "compact": compact, "reslice": reslice}
+    arms = {"dense": dense, "gathered": gathered, "compact": compact, "reslice": reslice}
+    if x.device.type == "cpu":
+        padded, lengths = padded_indices(idx, wg.shape[0])
+        x1 = x[None]
+
+        def gathered_padded():
+            return dart_ext.gathered_glu_ffn(x1, wg, wu, wdt, padded, "silu", lengths)
+
+        arms["padded"] = gathered_padded
+    return arms
 
 
 def run(args):
@@ -162,7 +182,7 @@ def run(args):
     hdr = (
         f"{'shape':<13} {'T':>4} {'dtype':<5} {'keep':>4} {'dense':>8} {'gather':>8} "
         f"{'compact':>8} {'reslice':>8} {'g/d':>5} {'c/d':>5} {'ideal':>5} {'GB/s':>6}"
-        f" {'g/d32':>6} {'c/d32':>6}"
+        f" {'p/g':>5} {'g/d32':>6} {'c/d32':>6}"
     )
     print(f"device={device} threads={torch.get_num_threads()} (times in ms, medians)")
     print(hdr)
@@ -214,6 +234,8 @@ def run(args):
                         "gathered_ms": t["gathered"],
                         "compact_ms": t["compact"],
                         "reslice_ms": t["reslice"],
+                        "padded_ms": t["padded"],
+                        "ratio_padded_vs_gathered": t["padded"] / t["gathered"],
                         "ratio_gathered": t["gathered"] / t["dense"],
                         "ratio_compact": t["compact"] / t["dense"],
                         "ideal": k / n,
@@ -234,7 +256,8 @@ def run(args):
                         f"{shape:<13} {T:>4} {dt_name:<5} {keep:>4.2f} {t['dense']:>8.3f} "
                         f"{t['gathered']:>8.3f} {t['compact']:>8.3f} {t['reslice']:>8.3f} "
                         f"{rec['ratio_gathered']:>5.2f} {rec['ratio_compact']:>5.2f} "
-                        f"{rec['ideal']:>5.2f} {rec['gathered_GBps']:>6.1f}{extra}",
+                        f"{rec['ideal']:>5.2f} {rec['gathered_GBps']:>6.1f} "
+                        f"{rec['ratio_padded_vs_gathered']:>5.2f}{extra}",
                         flush=True,
                     )
                     del gate_up, down_c, arms
