@@ -19,13 +19,14 @@ void expect(bool ok, const std::string& what) {
 }
 
 at::Tensor glu(const at::Tensor& x, const at::Tensor& g, const at::Tensor& u, const at::Tensor& dt,
-               const at::Tensor& idx, const std::string& act) {
+               const at::Tensor& idx, const std::string& act,
+               const c10::optional<at::Tensor>& lengths = c10::nullopt) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("dart::gathered_glu_ffn", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, const at::Tensor&, c10::string_view,
                                          const c10::optional<at::Tensor>&)>();
-  return op.call(x, g, u, dt, idx, act, c10::nullopt);
+  return op.call(x, g, u, dt, idx, act, lengths);
 }
 
 at::Tensor glu_naive(const at::Tensor& x, const at::Tensor& g, const at::Tensor& u,
@@ -61,6 +62,15 @@ int main() {
     auto y = glu(x, g, u, dt, at::arange(N, at::kLong), "silu");
     auto dense = at::linear(at::silu(at::linear(x, g)) * at::linear(x, u), dt.t());
     expect(at::allclose(y, dense, 1e-4, 1e-4), "gathered_glu_ffn all kept == dense");
+  }
+  {  // per-row lengths: row b sums its first lengths[b] entries; padding is never read
+    auto x = at::randn({2, 3, d});
+    auto padded = at::tensor(std::vector<int64_t>{4, 9, -1, 7, N, N}).view({2, 3});
+    auto y = glu(x, g, u, dt, padded, "silu", at::tensor(std::vector<int64_t>{2, 1}));
+    auto r0 = glu_naive(x[0], g, u, dt, padded[0].narrow(0, 0, 2));
+    auto r1 = glu_naive(x[1], g, u, dt, padded[1].narrow(0, 0, 1));
+    expect(at::allclose(y[0], r0, 1e-4, 1e-4) && at::allclose(y[1], r1, 1e-4, 1e-4),
+           "gathered_glu_ffn per-row lengths");
   }
   {  // topk: ties -> lower index, NaN -> -inf, ascending output
     auto op = c10::Dispatcher::singleton()
