@@ -87,7 +87,8 @@ class DARTFFN(nn.Module):
         # Plain attributes (not submodules / buffers): views of the original parameters.
         self._parts = parts
         object.__setattr__(self, "_recorder", recorder)
-        self.keep = parts.width  # k of this layer; == width means this layer never prunes
+        # k of this layer (the padded width kmax under per-row budgets); == width: never prunes
+        self.keep = parts.width
         # keep < width as a bool: the forward branches on it, so a compiled step is guarded on
         # whether a layer prunes, not on its count (which changes with every `auto` budget)
         self.prunes = False

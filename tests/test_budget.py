@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dart.budget import allocate_budget, depth_protection
+from dart.budget import allocate_budget, allocate_budgets, depth_protection, max_keep_counts
 from dart.config import BudgetConfig, ConfigError
 
 NO_DEPTH = BudgetConfig(depth_early=0.0, depth_late=0.0)
@@ -211,3 +211,41 @@ def test_guarded_budgets_meet_total_prune_in_neurons(normalize, cap_margin, blen
 def test_guard_settings_are_checked(field, value):
     with pytest.raises(ConfigError, match=f"BudgetConfig.{field}"):
         BudgetConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "budget",
+    [
+        BudgetConfig(),
+        BudgetConfig(prune_min=0.0),
+        BudgetConfig(prune_min=0.3, cap_margin=0.1),
+        BudgetConfig(uniform_blend=0.5, normalize="rank"),
+        BudgetConfig(prune_min=0.6, prune_max=0.7),
+    ],
+)
+@pytest.mark.parametrize("total", [0.0, 0.05, 0.5, 0.9])
+def test_max_keep_counts_bound_every_allocation(budget, total):
+    """kmax (the padded width of per-row budgets) is never exceeded, whatever S is."""
+    widths = [64, 100, 37, 512, 64, 7]
+    kmax = max_keep_counts(widths, total, budget)
+    assert all(1 <= k <= n for k, n in zip(kmax, widths, strict=True))
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.rand(6, generator=g) ** 4 * 10 for _ in range(50)] + [torch.zeros(6)]
+    cases += [torch.tensor([100.0, 0, 0, 0, 0, 0]), torch.tensor([0, 0, 0, 0, 0, 100.0])]
+    for s in cases:
+        keep = allocate_budget(s, widths, total, budget).keep_counts
+        assert all(k <= m for k, m in zip(keep, kmax, strict=True)), (s, keep, kmax)
+    if total == 0.0:
+        assert kmax == widths
+
+
+def test_allocate_budgets_is_one_allocation_per_row():
+    s = torch.tensor([[0.1, 5.0, 0.2, 0.3], [2.0, 0.1, 0.1, 0.4], [0.0, 0.0, 0.0, 0.0]])
+    widths = [40, 40, 80, 40]
+    rows = allocate_budgets(s, widths, 0.5)
+    assert [r.keep_counts for r in rows] == [
+        allocate_budget(row, widths, 0.5).keep_counts for row in s
+    ]
+    assert rows[0].keep_counts != rows[1].keep_counts
+    with pytest.raises(ValueError, match="\\[B, L\\]"):
+        allocate_budgets(s[0], widths, 0.5)

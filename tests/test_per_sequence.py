@@ -17,7 +17,9 @@ import dart
 from dart import DARTConfig
 from dart.budget import allocate_budget, max_keep_counts
 from dart.config import BACKENDS
+from dart.controller import _top_per_row
 from dart.fast import FastGenerator
+from dart.scoring import select_topk
 
 STEPS = 10
 PROMPTS = 4
@@ -88,6 +90,21 @@ def test_per_sequence_budget_is_the_rows_own(backend, method):
     per_layer = [1 - sum(r[i] for r in rows) / (PROMPTS * n) for i, n in enumerate(widths)]
     assert stats["effective_sparsity_per_layer"] == pytest.approx(per_layer)
     assert stats["keep_counts"] == [round(sum(c) / PROMPTS) for c in zip(*rows, strict=True)]
+
+
+def test_top_per_row_keeps_what_each_row_keeps_alone():
+    """Row b's first lengths[b] entries are select_topk(row b, lengths[b]) (ties to the lower
+    index, NaN as -inf), the padding is 0, whatever the other rows hold."""
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randint(-3, 3, (5, 40), generator=g).float()  # many ties
+    scores[1, ::3] = float("nan")
+    lengths = torch.tensor([0, 1, 17, 30, 30])
+    idx = _top_per_row(scores, 30, lengths)
+    assert idx.shape == (5, 30) and idx.dtype == torch.int64
+    for b, n in enumerate(lengths.tolist()):
+        if n:
+            assert torch.equal(idx[b, :n], select_topk(scores[b : b + 1], n)[0])
+        assert not idx[b, n:].any()
 
 
 def test_padded_indices_have_a_fixed_width_and_per_row_lengths():
