@@ -231,8 +231,8 @@ class Controller:
             mode = SPARSE
         else:
             mode = TRACE
-        self._record_rows = None
-        if mode == TRACE and any(p == Phase.SPARSE for p in self.phase):
+        self._record_rows = None  # always a tensor in TRACE mode: one compiled variant
+        if mode == TRACE:
             tracing = [p != Phase.SPARSE for p in self.phase]
             self._record_rows = torch.tensor(tracing, dtype=torch.bool, device=self.device)
         for layer in self.layers:

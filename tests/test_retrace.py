@@ -7,26 +7,13 @@ from contextlib import ExitStack
 
 import pytest
 import torch
-from tiny_models import random_ids, tiny_model
+from tiny_models import force_drift, random_ids, tiny_model
 
 import dart
 from dart import DARTConfig
 from dart.config import ConfigError, DriftConfig
 from dart.controller import Phase
 from dart.scoring import ActivationAccumulator
-
-
-def _force_drift(controller, at: dict[int, list[int]]):
-    """Stub the monitor's poll: rows `at[step]` fire at the poll after pass `step`, no others."""
-    poll = controller.monitor.poll
-
-    def forced():
-        flags = torch.zeros_like(poll())
-        for row in at.get(controller.step, []):
-            flags[row] = True
-        return flags
-
-    controller.monitor.poll = forced
 
 
 def _dense_hidden(model, handle, ids, cache=None):
@@ -63,7 +50,7 @@ def test_retrace_rebuilds_statistics_and_kv_from_the_last_r_tokens():
     )
     handle = dart.attach(model, cfg)
     c = handle.controller
-    _force_drift(c, {9: [1]})
+    force_drift(c, {9: [1]})
     prompt, stream = random_ids(2, 8, seed=3), random_ids(2, 16, seed=4)
     with torch.no_grad():
         cache = model(prompt, use_cache=True).past_key_values
@@ -111,7 +98,7 @@ def test_retrace_longer_than_the_sequence_is_clamped():
     cfg = DARTConfig(layer_topk="all:0.5", backend="masked", drift={"window": 2})
     assert cfg.drift.retrace_tokens == 64  # the default
     handle = dart.attach(model, cfg)
-    _force_drift(handle.controller, {5: [1]})
+    force_drift(handle.controller, {5: [1]})
     prompt, stream = random_ids(2, 8, seed=3), random_ids(2, 6, seed=4)
     with torch.no_grad():
         cache = model(prompt, use_cache=True).past_key_values
@@ -133,7 +120,7 @@ def test_retrace_off_is_the_old_schedule():
     cfg = DARTConfig(layer_topk="all:0.5", masking_step=2, drift={"window": 2, "retrace_tokens": 0})
     handle = dart.attach(model, cfg)
     c = handle.controller
-    _force_drift(c, {5: [1]})
+    force_drift(c, {5: [1]})
     cache = model(random_ids(2), use_cache=True).past_key_values
     nxt = torch.full((2, 1), 5)
     phases = {}
@@ -170,7 +157,7 @@ def test_non_firing_row_generates_as_if_nothing_fired():
     runs = {}
     for fire in ({}, {19: [1]}):
         handle = dart.attach(model, cfg)
-        _force_drift(handle.controller, fire)
+        force_drift(handle.controller, fire)
         out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0)
         runs[bool(fire)] = (out[:, 10:], handle.stats())
         handle.detach()
@@ -185,7 +172,7 @@ def test_hf_generate_with_a_static_cache_matches_the_dynamic_cache():
     outs = []
     for cache in ("dynamic", "static"):
         handle = dart.attach(model, cfg)
-        _force_drift(handle.controller, {11: [0, 1], 15: [1]})
+        force_drift(handle.controller, {11: [0, 1], 15: [1]})
         kwargs = {"cache_implementation": "static"} if cache == "static" else {}
         out = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=0, **kwargs)
         outs.append((out, handle.stats()["retraced_tokens"]))
@@ -201,7 +188,7 @@ def test_a_short_retrace_keeps_the_previous_baseline_until_it_has_min_windows():
     cfg = DARTConfig(layer_topk="all:0.5", drift={"window": 4, "retrace_tokens": 4})
     handle = dart.attach(model, cfg)
     c = handle.controller
-    _force_drift(c, {11: [0]})
+    force_drift(c, {11: [0]})
     cache = model(random_ids(1, 12), use_cache=True).past_key_values
     tau = None
     for t in range(16):
