@@ -199,7 +199,7 @@ class Controller:
     @torch.no_grad()
     def record_activations(self, layer: int, h: torch.Tensor) -> None:
         valid = self.valid
-        if self._record_rows is not None:  # a mixed pass: only the tracing rows' statistics
+        if self._record_rows is not None:  # TRACE mode: only the tracing rows' statistics
             b, t = h.shape[:2]
             rows = self._record_rows[:, None].expand(b, t)
             valid = rows if valid is None else valid & rows
