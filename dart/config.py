@@ -381,6 +381,8 @@ class DARTConfig:
     (``l2``: none, DART's L2 over tokens; ``normalized_l2``: GRIFFIN's, each token's vector
     divided by its L2 norm over neurons); ``ema_decay`` (an EMA over tokens instead of the L2)
     combines with either.
+    ``telemetry_every`` N > 0 measures the mask on every N-th decode pass (recall of the top-|h|
+    neurons, :mod:`dart.telemetry`; a diagnostic that computes every FFN densely too); 0: off.
     ``total_prune`` is the sparsity of ``auto`` items of ``layer_topk`` (None: 0.5, see
     :attr:`prune_target`); with a spec without ``auto`` it must be left out.
     """
@@ -401,6 +403,7 @@ class DARTConfig:
     proxy_source: str = "embedding"
     seed: int = 0
     calibration_text: str | None = None
+    telemetry_every: int = 0
 
     def __post_init__(self) -> None:
         o = "DARTConfig"
@@ -419,6 +422,7 @@ class DARTConfig:
                     f"layer), or use layer_topk='all:auto' with total_prune={self.total_prune:g}"
                 )
         _int_at_least(o, "masking_step", self.masking_step, 0)
+        _int_at_least(o, "telemetry_every", self.telemetry_every, 0)
         if self.release_step is not None and (
             not _is_int(self.release_step) or self.release_step <= self.masking_step
         ):
