@@ -144,9 +144,8 @@ def test_lightning_logs_the_telemetry(loop):
     model, tok = tiny_model("llama"), tiny_tokenizer()
     items = [{"id": f"p{i}", "prompt": random_ids(1, 6 + i, 0)[0].tolist()} for i in range(3)]
     cfg = dart.DARTConfig(layer_topk="all:0.5", drift=NO_DRIFT, telemetry_every=1)
-    module = DARTModule(
-        model, TASKS["generate"], GenerateOptions(max_new_tokens=4, batch_size=2), cfg, {}, None, tok
-    )
+    options = GenerateOptions(max_new_tokens=4, batch_size=2)
+    module = DARTModule(model, TASKS["generate"], options, cfg, tokenizer=tok)
     logger = _Capture()
     trainer = L.Trainer(
         accelerator="cpu",
