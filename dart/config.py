@@ -58,7 +58,7 @@ BATCH_POLICIES = ("per_sequence", "shared")
 PROXY_SOURCES = ("embedding", "lm_head")
 SENSITIVITIES = ("residual", "raw")
 BUDGET_NORMALIZATIONS = ("minmax", "rank", "winsorized")  # dart.budget.NORMALIZATIONS
-DRIFT_SIGNALS = ("attn_output", "attn_probs")
+DRIFT_SIGNALS = ("attn_output", "attn_probs", "attn_content")
 DEFAULT_TOTAL_PRUNE = 0.5
 
 
@@ -186,10 +186,11 @@ class DriftConfig(_Section):
 
     ``tau = mu - max(sigma_scale * sigma, threshold_floor)``; ``layers`` are decoder layer indices
     (negative = from the end); ``num_buckets`` is the number of log-spaced relative-distance
-    buckets of the ``attn_probs`` feature; ``min_windows`` (>= 2) is the number of complete trace
-    windows a baseline and threshold are built from: a trace that ends with fewer keeps
-    collecting windows from the following tokens, and the previous baseline and threshold stay
-    in use until it has them (see :mod:`dart.drift`).
+    buckets of the ``attn_probs`` feature; ``content_bits`` the number of hash bits of the
+    ``attn_content`` feature (``2^bits`` key-content clusters); ``min_windows`` (>= 2) is the
+    number of complete trace windows a baseline and threshold are built from: a trace that
+    ends with fewer keeps collecting windows from the following tokens, and the previous
+    baseline and threshold stay in use until it has them (see :mod:`dart.drift`).
     """
 
     enabled: bool = True
@@ -201,6 +202,7 @@ class DriftConfig(_Section):
     pressure_trigger: int = 2
     num_buckets: int = 16
     min_windows: int = 2
+    content_bits: int = 4
 
     def __post_init__(self) -> None:
         o = "DriftConfig"
@@ -224,6 +226,9 @@ class DriftConfig(_Section):
         _int_at_least(o, "pressure_trigger", self.pressure_trigger, 1)
         _int_at_least(o, "num_buckets", self.num_buckets, 2)
         _int_at_least(o, "min_windows", self.min_windows, 2)
+        _int_at_least(o, "content_bits", self.content_bits, 1)
+        if self.content_bits > 12:
+            raise ConfigError(f"{o}.content_bits: {self.content_bits} is not <= 12 (4096 clusters)")
 
 
 # --------------------------------------------------------------------------------------------
