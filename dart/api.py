@@ -112,7 +112,9 @@ class DARTHandle:
             watched = resolve_watch_layers(drift.layers, len(self.refs))
             for i in watched:
                 self._hooks.append(
-                    self.refs[i].attn.register_forward_hook(self._attention_hook(i, watched))
+                    self.refs[i].attn.register_forward_hook(
+                        self._attention_hook(i, watched), with_kwargs=True
+                    )
                 )
         self._hooks.append(
             self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
@@ -226,13 +228,15 @@ class DARTHandle:
         signal = self.config.drift.signal
         pending: dict[int, torch.Tensor] = {}
 
-        def hook(_module, _args, output):
+        def hook(_module, args, kwargs, output):
             value = output[0] if signal == "attn_output" else output[1]
             if value is None:
                 raise RuntimeError(
-                    "drift signal 'attn_probs' needs attention weights: load the model with "
+                    f"drift signal {signal!r} needs attention weights: load the model with "
                     "attn_implementation='eager'"
                 )
+            if signal == "attn_content":  # plus the attention input the keys come from
+                value = (value, args[0] if args else kwargs["hidden_states"])
             pending[layer] = value
             if len(pending) == len(watched):
                 self.controller.observe_attention([pending.pop(i) for i in watched])

@@ -58,7 +58,7 @@ BATCH_POLICIES = ("per_sequence", "shared")
 PROXY_SOURCES = ("embedding", "lm_head")
 SENSITIVITIES = ("residual", "raw")
 BUDGET_NORMALIZATIONS = ("minmax", "rank", "winsorized")  # dart.budget.NORMALIZATIONS
-DRIFT_SIGNALS = ("attn_output", "attn_probs")
+DRIFT_SIGNALS = ("attn_output", "attn_probs", "attn_content")
 DEFAULT_TOTAL_PRUNE = 0.5
 
 
@@ -186,10 +186,11 @@ class DriftConfig(_Section):
 
     ``tau = mu - max(sigma_scale * sigma, threshold_floor)``; ``layers`` are decoder layer indices
     (negative = from the end); ``num_buckets`` is the number of log-spaced relative-distance
-    buckets of the ``attn_probs`` feature; ``min_windows`` (>= 2) is the number of complete trace
-    windows a baseline and threshold are built from: a trace that ends with fewer keeps
-    collecting windows from the following tokens, and the previous baseline and threshold stay
-    in use until it has them (see :mod:`dart.drift`).
+    buckets of the ``attn_probs`` feature; ``content_bits`` the number of hash bits of the
+    ``attn_content`` feature (``2^bits`` key-content clusters); ``min_windows`` (>= 2) is the
+    number of complete trace windows a baseline and threshold are built from: a trace that
+    ends with fewer keeps collecting windows from the following tokens, and the previous
+    baseline and threshold stay in use until it has them (see :mod:`dart.drift`).
 
     ``retrace_tokens`` (R) is the look-back of a re-trace: at a drift event the last R
     positions (R - 1 earlier tokens and the new one) are recomputed densely in one forward, and
@@ -210,6 +211,7 @@ class DriftConfig(_Section):
     min_windows: int = 2
     retrace_tokens: int | None = 64
     retrace_blend: float = 0.0
+    content_bits: int = 4
 
     def __post_init__(self) -> None:
         o = "DriftConfig"
@@ -237,6 +239,9 @@ class DriftConfig(_Section):
             self.retrace_tokens = 0
         _int_at_least(o, "retrace_tokens", self.retrace_tokens, 0)
         _real_in(o, "retrace_blend", self.retrace_blend, 0.0, 1.0, low_open=False, high_open=True)
+        _int_at_least(o, "content_bits", self.content_bits, 1)
+        if self.content_bits > 12:
+            raise ConfigError(f"{o}.content_bits: {self.content_bits} is not <= 12 (4096 clusters)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,6 +399,8 @@ class DARTConfig:
     (``l2``: none, DART's L2 over tokens; ``normalized_l2``: GRIFFIN's, each token's vector
     divided by its L2 norm over neurons); ``ema_decay`` (an EMA over tokens instead of the L2)
     combines with either.
+    ``telemetry_every`` N > 0 measures the mask on every N-th decode pass (recall of the top-|h|
+    neurons, :mod:`dart.telemetry`; a diagnostic that computes every FFN densely too); 0: off.
     ``total_prune`` is the sparsity of ``auto`` items of ``layer_topk`` (None: 0.5, see
     :attr:`prune_target`); with a spec without ``auto`` it must be left out.
     """
@@ -414,6 +421,7 @@ class DARTConfig:
     proxy_source: str = "embedding"
     seed: int = 0
     calibration_text: str | None = None
+    telemetry_every: int = 0
 
     def __post_init__(self) -> None:
         o = "DARTConfig"
@@ -432,6 +440,7 @@ class DARTConfig:
                     f"layer), or use layer_topk='all:auto' with total_prune={self.total_prune:g}"
                 )
         _int_at_least(o, "masking_step", self.masking_step, 0)
+        _int_at_least(o, "telemetry_every", self.telemetry_every, 0)
         if self.release_step is not None and (
             not _is_int(self.release_step) or self.release_step <= self.masking_step
         ):

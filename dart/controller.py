@@ -44,6 +44,7 @@ from .scoring import (
     select_topk,
     shared_scores,
 )
+from .telemetry import MaskProbe
 
 __all__ = ["Controller", "Phase"]
 
@@ -125,6 +126,7 @@ class Controller:
         self._record_rows: torch.Tensor | None = None  # [B] rows whose activations are recorded
         self._residual: dict[int, torch.Tensor] = {}
         self.counters = _Counters()
+        self.telemetry = MaskProbe(self.num_layers) if config.telemetry_every else None
         backend = config.backend if self.method.prunes else "masked"  # dense: no kernels
         self.layers = [DARTFFN(p, i, backend, self) for i, p in enumerate(parts)]
 
@@ -181,10 +183,13 @@ class Controller:
     def before_forward(self, valid: torch.Tensor | None) -> None:
         """`valid` [B, T] marks real (non-padding) tokens of this pass; None = all real."""
         self.valid = valid
+        self._install_probe(valid)
 
     def after_forward(self) -> None:
         """End of a pass: account for it, then run the schedule's transitions."""
         s = self.step
+        for layer in self.layers:
+            layer.probe = None
         if s >= 1:
             self._account_decode_pass()
             self.counters.dense_tokens += sum(p != Phase.SPARSE for p in self.phase)
@@ -199,6 +204,17 @@ class Controller:
         self.step += 1
         self.valid = None
         self._set_modes()
+
+    def _install_probe(self, valid: torch.Tensor | None) -> None:
+        """On every `telemetry_every`-th decode pass with sparse rows, the FFNs also measure
+        their mask against the dense activations (`dart.telemetry`); off: nothing installed."""
+        every = self.cfg.telemetry_every
+        if not every or self.step < 1 or self.step % every or Phase.SPARSE not in self.phase:
+            return
+        rows = torch.tensor([p == Phase.SPARSE for p in self.phase], device=self.device)
+        self.telemetry.arm(rows, valid)
+        for layer in self.layers:
+            layer.probe = self.telemetry
 
     # -- recording (called from the FFN modules and hooks) ------------------------------------
     @torch.no_grad()
@@ -502,6 +518,8 @@ class Controller:
     def reset_stats(self) -> None:
         """Forget counters and drift history (masks and calibration stay)."""
         self.counters = _Counters()
+        if self.telemetry is not None:
+            self.telemetry.reset()
         if self.monitor is not None and self.batch_size:
             self.monitor.begin_trace(self.batch_size, self.device)
 
@@ -541,6 +559,7 @@ class Controller:
             "proxies": sum(a.numel() * a.element_size() * 2 for a, _ in self.proxies or []),
             "drift_monitor": self.monitor.state_bytes() if self.monitor else 0,
         }
+        telemetry = self.telemetry.stats() if self.telemetry is not None else {}
         return {
             "method": self.method.name,
             "backend": self.cfg.backend,
@@ -567,6 +586,7 @@ class Controller:
                 c.dense_tokens / c.decode_tokens if c.decode_tokens else 0.0
             ),
             "retraced_tokens": c.retraced_tokens,
+            **telemetry,
             "sequences": c.sequences,
             "budget_total_prune": self.cfg.prune_target,  # what an auto budget allocated
             "budget_prune_fractions": self._prune_fractions(),

@@ -36,6 +36,7 @@ from torch import Tensor
 from .config import DriftConfig
 
 __all__ = [
+    "AttnContentMonitor",
     "AttnOutputMonitor",
     "AttnProbsMonitor",
     "DriftMonitor",
@@ -424,6 +425,81 @@ class AttnProbsMonitor(DriftMonitor):
         return js_similarity(a, b)
 
 
+class AttnContentMonitor(AttnProbsMonitor):
+    """Signal ``attn_content``: *what* the new tokens attend to, not how far back they look.
+
+    Each key position gets a content cluster when it enters the cache: the attention input
+    (the normalised hidden state its key is computed from, before RoPE, so position plays no
+    part) of that position, standardised per dimension with the sequence's first-pass mean
+    and standard deviation (so a few outlier dimensions do not decide every hash), then hashed
+    by ``content_bits`` signs of fixed random projections (seeded, per layer): ``2^bits``
+    clusters. A query's feature is its attention mass per cluster, per head; similarity is
+    ``1 - JS`` (base 2) as for ``attn_probs``. A new topic moves attention onto keys of other
+    clusters even when the distance profile stays the same.
+
+    Feature input: per watched layer, ``(probs [B, H, T, S], hidden [B, T, d])`` (or a list of
+    them). Cluster ids are kept per row for every key position; a call whose ``S - T`` is below
+    what is kept crops the cache's ids (a crop-and-recompute re-trace), one with ``S == T``
+    starts a new sequence. Keys this monitor never saw (forwards outside its schedule) go to an
+    extra "unknown" cluster. Needs eager attention, like ``attn_probs``.
+    """
+
+    def __init__(self, cfg: DriftConfig, **kwargs: int) -> None:
+        super().__init__(cfg, **kwargs)
+        self.clusters = 2**cfg.content_bits
+        self._planes: dict[int, Tensor] = {}  # per layer [d, bits]
+        self._norm: dict[int, tuple[Tensor, Tensor]] = {}  # per layer (mean, std) [B, d]
+        self._ids: dict[int, Tensor] = {}  # per layer [B, S] cluster of every key position
+
+    def _cluster_ids(self, layer: int, x: Tensor, new_sequence: bool) -> Tensor:
+        x = x.float()
+        if layer not in self._planes:
+            g = torch.Generator().manual_seed(1_000_003 * (layer + 1))
+            self._planes[layer] = torch.randn(x.shape[-1], self.cfg.content_bits, generator=g)
+        if new_sequence or self._norm.get(layer, (x,))[0].shape[0] != x.shape[0]:
+            self._norm[layer] = (x.mean(1), x.std(1, unbiased=False).clamp_min(1e-6))
+        mean, std = self._norm[layer]
+        z = (x - mean[:, None]) / std[:, None]
+        planes = self._planes[layer].to(x.device)
+        bits = (z @ planes > 0).long()  # [B, T, bits]
+        weights = 2 ** torch.arange(planes.shape[1], device=x.device)
+        return (bits * weights).sum(-1)
+
+    def _positions(self, layer: int, probs: Tensor, x: Tensor) -> Tensor:
+        b, _, t, s = probs.shape
+        new_sequence = s == t
+        new = self._cluster_ids(layer, x, new_sequence)
+        old = self._ids.get(layer)
+        if new_sequence or old is None or old.shape[0] != b:
+            old = probs.new_empty(b, 0, dtype=torch.long)
+        old = old[:, : s - t]
+        unknown = s - t - old.shape[1]
+        if unknown:
+            fill = torch.full((b, unknown), self.clusters, dtype=torch.long, device=old.device)
+            old = torch.cat([old, fill], 1)  # keys added while the monitor was away
+        ids = torch.cat([old.to(new.device), new], 1)
+        self._ids[layer] = ids
+        return ids
+
+    def features(self, feature_input: object, **kwargs: object) -> Tensor:
+        pairs = list(feature_input)
+        if pairs and isinstance(pairs[0], Tensor):
+            pairs = [pairs]  # one layer's (probs, hidden)
+        feats = []
+        for layer, pair in enumerate(pairs):
+            if len(pair) != 2 or pair[0].dim() != 4 or pair[1].dim() != 3:
+                raise ValueError(
+                    "attn_content signal: expected (probs [B, H, T, S], hidden [B, T, d]) per "
+                    "watched layer"
+                )
+            probs, x = pair
+            ids = self._positions(layer, probs, x)
+            onehot = torch.nn.functional.one_hot(ids, self.clusters + 1).float()  # [B, S, C+1]
+            mass = (probs.float() @ onehot[:, None]).transpose(1, 2)  # [B, T, H, C+1]
+            feats.append(mass / mass.sum(-1, keepdim=True).clamp_min(1e-12))
+        return torch.cat(feats, dim=2)
+
+
 class NullMonitor(DriftMonitor):
     """Drift detection disabled: keeps the interface, never fires."""
 
@@ -449,4 +525,8 @@ def make_monitor(cfg: DriftConfig, **kwargs: int) -> DriftMonitor:
         return AttnOutputMonitor(cfg, **kwargs)
     if cfg.signal == "attn_probs":
         return AttnProbsMonitor(cfg, **kwargs)
-    raise ValueError(f"DriftConfig.signal: {cfg.signal!r} is not one of attn_output, attn_probs")
+    if cfg.signal == "attn_content":
+        return AttnContentMonitor(cfg, **kwargs)
+    raise ValueError(
+        f"DriftConfig.signal: {cfg.signal!r} is not one of attn_output, attn_probs, attn_content"
+    )

@@ -121,6 +121,12 @@ class FastGenerator:
         cuda_graphs: bool | None = None,
         compile_trace: bool = True,
     ):
+        if handle is not None and handle.config.telemetry_every:
+            raise ValueError(
+                "DARTConfig.telemetry_every measures masks with dense FFN passes and host reads; "
+                "the compiled loop runs without them: attach with telemetry_every=0 here, or "
+                "measure with HF generate"
+            )
         self.model = model
         self.handle = handle
         self.max_len = max_len

@@ -100,6 +100,7 @@ class DARTFFN(nn.Module):
         self.lengths: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None  # [1 or B, 1, N] 0/1 in the activation dtype
         self.compact: tuple[torch.Tensor, ...] | None = None
+        self.probe = None  # a `dart.telemetry.MaskProbe` on measured passes only
 
     # -- selection (called by the controller on a re-selection, never per token) ----------
     def set_selection(
@@ -237,6 +238,8 @@ class DARTFFN(nn.Module):
         p = self._parts
         h = p.hidden(x)
         self._recorder.record_activations(self.layer_index, h)
+        if self.probe is not None and self.selected:
+            self.probe.record(self.layer_index, h, self.mask)
         if self.selected:
             h = h * self.mask
         y = p.down(h)
@@ -245,6 +248,9 @@ class DARTFFN(nn.Module):
 
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
         p = self._parts
+        if self.probe is not None:  # a measured pass: the dense h, plain torch, no kernels
+            with torch.no_grad():
+                self.probe.record(self.layer_index, p.hidden(x), self.mask)
         if self.backend == "masked":
             return p.down(p.hidden(x) * self.mask)
         if self.backend == "gathered":

@@ -5,7 +5,11 @@
   returns its per-sample records. The DART handle is attached at ``on_predict_start`` (after
   Lightning has moved the model to its device, in every process) and detached at the end.
   Metrics are not computed here: they are aggregated from the records (one metrics path, so a
-  resumed or multi-process run gives the same figures as one uninterrupted process).
+  resumed or multi-process run gives the same figures as one uninterrupted process). What is
+  logged is the handle's running telemetry (:func:`dart.telemetry.telemetry_metrics`: effective
+  sparsity, drift events per 100 tokens, mask recall when ``telemetry_every`` measures it):
+  ``test_step`` (``Trainer.test``) runs the same step and ``self.log_dict``s it; a predict step,
+  where Lightning has no ``self.log``, hands it to the Trainer's loggers directly.
 * :class:`ItemsDataModule`: a task's items (built once, as token ids); each process takes
   ``items[rank::world_size]`` (no padding duplicates), minus the ids already done (resume).
 * :class:`RecordWriter`: streams every per-sample record to JSONL as soon as its batch ends
@@ -27,6 +31,7 @@ from .evaluate.arms import attach_arm
 from .evaluate.store import RecordStore
 from .evaluate.tasks import StepContext, Task
 from .fast import FastGenerator
+from .telemetry import telemetry_metrics
 
 __all__ = ["DARTModule", "ItemsDataModule", "RecordWriter", "StopAfter", "make_trainer"]
 
@@ -97,13 +102,39 @@ class DARTModule(L.LightningModule):
             self._fast[max_len] = FastGenerator(self.model, self.handle, max_len)
         return self._fast[max_len]
 
-    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
+    def _run(self, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ctx = StepContext(
             self.model, self.handle, self.tokenizer, self.options, self._fast_generator
         )
         with torch.no_grad():
             records = self.task.step.run(ctx, batch)
         return [{**self.arm, **r} for r in records]
+
+    def telemetry(self) -> dict[str, float]:
+        """The handle's running telemetry as flat floats (empty for a dense run)."""
+        return telemetry_metrics(self.handle.stats()) if self.handle is not None else {}
+
+    def predict_step(self, batch: list[dict[str, Any]], batch_idx: int) -> list[dict[str, Any]]:
+        records = self._run(batch)
+        metrics = self.telemetry()
+        if metrics:
+            for logger in self.trainer.loggers:
+                logger.log_metrics(metrics, step=batch_idx)
+        return records
+
+    def on_test_start(self) -> None:
+        self._attach()
+
+    def on_test_end(self) -> None:
+        self.detach()
+
+    def test_step(self, batch: list[dict[str, Any]], batch_idx: int) -> None:
+        """The predict step's work with its telemetry logged (records are not kept: write
+        them with ``Trainer.predict`` and :class:`RecordWriter`)."""
+        self._run(batch)
+        metrics = self.telemetry()
+        if metrics:
+            self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -133,6 +164,12 @@ class ItemsDataModule(L.LightningDataModule):
         return [it for it in self.items if it["id"] not in self.skip]
 
     def predict_dataloader(self) -> DataLoader:
+        return self._loader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader()
+
+    def _loader(self) -> DataLoader:
         items = self.pending()
         rank, world = _rank_world()
         if world > 1:
