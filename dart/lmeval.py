@@ -382,6 +382,9 @@ class ProtocolOptions:
         default=None, metadata={"help": "override the sparsities"}
     )
     limit: int | None = field(default=None, metadata={"help": "override every run's limit"})
+    context: str | None = field(
+        default=None, metadata={"help": "override the context phase", "choices": CONTEXT_PHASES}
+    )
     out: str | None = field(default=None, metadata={"help": "parent folder of the runs"})
 
 
@@ -623,7 +626,7 @@ def run_protocol(args: ProtocolOptions) -> None:
     for name in args.runs or list(runs):
         if name not in runs:
             raise ConfigError(f"no run {name!r} in {args.protocol}; runs: {', '.join(runs)}")
-        changes = {k: getattr(args, k) for k in ("methods", "total_prune", "limit")}
+        changes = {k: getattr(args, k) for k in ("methods", "total_prune", "limit", "context")}
         opts = replace(runs[name], **{k: v for k, v in changes.items() if v is not None})
         if args.out:
             opts = replace(opts, out=f"{args.out}/{name}")
@@ -659,7 +662,11 @@ def main(argv: list[str] | None = None) -> None:
             prog="python -m dart.lmeval protocol", description="Run a protocol config."
         )
         add_options(parser, ProtocolOptions, config=False)
-        run_protocol(_parse(parser, argv[1:], ProtocolOptions))
+        args = _parse(parser, argv[1:], ProtocolOptions)
+        try:
+            run_protocol(args)
+        except ConfigError as e:
+            parser.error(str(e))
         return
     from lm_eval.__main__ import cli_evaluate
 
