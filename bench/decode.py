@@ -2,6 +2,8 @@
 
 Arms (same prompts, same number of new tokens):
   hf_dense                HF `generate`, dense model (eager)
+  hf_static_compiled      HF `generate` with a static cache and torch.compile, dense model
+                          (the baseline a user would pick; every ratio is also given against it)
   dense_compiled          the compiled static-cache loop (dart.fast), dense model
   dart_masked             HF `generate` with DART's masked backend (the paper's simulation)
   dart_gathered_compiled  the compiled loop with DART's gathered kernels
@@ -20,6 +22,7 @@ per generated token.
 
     python bench/decode.py --quick            # < 5 minutes on 2 CPU cores
     python bench/decode.py --dtypes float32,bfloat16 --sparsity 0.5,0.7 --json out.json
+    python bench/decode.py --model qwen2.5-coder-1.5b --dtypes fp32 --batch 1,4 --new-tokens 32
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from dart.results import write_json  # noqa: E402
 
 ARMS = (
     "hf_dense",
+    "hf_static_compiled",
     "dense_compiled",
     "dart_masked",
     "dart_gathered_compiled",
@@ -58,6 +62,9 @@ RANDOM_SHAPES = {
     "tiny": (64, 256, 2, 4, 2, 512),  # smoke tests
 }
 RANDOM_PROMPT_LEN = 64
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16}  # fmt: skip
+DENSE_ARMS = ("hf_dense", "hf_static_compiled", "dense_compiled")
 
 
 def load_bench_model(name: str, dtype: torch.dtype, device: str):
@@ -134,7 +141,7 @@ class Arm:
 
     def __init__(self, name: str, base, args, sparsity: float, max_len: int):
         self.name = name
-        self.model = base if name in ("hf_dense", "dense_compiled") else copy.deepcopy(base)
+        self.model = base if name in DENSE_ARMS else copy.deepcopy(base)
         self.handle = None
         if name.startswith("dart_"):
             backend = name.split("_")[1]
@@ -167,6 +174,7 @@ class Arm:
                 min_new_tokens=new_tokens,
                 do_sample=False,
                 pad_token_id=pad_id,
+                **self.generate_kwargs(),
             )
             seconds = time.perf_counter() - start
             rec = {"tokens_per_s": ids.shape[0] * (out.shape[1] - ids.shape[1]) / seconds}
@@ -176,11 +184,26 @@ class Arm:
         if self.handle is not None:
             stats = self.handle.stats()
             rec["effective_sparsity"] = stats["effective_sparsity"]
+            if "dense_token_computations_per_token" in stats:
+                rec["dense_token_computations_per_token"] = stats[
+                    "dense_token_computations_per_token"
+                ]
             rec["retraces"] = stats["mask_refreshes"]
             builds = stats["mask_builds"] / ids.shape[0]  # per-sequence builds of all layers
             rec["selection_ms"] = 1000.0 * stats["selection_seconds"] / max(builds, 1)
             rec["selection_ms_per_token"] = 1000.0 * stats["selection_seconds"] / new_tokens
         return rec
+
+    def generate_kwargs(self) -> dict:
+        """HF `generate` options of the arm: the static-cache arm compiles its forward (on
+        every device: HF compiles automatically only on accelerators)."""
+        if self.name != "hf_static_compiled":
+            return {}
+        from transformers.generation.configuration_utils import CompileConfig
+
+        compile_config = CompileConfig(fullgraph=True)
+        compile_config._compile_all_devices = True  # HF's switch for CPU compilation
+        return {"cache_implementation": "static", "compile_config": compile_config}
 
     def resident_bytes(self) -> int:
         """Weights and buffers (unique storages), DART's extra state and the static KV cache."""
@@ -203,7 +226,7 @@ def bench_setting(base, tok, dtype, batch, sparsity, args, with_dense: bool) -> 
     device = next(base.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
     max_len = ids.shape[1] + args.new_tokens + 8
-    names = [a for a in args.arms if with_dense or not a.endswith("dense") and "dense_" not in a]
+    names = [a for a in args.arms if with_dense or a not in DENSE_ARMS]
     if "dense_compiled" not in names:
         names.append("dense_compiled")  # the baseline of every ratio
     torch._dynamo.reset()  # each setting compiles its own steps
@@ -222,7 +245,7 @@ def bench_setting(base, tok, dtype, batch, sparsity, args, with_dense: bool) -> 
     out = []
     for name in names:
         tps = statistics.median(s["tokens_per_s"] for s in samples[name])
-        dense_arm = name in ("hf_dense", "dense_compiled")
+        dense_arm = name in DENSE_ARMS
         rec = {
             "arm": name,
             "dtype": str(dtype).replace("torch.", ""),
@@ -244,6 +267,7 @@ def bench_setting(base, tok, dtype, batch, sparsity, args, with_dense: bool) -> 
             "selection_ms",
             "selection_ms_per_token",
             "trace_ms_per_token",
+            "dense_token_computations_per_token",
         ):
             vals = [s[key] for s in samples[name] if key in s]
             if vals:
@@ -251,6 +275,16 @@ def bench_setting(base, tok, dtype, batch, sparsity, args, with_dense: bool) -> 
         if with_dense or not dense_arm or name == "dense_compiled":  # each setting's baseline
             out.append(rec)
     return out
+
+
+def add_hf_ratios(records: list[dict]) -> None:
+    """Every record's speedup over the HF static-cache compiled arm of its dtype and batch."""
+    hf = {(r["dtype"], r["batch"]): r["tokens_per_s"] for r in records
+          if r["arm"] == "hf_static_compiled"}  # fmt: skip
+    for r in records:
+        base = hf.get((r["dtype"], r["batch"]))
+        if base:
+            r["speedup_vs_hf_static_compiled"] = r["tokens_per_s"] / base
 
 
 def print_table(records: list[dict]) -> None:
@@ -263,6 +297,7 @@ def print_table(records: list[dict]) -> None:
         ("tok/s", 8, lambda r: f"{r['tokens_per_s']:.1f}"),
         ("ms/tok", 8, lambda r: f"{r['ms_per_token']:.1f}"),
         ("vs dense_c.", 12, lambda r: f"{r['speedup_vs_dense_compiled']:.2f}x"),
+        ("vs hf_static", 13, lambda r: _fmt(r, "speedup_vs_hf_static_compiled", 1.0, 2)),
         ("ideal", 7, lambda r: f"{r['ideal_speedup']:.2f}x"),
         ("prefill ms", 11, lambda r: _fmt(r, "prefill_seconds", 1000.0)),
         ("mem MB", 8, lambda r: _fmt(r, "memory_mb", 1.0, 0)),
@@ -271,6 +306,7 @@ def print_table(records: list[dict]) -> None:
         ("sel ms", 7, lambda r: _fmt(r, "selection_ms", 1.0)),
         ("sel/tok", 8, lambda r: _fmt(r, "selection_ms_per_token", 1.0, 2)),
         ("trace/tok", 10, lambda r: _fmt(r, "trace_ms_per_token", 1.0, 2)),
+        ("dense tok/tok", 14, lambda r: _fmt(r, "dense_token_computations_per_token", 1.0, 3)),
     ]
     print("\n" + "".join(f"{name:>{w}}" for name, w, _ in cols))
     for r in records:
@@ -289,7 +325,8 @@ def main() -> None:
         help="a dart.load_model name or folder, or random:<shape> with shape in "
         + ", ".join(RANDOM_SHAPES),
     )
-    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--dtypes", "--dtype", default="float32,bfloat16",
+                   help="comma list of " + ", ".join(DTYPES))  # fmt: skip
     p.add_argument("--sparsity", default="0.5,0.7")
     p.add_argument("--batch", default="1")
     p.add_argument("--new-tokens", type=int, default=128)
@@ -322,7 +359,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     records = []
     for dtype_name in args.dtypes.split(","):
-        dtype = getattr(torch, dtype_name)
+        if dtype_name not in DTYPES:
+            raise SystemExit(f"--dtypes {dtype_name!r}: use {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype_name]
         model, tok = load_bench_model(args.model, dtype, args.device)
         for batch in (int(b) for b in args.batch.split(",")):
             policies = policies_all if batch > 1 else policies_all[:1]
@@ -335,6 +374,7 @@ def main() -> None:
                     )
                     first = i == 0 and policy == policies[0]
                     records += bench_setting(model, tok, dtype, batch, sparsity, args, first)
+    add_hf_ratios(records)
     print_table(records)
     if args.json:
         write_json(args.json, records)

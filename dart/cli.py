@@ -17,6 +17,7 @@ from .config import BACKENDS, ConfigError
 from .evaluate.store import RecordStore
 from .evaluate.tasks import TASKS, GenerateOptions, Task, prompt_texts
 from .experiment import RunOptions, run_experiment
+from .models import PACKAGED_MODELS, PackagedModel
 from .options import add_options, resolve_options
 from .results import unique_folder
 
@@ -63,7 +64,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 # -- demo ----------------------------------------------------------------------------------------
-DEMO_METHODS = ["dense", "static", "dart"]
+DEMO_METHODS = ["dense", "static", "griffin", "dart"]
 
 
 @dataclass
@@ -74,14 +75,18 @@ class DemoOptions:
     prompt: str | None = field(
         default=None, metadata={"help": "the prompt (default: the first packaged drift prompt)"}
     )
-    total_prune: float = field(default=0.3, metadata={"help": "FFN sparsity of static and DART"})
+    total_prune: float | None = field(
+        default=None,
+        metadata={"help": "FFN sparsity of the pruned arms (default: the packaged model's demo "
+                  "sparsity, 0.3 for smollm2-135m, 0.5 for qwen2.5-coder-1.5b; else 0.3)"},
+    )  # fmt: skip
     backend: str = field(
         default="gathered", metadata={"help": "sparse FFN backend", "choices": BACKENDS}
     )
     max_new_tokens: int = field(default=160, metadata={"help": "greedy tokens generated"})
     seed: int = field(default=0, metadata={"help": "torch seed"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
-    width: int = field(default=46, metadata={"help": "column width of the side-by-side"})
+    width: int = field(default=36, metadata={"help": "column width of the side-by-side"})
     out: str | None = field(
         default=None, metadata={"help": "results folder (default results/demo-<time>)"}
     )
@@ -98,15 +103,23 @@ def _side_by_side(columns: dict[str, str], width: int) -> str:
     return "\n".join(lines)
 
 
+def _demo_total_prune(demo: DemoOptions) -> float:
+    if demo.total_prune is not None:
+        return demo.total_prune
+    packaged = PACKAGED_MODELS.get(demo.model)
+    return packaged.demo_total_prune if packaged else PackagedModel.demo_total_prune
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Dense vs static vs DART on one prompt: a `dart generate` run, printed side by side."""
+    """Dense vs static vs GRIFFIN vs DART on one prompt: a `dart generate` run, printed side
+    by side."""
     import json
 
     (demo,) = resolve_options(_given(args), DemoOptions)
     run = RunOptions(
         model=demo.model,
         methods=DEMO_METHODS,
-        total_prune=[demo.total_prune],
+        total_prune=[_demo_total_prune(demo)],
         seed=demo.seed,
         out=demo.out,
         backend=demo.backend,

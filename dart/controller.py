@@ -504,6 +504,16 @@ class Controller:
             self._build(tracing)
             self._set_modes()
 
+    def repeat_rows(self, rows: torch.Tensor) -> None:
+        """Row ``i`` continues row ``rows[i]``'s current masks (the log-likelihood protocol
+        scores every continuation of a context in one batch, under its context's masks)."""
+        self.phase = [self.phase[r] for r in rows.tolist()]
+        self.batch_size = rows.numel()
+        dense = torch.tensor([p != Phase.SPARSE for p in self.phase], device=self.device)
+        for layer in self.layers:
+            if layer.selected and layer.idx.dim() == 2:  # per-sequence masks; shared ones fit
+                layer.set_selection(layer.idx[rows], dense)
+
     @contextmanager
     def paused(self, batch_size: int) -> Iterator[None]:
         """Forwards of `batch_size` rows outside the schedule: the hooks record nothing and

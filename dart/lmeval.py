@@ -3,10 +3,16 @@
 :class:`DARTLM` is lm-eval's own HF model class (``HFLM``) with a DART handle attached. Only the
 log-likelihood path is replaced, to keep the masks honest and cheap:
 
-* masks come from the context only (``handle.prepare(context)``), never from a continuation;
-* requests that share a context are grouped: the context is traced once, then computed once
-  under its masks (keeping the KV cache), and every continuation is scored from that cache
-  (the KV cache is cropped back to the context after each). This is GRIFFIN's "class mode";
+* masks come from the context only (a dense tracing forward of the context), never from a
+  continuation;
+* requests that share a context are grouped: each context is computed once, keeping its KV
+  cache, and all continuations of a batch of contexts are then computed in one forward of
+  their own tokens over that cache (repeated once per continuation, each row under its
+  context's masks); GRIFFIN's "class mode". The context itself is computed under its masks
+  (``context='masked'``, the default: a second forward after the trace) or dense
+  (``context='dense'``: the trace is the context's computation, one forward; the first
+  continuation token is then predicted by the dense model, so single-token answers such as
+  MMLU's letters or BoolQ's yes/no score as dense);
 * a batch holds several contexts with per-sequence masks (``batch_policy='per_sequence'``).
 
 ``generate_until`` is HFLM's: ``model.generate`` with the handle's hooks, i.e. DART's full
@@ -31,7 +37,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +47,16 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from .api import DARTHandle
+from .config import BACKENDS, ConfigError
 from .data import load_text
 from .evaluate.arms import Arm, arm_config, attach_arm, parse_arms
-from .evaluate.perplexity import tokenize_prefix
+from .evaluate.perplexity import accepts_logits_to_keep, tokenize_prefix
 from .evaluate.store import RecordStore
+from .experiment import folder_log
 from .lmeval_tasks import default_tasks_dir, write_tasks
-from .methods import get_method
+from .methods import METHODS, get_method
 from .models import load_model
+from .options import add_options, load_yaml, options_from, resolve_options
 from .results import atomic_write_text, write_json
 
 __all__ = [
@@ -65,6 +74,11 @@ log = logging.getLogger("dart.lmeval")
 # The seven 0-shot tasks of the paper's protocol (MMLU 5-shot and XSum come on top).
 ZERO_SHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
                    "openbookqa")  # fmt: skip
+# How a pruned arm computes a request's context: under the masks built from it (the context
+# is traced, then computed again under its masks) or dense (its tracing forward is its
+# computation, GRIFFIN's "class mode": one forward, but the first continuation token is then
+# predicted by the dense model, so single-token answers score as dense).
+CONTEXT_PHASES = ("masked", "dense")
 
 
 def _arm_dart_config(arm: Arm, overrides: dict | None, backend: str, seed: int):
@@ -93,8 +107,11 @@ class DARTLM(HFLM):
         calibration_tokens: int = 512,
         seed: int = 0,
         batch_size: int | str = 1,
+        context: str = "masked",
         **kwargs: Any,
     ) -> None:
+        if context not in CONTEXT_PHASES:
+            raise ValueError(f"context={context!r}: expected one of {', '.join(CONTEXT_PHASES)}")
         if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
             log.warning("device %r is not available here: using the CPU", device)
             device = "cpu"  # lm-eval's command line asks for cuda unless told otherwise
@@ -127,6 +144,8 @@ class DARTLM(HFLM):
         self._ffn_params = _ffn_params_per_neuron(self.handle)
         self._token_params = _per_token_weight_params(model)
         self.sparsity_log: list[dict[str, float]] = []  # one entry per batch of contexts
+        self.context = context
+        self._last_only = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
 
     def close(self) -> None:
         """Detach the arm (the model is restored exactly)."""
@@ -134,19 +153,37 @@ class DARTLM(HFLM):
             self.handle.detach()
             self.handle = None
 
-    # -- masks ------------------------------------------------------------------------------
-    def _context_masks(self, ids: torch.Tensor, mask: torch.Tensor):
-        """Build the masks of each row from its context; returns the context manager under
-        which the context and its continuations are computed."""
+    # -- the context: masks, then one forward that keeps its KV cache -------------------------
+    def _run_context(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Logits after each row's context ([B, V]) and its KV cache. A traced method first
+        builds each row's masks from its context (a dense tracing forward); the context is then
+        computed under them (``context='masked'``), or that tracing forward is the context's
+        own computation (``context='dense'``: one forward, GRIFFIN's class mode). The masks
+        stay held for the continuations."""
         h = self.handle
         if h is None:
-            return contextlib.nullcontext()
+            return self._forward(ids, mask, cache=True)
+        c = h.controller
         if h.method.needs_calibration:
-            h.controller.begin(ids.shape[0], ids.device)  # the calibrated masks, every row
+            c.begin(ids.shape[0], ids.device)  # the calibrated masks, every row
+        elif self.context == "dense":
+            out = self._forward(ids, mask, cache=True)  # trace = the context's computation
         else:
-            h.prepare(ids, attention_mask=mask)
+            self._forward(ids, mask, cache=False)  # trace the context: its masks
+        c.select_traced()
         self.sparsity_log.append(self._sparsity())
-        return h.hold()
+        if self.context == "masked":
+            with h.hold():
+                return self._forward(ids, mask, cache=True)
+        if h.method.needs_calibration:
+            with h.hold(), _dense_ffns(c):
+                return self._forward(ids, mask, cache=True)
+        return out
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, cache: bool):
+        """The last position's logits ([B, V], float) and the KV cache (None without)."""
+        out = self.model(input_ids=ids, attention_mask=mask, use_cache=cache, **self._last_only)
+        return out.logits[:, -1].float(), out.past_key_values if cache else None
 
     def _sparsity(self) -> dict[str, float]:
         """FFN neurons skipped and per-token weight bytes skipped under the current masks."""
@@ -190,39 +227,45 @@ class DARTLM(HFLM):
     def _score_contexts(
         self, contexts: list[list[int]], continuations: list[list[list[int]]]
     ) -> list[list[tuple[float, bool]]]:
-        """Per context: (sum log p(continuation), greedy?) of each of its continuations."""
+        """Per context: (sum log p(continuation), greedy?) of each of its continuations.
+
+        Each context is computed once; then all continuations of the batch are computed in one
+        forward of their own tokens over the context's cache, repeated once per continuation
+        (and, for a pruned arm, under its context's masks)."""
         longest = max(len(c) for row in continuations for c in row)
         keep = max(self.max_length - longest + 1, 1)  # left-truncate contexts that do not fit
         contexts = [c[-keep:] for c in contexts]
         ids, mask = self._left_pad(contexts)
-        with self._context_masks(ids, mask):
-            out = self.model(input_ids=ids, attention_mask=mask, use_cache=True)
-            cache, first = out.past_key_values, out.logits[:, -1].float()
-            scores: list[list[tuple[float, bool]]] = [[] for _ in contexts]
-            for slot in range(max(len(row) for row in continuations)):
-                picked = [row[slot] if slot < len(row) else None for row in continuations]
-                rest = self._continue(picked, cache, mask)
-                for b, cont in enumerate(picked):
-                    if cont is not None:
-                        logits = torch.cat([first[b : b + 1], rest[b, : len(cont) - 1]], 0)
-                        scores[b].append(_score(logits, cont))
+        first, cache = self._run_context(ids, mask)
+        owner = [b for b, row in enumerate(continuations) for _ in row]
+        flat = [c for row in continuations for c in row]
+        rest = self._continue(flat, torch.tensor(owner, device=self.device), cache, mask)
+        scores: list[list[tuple[float, bool]]] = [[] for _ in contexts]
+        for r, (b, cont) in enumerate(zip(owner, flat, strict=True)):
+            logits = torch.cat([first[b : b + 1], rest[r, : len(cont) - 1]], 0)
+            scores[b].append(_score(logits, cont))
         return scores
 
-    def _continue(self, conts, cache, ctx_mask: torch.Tensor) -> torch.Tensor:
-        """Logits after each continuation's tokens but its last, from the context's cache."""
-        width = max((len(c) - 1 for c in conts if c is not None), default=0)
+    def _continue(self, conts, owner: torch.Tensor, cache, ctx_mask: torch.Tensor) -> torch.Tensor:
+        """Logits after each continuation's tokens but its last ([R, W, V]): one forward of
+        every continuation over its context's cache (row ``r`` continues context
+        ``owner[r]``, under that context's masks)."""
+        width = max(len(c) - 1 for c in conts)
         if width == 0:  # single-token continuations: the context's last logits say it all
             return torch.empty(len(conts), 0, self.model.config.vocab_size, device=self.device)
+        paused = contextlib.nullcontext()
+        if self.handle is not None:
+            self.handle.controller.repeat_rows(owner)
+            paused = self.handle.controller.paused(len(conts))  # no drift monitor, no stats
+        cache.batch_select_indices(owner)
         pad = self.tokenizer.pad_token_id or 0
-        rows = [(c or [])[:-1] for c in conts]
+        rows = [c[:-1] for c in conts]
         ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
         real = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-        mask = torch.cat([ctx_mask, real.to(ctx_mask)], 1)
-        logits = self.model(
-            input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True
-        ).logits.float()
-        cache.crop(-width)  # back to the context for the next slot
-        return logits
+        mask = torch.cat([ctx_mask[owner], real.to(ctx_mask)], 1)
+        with paused:
+            out = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        return out.logits.float()
 
     def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(r) for r in rows)
@@ -241,6 +284,15 @@ def _score(logits: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
     target = torch.tensor(cont, device=lp.device)
     total = float(lp.gather(1, target[:, None]).sum())
     return total, bool((lp.argmax(-1) == target).all())
+
+
+@contextlib.contextmanager
+def _dense_ffns(controller):
+    """Every FFN of ``controller`` computes densely inside (its masks stay installed)."""
+    with contextlib.ExitStack() as stack:
+        for layer in controller.layers:
+            stack.enter_context(layer.routed())
+        yield
 
 
 def _ffn_params_per_neuron(handle: DARTHandle | None) -> list[float]:
@@ -262,23 +314,25 @@ def _per_token_weight_params(model: torch.nn.Module) -> int:
 # -- the comparison runner ----------------------------------------------------------------------
 @dataclass
 class LMEvalOptions:
-    """Options of ``dart eval lm-eval`` (one field per flag; ``help`` in the metadata)."""
+    """Options of ``dart eval lm-eval`` / ``python -m dart.lmeval run`` (flags and YAML keys
+    derived by :mod:`dart.options`)."""
 
-    tasks: str = field(
-        default=",".join(ZERO_SHOT_TASKS),
-        metadata={"help": "comma-separated offline tasks or groups (boolq, rte, hellaswag, "
-                  "winogrande, arc_easy, arc_challenge, openbookqa, piqa, sciq, xsum, mmlu)"},
+    tasks: list[str] = field(
+        default_factory=lambda: list(ZERO_SHOT_TASKS),
+        metadata={"help": "offline tasks or groups (boolq, rte, hellaswag, winogrande, "
+                  "arc_easy, arc_challenge, openbookqa, piqa, sciq, xsum, mmlu)"},
     )  # fmt: skip
-    methods: str = field(
-        default="dense,griffin,dart",
-        metadata={"help": "comma-separated arms: dense, static, griffin, random, dart, "
-                  "dart-nodrift"},
-    )  # fmt: skip
-    total_prune: str = field(
-        default="0.5", metadata={"help": "comma-separated FFN sparsities of the pruned arms"}
+    methods: list[str] = field(
+        default_factory=lambda: ["dense", "griffin", "dart"],
+        metadata={"help": "arms", "choices": tuple(METHODS)},
+    )
+    total_prune: list[float] = field(
+        default_factory=lambda: [0.5], metadata={"help": "FFN sparsities of the pruned arms"}
     )
     model: str = field(default="smollm2-135m", metadata={"help": "dart.load_model name/folder"})
-    dtype: str = field(default="float32", metadata={"help": "float32 or bfloat16"})
+    dtype: str = field(
+        default="float32", metadata={"help": "model dtype", "choices": ("float32", "bfloat16")}
+    )
     limit: int | None = field(
         default=None, metadata={"help": "per task: score its first N documents (all arms alike)"}
     )
@@ -286,7 +340,15 @@ class LMEvalOptions:
         default=None, metadata={"help": "shots (default: each task's own, 0 for most)"}
     )
     batch_size: int = field(default=1, metadata={"help": "contexts per batch (per-seq masks)"})
-    backend: str = field(default="gathered", metadata={"help": "masked, gathered or compact"})
+    backend: str = field(
+        default="gathered", metadata={"help": "sparse FFN backend", "choices": BACKENDS}
+    )
+    context: str = field(
+        default="masked",
+        metadata={"help": "a pruned arm computes each context under its masks (masked) or "
+                  "dense, as traced (GRIFFIN's class mode; single-token answers score as "
+                  "dense)", "choices": CONTEXT_PHASES},
+    )  # fmt: skip
     seed: int = field(default=0, metadata={"help": "seed of lm-eval and DART"})
     out: str | None = field(
         default=None, metadata={"help": "results folder (default runs/lmeval-<time>)"}
@@ -303,58 +365,49 @@ class LMEvalOptions:
     )
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
 
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Add one ``--flag`` per field (for wiring into a CLI)."""
-        for f in fields(cls):
-            kind = {"int | None": int, "str | None": str, "int": int, "str": str}[str(f.type)]
-            parser.add_argument(
-                "--" + f.name.replace("_", "-"),
-                dest=f.name,
-                type=kind,
-                default=f.default,
-                help=f.metadata.get("help"),
-            )
 
-    @classmethod
-    def from_namespace(cls, ns: argparse.Namespace) -> LMEvalOptions:
-        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+@dataclass
+class ProtocolOptions:
+    """Options of ``python -m dart.lmeval protocol``: which runs of a protocol config, and
+    overrides of every run's options."""
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LMEvalOptions:
-        """From a config mapping; lists (tasks, methods, total_prune) become comma lists."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown lm-eval options {unknown}; accepted: {sorted(known)}")
-        joined = {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in data.items()}
-        return cls(**joined)
+    protocol: str = field(
+        metadata={"help": "protocol config, e.g. configs/lmeval/paper.yaml", "positional": True}
+    )
+    runs: list[str] | None = field(default=None, metadata={"help": "a subset of its runs"})
+    methods: list[str] | None = field(
+        default=None, metadata={"help": "override the arms", "choices": tuple(METHODS)}
+    )
+    total_prune: list[float] | None = field(
+        default=None, metadata={"help": "override the sparsities"}
+    )
+    limit: int | None = field(default=None, metadata={"help": "override every run's limit"})
+    context: str | None = field(
+        default=None, metadata={"help": "override the context phase", "choices": CONTEXT_PHASES}
+    )
+    out: str | None = field(default=None, metadata={"help": "parent folder of the runs"})
 
 
 def load_protocol(path: str | os.PathLike) -> dict[str, LMEvalOptions]:
     """The runs of a protocol config: shared options at the top, one entry per run under
     ``runs`` (its options override the shared ones; its folder is ``<out>/<run name>``)."""
-    import yaml
-
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    data = load_yaml(path)
     runs = data.pop("runs", None)
     if not isinstance(runs, dict) or not runs:
-        raise ValueError(f"{path}: needs a `runs:` mapping of run name -> options")
+        raise ConfigError(f"{path}: needs a `runs:` mapping of run name -> options")
     out = data.pop("out", "results/lmeval")
     return {
-        name: LMEvalOptions.from_dict({**data, "out": f"{out}/{name}", **(opts or {})})
+        name: options_from(
+            LMEvalOptions, {**data, "out": f"{out}/{name}", **(opts or {})}, f"{path}: {name}"
+        )
         for name, opts in runs.items()
     }
-
-
-def _split(text: str) -> list[str]:
-    return [t.strip() for t in str(text).split(",") if t.strip()]
 
 
 def _fingerprint(opts: LMEvalOptions) -> str:
     """What determines a sample's value; a resume with another fingerprint is refused."""
     keys = ("model", "dtype", "num_fewshot", "backend", "seed", "dart_config",
-            "calibration_tokens", "max_gen_toks", "batch_size")  # fmt: skip
+            "calibration_tokens", "max_gen_toks", "batch_size", "context")  # fmt: skip
     data = {k: getattr(opts, k) for k in keys}
     if opts.dart_config:
         data["dart_config_text"] = Path(opts.dart_config).read_text(encoding="utf-8")
@@ -403,8 +456,7 @@ def run_lm_eval(opts: LMEvalOptions) -> list[dict[str, Any]]:
     out = Path(opts.out or time.strftime("runs/lmeval-%Y%m%d-%H%M%S"))
     fingerprint = _fingerprint(opts)
     _check_folder(out, fingerprint)
-    handler = _log_to(out)
-    try:
+    with folder_log(out, log):
         write_json(out / "config.json", asdict(opts))
         settings = {k: v for k, v in asdict(opts).items() if k not in ("out", "threads")}
         write_json(out / "fingerprint.json", {"fingerprint": fingerprint, "settings": settings})
@@ -412,7 +464,7 @@ def run_lm_eval(opts: LMEvalOptions) -> list[dict[str, Any]]:
         if not any(tasks_dir.glob("*.yaml")):
             write_tasks(tasks_dir)
         tm = TaskManager(include_path=str(tasks_dir), include_defaults=False)
-        ids = _task_ids(tm, _split(opts.tasks), opts.limit)
+        ids = _task_ids(tm, opts.tasks, opts.limit)
         arms = parse_arms(opts.methods, opts.total_prune)
         store = RecordStore(out)
         model, tokenizer = load_model(opts.model, dtype=opts.dtype)
@@ -422,18 +474,6 @@ def run_lm_eval(opts: LMEvalOptions) -> list[dict[str, Any]]:
         write_json(out / "metrics.json", metrics)
         atomic_write_text(out / "table.md", results_table(metrics) + "\n")
         return metrics
-    finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
-
-
-def _log_to(out: Path) -> logging.Handler:
-    out.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out / "log.txt", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    logging.getLogger().addHandler(handler)
-    log.setLevel(logging.INFO)
-    return handler
 
 
 def _run_arm(arm, opts, model, tokenizer, tm, ids, store, out, simple_evaluate) -> None:
@@ -449,6 +489,7 @@ def _run_arm(arm, opts, model, tokenizer, tm, ids, store, out, simple_evaluate) 
         model, method=arm.method, total_prune=arm.total_prune, tokenizer=tokenizer,
         backend=opts.backend, dart_config=opts.dart_config, release_step=arm.release_step,
         calibration_tokens=opts.calibration_tokens, seed=opts.seed, batch_size=opts.batch_size,
+        context=opts.context,
     )  # fmt: skip
     start = time.perf_counter()
     try:
@@ -579,6 +620,29 @@ def results_table(metrics: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def run_protocol(args: ProtocolOptions) -> None:
+    """The runs of a protocol config (or ``args.runs`` of them), with ``args``' overrides."""
+    runs = load_protocol(args.protocol)
+    for name in args.runs or list(runs):
+        if name not in runs:
+            raise ConfigError(f"no run {name!r} in {args.protocol}; runs: {', '.join(runs)}")
+        changes = {k: getattr(args, k) for k in ("methods", "total_prune", "limit", "context")}
+        opts = replace(runs[name], **{k: v for k, v in changes.items() if v is not None})
+        if args.out:
+            opts = replace(opts, out=f"{args.out}/{name}")
+        print(f"== {name} -> {opts.out}", flush=True)
+        print(results_table(run_lm_eval(opts)), flush=True)
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str], cls: type) -> Any:
+    """The options instance of ``argv``; a bad value exits with the parser's usage error."""
+    try:
+        (opts,) = resolve_options(vars(parser.parse_args(argv)), cls)
+    except ConfigError as e:
+        parser.error(str(e))
+    return opts
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m dart.lmeval run --tasks ... --methods ... --total-prune ...`` runs the
     comparison, ``python -m dart.lmeval protocol CONFIG`` the runs of a config; any other
@@ -589,31 +653,20 @@ def main(argv: list[str] | None = None) -> None:
         parser = argparse.ArgumentParser(
             prog="python -m dart.lmeval run", description="Compare arms through lm-eval."
         )
-        LMEvalOptions.add_arguments(parser)
-        metrics = run_lm_eval(LMEvalOptions.from_namespace(parser.parse_args(argv[1:])))
-        print(results_table(metrics))
+        add_options(parser, LMEvalOptions)
+        opts = _parse(parser, argv[1:], LMEvalOptions)
+        print(results_table(run_lm_eval(opts)))
         return
     if argv[:1] == ["protocol"]:
         parser = argparse.ArgumentParser(
             prog="python -m dart.lmeval protocol", description="Run a protocol config."
         )
-        parser.add_argument("config", help="e.g. configs/lmeval/paper.yaml")
-        parser.add_argument("--runs", default=None, help="comma-separated subset of its runs")
-        parser.add_argument("--methods", default=None, help="override the config's arms")
-        parser.add_argument("--total-prune", dest="total_prune", default=None)
-        parser.add_argument("--limit", type=int, default=None, help="override every run's")
-        parser.add_argument("--out", default=None, help="parent folder of the runs")
-        args = parser.parse_args(argv[1:])
-        runs = load_protocol(args.config)
-        for name in _split(args.runs) if args.runs else list(runs):
-            if name not in runs:
-                raise SystemExit(f"no run {name!r} in {args.config}; runs: {', '.join(runs)}")
-            changes = {k: getattr(args, k) for k in ("methods", "total_prune", "limit")}
-            opts = replace(runs[name], **{k: v for k, v in changes.items() if v is not None})
-            if args.out:
-                opts = replace(opts, out=f"{args.out}/{name}")
-            print(f"== {name} -> {opts.out}", flush=True)
-            print(results_table(run_lm_eval(opts)), flush=True)
+        add_options(parser, ProtocolOptions, config=False)
+        args = _parse(parser, argv[1:], ProtocolOptions)
+        try:
+            run_protocol(args)
+        except ConfigError as e:
+            parser.error(str(e))
         return
     from lm_eval.__main__ import cli_evaluate
 

@@ -17,7 +17,8 @@ def test_decode_bench_quick_writes_every_arm(tmp_path):
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     records = {r["arm"]: r for r in json.loads(out.read_text())}
-    assert set(records) == {"hf_dense", "dense_compiled", "dart_masked", "dart_gathered_compiled"}
+    assert set(records) == {"hf_dense", "hf_static_compiled", "dense_compiled", "dart_masked",
+                            "dart_gathered_compiled"}  # fmt: skip
     for r in records.values():
         assert r["tokens_per_s"] > 0 and r["memory_mb"] > 0 and r["batch"] == 2
     assert records["dense_compiled"]["speedup_vs_dense_compiled"] == 1.0
@@ -26,6 +27,10 @@ def test_decode_bench_quick_writes_every_arm(tmp_path):
     assert 0.0 < gathered["effective_sparsity"] <= 0.7
     assert gathered["prefill_seconds"] > 0 and gathered["selection_ms"] > 0
     assert "vs dense_c." in run.stdout and "dart_gathered_compiled" in run.stdout
+    hf = records["hf_static_compiled"]["tokens_per_s"]
+    assert records["hf_static_compiled"]["speedup_vs_hf_static_compiled"] == 1.0
+    assert gathered["speedup_vs_hf_static_compiled"] == gathered["tokens_per_s"] / hf
+    assert "vs hf_static" in run.stdout
 
 
 def test_decode_bench_rejects_unknown_inputs():
@@ -33,6 +38,7 @@ def test_decode_bench_rejects_unknown_inputs():
     for args, message in (
         (["--model", "random:nope"], "shapes are"),
         (["--batch-policy", "rows"], "--batch-policy 'rows'"),
+        (["--model", "random:tiny", "--dtype", "fp16"], "--dtypes 'fp16': use fp32"),
     ):
         run = subprocess.run([sys.executable, bench, *args], capture_output=True, text=True)
         assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]

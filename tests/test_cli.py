@@ -315,9 +315,9 @@ def test_demo_runs_the_generate_task_and_prints_the_arms(tiny_folder, tmp_path, 
     argv = ["demo", "--model", str(tiny_folder), "--max-new-tokens", "6", "--prompt", "Hello"]
     assert main([*argv, "--total-prune", "0.5", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "prompt: Hello" in printed and "DENSE" in printed and "STATIC" in printed
+    assert "prompt: Hello" in printed and "STATIC" in printed and "GRIFFIN" in printed
     recs = list(RecordStore(out))
-    assert sorted(r["method"] for r in recs) == ["dart", "dense", "static"]
+    assert sorted(r["method"] for r in recs) == ["dart", "dense", "griffin", "static"]
     metrics = load_metrics(out)
     assert {m["task"] for m in metrics} == {"generate"}
     nominal = {m["method"]: m["value"] for m in metrics if m["metric"] == "nominal_sparsity"}

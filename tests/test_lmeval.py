@@ -101,34 +101,87 @@ PAIRS = [("the cat sat on the", " mat"), ("the cat sat on the", " red rug"),
          ("one two three", " four"), ("one two", "!")]  # fmt: skip
 
 
+def _reference_logits(lm: DARTLM, ctx: list[int], cont: list[int], dense_context: bool):
+    """The plain definition in one full-sequence forward: masks from the context only, the
+    continuation under them, the context under them too or (``dense_context``) dense."""
+    ids = torch.tensor([ctx + cont])
+    h = lm.handle
+    if h is None:
+        return lm.model(ids).logits[0]
+    if h.method.needs_calibration:  # the calibrated masks for every context
+        h.controller.begin(1, "cpu")
+    else:
+        h.prepare(torch.tensor([ctx]))  # masks from the context only
+    hooks = []
+    if dense_context:  # FFN outputs of the context positions from the dense FFN
+
+        def split(module, args, out):
+            dense = module.original(args[0])
+            return torch.cat([dense[:, : len(ctx)], out[:, len(ctx) :]], 1)
+
+        hooks = [layer.register_forward_hook(split) for layer in h.controller.layers]
+    try:
+        with h.hold():
+            return lm.model(ids).logits[0]
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@pytest.mark.parametrize("context", ["masked", "dense"])
 @pytest.mark.parametrize("method", ["dense", "static", "griffin", "dart"])
+@pytest.mark.parametrize("backend", ["masked", "gathered"])
 @torch.no_grad()
-def test_loglikelihood_is_context_masked_scoring(tiny, method):
-    lm = DARTLM(str(tiny), method=method, total_prune=0.5, backend="masked")
+def test_loglikelihood_is_context_masked_scoring(tiny, method, backend, context):
+    lm = DARTLM(str(tiny), method=method, total_prune=0.5, backend=backend, context=context,
+                batch_size=2)  # fmt: skip
     try:
         got = lm._loglikelihood_tokens(_requests(lm, PAIRS), disable_tqdm=True)
+        builds = len(lm.sparsity_log)
         for (_, ctx, cont), (ll, greedy) in zip(_requests(lm, PAIRS), got, strict=True):
-            ids = torch.tensor([ctx + cont])
-            if method == "static":  # the calibrated masks for every context
-                lm.handle.controller.begin(1, "cpu")
-                with lm.handle.hold():
-                    logits = lm.model(ids).logits[0]
-            elif lm.handle is not None:
-                lm.handle.prepare(torch.tensor([ctx]))  # masks from the context only
-                with lm.handle.hold():
-                    logits = lm.model(ids).logits[0]
-            else:
-                logits = lm.model(ids).logits[0]
+            logits = _reference_logits(lm, ctx, cont, context == "dense")
             lp = F.log_softmax(logits[len(ctx) - 1 : -1].float(), -1)
             want = lp.gather(1, torch.tensor(cont)[:, None]).sum()
             assert ll == pytest.approx(float(want), abs=1e-4)
             assert greedy == bool((lp.argmax(-1) == torch.tensor(cont)).all())
         if method != "dense":
-            assert len(lm.sparsity_log) == 4  # one mask set per distinct context
+            assert builds == 2  # one mask set per batch of (2) distinct contexts
             assert lm.sparsity_log[0]["ffn_sparsity"] == pytest.approx(0.5, abs=0.02)
             assert 0 < lm.sparsity_log[0]["weight_bytes_sparsity"] < 0.5
     finally:
         lm.close()
+
+
+@torch.no_grad()
+def test_dense_arm_equals_lm_evals_own_hf_model(tiny):
+    from lm_eval.models.huggingface import HFLM
+
+    lm = DARTLM(str(tiny), method="dense")
+    stock = HFLM(pretrained=lm.model, tokenizer=lm.tokenizer, batch_size=3)
+    requests = _requests(lm, PAIRS)
+    ours = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    theirs = stock._loglikelihood_tokens(requests, disable_tqdm=True)
+    for (a, ga), (b, gb) in zip(ours, theirs, strict=True):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+
+
+def test_pruned_arms_differ_from_dense(tiny):
+    """The continuations are really computed under the masks (a test that can fail)."""
+    lls = {}
+    for method in ("dense", "dart"):
+        lm = DARTLM(str(tiny), method=method, total_prune=0.5, backend="gathered",
+                    context="dense")  # fmt: skip
+        try:
+            lls[method] = [ll for ll, _ in lm._loglikelihood_tokens(_requests(lm, PAIRS), True)]
+        finally:
+            lm.close()
+    multi = [i for i, (_, x) in enumerate(PAIRS) if len(lm.tok_encode(x)) > 1]
+    assert any(abs(lls["dense"][i] - lls["dart"][i]) > 1e-3 for i in multi)
+
+
+def test_unknown_context_phase_is_named(tiny):
+    with pytest.raises(ValueError, match="context='prompt': expected one of masked, dense"):
+        DARTLM(str(tiny), method="dense", context="prompt")
 
 
 def test_batches_use_per_sequence_masks(tiny):
@@ -169,8 +222,8 @@ def test_generate_until_runs_the_schedule(tiny):
 
 
 def _opts(tiny, tasks_dir, out, **kw) -> LMEvalOptions:
-    base = dict(tasks="arc_easy,boolq", methods="dense,griffin,dart", total_prune="0.5",
-                model=str(tiny), limit=4, backend="masked", out=str(out),
+    base = dict(tasks=["arc_easy", "boolq"], methods=["dense", "griffin", "dart"],
+                total_prune=[0.5], model=str(tiny), limit=4, backend="masked", out=str(out),
                 tasks_dir=str(tasks_dir))  # fmt: skip
     return LMEvalOptions(**{**base, **kw})
 
@@ -197,29 +250,33 @@ def test_runner_writes_a_resumable_results_folder(tiny, tasks_dir, tmp_path):
     assert again == metrics
     assert len((out / "samples.jsonl").read_text().splitlines()) == len(lines)
     # a larger limit only adds the new documents
-    run_lm_eval(_opts(tiny, tasks_dir, out, methods="dense", limit=5))
+    run_lm_eval(_opts(tiny, tasks_dir, out, methods=["dense"], limit=5))
     assert len((out / "samples.jsonl").read_text().splitlines()) == len(lines) + 2
 
 
 def test_runner_refuses_a_folder_of_other_settings(tiny, tasks_dir, tmp_path):
     out = tmp_path / "run"
-    run_lm_eval(_opts(tiny, tasks_dir, out, methods="dense", limit=1, tasks="boolq"))
+    run_lm_eval(_opts(tiny, tasks_dir, out, methods=["dense"], limit=1, tasks=["boolq"]))
     with pytest.raises(ValueError, match="other settings.*new --out"):
-        run_lm_eval(_opts(tiny, tasks_dir, out, methods="dense", limit=1, tasks="boolq",
+        run_lm_eval(_opts(tiny, tasks_dir, out, methods=["dense"], limit=1, tasks=["boolq"],
                           dtype="bfloat16"))  # fmt: skip
 
 
 def test_options_map_to_flags():
     import argparse
 
+    from dart.options import add_options, resolve_options
+
     parser = argparse.ArgumentParser()
-    LMEvalOptions.add_arguments(parser)
+    add_options(parser, LMEvalOptions)
     ns = parser.parse_args(["--tasks", "boolq", "--total-prune", "0.5,0.7", "--limit", "3"])
-    opts = LMEvalOptions.from_namespace(ns)
+    (opts,) = resolve_options(vars(ns), LMEvalOptions)
     assert (opts.tasks, opts.total_prune, opts.limit, opts.methods) == (
-        "boolq", "0.5,0.7", 3, "dense,griffin,dart")  # fmt: skip
-    with pytest.raises(SystemExit):
-        main(["run", "--no-such-flag"])
+        ["boolq"], [0.5, 0.7], 3, ["dense", "griffin", "dart"])  # fmt: skip
+    for bad in (["run", "--no-such-flag"], ["run", "--methods", "nope"],
+                ["protocol", "p.yaml", "--limit", "x"]):  # fmt: skip
+        with pytest.raises(SystemExit):
+            main(bad)
 
 
 def test_paper_protocol_config_loads():
@@ -228,10 +285,23 @@ def test_paper_protocol_config_loads():
     runs = load_protocol(Path(__file__).parents[1] / "configs" / "lmeval" / "paper.yaml")
     assert list(runs) == ["zero_shot", "mmlu_5shot", "xsum"]
     zero = runs["zero_shot"]
-    assert set(zero.tasks.split(",")) == {
+    assert set(zero.tasks) == {
         "boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"
     }  # fmt: skip
     assert (zero.num_fewshot, zero.limit, zero.out) == (0, 100, "results/paper_lmeval/zero_shot")
-    assert runs["mmlu_5shot"].num_fewshot == 5 and runs["mmlu_5shot"].methods.startswith("dense")
+    assert runs["mmlu_5shot"].num_fewshot == 5 and runs["mmlu_5shot"].methods[0] == "dense"
     assert all(t in {*lmeval_tasks.OFFLINE_TASKS, "mmlu"} for r in runs.values()
-               for t in r.tasks.split(","))  # fmt: skip
+               for t in r.tasks)  # fmt: skip
+
+
+def test_protocol_config_errors_name_the_key(tmp_path):
+    from dart.config import ConfigError
+    from dart.lmeval import load_protocol
+
+    bad = tmp_path / "p.yaml"
+    bad.write_text("model: m\nruns:\n  a:\n    limt: 3\n")
+    with pytest.raises(ConfigError, match="unknown keys 'limt'"):
+        load_protocol(bad)
+    bad.write_text("model: m\n")
+    with pytest.raises(ConfigError, match="needs a `runs:` mapping"):
+        load_protocol(bad)
