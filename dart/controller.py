@@ -507,12 +507,17 @@ class Controller:
     def repeat_rows(self, rows: torch.Tensor) -> None:
         """Row ``i`` continues row ``rows[i]``'s current masks (the log-likelihood protocol
         scores every continuation of a context in one batch, under its context's masks)."""
-        self.phase = [self.phase[r] for r in rows.tolist()]
+        sources = rows.tolist()
+        self.phase = [self.phase[r] for r in sources]
         self.batch_size = rows.numel()
+        if self.row_counts is not None:  # per-row budgets follow their masks
+            self.row_counts = [self.row_counts[r] for r in sources]
+            self.row_budgets = [self.row_budgets[r] for r in sources]
         dense = torch.tensor([p != Phase.SPARSE for p in self.phase], device=self.device)
         for layer in self.layers:
             if layer.selected and layer.idx.dim() == 2:  # per-sequence masks; shared ones fit
-                layer.set_selection(layer.idx[rows], dense)
+                lengths = None if layer.lengths is None else layer.lengths[rows]
+                layer.set_selection(layer.idx[rows], dense, lengths)
 
     @contextmanager
     def paused(self, batch_size: int) -> Iterator[None]:

@@ -162,3 +162,27 @@ def test_compiled_loop_takes_new_lengths_in_place(backend):
     assert any(not torch.equal(a, b) for a, b in zip(*lengths, strict=True))
     assert counter.frame_count == 1
     handle.detach()
+
+
+@pytest.mark.parametrize("backend", ["masked", "gathered"])
+def test_repeated_rows_keep_their_own_budgets(backend):
+    """`Controller.repeat_rows` (lm-eval scores every continuation of a context in one batch)
+    carries each row's own counts and lengths: a repeated row computes what its source does."""
+    model, ids = _model(), _prompts()
+    handle = dart.attach(model, _config(backend=backend))
+    try:
+        handle.prepare(ids)
+        c = handle.controller
+        assert len({tuple(r) for r in c.row_counts}) > 1  # the budgets really differ
+        nxt = random_ids(PROMPTS, 3, seed=9)
+        with handle.hold(), torch.no_grad():
+            before = model(nxt, use_cache=False).logits
+        order = torch.tensor([2, 0, 2, 3, 1])
+        expected_counts = [c.row_counts[r] for r in order.tolist()]
+        c.repeat_rows(order)
+        assert c.row_counts == expected_counts
+        with handle.hold(), torch.no_grad():
+            after = model(nxt[order], use_cache=False).logits
+        torch.testing.assert_close(after, before[order], rtol=1e-5, atol=1e-5)
+    finally:
+        handle.detach()
