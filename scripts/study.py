@@ -48,6 +48,7 @@ from dart.evaluate.perplexity import (
     window_items,
 )
 from dart.evaluate.store import RunStore, data_identity, digest, model_identity, run_fingerprint
+from dart.evaluate.stream import aggregate_stream, score_stream, stream_items
 from dart.models import load_model
 from dart.results import atomic_write_text, write_json
 
@@ -125,111 +126,152 @@ def parse_extra(specs: list[str], prunes: list[float]) -> list[GridPoint]:
     return out
 
 
-# -- running one grid point --------------------------------------------------------------------
+def stream_grid(
+    prunes: list[float], base: dict[str, Any], retrace: list[int], pressure: list[int]
+) -> list[GridPoint]:
+    """The drift study: dense, GRIFFIN, DART without drift and DART at every look-back
+    ``retrace_tokens`` x ``pressure_trigger``, all with the ``base`` DART overrides (the
+    budget and statistic chosen on perplexity)."""
+    points = [GridPoint("dense", "dense", 0.0)]
+    for p in prunes:
+        points += [
+            GridPoint("griffin", "griffin", p),
+            GridPoint("static", "static", p),
+            GridPoint("dart-nodrift", "dart-nodrift", p, base),
+        ]
+        for r in retrace:
+            for k in pressure:
+                drift = {**base.get("drift", {}), "retrace_tokens": r, "pressure_trigger": k}
+                points.append(GridPoint(f"dart-R{r}-p{k}", "dart", p, {**base, "drift": drift}))
+    return points
+
+
+# -- the texts ---------------------------------------------------------------------------------
 @dataclass
-class Corpus:
-    name: str
-    split: str
-    max_tokens: int
+class Source:
+    """What one corpus gives a task: its items, the options that determined them (in the
+    fingerprint) and the static method's calibration ids."""
+
+    corpus: str
+    tag: str
+    options: dict[str, Any]
     items: list[dict[str, Any]]
     calibration_ids: torch.Tensor
 
 
-def load_corpus(
-    tokenizer: Any,
-    name: str,
-    split: str,
-    max_tokens: int,
-    calib_tokens: int,
-    window: int,
-    stride: int,
-) -> Corpus:
-    text = load_text(name, split)
-    ids = tokenize_prefix(tokenizer, text, max_tokens + calib_tokens)
-    if ids.numel() < max_tokens + calib_tokens:
+def ppl_source(tokenizer: Any, name: str, opts: argparse.Namespace) -> Source:
+    """The first ``max_tokens`` of the split, in windows; static calibrates on the
+    ``calibration_tokens`` that follow them (its masks never see the scored tokens)."""
+    need = opts.max_tokens + opts.calibration_tokens
+    ids = tokenize_prefix(tokenizer, load_text(name, opts.split), need)
+    if ids.numel() < need:
         raise SystemExit(
-            f"corpus {name} ({split}) has {ids.numel()} tokens, fewer than --max-tokens "
-            f"{max_tokens} + --calibration-tokens {calib_tokens}"
+            f"corpus {name} ({opts.split}) has {ids.numel()} tokens, fewer than --max-tokens "
+            f"{opts.max_tokens} + --calibration-tokens {opts.calibration_tokens}"
         )
-    scored, calibration = ids[:max_tokens], ids[max_tokens:]
-    return Corpus(
-        name, split, max_tokens, window_items(scored.tolist(), window, stride), calibration[None]
-    )
+    items = window_items(ids[: opts.max_tokens].tolist(), opts.window, opts.stride)
+    options = {"corpus": name, "split": opts.split, "max_tokens": opts.max_tokens,
+               "window": opts.window, "stride": opts.stride}  # fmt: skip
+    tag = f"{name}-{opts.split}-{opts.max_tokens}"
+    return Source(name, tag, options, items, ids[None, opts.max_tokens :])
 
 
+def stream_source(tokenizer: Any, name: str, opts: argparse.Namespace) -> Source:
+    """Documents of the split (a topic switch to other documents of the same corpus with
+    ``--switch``); static calibrates on the first ``calibration_tokens`` of the corpus's
+    calibration split (the protocol of docs/RESULTS.md)."""
+    switch = name if opts.switch else None
+    items = stream_items(tokenizer, opts.prompt_tokens, opts.continuation_tokens, opts.documents,
+                         corpus=name, split=opts.split, switch_corpus=switch)  # fmt: skip
+    calibration = load_text(name, "calibration")
+    calib_ids = tokenize_prefix(tokenizer, calibration, opts.calibration_tokens)[None]
+    options = {"corpus": name, "split": opts.split, "switch_corpus": switch,
+               "prompt_tokens": opts.prompt_tokens, "documents": opts.documents,
+               "continuation_tokens": opts.continuation_tokens}  # fmt: skip
+    tag = (f"{name}-{opts.split}-{'switch' if switch else 'same'}-p{opts.prompt_tokens}"
+           f"c{opts.continuation_tokens}n{opts.documents}")  # fmt: skip
+    return Source(name, tag, options, items, calib_ids)
+
+
+# -- running one grid point --------------------------------------------------------------------
 def point_fingerprint(
+    task: str,
     point: GridPoint,
     config: DARTConfig | None,
-    corpus: Corpus,
-    opts: argparse.Namespace,
+    source: Source,
     model_id: dict[str, Any],
 ) -> dict[str, Any]:
-    options = {
-        "corpus": corpus.name,
-        "split": corpus.split,
-        "max_tokens": corpus.max_tokens,
-        "window": opts.window,
-        "stride": opts.stride,
+    options = {  # not "config": that key is a run-only option (the YAML path), left out
+        **source.options,
         "method": point.method,
-        "config": None if config is None else config.to_dict(),
-        "static_calibration": digest(corpus.calibration_ids.tolist())
+        "dart_config": None if config is None else config.to_dict(),
+        "static_calibration": digest(source.calibration_ids.tolist())
         if point.arm.needs_calibration
         else None,
     }
-    return run_fingerprint("ppl", options, model_id, data_identity(corpus.items))
+    return run_fingerprint(task, options, model_id, data_identity(source.items))
+
+
+def score_item(
+    task: str, model: torch.nn.Module, item: dict[str, Any], handle: Any
+) -> dict[str, Any]:
+    if task == "stream":
+        return score_stream(model, item["prompt"], item["continuation"], handle)
+    r = score_window(model, torch.tensor(item["ids"]), item["score_from"], item["prep_len"], handle)
+    return {**r, "nominal_sparsity": handle.stats()["nominal_sparsity"] if handle else 0.0}
+
+
+def summarise(task: str, records: list[dict[str, Any]]) -> dict[str, Any]:
+    if task == "stream":
+        out = aggregate_stream(records)
+        out.update(
+            effective_sparsity=sum(r["effective_sparsity"] for r in records) / len(records),
+            nominal_sparsity=sum(r["nominal_sparsity"] for r in records) / len(records),
+        )
+    else:
+        out = aggregate_perplexity(records)
+        out["nominal_sparsity"] = sum(r["nominal_sparsity"] for r in records) / len(records)
+    out["item_nll"] = [r["nll"] for r in records]
+    out["item_tokens"] = [r["tokens"] for r in records]
+    return out
 
 
 def run_point(
+    task: str,
     model: torch.nn.Module,
     point: GridPoint,
-    corpus: Corpus,
+    source: Source,
     folder: Path,
     fingerprint: dict[str, Any],
     config: DARTConfig | None,
 ) -> dict[str, Any]:
-    """Score the pending windows of ``point`` into ``folder``; its summary (all windows)."""
+    """Score the pending items of ``point`` into ``folder``; its summary (all items)."""
     key = (point.name, point.total_prune)
     with RunStore.open(folder, fingerprint) as store:
         done = store.done_ids(key)
-        pending = [it for it in corpus.items if it["id"] not in done]
+        pending = [it for it in source.items if it["id"] not in done]
         if pending:
-            handle = None if config is None else attach_arm(model, config, corpus.calibration_ids)
+            handle = None if config is None else attach_arm(model, config, source.calibration_ids)
             try:
                 for it in pending:
                     start = time.perf_counter()
-                    r = score_window(
-                        model, torch.tensor(it["ids"]), it["score_from"], it["prep_len"], handle
-                    )
-                    nominal = handle.stats()["nominal_sparsity"] if handle else 0.0
-                    store.records.append(
-                        [
-                            {
-                                "id": it["id"],
-                                "method": point.name,
-                                "total_prune": point.total_prune,
-                                **r,
-                                "nominal_sparsity": nominal,
-                                "seconds": time.perf_counter() - start,
-                            }
-                        ]
-                    )
+                    r = score_item(task, model, it, handle)
+                    rec = {"id": it["id"], "method": point.name, "total_prune": point.total_prune}
+                    rec.update(r, seconds=time.perf_counter() - start)
+                    store.records.append([rec])
             finally:
                 if handle is not None:
                     handle.detach()
-        records = [r for r in store if (r["method"], round(r["total_prune"], 6)) == key]
-        by_id = {r["id"]: r for r in records}
-        records = [by_id[it["id"]] for it in corpus.items]
+        by_id = {r["id"]: r for r in store if (r["method"], round(r["total_prune"], 6)) == key}
+        records = [by_id[it["id"]] for it in source.items]
         summary = {
             "name": point.name,
             "method": point.method,
             "total_prune": point.total_prune,
-            "corpus": corpus.name,
-            "split": corpus.split,
-            **aggregate_perplexity(records),
-            "nominal_sparsity": sum(r["nominal_sparsity"] for r in records) / len(records),
+            "corpus": source.corpus,
+            "source": source.tag,
+            **summarise(task, records),
             "seconds": sum(r["seconds"] for r in records),
-            "window_nll": [r["nll"] for r in records],
-            "window_tokens": [r["tokens"] for r in records],
             "overrides": point.overrides,
             "folder": str(folder),
         }
@@ -237,68 +279,110 @@ def run_point(
         return summary
 
 
-def write_tables(out: Path, split: str, summaries: list[dict[str, Any]]) -> None:
-    write_json(out / f"ppl_{split}.json", summaries)
-    buf = io.StringIO()
-    cols = [
-        "corpus",
-        "name",
-        "total_prune",
+TABLE_COLUMNS = {
+    "ppl": ["perplexity", "nll_per_token", "nominal_sparsity"],
+    "stream": [
         "perplexity",
         "nll_per_token",
-        "nominal_sparsity",
-        "tokens",
-        "seconds",
-    ]
+        "nll_per_sparse_token",
+        "retraces_per_200_tokens",
+        "dense_token_computations_per_token",
+        "effective_sparsity",
+        "weight_bytes_sparsity",
+    ],  # fmt: skip
+}
+
+
+def write_tables(path: Path, task: str, summaries: list[dict[str, Any]]) -> None:
+    """``path``.json (every summary) and ``path``.csv (one row per corpus and point)."""
+    write_json(path.with_suffix(".json"), summaries)
+    buf = io.StringIO()
+    cols = ["corpus", "name", "total_prune", *TABLE_COLUMNS[task], "tokens", "seconds"]
     w = csv.DictWriter(buf, cols, extrasaction="ignore")
     w.writeheader()
     w.writerows(summaries)
-    atomic_write_text(out / f"ppl_{split}.csv", buf.getvalue())
+    atomic_write_text(path.with_suffix(".csv"), buf.getvalue())
 
 
-def main(argv: list[str] | None = None) -> int:
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def build_points(opts: argparse.Namespace, prunes: list[float]) -> list[GridPoint]:
+    if opts.task == "ppl":
+        max_prune = opts.max_ranking_prune if opts.max_ranking_prune >= 0 else None
+        points = study_grid(prunes, max_prune)
+    else:
+        try:
+            base = json.loads(opts.base)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"--base: not JSON ({e})") from None
+        points = stream_grid(prunes, base, _ints(opts.retrace), _ints(opts.pressure))
+    points += parse_extra(opts.extra, prunes)
+    if opts.only:
+        order = [n.strip() for n in opts.only.split(",") if n.strip()]
+        unknown = set(order) - {p.name for p in points}
+        if unknown:
+            raise SystemExit(f"--only: unknown grid points {sorted(unknown)}")
+        points = sorted((p for p in points if p.name in order), key=lambda p: order.index(p.name))
+    return points
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", default="ppl", choices=("ppl", "stream"))
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--corpora", default="wiki,c4")
     ap.add_argument("--split", default="calibration", choices=("calibration", "eval"))
-    ap.add_argument("--max-tokens", type=int, default=2048)
     ap.add_argument("--calibration-tokens", type=int, default=512)
-    ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--stride", type=int, default=256)
     ap.add_argument("--prunes", default="0.5,0.7")
-    ap.add_argument(
-        "--max-ranking-prune",
-        type=float,
-        default=0.7,
-        help="sparsity of the max-ranking arms (negative: none)",
-    )
-    ap.add_argument("--only", default=None, help="comma list of grid point names to run")
+    ap.add_argument("--only", default=None, help="comma list of grid points to run, in order")
     ap.add_argument(
         "--extra",
         action="append",
         default=[],
-        help="NAME=JSON: one more point per sparsity with these DARTConfig overrides",
+        help="NAME=JSON: one more point per sparsity (DARTConfig overrides)",
     )
+    ppl = ap.add_argument_group("ppl")
+    ppl.add_argument("--max-tokens", type=int, default=2048)
+    ppl.add_argument("--window", type=int, default=512)
+    ppl.add_argument("--stride", type=int, default=256)
+    ppl.add_argument(
+        "--max-ranking-prune",
+        type=float,
+        default=0.7,
+        help="sparsity of the max-ranking points (negative: none)",
+    )
+    stream = ap.add_argument_group("stream")
+    stream.add_argument("--prompt-tokens", type=int, default=128)
+    stream.add_argument("--continuation-tokens", type=int, default=192)
+    stream.add_argument("--documents", type=int, default=8)
+    stream.add_argument(
+        "--switch",
+        action="store_true",
+        help="continuations from other documents of the corpus (topic switch)",
+    )
+    stream.add_argument(
+        "--base", default="{}", help="JSON DARTConfig overrides of every DART point"
+    )
+    stream.add_argument("--retrace", default="0,16,32,64,128", help="retrace_tokens values")
+    stream.add_argument("--pressure", default="1,2,3", help="pressure_trigger values")
     ap.add_argument("--backend", default="gathered")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="results/study")
-    opts = ap.parse_args(argv)
+    return ap.parse_args(argv)  # fmt: skip
 
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     corpora = [c.strip() for c in opts.corpora.split(",") if c.strip()]
     bad = [c for c in corpora if c not in TEXT_CORPORA]
     if bad:
         raise SystemExit(f"unknown corpora {bad}; accepted: {', '.join(TEXT_CORPORA)}")
     prunes = [float(p) for p in opts.prunes.split(",")]
-    max_prune = opts.max_ranking_prune if opts.max_ranking_prune >= 0 else None
-    points = study_grid(prunes, max_prune) + parse_extra(opts.extra, prunes)
-    if opts.only:
-        wanted = {n.strip() for n in opts.only.split(",")}
-        unknown = wanted - {p.name for p in points}
-        if unknown:
-            raise SystemExit(f"--only: unknown grid points {sorted(unknown)}")
-        points = [p for p in points if p.name in wanted]
+    points = build_points(opts, prunes)
     configs = {p: p.config(opts.backend, opts.seed) for p in points}  # bad settings fail now
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -307,42 +391,22 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(opts.out)
     model, tokenizer = load_model(opts.model)
     model_id = model_identity(model, opts.model)
-    loaded = {
-        c: load_corpus(
-            tokenizer,
-            c,
-            opts.split,
-            opts.max_tokens,
-            opts.calibration_tokens,
-            opts.window,
-            opts.stride,
-        )
-        for c in corpora
-    }
+    make_source = ppl_source if opts.task == "ppl" else stream_source
+    sources = {c: make_source(tokenizer, c, opts) for c in corpora}
     summaries: list[dict[str, Any]] = []
     todo = [(p, c) for p in points for c in corpora]  # corpora interleaved: partial grids pair
     start = time.perf_counter()
-    for i, (point, cname) in enumerate(todo, 1):
-        corpus = loaded[cname]
-        fp = point_fingerprint(point, configs[point], corpus, opts, model_id)
+    for i, (point, corpus) in enumerate(todo, 1):
+        source = sources[corpus]
+        fp = point_fingerprint(opts.task, point, configs[point], source, model_id)
         tag = f"{point.name}-p{round(100 * point.total_prune):02d}-{digest(fp)[:10]}"
-        folder = out / "ppl" / f"{cname}-{opts.split}-{opts.max_tokens}" / tag
-        s = run_point(model, point, corpus, folder, fp, configs[point])
+        folder = out / opts.task / source.tag / tag
+        s = run_point(opts.task, model, point, source, folder, fp, configs[point])
         summaries.append(s)
-        write_tables(out, opts.split, summaries)
-        elapsed = time.perf_counter() - start
-        log.info(
-            "[%d/%d %.0f s] %s %s@%.2f: ppl %.2f (nominal sparsity %.3f, %.0f s)",
-            i,
-            len(todo),
-            elapsed,
-            cname,
-            point.name,
-            point.total_prune,
-            s["perplexity"],
-            s["nominal_sparsity"],
-            s["seconds"],
-        )
+        write_tables(out / f"{opts.task}_{opts.split}", opts.task, summaries)
+        log.info("[%d/%d %.0f s] %s %s@%.2f: ppl %.2f (%.0f s)", i, len(todo),
+                 time.perf_counter() - start, corpus, point.name, point.total_prune,
+                 s["perplexity"], s["seconds"])  # fmt: skip
     return 0
 
 
