@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from contextlib import contextmanager
 from typing import Any
 
@@ -13,6 +15,7 @@ from .config import DARTConfig
 from .controller import Controller
 from .drift import resolve_watch_layers
 from .methods import get_method
+from .retrace import padding_mask, restore_rows, rewind, save_rows
 from .scoring import ProxyCache, output_proxy, weight_fingerprint
 
 __all__ = ["attach", "DARTHandle", "load_ops"]
@@ -64,6 +67,8 @@ class DARTHandle:
         self._hooks: list[Any] = []
         self._relaid: list[LayerRefs] = []
         self._held = False
+        self._forward_saved: tuple[bool, Any] | None = None
+        self._recent_ids: torch.Tensor | None = None  # the last R - 1 input ids of each row
         parts = [self.adapter.ffn_parts(r) for r in self.refs]
         proxies = None
         if config.ranking != "magnitude" and self.method.uses_proxies:
@@ -113,6 +118,100 @@ class DARTHandle:
             self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
         )
         self._hooks.append(self.model.register_forward_hook(self._post_forward, with_kwargs=True))
+        if self.controller.retrace_tokens:
+            self._wrap_forward()
+
+    def _wrap_forward(self) -> None:
+        """Put `_forward` in front of the model's forward (an instance attribute, so the hooks
+        above still run around it and `detach` can take it away)."""
+        model = self.model
+        original = model.forward
+        self._forward_saved = ("forward" in vars(model), vars(model).get("forward"))
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def forward(*args, **kwargs):
+            return self._forward(original, signature, args, kwargs)
+
+        model.forward = forward
+
+    def _unwrap_forward(self) -> None:
+        if self._forward_saved is None:
+            return
+        had, previous = self._forward_saved
+        if had:
+            self.model.forward = previous
+        else:
+            del self.model.forward
+        self._forward_saved = None
+
+    def _forward(self, original, signature: inspect.Signature, args: tuple, kwargs: dict):
+        """The model's forward, turned into a look-back re-trace when a drift event is due
+        (see `_retrace`); it also keeps each row's last R - 1 input ids."""
+        c = self.controller
+        if not c.auto_step or self._held:
+            return original(*args, **kwargs)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        out = None
+        if c.retrace_rows:
+            call = signature.bind(*args, **kwargs).arguments
+            for name, p in signature.parameters.items():
+                if p.kind is p.VAR_KEYWORD:
+                    call.update(call.pop(name, {}))
+            if call.get("past_key_values") is not None:
+                out = self._retrace(original, call)
+        if out is None:
+            out = original(*args, **kwargs)
+        self._remember(ids)
+        return out
+
+    def _remember(self, ids: torch.Tensor | None) -> None:
+        keep = self.controller.retrace_tokens - 1
+        if ids is None or self._recent_ids is None:  # embeddings: their ids are unknown
+            self._recent_ids = None if ids is None else ids[:, -keep:] if keep else ids[:, :0]
+            return
+        self._recent_ids = torch.cat([self._recent_ids, ids], 1)[:, -keep:] if keep else ids[:, :0]
+
+    def _retrace(self, original, call: dict):
+        """One forward that re-runs the last `prior` cached tokens (their ids from the ring
+        buffer) before the new ones, for the rows whose drift fired: their KV at those
+        positions is recomputed densely, the other rows' is put back afterwards. The logits
+        keep the shape the caller expects for its own tokens.
+
+        The other rows' new tokens attend, in this one pass, to their own recomputation of
+        those positions (under their current masks) instead of the cached keys and values,
+        which may have been computed dense (prompt, trace) or under an older mask: their
+        output at this token can differ slightly from a pass without the re-trace."""
+        c = self.controller
+        fired = c.retrace_rows
+        cache, ids = call["past_key_values"], call.get("input_ids")
+        past = int(cache.get_seq_length())
+        new = ids.shape[1] if ids is not None else call["inputs_embeds"].shape[1]
+        known = self._recent_ids.shape[1] if ids is not None and self._recent_ids is not None else 0
+        prior = c.retrace_span(min(known, past), new)
+        mask = padding_mask(call.get("attention_mask"))
+        valid = mask[:, past - prior : past + new].bool() if mask is not None else None
+        c.begin_retrace(prior, new, valid)
+        if prior == 0:
+            return original(**call)
+        call["input_ids"] = torch.cat([self._recent_ids[:, -prior:], ids], 1)
+        if mask is not None:
+            call["attention_mask"] = mask
+        position_ids = call.get("position_ids")
+        if position_ids is not None:
+            back = torch.arange(prior, 0, -1, device=position_ids.device)
+            earlier = (position_ids[..., :1] - back).clamp_min(0)
+            call["position_ids"] = torch.cat([earlier, position_ids], -1)
+        others = [b for b in range(c.batch_size) if b not in fired]
+        keep = torch.tensor(others, dtype=torch.long, device=ids.device)
+        saved = save_rows(cache, keep, prior) if others else None
+        rewind(cache, prior)
+        out = original(**call)
+        if saved is not None:
+            restore_rows(cache, keep, saved, new)
+        if out.logits is not None and out.logits.shape[1] > new:
+            out.logits = out.logits[:, -new:]
+        return out
 
     def _restore_layout(self) -> None:
         for refs in self._relaid:
@@ -154,6 +253,7 @@ class DARTHandle:
         past_len = 0 if past is None else int(past.get_seq_length())
         if past_len == 0:
             c.begin(batch, x.device)
+            self._recent_ids = None
         elif batch != c.batch_size:
             raise RuntimeError(
                 f"batch size changed mid-sequence ({c.batch_size} -> {batch}); start new "
@@ -222,6 +322,7 @@ class DARTHandle:
         """Restore the original model exactly (modules, weight layout, no hooks)."""
         for hook in self._hooks:
             hook.remove()
+        self._unwrap_forward()
         for parent, name, original in reversed(self._replaced):
             setattr(parent, name, original)
         self._restore_layout()

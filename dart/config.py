@@ -190,6 +190,13 @@ class DriftConfig(_Section):
     windows a baseline and threshold are built from: a trace that ends with fewer keeps
     collecting windows from the following tokens, and the previous baseline and threshold stay
     in use until it has them (see :mod:`dart.drift`).
+
+    ``retrace_tokens`` (R) is the look-back of a re-trace: at a drift event the last R
+    positions (R - 1 earlier tokens and the new one) are recomputed densely in one forward, and
+    the row's new mask and baseline come from exactly those R tokens; 0 or None: no look-back
+    (the row traces the next ``max(masking_step, 1)`` passes, the old behaviour).
+    ``retrace_blend`` in [0, 1) mixes the statistics the old mask was built from into the new
+    ones (``blend * old + (1 - blend) * recomputed``, per token; 0: the R tokens alone).
     """
 
     enabled: bool = True
@@ -201,6 +208,8 @@ class DriftConfig(_Section):
     pressure_trigger: int = 2
     num_buckets: int = 16
     min_windows: int = 2
+    retrace_tokens: int | None = 64
+    retrace_blend: float = 0.0
 
     def __post_init__(self) -> None:
         o = "DriftConfig"
@@ -224,6 +233,10 @@ class DriftConfig(_Section):
         _int_at_least(o, "pressure_trigger", self.pressure_trigger, 1)
         _int_at_least(o, "num_buckets", self.num_buckets, 2)
         _int_at_least(o, "min_windows", self.min_windows, 2)
+        if self.retrace_tokens is None:
+            self.retrace_tokens = 0
+        _int_at_least(o, "retrace_tokens", self.retrace_tokens, 0)
+        _real_in(o, "retrace_blend", self.retrace_blend, 0.0, 1.0, low_open=False, high_open=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,15 @@ collect statistics; the mask is built at the end of pass `max(m,1)-1` and used f
 for pass 0 itself would need every layer's statistics before layer 0 runs (the `auto` budget is
 global), which is exactly the reference code's masking-step-shift defect.
 
+A drift event of row b (polled once per drift window) starts a look-back re-trace when
+`DriftConfig.retrace_tokens` R > 0: the caller's next forward recomputes the last R positions
+(R - 1 earlier tokens, whose KV is cropped from the cache, and the new token) in one batched
+pass (`dart.retrace` does the cache work; `dart.api` and `dart.fast` drive it). Row b runs that
+pass dense (TRACE): its accumulators and drift baseline are rebuilt from exactly those R tokens
+and its new mask is built at the end of the pass. The other rows run the pass under their own
+masks and count only their new token (their recomputed KV is put back afterwards). R = 0 keeps
+the old re-trace: the row traces the next `max(m, 1)` passes from fresh accumulators.
+
 Host-side state is a few Python lists of length B, touched only on events; the per-token work
 is tensor updates inside the FFN and attention hooks, and the drift monitor is polled once per
 window, so there is no host sync per token.
@@ -57,6 +66,8 @@ class _Counters:
     drift_events: list[tuple[int, int]] = field(default_factory=list)  # (pass, row)
     sequences: int = 0
     selection_seconds: float = 0.0  # wall time of mask builds (scoring, top-k, re-slicing)
+    dense_tokens: int = 0  # decode tokens whose FFN ran dense, recomputed ones included
+    retraced_tokens: int = 0  # tokens traced by look-back re-traces (<= R per event)
 
 
 class Controller:
@@ -103,6 +114,11 @@ class Controller:
         self.step = 0
         self.phase: list[int] = []
         self.trace_start: list[int] = []
+        self.retrace_tokens = config.drift.retrace_tokens if self.monitor is not None else 0
+        self._retrace_due: list[int] = []  # rows whose drift fired: the next pass re-traces
+        self._retracing: list[int] = []  # rows re-traced by the current pass
+        self._blend_old: list[torch.Tensor] | None = None  # per-token stats of the old masks
+        self._record_rows: torch.Tensor | None = None  # [B] rows whose activations are recorded
         self._residual: dict[int, torch.Tensor] = {}
         self.counters = _Counters()
         backend = config.backend if self.method.prunes else "masked"  # dense: no kernels
@@ -135,6 +151,7 @@ class Controller:
         self.valid = None
         self.counters.sequences += batch_size
         self._residual.clear()
+        self._retrace_due, self._retracing, self._blend_old = [], [], None
         if not self.method.prunes:
             self.phase = [Phase.RELEASED] * batch_size
         elif self.method.needs_calibration and not self._calibrating:
@@ -165,6 +182,8 @@ class Controller:
         s = self.step
         if s >= 1:
             self._account_decode_pass()
+            self.counters.dense_tokens += sum(p != Phase.SPARSE for p in self.phase)
+        self._retrace_due = []  # a re-trace is due only in the pass right after its event
         if self.method.selects_from_prompt or self._calibrating:
             self._maybe_build(s)
         if self.monitor is not None and (s + 1) % self.cfg.drift.window == 0:
@@ -179,7 +198,12 @@ class Controller:
     # -- recording (called from the FFN modules and hooks) ------------------------------------
     @torch.no_grad()
     def record_activations(self, layer: int, h: torch.Tensor) -> None:
-        self.acc.update(layer, self.method.statistic(h), self.valid)
+        valid = self.valid
+        if self._record_rows is not None:  # TRACE mode: only the tracing rows' statistics
+            b, t = h.shape[:2]
+            rows = self._record_rows[:, None].expand(b, t)
+            valid = rows if valid is None else valid & rows
+        self.acc.update(layer, self.method.statistic(h), valid)
 
     def capture_residual(self, layer: int, r: torch.Tensor) -> None:
         if self.needs_sensitivity:
@@ -207,6 +231,10 @@ class Controller:
             mode = SPARSE
         else:
             mode = TRACE
+        self._record_rows = None  # always a tensor in TRACE mode: one compiled variant
+        if mode == TRACE:
+            tracing = [p != Phase.SPARSE for p in self.phase]
+            self._record_rows = torch.tensor(tracing, dtype=torch.bool, device=self.device)
         for layer in self.layers:
             layer.mode = mode
             if mode == TRACE and layer.selected:
@@ -219,12 +247,16 @@ class Controller:
         ready = [
             b
             for b, p in enumerate(self.phase)
-            if p == Phase.TRACE and s + 1 - self.trace_start[b] >= window
+            if p == Phase.TRACE and (b in self._retracing or s + 1 - self.trace_start[b] >= window)
         ]
         if not ready:
             return
         if self._shared_mask and len(ready) < self.batch_size:
             return  # a shared mask waits for every row
+        if self._retracing and self._blend_old is not None:
+            rows = self._row_mask(self._retracing)
+            self.acc.blend_rows(rows, self._blend_old, self.cfg.drift.retrace_blend)
+        self._retracing, self._blend_old = [], None
         self._build(ready)
         if self._calibrating:
             self.frozen = True
@@ -301,8 +333,68 @@ class Controller:
             self.trace_start[b] = s + 1
         self.counters.refreshes += len(rows)
         rows_mask = self._row_mask(rows)
+        if self.retrace_tokens:
+            self._retrace_due = rows
+            if self.cfg.drift.retrace_blend > 0:
+                self._blend_old = [self.acc.per_token(i) for i in range(self.num_layers)]
         self.acc.reset_rows(rows_mask)
         self.monitor.begin_trace(self.batch_size, self.device, rows=rows_mask)
+
+    # -- look-back re-trace (driven by the caller's forward: dart.api, dart.fast) ---------------
+    @property
+    def retrace_rows(self) -> list[int]:
+        """Rows whose drift fired at the end of the last pass: the next forward should
+        recompute their last `retrace_tokens` positions (see :meth:`begin_retrace`)."""
+        return list(self._retrace_due)
+
+    def retrace_span(self, available: int, new_tokens: int = 1) -> int:
+        """How many earlier positions the re-trace pass recomputes before `new_tokens` new
+        ones: R - new_tokens, clamped to the `available` earlier tokens (cache and ids)."""
+        return max(min(self.retrace_tokens - new_tokens, available), 0)
+
+    def begin_retrace(self, prior: int, new_tokens: int, valid: torch.Tensor | None) -> None:
+        """The coming pass re-runs `prior` earlier positions before its `new_tokens`; `valid`
+        [B, prior + new_tokens] marks the real (non-padding) ones (None: all real). Call it
+        after `before_forward`, before the forward. The re-trace rows see every position; the
+        other rows only their new tokens (their statistics and drift windows are not fed
+        twice)."""
+        rows = self._retrace_due
+        self._retrace_due, self._retracing = [], rows
+        if not rows:
+            return
+        width = prior + new_tokens
+        if valid is None:
+            valid = torch.ones(self.batch_size, width, dtype=torch.bool, device=self.device)
+        valid = valid.to(device=self.device, dtype=torch.bool)
+        if valid.shape != (self.batch_size, width):
+            raise ValueError(
+                f"valid: shape {tuple(valid.shape)} is not [B, prior + new_tokens] = "
+                f"[{self.batch_size}, {width}]"
+            )
+        fired = self._row_mask(rows)
+        cols = torch.arange(width, device=self.device)
+        self.valid = valid & (fired[:, None] | (cols >= prior)[None])
+        recomputed = valid[:, :prior].sum(1)
+        if self.monitor is not None:  # those tokens were observed once already
+            self.monitor.rewind(torch.where(fired, recomputed, 0))
+        traced = self.valid.sum(1).tolist()  # one host sync per re-trace event
+        self.counters.retraced_tokens += sum(traced[b] for b in rows)
+        self._account_recomputed(recomputed.tolist())
+
+    def _account_recomputed(self, row_tokens: list[int]) -> None:
+        """Neurons of the recomputed positions: dense for the re-trace rows, under their masks
+        for the others (work done and thrown away). They add to the work of the decode tokens,
+        not to their number, so effective sparsity drops with every recomputed token."""
+        c = self.counters
+        if not c.layer_neurons:
+            c.layer_neurons = [0.0] * self.num_layers
+        counts = self.counts if self.counts is not None else self.widths
+        for b, tokens in enumerate(row_tokens):
+            dense = self.phase[b] != Phase.SPARSE
+            c.dense_tokens += tokens if dense else 0
+            for i, (k, n) in enumerate(zip(counts, self.widths, strict=True)):
+                c.layer_neurons[i] += tokens * (n if dense else k)
+                c.decode_neurons += tokens * (n if dense else k)
 
     def _account_decode_pass(self) -> None:
         c = self.counters
@@ -404,6 +496,11 @@ class Controller:
             "drift_events_per_100_tokens": (
                 100.0 * len(c.drift_events) / c.decode_tokens if c.decode_tokens else 0.0
             ),
+            "dense_token_computations": c.dense_tokens,
+            "dense_token_computations_per_token": (
+                c.dense_tokens / c.decode_tokens if c.decode_tokens else 0.0
+            ),
+            "retraced_tokens": c.retraced_tokens,
             "sequences": c.sequences,
             "budget_total_prune": self.cfg.prune_target,  # what an auto budget allocated
             "budget_prune_fractions": self.budget.prune_fractions if self.budget else None,

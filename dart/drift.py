@@ -10,7 +10,7 @@ Per sequence (row ``b`` of a batch) the monitor goes through
    sample standard deviation of the stored trace-window similarities to that baseline;
    ``tau = mu - max(sigma_scale * sigma, threshold_floor)``. A trailing partial window is not
    used. The monitor never arms on fewer than ``min_windows`` (>= 2) complete windows: a row
-   whose trace ends with fewer (a re-trace of one decode pass, a short prompt) becomes
+   whose trace ends with fewer (a short look-back re-trace, a short prompt) becomes
    *pending*: it keeps collecting trace windows from the tokens that follow and is finalized by
    :meth:`DriftMonitor.observe` as soon as it has ``min_windows``; until then it keeps its
    previous baseline and threshold (and is monitored with them when it had any; a row's first
@@ -353,6 +353,11 @@ class DriftMonitor(ABC):
         self.pressure.masked_fill_(r, 0)
         self.cur_n.masked_fill_(r, 0)
         self.cur_sum.masked_fill_(r[:, None, None], 0.0)
+
+    def rewind(self, tokens: Tensor) -> None:
+        """Uncount ``tokens [B]`` valid tokens per row that the next :meth:`observe` feeds again
+        (a look-back re-trace re-runs them): the history's steps keep counting each token once."""
+        self.steps -= tokens.to(device=self.device, dtype=self.steps.dtype)
 
     def poll(self) -> Tensor:
         """Rows whose pressure reached the trigger since the last poll (``BoolTensor[B]``);

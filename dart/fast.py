@@ -1,9 +1,11 @@
 """A lean generation loop in the style of gpt-fast: static KV cache, compiled per-token step.
 
 Only the single-token decode step is compiled (`torch.compile(fullgraph=True)`, fixed shapes).
-The prompt's pass runs eagerly; DART's single-token re-trace passes run as a second compiled
-graph (they update the accumulators in place). Re-selections write the kept-neuron indices in place,
-so the compiled step sees new masks without recompiling. The next token is chosen inside the
+The prompt's pass runs eagerly; DART's look-back re-trace (`DriftConfig.retrace_tokens` R) runs
+as a second compiled graph over R tokens: the static cache's write position is moved back by
+R - 1 (a tensor, so the positions are data, not guards) and the pass rewrites those slots, traces
+the tokens and updates the accumulators in place. Re-selections write the kept-neuron indices in
+place, so the compiled steps see new masks without recompiling. The next token is chosen inside the
 compiled step (argmax, or gpt-fast's exponential-race sampling), so a step returns `[B]` ids
 rather than `[B, V]` logits. The controller's schedule runs on the host between steps; the drift
 monitor is polled once per window, and the loop looks for EOS only then, so the hot path has no
@@ -21,6 +23,7 @@ from transformers import StaticCache
 
 from .api import DARTHandle
 from .ffn import TRACE
+from .retrace import restore_rows, rewind, save_rows
 
 __all__ = ["FastGenerator", "FastResult", "next_token", "static_cache_logits"]
 
@@ -94,11 +97,14 @@ class FastGenerator:
     in CUDA graphs (`mode="reduce-overhead"`, `cuda_graphs`, None = on for CUDA); selection
     buffers and the cache are updated in place, so their addresses stay fixed across replays.
 
-    DART's single-token re-trace passes (dense, recording statistics) go through the same
-    compiled function (`compile_trace`): dynamo compiles them once as a second graph, with the
-    accumulator updates in it, instead of running the whole model eagerly at every re-trace.
-    Trace passes that also collect the `auto` budget's sensitivity run eagerly (they happen
-    only before a sequence's first selection).
+    DART's look-back re-trace passes (R tokens: R - 1 earlier slots rewritten and the new
+    token, see `dart.controller`) run as their own compiled graph (`retrace_fn`, with
+    `compile_trace`): one graph of fixed shape [B, R] whose positions come from the cache's
+    write-position tensor, so no event recompiles it. A re-trace with fewer than R tokens so
+    far (early in a short sequence) runs eagerly. Single-token trace passes (a masking step
+    above 1, or `retrace_tokens=0`) go through the compiled decode step, which dynamo
+    compiles once more for them. Trace passes that also collect the `auto` budget's
+    sensitivity run eagerly (they happen only before a sequence's first selection).
 
     The loop drives the handle's controller explicitly only while `generate` runs (its hooks
     stay inert then); outside, the handle follows HF forwards as before, so `model.generate`
@@ -126,17 +132,19 @@ class FastGenerator:
         cuda_graphs = on_cuda if cuda_graphs is None else cuda_graphs
         # Positions of every decode step, sliced per step instead of allocated per step.
         self._positions = torch.arange(max_len, device=self.device)
-        step = self._decode_step
-        self.step_fn = step
+        self.step_fn = self._decode_step
+        self.retrace_fn = self._retrace_step
         self.compile_trace = compile_trace
         if compile:
-            self.step_fn = torch.compile(
-                step,
+            options = dict(
                 fullgraph=True,
                 dynamic=False,
                 mode="reduce-overhead" if cuda_graphs else None,
                 options=_CPP_WRAPPER if cpp_wrapper else None,
             )
+            self.step_fn = torch.compile(self._decode_step, **options)
+            if compile_trace:
+                self.retrace_fn = torch.compile(self._retrace_step, **options)
 
     @property
     def trace_fn(self):
@@ -167,6 +175,38 @@ class FastGenerator:
             self.model, ids, attention_mask, position_ids, cache_position, cache
         )
         return next_token(logits, noise, temperature)
+
+    def _retrace_step(
+        self, ids, position_ids, cache_position, attention_mask, cache, noise, temperature
+    ) -> torch.Tensor:
+        """`_decode_step` over the R tokens of a re-trace (its own compiled graph)."""
+        logits = static_cache_logits(
+            self.model, ids, attention_mask, position_ids, cache_position, cache
+        )
+        return next_token(logits, noise, temperature)
+
+    def _retrace(self, c, seq_ids, slot, full_mask, positions, cache, noise, temperature):
+        """The look-back re-trace pass at cache `slot` (the new token's): the rows whose drift
+        fired recompute the last R - 1 slots densely with it; the other rows' keys and values
+        there are put back afterwards (their new token, in this one pass, attends to their own
+        recompute under their masks, see `DARTHandle._retrace`)."""
+        fired = c.retrace_rows
+        prior = c.retrace_span(slot, 1)
+        span = slice(slot - prior, slot + 1)
+        c.begin_retrace(prior, 1, full_mask[:, span].bool())
+        others = [b for b in range(full_mask.shape[0]) if b not in fired]
+        keep = torch.tensor(others, dtype=torch.long, device=self.device)
+        saved = save_rows(cache, keep, prior) if others else None
+        rewind(cache, prior)
+        full = prior + 1 == c.retrace_tokens and not c.needs_sensitivity
+        step = self.retrace_fn if full else self._retrace_step
+        ids = seq_ids[:, span].contiguous()  # fixed strides: one compiled graph
+        token = step(
+            ids, positions[:, span], self._positions[span], full_mask, cache, noise, temperature
+        )
+        if saved is not None:
+            restore_rows(cache, keep, saved, 1)
+        return token
 
     def _tracing(self) -> bool:
         return self.handle is not None and any(f.mode == TRACE for f in self.handle.ffns)
@@ -255,6 +295,7 @@ class FastGenerator:
             return q.exponential_(generator=generator)
 
         next_pos = positions[:, -1:] + 1
+        slot_positions = (full_mask.long().cumsum(-1) - 1).clamp_min(0)  # of every cache slot
         out = torch.empty(batch, max_new_tokens, dtype=torch.long, device=self.device)
         token = next_token(logits, noise(), temperature)
         out[:, 0] = token
@@ -270,7 +311,15 @@ class FastGenerator:
             step_args += (noise(), temperature)
             if c is not None:
                 c.before_forward(None)
-            if self._tracing():
+            if c is not None and c.retrace_rows:
+                trace_start = time.perf_counter()
+                seq_ids = torch.cat([input_ids, out[:, :t]], 1)  # slot j holds token j
+                slot = prompt_len + t - 1
+                token = self._retrace(c, seq_ids, slot, full_mask, slot_positions, *step_args[4:])
+                c.after_forward()
+                trace_seconds += time.perf_counter() - trace_start
+                trace_steps += 1
+            elif self._tracing():
                 trace_start = time.perf_counter()
                 step = self._decode_step if c.needs_sensitivity else self.trace_fn
                 token = step(*step_args)

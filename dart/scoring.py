@@ -128,6 +128,24 @@ class ActivationAccumulator:
         s = self._state[layer]
         return s.sqrt() if self.ema_decay is None else s.clone()
 
+    def per_token(self, layer: int) -> Tensor:
+        """``m`` per token seen, ``Tensor[B, N]`` fp32: the RMS over the tokens in L2 mode
+        (``m / sqrt(n)``), ``m`` itself in EMA mode (already a weighted mean)."""
+        if self.ema_decay is not None:
+            return self._state[layer].clone()
+        n = self._counts[layer].clamp_min(1)[:, None].float()
+        return (self._state[layer] / n).sqrt()
+
+    def blend_rows(self, rows: Tensor, old: Sequence[Tensor], weight: float) -> None:
+        """For ``rows``: make :meth:`per_token` ``weight * old + (1 - weight) * per_token``
+        (``old``: an earlier :meth:`per_token` of every layer), keeping the token counts."""
+        r = rows.to(dtype=torch.bool, device=self._state[0].device)[:, None]
+        for layer, (s, c) in enumerate(zip(self._state, self._counts, strict=True)):
+            mixed = weight * old[layer] + (1.0 - weight) * self.per_token(layer)
+            if self.ema_decay is None:
+                mixed = mixed.square() * c.clamp_min(1)[:, None].float()
+            s.copy_(torch.where(r, mixed, s))
+
     def state_bytes(self) -> int:
         """Bytes of the per-neuron state (``[B, N_l]`` fp32 per layer)."""
         return sum(s.numel() * s.element_size() for s in self._state)

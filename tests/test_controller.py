@@ -111,8 +111,10 @@ def test_release_step_goes_dense():
 
 
 def test_forced_drift_retraces_one_row_and_keeps_cache():
+    """Without a look-back (retrace_tokens 0) the row traces masking_step single-token passes;
+    the look-back re-trace is tested in test_retrace.py."""
     model = tiny_model("llama")
-    cfg = DARTConfig(layer_topk="all:0.5", masking_step=2, drift={"window": 2})
+    cfg = DARTConfig(layer_topk="all:0.5", masking_step=2, drift={"window": 2, "retrace_tokens": 0})
     handle = dart.attach(model, cfg)
     c = handle.controller
     fired = {"n": 0}

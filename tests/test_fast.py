@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo.testing
-from tiny_models import tiny_model
+from tiny_models import force_drift, tiny_model
 
 import dart
 from dart import DARTConfig
@@ -24,27 +24,37 @@ def _batch():
     "backend,compile_trace", [("gathered", True), ("compact", True), ("gathered", False)]
 )
 def test_compiled_loop_matches_hf_generate_with_retraces(backend, compile_trace):
+    """Look-back re-traces of 8 tokens (one row, then both, then the other): the compiled
+    R-token graph gives HF generate's tokens and is compiled once for every event."""
     model = tiny_model("llama")
     ids, mask = _batch()
-    cfg = DARTConfig(layer_topk="all:0.5", backend=backend, drift={"window": 4})
+    cfg = DARTConfig(
+        layer_topk="all:0.5", backend=backend, drift={"window": 4, "retrace_tokens": 8}
+    )
+    events = {11: [1], 15: [0, 1], 23: [0]}
     handle = dart.attach(model, cfg)
+    force_drift(handle.controller, events)
     ref = model.generate(
         ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=0
     )[:, ids.shape[1] :]
     ref_events = handle.stats()["drift_events"]
     handle.detach()
-    assert ref_events, "the test needs at least one drift re-trace"
+    assert len(ref_events) == 4
 
     handle = dart.attach(model, cfg)
+    force_drift(handle.controller, events)
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounter()
     fast = FastGenerator(model, handle, max_len=64, compile=False, compile_trace=compile_trace)
     fast.step_fn = torch.compile(fast._decode_step, backend=counter, fullgraph=True)
+    if compile_trace:
+        fast.retrace_fn = torch.compile(fast._retrace_step, backend=counter, fullgraph=True)
     for _ in range(2):  # a second generation reuses the cache and the compiled step
         handle.reset()
         result = fast.generate(ids, mask, max_new_tokens=30)
         assert torch.equal(result.tokens, ref)
         assert result.stats["drift_events"] == ref_events
+        assert result.stats["retraced_tokens"] == 8 * len(ref_events)
         # re-trace windows are timed apart from the sparse steps
         assert 1 <= result.trace_steps < result.decode_steps and result.trace_seconds > 0
     # one graph for sparse steps (+ one for re-trace steps); re-selections and further

@@ -114,3 +114,17 @@ def drive(model, handle, ids, steps: int):
         nxt = out.logits[:, -1:].argmax(-1)
         phases.append(list(handle.controller.phase))
     return phases
+
+
+def force_drift(controller, at: dict[int, list[int]]) -> None:
+    """Stub the drift monitor's poll: rows `at[step]` fire at the poll after pass `step`
+    (polls come every `window` passes), no others."""
+    poll = controller.monitor.poll
+
+    def forced():
+        flags = torch.zeros_like(poll())
+        for row in at.get(controller.step, []):
+            flags[row] = True
+        return flags
+
+    controller.monitor.poll = forced
