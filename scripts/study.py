@@ -201,10 +201,14 @@ def point_fingerprint(
     source: Source,
     model_id: dict[str, Any],
 ) -> dict[str, Any]:
+    settings = None if config is None else config.to_dict()
+    if settings is not None and task == "ppl":
+        # windows are scored under hold(): no drift checks, so drift settings change no value
+        del settings["drift"]
     options = {  # not "config": that key is a run-only option (the YAML path), left out
         **source.options,
         "method": point.method,
-        "dart_config": None if config is None else config.to_dict(),
+        "dart_config": settings,
         "static_calibration": digest(source.calibration_ids.tolist())
         if point.arm.needs_calibration
         else None,
