@@ -47,10 +47,22 @@ from dart.evaluate.perplexity import (
     tokenize_prefix,
     window_items,
 )
-from dart.evaluate.store import RunStore, data_identity, digest, model_identity, run_fingerprint
-from dart.evaluate.stream import aggregate_stream, score_stream, stream_items
+from dart.evaluate.store import (
+    RecordStore,
+    RunStore,
+    data_identity,
+    digest,
+    model_identity,
+    run_fingerprint,
+)
+from dart.evaluate.stream import (
+    aggregate_stream,
+    paired_difference,
+    score_stream,
+    stream_items,
+)
 from dart.models import load_model
-from dart.results import atomic_write_text, write_json
+from dart.results import atomic_write_text, plot_drift, read_json, save_figure, write_json
 
 log = logging.getLogger("dart.study")
 
@@ -308,6 +320,137 @@ def write_tables(path: Path, task: str, summaries: list[dict[str, Any]]) -> None
     atomic_write_text(path.with_suffix(".csv"), buf.getvalue())
 
 
+# -- the report --------------------------------------------------------------------------------
+def load_summaries(out: Path, task: str, split: str) -> list[dict[str, Any]]:
+    """Every point's summary.json under ``out/task/<corpus>-<split>-*``, newest folder last."""
+    found = sorted(
+        (out / task).glob(f"*-{split}-*/*/summary.json"), key=lambda p: p.stat().st_mtime
+    )
+    return [read_json(p) for p in found]
+
+
+def item_nll(summary: dict[str, Any]) -> list[float]:
+    """NLL per token of each window / document (``window_*``: summaries of the first version)."""
+    nll = summary.get("item_nll", summary.get("window_nll"))
+    tokens = summary.get("item_tokens", summary.get("window_tokens"))
+    return [n / t for n, t in zip(nll, tokens, strict=True)]
+
+
+def paired(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
+    """``a - b`` per window / document, mean and bootstrap interval."""
+    return paired_difference([x - y for x, y in zip(item_nll(a), item_nll(b), strict=True)])
+
+
+def _cell(d: dict[str, float]) -> str:
+    return f"{d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+
+
+def by_key(summaries: list[dict[str, Any]]) -> dict[tuple[str, str, float], dict[str, Any]]:
+    """(corpus, name, total_prune) -> summary (the newest of a key wins)."""
+    return {(s["corpus"], s["name"], round(s["total_prune"], 6)): s for s in summaries}
+
+
+def ppl_grid_table(summaries: list[dict[str, Any]], corpora: list[str], prunes: list[float]):
+    """Markdown rows of the grid (perplexity per cell, mean NLL difference to GRIFFIN) and the
+    points ranked by the decision rule's score (complete points only)."""
+    cells = by_key(summaries)
+    names = list(dict.fromkeys(s["name"] for s in summaries if s["name"] != "dense"))
+    head = [f"{c} {round(100 * p)}%" for p in prunes for c in corpora]
+    lines = ["| point | " + " | ".join(head) + " | score (mean NLL - GRIFFIN) |",
+             "|---" * (len(head) + 2) + "|"]  # fmt: skip
+    scores = {}
+    for name in names:
+        row, deltas = [], []
+        for p in prunes:
+            for c in corpora:
+                s, g = cells.get((c, name, p)), cells.get((c, "griffin", p))
+                row.append(f"{s['perplexity']:.1f}" if s else "-")
+                if s and g:
+                    deltas.append(s["nll_per_token"] - g["nll_per_token"])
+        complete = len(deltas) == len(head)
+        if complete:
+            scores[name] = sum(deltas) / len(deltas)
+        score = f"{scores[name]:+.4f}" if complete else "(incomplete)"
+        lines.append(f"| {name} | " + " | ".join(row) + f" | {score} |")
+    ranked = sorted(scores, key=scores.get)
+    return "\n".join(lines), ranked, scores
+
+
+def ppl_heatmap(
+    path: Path, summaries: list[dict[str, Any]], corpora: list[str], prunes: list[float]
+) -> Path:
+    """Grid points x (corpus, sparsity): colour = NLL/token minus GRIFFIN's, text = perplexity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    cells = by_key(summaries)
+    names = [n for n in dict.fromkeys(s["name"] for s in summaries) if n not in ("dense",)]
+    cols = [(c, p) for p in prunes for c in corpora]
+    delta = np.full((len(names), len(cols)), np.nan)
+    for i, n in enumerate(names):
+        for j, (c, p) in enumerate(cols):
+            s, g = cells.get((c, n, p)), cells.get((c, "griffin", p))
+            if s and g:
+                delta[i, j] = s["nll_per_token"] - g["nll_per_token"]
+    fig, ax = plt.subplots(figsize=(7, 0.42 * len(names) + 1.6))
+    lim = np.nanmax(np.abs(delta)) if np.isfinite(delta).any() else 1.0
+    im = ax.imshow(np.clip(delta, -lim, lim), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+    for i, n in enumerate(names):
+        for j, (c, p) in enumerate(cols):
+            s = cells.get((c, n, p))
+            if s:
+                ax.text(j, i, f"{s['perplexity']:.0f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(cols)), [f"{c} {round(100 * p)}%" for c, p in cols])
+    ax.set_yticks(range(len(names)), names)
+    fig.colorbar(im, ax=ax, label="NLL/token minus GRIFFIN's (blue: better)")
+    ax.set_title("Perplexity grid, calibration splits (text: perplexity)")
+    return save_figure(fig, path)
+
+
+def comparison_table(
+    summaries: list[dict[str, Any]], against: list[str], columns: list[str]
+) -> str:
+    """Rows (corpus, sparsity, arm): ``columns`` of its summary and, for every arm but dense and
+    those ``against``, its paired difference to each of them (NLL per token, 95% bootstrap
+    interval over windows or documents)."""
+    cells = by_key(summaries)
+    names = list(dict.fromkeys(["dense", *against, *(s["name"] for s in summaries)]))
+    lines = ["| corpus | sparsity | arm | " + " | ".join(columns)
+             + "".join(f" | minus {a}" for a in against) + " |",
+             "|---" * (3 + len(columns) + len(against)) + "|"]  # fmt: skip
+    for c, p in sorted({(c, p) for c, _, p in cells if p > 0}):
+        for name in names:
+            s = cells.get((c, name, 0.0 if name == "dense" else p))
+            if s is None:
+                continue
+            vals = [f"{s[k]:.3f}" if isinstance(s.get(k), float) else str(s.get(k, "-"))
+                    for k in columns]  # fmt: skip
+            diffs = []
+            for a in against:
+                other = cells.get((c, a, p))
+                ok = name not in ("dense", *against) and other is not None
+                diffs.append(_cell(paired(s, other)) if ok else "")
+            lines.append(f"| {c} | {round(100 * p)}% | {name} | " + " | ".join(vals)
+                         + "".join(f" | {d}" for d in diffs) + " |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def drift_traces(path: Path, folder_by_name: dict[str, Path], doc: str) -> Path | None:
+    """Per-window drift similarity, threshold and re-traces of one document, per arm."""
+    traces, events = {}, {}
+    for name, folder in folder_by_name.items():
+        for r in RecordStore(folder):
+            if r["id"] == doc and r.get("trace"):
+                traces[name] = [tuple(t) for t in r["trace"]]
+                events[name] = r["events"]
+    if not traces:
+        return None
+    return plot_drift(path, traces, events, title=f"Drift signal, switch stream {doc}")
+
+
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v.strip()]
 
@@ -375,11 +518,56 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="results/study")
+    ap.add_argument(
+        "--report",
+        default=None,
+        metavar="FIGURES",
+        help="run nothing: tables of every finished point under --out to "
+        "OUT/report.md, figures to this folder",
+    )
     return ap.parse_args(argv)  # fmt: skip
+
+
+STREAM_COLUMNS = ["perplexity", "retraces_per_200_tokens", "dense_token_computations_per_token",
+                  "effective_sparsity", "weight_bytes_sparsity"]  # fmt: skip
+
+
+def report(out: Path, figures: Path) -> str:
+    """Markdown tables and figures of every finished point under ``out``."""
+    corpora, prunes = ["wiki", "c4"], [0.5, 0.7]
+    parts = []
+    calib = load_summaries(out, "ppl", "calibration")
+    if calib:
+        table, ranked, scores = ppl_grid_table(calib, corpora, prunes)
+        ppl_heatmap(figures / "study-ppl-grid.png", calib, corpora, prunes)
+        best = ", ".join(f"{n} ({scores[n]:+.4f})" for n in ranked[:5])
+        parts += ["### Perplexity grid (calibration splits)", table, f"Ranked: {best}"]
+        parts += ["Paired to GRIFFIN, calibration:",
+                  comparison_table(calib, ["griffin", "static"], ["perplexity"])]  # fmt: skip
+    evals = load_summaries(out, "ppl", "eval")
+    if evals:
+        parts += ["### Perplexity, eval splits",
+                  comparison_table(evals, ["griffin", "static"], ["perplexity",
+                                   "nominal_sparsity"])]  # fmt: skip
+    for split in ("calibration", "eval"):
+        streams = load_summaries(out, "stream", split)
+        if not streams:
+            continue
+        against = ["griffin", "dart-nodrift"]
+        parts += [f"### Switch streams ({split} split)",
+                  comparison_table(streams, against, STREAM_COLUMNS)]  # fmt: skip
+        folders = {s["name"]: Path(s["folder"]) for s in streams if s["name"].startswith("dart")}
+        drift_traces(figures / f"study-drift-{split}.png", folders, "d0000")
+    return "\n\n".join(parts) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
+    if opts.report:
+        text = report(Path(opts.out), Path(opts.report))
+        atomic_write_text(Path(opts.out) / "report.md", text)
+        print(text)
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     corpora = [c.strip() for c in opts.corpora.split(",") if c.strip()]
     bad = [c for c in corpora if c not in TEXT_CORPORA]
