@@ -352,7 +352,7 @@ def by_key(summaries: list[dict[str, Any]]) -> dict[tuple[str, str, float], dict
 
 def ppl_grid_table(summaries: list[dict[str, Any]], corpora: list[str], prunes: list[float]):
     """Markdown rows of the grid (perplexity per cell, mean NLL difference to GRIFFIN) and the
-    points ranked by the decision rule's score (complete points only)."""
+    DART points ranked by the decision rule's score (those with every cell only)."""
     cells = by_key(summaries)
     names = list(dict.fromkeys(s["name"] for s in summaries if s["name"] != "dense"))
     head = [f"{c} {round(100 * p)}%" for p in prunes for c in corpora]
@@ -367,10 +367,10 @@ def ppl_grid_table(summaries: list[dict[str, Any]], corpora: list[str], prunes: 
                 row.append(f"{s['perplexity']:.1f}" if s else "-")
                 if s and g:
                     deltas.append(s["nll_per_token"] - g["nll_per_token"])
-        complete = len(deltas) == len(head)
+        complete = len(deltas) == len(head) and name.startswith("dart")
         if complete:
             scores[name] = sum(deltas) / len(deltas)
-        score = f"{scores[name]:+.4f}" if complete else "(incomplete)"
+        score = f"{scores[name]:+.4f}" if complete else ""
         lines.append(f"| {name} | " + " | ".join(row) + f" | {score} |")
     ranked = sorted(scores, key=scores.get)
     return "\n".join(lines), ranked, scores
@@ -396,7 +396,7 @@ def ppl_heatmap(
             if s and g:
                 delta[i, j] = s["nll_per_token"] - g["nll_per_token"]
     fig, ax = plt.subplots(figsize=(7, 0.42 * len(names) + 1.6))
-    lim = np.nanmax(np.abs(delta)) if np.isfinite(delta).any() else 1.0
+    lim = 0.5  # colours saturate at +-0.5 nats/token (static at 70% is far beyond)
     im = ax.imshow(np.clip(delta, -lim, lim), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
     for i, n in enumerate(names):
         for j, (c, p) in enumerate(cols):
@@ -405,7 +405,7 @@ def ppl_heatmap(
                 ax.text(j, i, f"{s['perplexity']:.0f}", ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(cols)), [f"{c} {round(100 * p)}%" for c, p in cols])
     ax.set_yticks(range(len(names)), names)
-    fig.colorbar(im, ax=ax, label="NLL/token minus GRIFFIN's (blue: better)")
+    fig.colorbar(im, ax=ax, label="NLL/token minus GRIFFIN's (blue: better; clipped)")
     ax.set_title("Perplexity grid, calibration splits (text: perplexity)")
     return save_figure(fig, path)
 
