@@ -438,17 +438,20 @@ def comparison_table(
     return "\n".join(lines)
 
 
-def drift_traces(path: Path, folder_by_name: dict[str, Path], doc: str) -> Path | None:
-    """Per-window drift similarity, threshold and re-traces of one document, per arm."""
+def drift_traces(path: Path, folder_by_name: dict[str, Path], doc: str, offset: int) -> Path | None:
+    """Per-window drift similarity, threshold and re-traces of one document, per arm. The
+    monitor counts tokens seen (prompt included); re-trace events are decode passes, shifted by
+    the prompt's ``offset`` tokens onto the same axis."""
     traces, events = {}, {}
     for name, folder in folder_by_name.items():
         for r in RecordStore(folder):
             if r["id"] == doc and r.get("trace"):
                 traces[name] = [tuple(t) for t in r["trace"]]
-                events[name] = r["events"]
+                events[name] = [offset + e for e in r["events"]]
     if not traces:
         return None
-    return plot_drift(path, traces, events, title=f"Drift signal, switch stream {doc}")
+    title = f"Drift signal, switch stream {doc} (x: tokens seen, the prompt's {offset} first)"
+    return plot_drift(path, traces, events, title=title)
 
 
 def _ints(text: str) -> list[int]:
@@ -532,6 +535,10 @@ STREAM_COLUMNS = ["perplexity", "retraces_per_200_tokens", "dense_token_computat
                   "effective_sparsity", "weight_bytes_sparsity"]  # fmt: skip
 
 
+# the drift traces drawn: the one-token re-trace (before issue 12) and look-back re-traces
+TRACED = ("dart-R0-p2", "dart-R64-p2", "dart-R64-p3", "dart-R32-p3")
+
+
 def report(out: Path, figures: Path) -> str:
     """Markdown tables and figures of every finished point under ``out``."""
     corpora, prunes = ["wiki", "c4"], [0.5, 0.7]
@@ -556,8 +563,11 @@ def report(out: Path, figures: Path) -> str:
         against = ["griffin", "dart-nodrift"]
         parts += [f"### Switch streams ({split} split)",
                   comparison_table(streams, against, STREAM_COLUMNS)]  # fmt: skip
-        folders = {s["name"]: Path(s["folder"]) for s in streams if s["name"].startswith("dart")}
-        drift_traces(figures / f"study-drift-{split}.png", folders, "d0000")
+        folders = {s["name"]: Path(s["folder"]) for s in streams if s["name"] in TRACED}
+        if folders:
+            options = read_json(next(iter(folders.values())) / "fingerprint.json")["options"]
+            drift_traces(figures / f"study-drift-{split}.png", folders, "d0000",
+                         options["prompt_tokens"])  # fmt: skip
     return "\n\n".join(parts) + "\n"
 
 

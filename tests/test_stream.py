@@ -145,6 +145,10 @@ def test_drift_retraces_are_counted_and_their_passes_run_dense():
         dense = (r["tokens"] - r["sparse_tokens"]) / r["tokens"]
         assert r["dense_token_computations_per_token"] == pytest.approx(dense)
     assert r["effective_sparsity"] < 0.5
+    # bytes read: sparse passes skip the pruned rows, a re-trace pass reads everything once
+    # (the tiny model's layers have equal widths and neuron sizes: pruned rows = nominal share)
+    skipped = r["nominal_sparsity"] * 3 * 64 * (3 * 32 * 4) / _linear_bytes(model)
+    assert r["weight_bytes_sparsity"] == pytest.approx(r["sparse_tokens"] / r["tokens"] * skipped)
     assert r["trace"] and all(len(t) == 3 for t in r["trace"])
     assert again["token_nll"] == pytest.approx(r["token_nll"], abs=1e-5)
     assert again["retraces"] == r["retraces"]

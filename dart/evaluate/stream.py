@@ -11,8 +11,10 @@ switch: the prompt's masks stop fitting, which is what drift detection is for).
 Per document and arm the record holds the NLL of the ``C`` predicted tokens (all of them, and
 those predicted by passes that ran sparse), the re-traces (drift events) with their steps and the
 drift monitor's per-window trace, dense token computations per token, and the effective sparsity
-in FFN neurons and in weight bytes read per token (attention, FFN and LM-head matrices; the
-input embedding is a lookup of one row unless tied to the head). Arms are compared by paired
+in FFN neurons computed (the controller's count: recomputed look-back tokens add dense work) and
+in weight bytes read per decoded token (attention, FFN and LM-head matrices; the input embedding
+is a lookup of one row unless tied to the head; a re-trace forward reads every weight once,
+however many tokens it recomputes, as a memory-bound decoder does). Arms are compared by paired
 per-document differences of the mean NLL per token with percentile-bootstrap confidence intervals
 (:func:`paired_difference`).
 """
@@ -207,9 +209,12 @@ def _sparsity_record(
                 1.0, "effective_sparsity": 0.0, "weight_bytes_sparsity": 0.0,
                 "nominal_sparsity": 0.0}  # fmt: skip
     stats = handle.stats()
-    per_layer = stats["effective_sparsity_per_layer"]
     total, per_neuron = weight_bytes(model, handle)
-    skipped = sum(s * w * b for s, w, b in zip(per_layer, stats["widths"], per_neuron, strict=True))
+    # Bytes read: a sparse pass reads the kept rows of every FFN; a dense pass (a re-trace,
+    # however many look-back tokens it recomputes in its one forward) reads every weight once.
+    # The keep counts are fixed for a sequence (its budget is allocated once, at the prompt).
+    pruned = [w - k for w, k in zip(stats["widths"], stats["keep_counts"], strict=True)]
+    skipped = sum(sparse) * sum(n * b for n, b in zip(pruned, per_neuron, strict=True)) / tokens
     # passes that ran dense (re-trace passes), unless the controller counts re-computed tokens
     dense = stats.get("dense_token_computations_per_token", (tokens - sum(sparse)) / tokens)
     history = handle.drift_history()
