@@ -24,7 +24,7 @@ from dart.evaluate.tasks import (
 
 
 def test_every_task_declares_documented_options():
-    assert set(TASKS) == {"ppl", "mmlu", "summarize", "drift", "generate"}
+    assert set(TASKS) == {"ppl", "mmlu", "summarize", "drift", "stream", "generate"}
     for task in TASKS.values():
         options = task.options()  # every option has a default
         for f in dataclasses.fields(options):

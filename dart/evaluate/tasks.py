@@ -1,6 +1,6 @@
-"""The task registry: one :class:`Task` object per evaluation (``ppl``, ``mmlu``, ``summarize``,
-``drift``, ``generate``), saying what it evaluates on (its options and items), how one step
-runs (its :class:`StepKind`), how per-sample records aggregate, and its main metric.
+"""The task registry: one :class:`Task` object per evaluation (``ppl``, ``stream``, ``mmlu``,
+``summarize``, ``drift``, ``generate``), saying what it evaluates on (its options and items), how
+one step runs (its :class:`StepKind`), how per-sample records aggregate, and its main metric.
 
 Nothing outside this module tests a task's name: the driver, the Lightning module and the CLI
 ask the task object. A new task is one more entry of :data:`TASKS`.
@@ -31,6 +31,7 @@ from .generative import (
 )
 from .multiple_choice import aggregate_accuracy, mmlu_items, score_choices
 from .perplexity import aggregate_perplexity, score_window, tokenize_prefix, window_items
+from .stream import aggregate_stream, score_stream, stream_items
 
 __all__ = [
     "TASKS",
@@ -41,6 +42,7 @@ __all__ = [
     "PerplexityOptions",
     "StepContext",
     "StepKind",
+    "StreamOptions",
     "SummarizeOptions",
     "Task",
     "compute_metrics",
@@ -67,6 +69,35 @@ class PerplexityOptions:
     max_tokens: int | None = field(
         default=None, metadata={"help": "score only the first N tokens of the text"}
     )
+
+
+@dataclass
+class StreamOptions:
+    corpus: str = field(
+        default="wiki", metadata={"help": "packaged corpus of the prompts", "choices": TEXT_CORPORA}
+    )
+    text_file: str | None = field(
+        default=None, metadata={"help": "a local text file instead of the corpus"}
+    )
+    switch_corpus: str | None = field(
+        default=None,
+        metadata={
+            "help": "continuations from this corpus (a topic switch; the prompts' corpus: "
+            "from other documents of it); default: the prompt's own text goes on",
+            "choices": TEXT_CORPORA,
+        },
+    )
+    switch_text_file: str | None = field(
+        default=None, metadata={"help": "continuations from this local text file (a switch)"}
+    )
+    split: Literal["eval", "calibration", "all"] = field(
+        default="eval", metadata={"help": "part of the corpora (calibration is disjoint from eval)"}
+    )
+    prompt_tokens: int = field(default=128, metadata={"help": "prompt tokens (the prefill)"})
+    continuation_tokens: int = field(
+        default=192, metadata={"help": "tokens predicted by decode passes, fed one at a time"}
+    )
+    documents: int = field(default=8, metadata={"help": "(prompt, continuation) pairs"})
 
 
 @dataclass
@@ -171,6 +202,12 @@ def _window_step(ctx: StepContext, batch: list[dict[str, Any]]) -> list[dict[str
     return [{"id": item["id"], **r, **sparsity_of(ctx.handle)}]
 
 
+def _stream_step(ctx: StepContext, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    (item,) = batch
+    r = score_stream(ctx.model, item["prompt"], item["continuation"], ctx.handle)
+    return [{"id": item["id"], **r}]
+
+
 def _choices_step(ctx: StepContext, batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
     (item,) = batch
     lls = score_choices(ctx.model, item["context"], item["choices"], ctx.handle, ctx.options.leaky)
@@ -214,6 +251,7 @@ class StepKind:
 
 
 SCORE_WINDOW = StepKind("score_window", batched=False, run=_window_step)
+SCORE_STREAM = StepKind("score_stream", batched=False, run=_stream_step)
 SCORE_CHOICES = StepKind("score_choices", batched=False, run=_choices_step)
 GENERATE = StepKind("generate", batched=True, run=_generate_step)
 
@@ -222,6 +260,20 @@ GENERATE = StepKind("generate", batched=True, run=_generate_step)
 def _ppl_items(tokenizer: Any, o: PerplexityOptions, seed: int) -> list[dict[str, Any]]:
     text = load_text_file(o.text_file) if o.text_file else load_text(o.corpus, o.split)
     return window_items(tokenize_prefix(tokenizer, text, o.max_tokens).tolist(), o.window, o.stride)
+
+
+def _stream_items(tokenizer: Any, o: StreamOptions, seed: int) -> list[dict[str, Any]]:
+    return stream_items(
+        tokenizer,
+        o.prompt_tokens,
+        o.continuation_tokens,
+        o.documents,
+        corpus=o.corpus,
+        text_file=o.text_file,
+        split=o.split,
+        switch_corpus=o.switch_corpus,
+        switch_text_file=o.switch_text_file,
+    )
 
 
 def _mmlu_items(tokenizer: Any, o: MMLUOptions, seed: int) -> list[dict[str, Any]]:
@@ -276,6 +328,10 @@ def _mean(xs: list[float]) -> float:
 
 def _ppl_aggregate(records: list[dict], dense: dict[str, dict] | None, decode: Decode) -> dict:
     return aggregate_perplexity(records)
+
+
+def _stream_aggregate(records: list[dict], dense: dict | None, decode: Decode) -> dict:
+    return aggregate_stream(records, dense)
 
 
 def _mmlu_aggregate(records: list[dict], dense: dict[str, dict] | None, decode: Decode) -> dict:
@@ -371,6 +427,16 @@ TASKS: dict[str, Task] = {
             _drift_aggregate,
             "rougeL_vs_dense_second",
             needs_dense=True,
+        ),
+        Task(
+            "stream",
+            "teacher-forced decoding with the KV cache kept (drift and re-traces act): NLL, "
+            "re-traces, effective sparsity; --switch-* for a topic switch",
+            StreamOptions,
+            _stream_items,
+            SCORE_STREAM,
+            _stream_aggregate,
+            "perplexity",
         ),
         Task(
             "generate",
