@@ -132,7 +132,8 @@ class BudgetConfig(_Section):
     :func:`dart.budget.depth_protection`); ``prune_min``/``prune_max``: bounds of any layer's
     prune fraction.
 
-    Guards against starving a layer (defaults: off, the spec's min-max budget):
+    Guards against starving a layer (default: ``uniform_blend = 0.5``, chosen on the calibration
+    splits in issue 12's study, docs/RESULTS.md; 0 with no cap is the spec's min-max budget):
     ``normalize``: how the sensitivities ``S`` become ``R`` in [0, 1] (``minmax``; ``rank``: by
     their ranks; ``winsorized``: ``S`` clipped to Tukey's fences ``[Q1 - 1.5 IQR, Q3 + 1.5 IQR]``
     first, so one outlier layer does not squash the others to ``R ~ 1``); ``cap_margin``: no
@@ -149,7 +150,7 @@ class BudgetConfig(_Section):
     prune_max: float = 0.9
     normalize: str = "minmax"
     cap_margin: float | None = None
-    uniform_blend: float = 0.0
+    uniform_blend: float = 0.5  # issue 12 study: min-max alone starves middle layers
 
     def __post_init__(self) -> None:
         o = "BudgetConfig"
@@ -206,7 +207,7 @@ class DriftConfig(_Section):
     layers: tuple[int, ...] = (-1,)
     sigma_scale: float = 0.1
     threshold_floor: float = 0.1
-    pressure_trigger: int = 2
+    pressure_trigger: int = 3  # issue 12 study: 2 re-traced every ~70 tokens
     num_buckets: int = 16
     min_windows: int = 2
     retrace_tokens: int | None = 64
@@ -410,7 +411,7 @@ class DARTConfig:
     masking_step: int = 0
     release_step: int | None = None
     ema_decay: float | None = None
-    statistic: str = "l2"
+    statistic: str = "normalized_l2"  # issue 12 study (docs/RESULTS.md)
     ranking: str = "magnitude"
     strategy: str = "topk"
     drift: DriftConfig = field(default_factory=DriftConfig)

@@ -67,16 +67,19 @@ from dart.results import atomic_write_text, plot_drift, read_json, save_figure, 
 log = logging.getLogger("dart.study")
 
 # -- the grid ----------------------------------------------------------------------------------
-# How an ``auto`` budget spreads total_prune over layers (BudgetConfig overrides). ``uniform``
-# is the blend all the way to uniform: the same share of every layer (GRIFFIN's budget).
+# How an ``auto`` budget spreads total_prune over layers (BudgetConfig overrides). Every entry
+# spells out all three guards, so a point means the same whatever the library's defaults (the
+# study chose them: ``blend50`` became the default). ``uniform`` is the blend all the way to
+# uniform: the same share of every layer (GRIFFIN's budget).
+SPEC_BUDGET: dict[str, Any] = {"normalize": "minmax", "cap_margin": None, "uniform_blend": 0.0}
 BUDGETS: dict[str, dict[str, Any]] = {
-    "auto": {},
-    "cap10": {"cap_margin": 0.1},
-    "cap20": {"cap_margin": 0.2},
-    "blend50": {"uniform_blend": 0.5},
-    "rank": {"normalize": "rank"},
-    "wins": {"normalize": "winsorized"},
-    "uniform": {"uniform_blend": 1.0},
+    "auto": SPEC_BUDGET,
+    "cap10": {**SPEC_BUDGET, "cap_margin": 0.1},
+    "cap20": {**SPEC_BUDGET, "cap_margin": 0.2},
+    "blend50": {**SPEC_BUDGET, "uniform_blend": 0.5},
+    "rank": {**SPEC_BUDGET, "normalize": "rank"},
+    "wins": {**SPEC_BUDGET, "normalize": "winsorized"},
+    "uniform": {**SPEC_BUDGET, "uniform_blend": 1.0},
 }
 STATISTICS = {"l2": "l2", "nl2": "normalized_l2"}
 
@@ -111,7 +114,8 @@ def study_grid(prunes: list[float], max_ranking_prune: float | None) -> list[Gri
     ``nl2-uniform`` is left out: it is GRIFFIN (normalised statistic, uniform k)."""
     points = [GridPoint("dense", "dense", 0.0)]
     for p in prunes:
-        points += [GridPoint("griffin", "griffin", p), GridPoint("static", "static", p)]
+        static = GridPoint("static", "static", p, {"budget": SPEC_BUDGET})  # the spec's budget
+        points += [GridPoint("griffin", "griffin", p), static]
     for budget in BUDGETS:
         for stat in STATISTICS:
             if (stat, budget) == ("nl2", "uniform"):
@@ -148,7 +152,7 @@ def stream_grid(
     for p in prunes:
         points += [
             GridPoint("griffin", "griffin", p),
-            GridPoint("static", "static", p),
+            GridPoint("static", "static", p, {"budget": SPEC_BUDGET}),
             GridPoint("dart-nodrift", "dart-nodrift", p, base),
         ]
         for r in retrace:
