@@ -112,7 +112,8 @@ class Method:
     uses_proxies: bool = False
     shared_mask: bool = False
     uniform_budget: bool = False
-    statistic: Callable[[Tensor], Tensor] = _unchanged
+    # the default config's (DARTConfig.statistic = normalized_l2 since issue 12's study)
+    statistic: Callable[[Tensor], Tensor] = per_token_l2_normalised
     own_statistic: str | None = None
     score: Callable[[Tensor, torch.Generator], Tensor] | None = None
     compared_with: tuple[str, ...] = ()

@@ -24,7 +24,11 @@ def test_decode_bench_quick_writes_every_arm(tmp_path):
     assert records["dense_compiled"]["speedup_vs_dense_compiled"] == 1.0
     gathered = records["dart_gathered_compiled"]
     assert gathered["sparsity"] == 0.7 and gathered["ideal_speedup"] > 1.0
-    assert 0.0 < gathered["effective_sparsity"] <= 0.7
+    # look-back re-traces recompute up to R tokens densely each: on a random tiny model drift
+    # fires often, so the FFN work can exceed dense (effective sparsity below 0)
+    assert gathered["effective_sparsity"] <= 0.7
+    assert gathered["dense_token_computations_per_token"] >= 0.0
+    assert gathered["effective_sparsity"] < 0.7 or gathered["retraces"] == 0
     assert gathered["prefill_seconds"] > 0 and gathered["selection_ms"] > 0
     assert "vs dense_c." in run.stdout and "dart_gathered_compiled" in run.stdout
     hf = records["hf_static_compiled"]["tokens_per_s"]

@@ -28,7 +28,9 @@ def test_defaults():
         "dart",
     )
     assert isinstance(c.drift, DriftConfig)
-    assert c.drift.window == 5 and c.drift.layers == (-1,) and c.drift.pressure_trigger == 2
+    assert c.drift.window == 5 and c.drift.layers == (-1,) and c.drift.pressure_trigger == 3
+    assert c.drift.retrace_tokens == 64 and c.statistic == "normalized_l2"
+    assert c.budget.uniform_blend == 0.5 and c.budget.cap_margin is None
     assert c.drift.sigma_scale == 0.1 and c.drift.threshold_floor == 0.1
 
 

@@ -80,7 +80,8 @@ def test_griffin_statistic_vs_naive():
         toks = [h[i, j] / h[i, j].norm() for j in range(4) if valid[i, j]]
         torch.testing.assert_close(out[i], torch.stack(toks).norm(dim=0))
     assert torch.equal(per_token_l2_normalised(torch.zeros(1, 3)), torch.zeros(1, 3))
-    assert get_method("dart").statistic(h) is h
+    l2 = get_method("dart").for_config(DARTConfig(statistic="l2"))
+    assert l2.statistic(h) is h  # DART's plain L2 is one setting away
 
 
 def test_random_scores_are_seeded():

@@ -45,8 +45,11 @@ def test_retrace_rebuilds_statistics_and_kv_from_the_last_r_tokens():
     and its KV there equals that dense recompute; row 0's cache is untouched."""
     model = tiny_model("llama")
     r = 6
-    cfg = DARTConfig(
-        layer_topk="all:0.5", backend="masked", drift={"window": 2, "retrace_tokens": r}
+    cfg = DARTConfig(  # plain L2: the expected accumulators below are sqrt(sum h^2)
+        layer_topk="all:0.5",
+        backend="masked",
+        statistic="l2",
+        drift={"window": 2, "retrace_tokens": r},
     )
     handle = dart.attach(model, cfg)
     c = handle.controller
