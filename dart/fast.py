@@ -182,14 +182,10 @@ class FastGenerator:
         )
         return next_token(logits, noise, temperature)
 
-    def _retrace_step(
-        self, ids, position_ids, cache_position, attention_mask, cache, noise, temperature
-    ) -> torch.Tensor:
-        """`_decode_step` over the R tokens of a re-trace (its own compiled graph)."""
-        logits = static_cache_logits(
-            self.model, ids, attention_mask, position_ids, cache_position, cache
-        )
-        return next_token(logits, noise, temperature)
+    def _retrace_step(self, *args) -> torch.Tensor:
+        """`_decode_step` over the R tokens of a re-trace: a code object of its own, so dynamo
+        keeps its [B, R] graph apart from the [B, 1] step's (inlined, no recompiles)."""
+        return self._decode_step(*args)
 
     def _retrace(self, c, seq_ids, slot, full_mask, positions, cache, noise, temperature):
         """The look-back re-trace pass at cache `slot` (the new token's): the rows whose drift
