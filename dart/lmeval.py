@@ -52,6 +52,7 @@ from .data import load_text
 from .evaluate.arms import Arm, arm_config, attach_arm, parse_arms
 from .evaluate.perplexity import accepts_logits_to_keep, tokenize_prefix
 from .evaluate.store import RecordStore
+from .evaluate.stream import weight_bytes
 from .experiment import folder_log
 from .lmeval_tasks import default_tasks_dir, write_tasks
 from .methods import METHODS, get_method
@@ -141,8 +142,7 @@ class DARTLM(HFLM):
                 text = load_text(calibration, split="calibration")
                 cal = tokenize_prefix(tokenizer, text, int(calibration_tokens))[None]
             self.handle = attach_arm(model, cfg, cal)
-        self._ffn_params = _ffn_params_per_neuron(self.handle)
-        self._token_params = _per_token_weight_params(model)
+        self._token_bytes, self._neuron_bytes = weight_bytes(model, self.handle)
         self.sparsity_log: list[dict[str, float]] = []  # one entry per batch of contexts
         self.context = context
         self._last_only = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
@@ -190,10 +190,10 @@ class DARTLM(HFLM):
         c = self.handle.controller
         counts = c.counts if c.counts is not None else c.widths
         skipped = [w - k for w, k in zip(c.widths, counts, strict=True)]
-        saved = sum(s * p for s, p in zip(skipped, self._ffn_params, strict=True))
+        saved = sum(s * b for s, b in zip(skipped, self._neuron_bytes, strict=True))
         return {
             "ffn_sparsity": sum(skipped) / sum(c.widths),
-            "weight_bytes_sparsity": saved / self._token_params,
+            "weight_bytes_sparsity": saved / self._token_bytes,
         }
 
     # -- log-likelihood -------------------------------------------------------------------
@@ -293,22 +293,6 @@ def _dense_ffns(controller):
         for layer in controller.layers:
             stack.enter_context(layer.routed())
         yield
-
-
-def _ffn_params_per_neuron(handle: DARTHandle | None) -> list[float]:
-    if handle is None:
-        return []
-    return [
-        sum(p.numel() for p in ffn.original.parameters() if p.dim() == 2) / ffn.width
-        for ffn in handle.ffns
-    ]
-
-
-def _per_token_weight_params(model: torch.nn.Module) -> int:
-    """Weights read per token: every matrix but the input embedding (a lookup)."""
-    emb = model.get_input_embeddings().weight
-    seen = {id(emb)} if emb.data_ptr() != model.get_output_embeddings().weight.data_ptr() else set()
-    return sum(p.numel() for p in model.parameters() if p.dim() == 2 and id(p) not in seen)
 
 
 # -- the comparison runner ----------------------------------------------------------------------
