@@ -17,8 +17,11 @@ Notes:
   less), in proportion to ``P`` (weighted by width); when all such layers have ``P = 0`` the
   difference is spread uniformly over them. Whenever the spec's "layers not at a bound" rule
   reaches the target, this gives the same result.
-* ``uniform_blend = a`` then gives ``(1 - a) p_l + a total_prune`` (clipped the same way): both
-  terms remove the same number of neurons, so the blend does too.
+* ``uniform_blend = a`` then gives ``(1 - a) p_l + a t_l`` with ``t`` one of
+  :data:`BLEND_TARGETS` (``BudgetConfig.blend_toward``): ``uniform``, ``total_prune`` in every
+  layer (clipped the same way), or ``sensitivity``, the same allocation without the depth ramp
+  (``R`` alone), so a layer the sensitivity protects stays protected. Both terms remove the same
+  number of neurons, so the blend does too.
 * ``keep_l = round((1 - p_l) N_l)`` with round-half-up, clamped to ``[1, N_l]``.
 """
 
@@ -34,6 +37,7 @@ from torch import Tensor
 from .config import BudgetConfig, parse_total_prune
 
 __all__ = [
+    "BLEND_TARGETS",
     "NORMALIZATIONS",
     "BudgetAllocation",
     "allocate_budget",
@@ -131,6 +135,50 @@ def allocate_budgets(
     return [allocate_budget(row, widths, total_prune, budget) for row in s]
 
 
+def _spread(
+    p_weight: Tensor, n: Tensor, total_prune: float, lower: float, upper: float, rounds: int
+) -> Tensor:
+    """Prune fractions proportional to ``p_weight`` that remove ``total_prune`` of all neurons
+    (widths ``n``), clipped to ``[lower, upper]`` with redistribution rounds."""
+    if p_weight.sum() <= 0:
+        p_weight = torch.ones_like(p_weight)
+    budget_neurons = total_prune * n.sum()  # neurons to remove
+    p = (budget_neurons * p_weight / (p_weight * n).sum()).clamp(lower, upper)
+    tol = 1e-9 * float(n.sum())
+    for _ in range(rounds):
+        diff = budget_neurons - (p * n).sum()
+        if abs(float(diff)) <= tol:
+            break
+        free = p < upper if diff > 0 else p > lower
+        if not bool(free.any()):
+            break
+        wsum = (p_weight * n)[free].sum()
+        if wsum > 0:
+            delta = diff * p_weight / wsum
+        else:
+            delta = diff / n[free].sum() * torch.ones_like(p)
+        p = torch.where(free, p + delta, p).clamp(lower, upper)
+    return p
+
+
+def _uniform_target(
+    r: Tensor, n: Tensor, total_prune: float, lower: float, upper: float, rounds: int
+) -> Tensor:
+    """Every layer at ``total_prune`` (clipped to the bounds)."""
+    return torch.full_like(r, min(max(total_prune, lower), upper))
+
+
+def _sensitivity_target(
+    r: Tensor, n: Tensor, total_prune: float, lower: float, upper: float, rounds: int
+) -> Tensor:
+    """The budget by sensitivity alone (no depth ramp): layers ``R`` protects stay protected."""
+    return _spread(r.clone(), n, total_prune, lower, upper, rounds)
+
+
+# BudgetConfig.blend_toward -> the allocation the auto budget is blended with
+BLEND_TARGETS = {"uniform": _uniform_target, "sensitivity": _sensitivity_target}
+
+
 def allocate_budget(
     sensitivity: Tensor | Sequence[float],
     widths: Sequence[int],
@@ -158,30 +206,11 @@ def allocate_budget(
         return BudgetAllocation(widths_i, [0.0] * num_layers, 0.0, 0.0)
 
     r = 1.0 - NORMALIZATIONS[b.normalize](s)
-    p_weight = r * depth_protection(num_layers, b)
-    if p_weight.sum() <= 0:
-        p_weight = torch.ones_like(s)
     lower, upper = _bounds(total_prune, b)
-
-    budget_neurons = total_prune * n.sum()  # neurons to remove
-    p = (budget_neurons * p_weight / (p_weight * n).sum()).clamp(lower, upper)
-    tol = 1e-9 * float(n.sum())
-    for _ in range(rounds):
-        diff = budget_neurons - (p * n).sum()
-        if abs(float(diff)) <= tol:
-            break
-        free = p < upper if diff > 0 else p > lower
-        if not bool(free.any()):
-            break
-        wsum = (p_weight * n)[free].sum()
-        if wsum > 0:
-            delta = diff * p_weight / wsum
-        else:
-            delta = diff / n[free].sum() * torch.ones_like(p)
-        p = torch.where(free, p + delta, p).clamp(lower, upper)
+    p = _spread(r * depth_protection(num_layers, b), n, total_prune, lower, upper, rounds)
     if b.uniform_blend > 0:
-        uniform = min(max(total_prune, lower), upper)
-        p = (1.0 - b.uniform_blend) * p + b.uniform_blend * uniform
+        target = BLEND_TARGETS[b.blend_toward](r, n, total_prune, lower, upper, rounds)
+        p = (1.0 - b.uniform_blend) * p + b.uniform_blend * target
 
     keep = [_keep(pl, nl) for pl, nl in zip(p.tolist(), widths_i, strict=True)]
     achieved = 1.0 - sum(keep) / sum(widths_i)

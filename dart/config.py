@@ -30,6 +30,7 @@ from .methods import METHODS, get_method
 
 __all__ = [
     "BACKENDS",
+    "BLEND_TARGETS",
     "BUDGET_NORMALIZATIONS",
     "DEFAULT_TOTAL_PRUNE",
     "RANKINGS",
@@ -58,6 +59,7 @@ BATCH_POLICIES = ("per_sequence", "shared")
 PROXY_SOURCES = ("embedding", "lm_head")
 SENSITIVITIES = ("residual", "raw")
 BUDGET_NORMALIZATIONS = ("minmax", "rank", "winsorized")  # dart.budget.NORMALIZATIONS
+BLEND_TARGETS = ("uniform", "sensitivity")  # dart.budget.BLEND_TARGETS
 DRIFT_SIGNALS = ("attn_output", "attn_probs", "attn_content")
 DEFAULT_TOTAL_PRUNE = 0.5
 
@@ -138,7 +140,10 @@ class BudgetConfig(_Section):
     their ranks; ``winsorized``: ``S`` clipped to Tukey's fences ``[Q1 - 1.5 IQR, Q3 + 1.5 IQR]``
     first, so one outlier layer does not squash the others to ``R ~ 1``); ``cap_margin``: no
     layer prunes more than ``min(prune_max, total_prune + cap_margin)`` (None: ``prune_max``);
-    ``uniform_blend`` in [0, 1]: the final fractions are ``(1 - a) p_auto + a total_prune``.
+    ``uniform_blend`` in [0, 1]: the final fractions are ``(1 - a) p_auto + a t`` with ``t`` set
+    by ``blend_toward``: ``uniform`` (``total_prune`` in every layer) or ``sensitivity`` (the
+    budget from ``R`` alone, without the depth ramp: a layer the sensitivity protects, such as an
+    outlier first layer, stays protected).
     """
 
     sensitivity: str = "residual"
@@ -151,11 +156,13 @@ class BudgetConfig(_Section):
     normalize: str = "minmax"
     cap_margin: float | None = None
     uniform_blend: float = 0.5  # issue 12 study: min-max alone starves middle layers
+    blend_toward: str = "uniform"
 
     def __post_init__(self) -> None:
         o = "BudgetConfig"
         _choice(o, "sensitivity", self.sensitivity, SENSITIVITIES)
         _choice(o, "normalize", self.normalize, BUDGET_NORMALIZATIONS)
+        _choice(o, "blend_toward", self.blend_toward, BLEND_TARGETS)
         if self.cap_margin is not None:
             _real_in(o, "cap_margin", self.cap_margin, 0.0, 1.0, low_open=False, high_open=False)
         _real_in(o, "uniform_blend", self.uniform_blend, 0.0, 1.0, low_open=False, high_open=False)

@@ -29,7 +29,14 @@ from .config import BACKENDS, DARTConfig
 from .data import TEXT_CORPORA, load_text
 from .evaluate.arms import Arm, arm_config
 from .evaluate.perplexity import tokenize_prefix
-from .evaluate.store import RunStore, data_identity, model_identity, process_rank, run_fingerprint
+from .evaluate.store import (
+    RunStore,
+    claim_arm,
+    data_identity,
+    model_identity,
+    process_rank,
+    run_fingerprint,
+)
 from .evaluate.tasks import Task, compute_metrics, get_task
 from .methods import METHODS
 from .models import load_model
@@ -165,9 +172,11 @@ def _run_locked(
     log.info("%d samples x %d arms -> %s", len(items), len(arms), store.folder)
     main_rank = process_rank() == 0
     for arm in arms:
+        key = f"{arm.label}@{arm.total_prune}"
+        if main_rank:
+            claim_arm(store.folder, key, configs[arm] and configs[arm].to_dict())
         data.skip = store.done_ids(arm.key)
         pending = len(data.pending())
-        key = f"{arm.label}@{arm.total_prune}"
         if not pending:
             log.info("arm %s: all %d samples done", key, len(data.skip))
             continue

@@ -47,11 +47,11 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from .api import DARTHandle
-from .config import BACKENDS, ConfigError
+from .config import BACKENDS, ConfigError, DARTConfig
 from .data import load_text
 from .evaluate.arms import Arm, arm_config, attach_arm, parse_arms
 from .evaluate.perplexity import accepts_logits_to_keep, tokenize_prefix
-from .evaluate.store import RecordStore
+from .evaluate.store import RecordStore, claim_arm
 from .evaluate.stream import weight_bytes
 from .experiment import folder_log
 from .lmeval_tasks import default_tasks_dir, write_tasks
@@ -131,8 +131,6 @@ class DARTLM(HFLM):
         self.arm = Arm(method, float(total_prune) if prunes else 0.0, rs)
         overrides = dart_config
         if isinstance(dart_config, str):
-            from .config import DARTConfig
-
             overrides = DARTConfig.load(dart_config).to_dict()
         self.handle: DARTHandle | None = None
         if prunes:
@@ -452,7 +450,10 @@ def run_lm_eval(opts: LMEvalOptions) -> list[dict[str, Any]]:
         arms = parse_arms(opts.methods, opts.total_prune)
         store = RecordStore(out)
         model, tokenizer = load_model(opts.model, dtype=opts.dtype)
+        overrides = DARTConfig.load(opts.dart_config).to_dict() if opts.dart_config else None
         for arm in arms:
+            config = _arm_dart_config(arm, overrides, opts.backend, opts.seed)
+            claim_arm(out, f"{arm.label}@{arm.total_prune}", config and config.to_dict())
             _run_arm(arm, opts, model, tokenizer, tm, ids, store, out, simple_evaluate)
         metrics = compute_metrics(store, arms, ids)
         write_json(out / "metrics.json", metrics)

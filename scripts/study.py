@@ -30,6 +30,7 @@ import csv
 import io
 import json
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -69,14 +70,19 @@ log = logging.getLogger("dart.study")
 # -- the grid ----------------------------------------------------------------------------------
 # How an ``auto`` budget spreads total_prune over layers (BudgetConfig overrides). Every entry
 # spells out all three guards, so a point means the same whatever the library's defaults (the
-# study chose them: ``blend50`` became the default). ``uniform`` is the blend all the way to
+# study chose them). ``uniform`` is the blend all the way to
 # uniform: the same share of every layer (GRIFFIN's budget).
-SPEC_BUDGET: dict[str, Any] = {"normalize": "minmax", "cap_margin": None, "uniform_blend": 0.0}
+SPEC_BUDGET: dict[str, Any] = {"normalize": "minmax", "cap_margin": None, "uniform_blend": 0.0,
+                               "blend_toward": "uniform"}  # fmt: skip
 BUDGETS: dict[str, dict[str, Any]] = {
     "auto": SPEC_BUDGET,
     "cap10": {**SPEC_BUDGET, "cap_margin": 0.1},
     "cap20": {**SPEC_BUDGET, "cap_margin": 0.2},
     "blend50": {**SPEC_BUDGET, "uniform_blend": 0.5},
+    "blend25": {**SPEC_BUDGET, "uniform_blend": 0.25},
+    # blended toward the sensitivity-only budget: the depth ramp is halved, an outlier layer
+    # that R protects stays protected (after the generation check of the first study)
+    "sblend50": {**SPEC_BUDGET, "uniform_blend": 0.5, "blend_toward": "sensitivity"},
     "rank": {**SPEC_BUDGET, "normalize": "rank"},
     "wins": {**SPEC_BUDGET, "normalize": "winsorized"},
     "uniform": {**SPEC_BUDGET, "uniform_blend": 1.0},
@@ -209,6 +215,22 @@ def stream_source(tokenizer: Any, name: str, opts: argparse.Namespace) -> Source
     return Source(name, tag, options, items, calib_ids)
 
 
+def gen_source(tokenizer: Any, name: str, opts: argparse.Namespace) -> Source:
+    """Prompts of ``prompt_tokens`` from ``documents`` documents of the split; each arm
+    continues them greedily for ``gen_tokens`` tokens (the dense arm's text is the reference)."""
+    items = stream_items(tokenizer, opts.prompt_tokens, opts.gen_tokens, opts.documents,
+                         corpus=name, split=opts.split)  # fmt: skip
+    items = [{"id": it["id"], "prompt": it["prompt"], "steps": opts.gen_tokens} for it in items]
+    calib_ids = tokenize_prefix(tokenizer, load_text(name, "calibration"), opts.calibration_tokens)
+    options = {"corpus": name, "split": opts.split, "prompt_tokens": opts.prompt_tokens,
+               "documents": opts.documents, "gen_tokens": opts.gen_tokens}  # fmt: skip
+    tag = f"{name}-{opts.split}-gen-p{opts.prompt_tokens}g{opts.gen_tokens}n{opts.documents}"
+    return Source(name, tag, options, items, calib_ids[None])
+
+
+SOURCES = {"ppl": ppl_source, "stream": stream_source, "gen": gen_source}
+
+
 # -- running one grid point --------------------------------------------------------------------
 def point_fingerprint(
     task: str,
@@ -237,8 +259,83 @@ def score_item(
 ) -> dict[str, Any]:
     if task == "stream":
         return score_stream(model, item["prompt"], item["continuation"], handle)
+    if task == "gen":
+        return generate_item(model, item["prompt"], item["steps"], handle)
     r = score_window(model, torch.tensor(item["ids"]), item["score_from"], item["prep_len"], handle)
     return {**r, "nominal_sparsity": handle.stats()["nominal_sparsity"] if handle else 0.0}
+
+
+def generate_item(
+    model: torch.nn.Module, prompt: list[int], steps: int, handle: Any
+) -> dict[str, Any]:
+    """Greedy continuation of ``prompt`` (``steps`` tokens, EOS suppressed so that every arm
+    writes as many) under ``handle`` (None: dense)."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=steps, min_new_tokens=steps,
+                             pad_token_id=model.config.eos_token_id)  # fmt: skip
+    stats = handle.stats() if handle is not None else {}
+    return {"new_tokens": out[0, ids.shape[1] :].tolist(),
+            "nominal_sparsity": stats.get("nominal_sparsity", 0.0),
+            "retraces": stats.get("mask_refreshes", 0)}  # fmt: skip
+
+
+def lcs_f1(a: list[int], b: list[int]) -> float:
+    """ROUGE-L F1 on token ids: the longest common subsequence over the mean length."""
+    if not a or not b:
+        return 0.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return 2.0 * prev[-1] / (len(a) + len(b))
+
+
+def repeated_ngrams(tokens: list[int], n: int = 4) -> float:
+    """Share of the n-grams of ``tokens`` that already occurred earlier in it (0: no loop)."""
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return 0.0 if not grams else 1.0 - len(set(grams)) / len(grams)
+
+
+def dense_nll(model: torch.nn.Module, prompt: list[int], new: list[int]) -> float:
+    """Mean NLL per token the unpatched model gives ``new`` after ``prompt`` (how plausible the
+    dense model finds the text; low for fluent text, and for loops, hence ``repeated_ngrams``)."""
+    ids = torch.tensor([prompt + new])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+    return float(torch.nn.functional.cross_entropy(logits, torch.tensor(new)))
+
+
+def gen_metrics(
+    model: torch.nn.Module,
+    items: list[dict[str, Any]],
+    records: list[dict[str, Any]],
+    reference: list[list[int]],
+) -> dict[str, Any]:
+    """Per item: agreement with the dense text ``reference`` (token ROUGE-L), repeated 4-grams
+    and the dense model's NLL of the text; their means; ``item_nll``/``item_tokens`` carry the
+    dense NLL so the paired tables work unchanged."""
+    agree = [lcs_f1(r["new_tokens"], d) for r, d in zip(records, reference, strict=True)]
+    loops = [repeated_ngrams(r["new_tokens"]) for r in records]
+    pairs = zip(items, records, strict=True)
+    nll = [dense_nll(model, it["prompt"], r["new_tokens"]) for it, r in pairs]
+    n = len(records)
+    return {
+        "rouge_l_vs_dense": sum(agree) / n,
+        "repeated_4grams": sum(loops) / n,
+        "dense_nll": sum(nll) / n,
+        "nominal_sparsity": sum(r["nominal_sparsity"] for r in records) / n,
+        "retraces_per_item": sum(r["retraces"] for r in records) / n,
+        "item_rouge_l": agree,
+        "item_repeated": loops,
+        "item_nll": nll,
+        "item_tokens": [1] * n,
+        "item_new_tokens": [r["new_tokens"] for r in records],
+        "perplexity": math.exp(sum(nll) / n),  # of the dense model on the generated text
+    }
 
 
 def summarise(task: str, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -264,8 +361,10 @@ def run_point(
     folder: Path,
     fingerprint: dict[str, Any],
     config: DARTConfig | None,
+    reference: list[list[int]] | None = None,
 ) -> dict[str, Any]:
-    """Score the pending items of ``point`` into ``folder``; its summary (all items)."""
+    """Score the pending items of ``point`` into ``folder``; its summary (all items). ``gen``
+    compares each continuation with ``reference`` (the dense arm's; None: this point's own)."""
     key = (point.name, point.total_prune)
     with RunStore.open(folder, fingerprint) as store:
         done = store.done_ids(key)
@@ -284,13 +383,18 @@ def run_point(
                     handle.detach()
         by_id = {r["id"]: r for r in store if (r["method"], round(r["total_prune"], 6)) == key}
         records = [by_id[it["id"]] for it in source.items]
+        if task == "gen":
+            own = [r["new_tokens"] for r in records]
+            scores = gen_metrics(model, source.items, records, reference or own)
+        else:
+            scores = summarise(task, records)
         summary = {
             "name": point.name,
             "method": point.method,
             "total_prune": point.total_prune,
             "corpus": source.corpus,
             "source": source.tag,
-            **summarise(task, records),
+            **scores,
             "seconds": sum(r["seconds"] for r in records),
             "overrides": point.overrides,
             "folder": str(folder),
@@ -301,6 +405,13 @@ def run_point(
 
 TABLE_COLUMNS = {
     "ppl": ["perplexity", "nll_per_token", "nominal_sparsity"],
+    "gen": [
+        "rouge_l_vs_dense",
+        "repeated_4grams",
+        "dense_nll",
+        "retraces_per_item",
+        "nominal_sparsity",
+    ],
     "stream": [
         "perplexity",
         "nll_per_token",
@@ -463,7 +574,7 @@ def _ints(text: str) -> list[int]:
 
 
 def build_points(opts: argparse.Namespace, prunes: list[float]) -> list[GridPoint]:
-    if opts.task == "ppl":
+    if opts.task in ("ppl", "gen"):
         max_prune = opts.max_ranking_prune if opts.max_ranking_prune >= 0 else None
         points = study_grid(prunes, max_prune)
     else:
@@ -484,7 +595,7 @@ def build_points(opts: argparse.Namespace, prunes: list[float]) -> list[GridPoin
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--task", default="ppl", choices=("ppl", "stream"))
+    ap.add_argument("--task", default="ppl", choices=tuple(SOURCES))
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--corpora", default="wiki,c4")
     ap.add_argument("--split", default="calibration", choices=("calibration", "eval"))
@@ -507,6 +618,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0.7,
         help="sparsity of the max-ranking points (negative: none)",
     )
+    gen = ap.add_argument_group("gen (also --prompt-tokens, --documents)")
+    gen.add_argument("--gen-tokens", type=int, default=48, help="greedy tokens per prompt")
     stream = ap.add_argument_group("stream")
     stream.add_argument("--prompt-tokens", type=int, default=128)
     stream.add_argument("--continuation-tokens", type=int, default=192)
@@ -597,8 +710,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(opts.out)
     model, tokenizer = load_model(opts.model)
     model_id = model_identity(model, opts.model)
-    make_source = ppl_source if opts.task == "ppl" else stream_source
-    sources = {c: make_source(tokenizer, c, opts) for c in corpora}
+    sources = {c: SOURCES[opts.task](tokenizer, c, opts) for c in corpora}
+    if opts.task == "gen" and (not points or points[0].name != "dense"):
+        raise SystemExit("--task gen: the dense point must run first (its text is the reference)")
+    reference: dict[str, list[list[int]]] = {}
     summaries: list[dict[str, Any]] = []
     todo = [(p, c) for p in points for c in corpora]  # corpora interleaved: partial grids pair
     start = time.perf_counter()
@@ -607,12 +722,17 @@ def main(argv: list[str] | None = None) -> int:
         fp = point_fingerprint(opts.task, point, configs[point], source, model_id)
         tag = f"{point.name}-p{round(100 * point.total_prune):02d}-{digest(fp)[:10]}"
         folder = out / opts.task / source.tag / tag
-        s = run_point(opts.task, model, point, source, folder, fp, configs[point])
+        s = run_point(opts.task, model, point, source, folder, fp, configs[point],
+                      reference.get(corpus))  # fmt: skip
+        if opts.task == "gen" and point.name == "dense":
+            reference[corpus] = s["item_new_tokens"]
         summaries.append(s)
         write_tables(out / f"{opts.task}_{opts.split}", opts.task, summaries)
-        log.info("[%d/%d %.0f s] %s %s@%.2f: ppl %.2f (%.0f s)", i, len(todo),
-                 time.perf_counter() - start, corpus, point.name, point.total_prune,
-                 s["perplexity"], s["seconds"])  # fmt: skip
+        score = (f"ROUGE-L vs dense {s['rouge_l_vs_dense']:.3f}" if opts.task == "gen"
+                 else f"ppl {s['perplexity']:.2f}")  # fmt: skip
+        log.info("[%d/%d %.0f s] %s %s@%.2f: %s (%.0f s)", i, len(todo),
+                 time.perf_counter() - start, corpus, point.name, point.total_prune, score,
+                 s["seconds"])  # fmt: skip
     return 0
 
 

@@ -126,6 +126,13 @@ def test_normalizations_registry_matches_config():
     assert tuple(NORMALIZATIONS) == BUDGET_NORMALIZATIONS
 
 
+def test_blend_targets_registry_matches_config():
+    from dart.budget import BLEND_TARGETS
+    from dart.config import BLEND_TARGETS as NAMES
+
+    assert tuple(BLEND_TARGETS) == NAMES
+
+
 def test_minmax_budget_starves_the_middle_of_an_outlier_model():
     """The issue-12 failure the guards fix: min-max squashes every layer but 0 to R ~ 1, so the
     depth ramp alone decides and the middle layers lose ~86% of their neurons at 70%. The
@@ -191,14 +198,39 @@ def test_uniform_blend_interpolates_toward_uniform():
     assert half.prune_fractions == pytest.approx(exp)
 
 
+def test_blend_toward_sensitivity_keeps_protected_layers_protected():
+    """Blending toward the sensitivity-only budget flattens the depth ramp but leaves the outlier
+    first layer (R = 0) at the lower bound, where the uniform blend prunes it."""
+    s, widths = outlier_sensitivities(), [1536] * 30
+    auto = allocate_budget(s, widths, 0.5, MINMAX)
+    uniform = allocate_budget(s, widths, 0.5, BudgetConfig(uniform_blend=0.5))
+    toward = BudgetConfig(uniform_blend=0.5, blend_toward="sensitivity")
+    sens = allocate_budget(s, widths, 0.5, toward)
+    flat_cfg = BudgetConfig(uniform_blend=1.0, blend_toward="sensitivity")
+    flat = allocate_budget(s, widths, 0.5, flat_cfg)
+    assert auto.prune_fractions[0] == pytest.approx(0.1) == sens.prune_fractions[0]
+    assert uniform.prune_fractions[0] == pytest.approx(0.3)
+    # full blend: R alone, no depth ramp (S is flat after layer 0, so are these fractions)
+    rest = flat.prune_fractions[1:]
+    assert max(rest) - min(rest) < 0.05 and flat.prune_fractions[0] == pytest.approx(0.1)
+    pairs = zip(auto.prune_fractions, flat.prune_fractions, strict=True)
+    exp = [0.5 * a + 0.5 * f for a, f in pairs]
+    assert sens.prune_fractions == pytest.approx(exp)
+    assert max(sens.prune_fractions) < max(auto.prune_fractions)  # the middle is spared
+    assert sens.achieved_prune == pytest.approx(0.5, abs=1e-3)
+
+
 @pytest.mark.parametrize("normalize", ["minmax", "rank", "winsorized"])
+@pytest.mark.parametrize("toward", ["uniform", "sensitivity"])
 @pytest.mark.parametrize("cap_margin", [None, 0.05, 0.15])
 @pytest.mark.parametrize("blend", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("total", [0.3, 0.5, 0.7])
-def test_guarded_budgets_meet_total_prune_in_neurons(normalize, cap_margin, blend, total):
+def test_guarded_budgets_meet_total_prune_in_neurons(normalize, toward, cap_margin, blend, total):
     s = outlier_sensitivities(12, seed=3)
     widths = [64, 96, 128, 64, 256, 64, 100, 128, 64, 96, 200, 64]  # unequal widths
-    cfg = BudgetConfig(normalize=normalize, cap_margin=cap_margin, uniform_blend=blend)
+    cfg = BudgetConfig(
+        normalize=normalize, cap_margin=cap_margin, uniform_blend=blend, blend_toward=toward
+    )
     a = allocate_budget(s, widths, total, cfg)
     pruned = sum(p * n for p, n in zip(a.prune_fractions, widths, strict=True))
     assert pruned == pytest.approx(total * sum(widths), rel=1e-6)
@@ -210,7 +242,13 @@ def test_guarded_budgets_meet_total_prune_in_neurons(normalize, cap_margin, blen
 
 @pytest.mark.parametrize(
     "field, value",
-    [("normalize", "zscore"), ("cap_margin", -0.1), ("cap_margin", 2.0), ("uniform_blend", 1.5)],
+    [
+        ("normalize", "zscore"),
+        ("cap_margin", -0.1),
+        ("cap_margin", 2.0),
+        ("uniform_blend", 1.5),
+        ("blend_toward", "flat"),
+    ],
 )
 def test_guard_settings_are_checked(field, value):
     with pytest.raises(ConfigError, match=f"BudgetConfig.{field}"):

@@ -21,6 +21,7 @@ pa = pytest.importorskip("pyarrow")
 from tiny_assets import save_tiny  # noqa: E402
 
 from dart import lmeval_tasks  # noqa: E402
+from dart.evaluate.store import FingerprintMismatchError  # noqa: E402
 from dart.lmeval import DARTLM, LMEvalOptions, main, run_lm_eval  # noqa: E402
 
 WORDS = "red green blue cat dog sun moon tree rock sea".split()
@@ -260,6 +261,19 @@ def test_runner_refuses_a_folder_of_other_settings(tiny, tasks_dir, tmp_path):
     with pytest.raises(ValueError, match="other settings.*new --out"):
         run_lm_eval(_opts(tiny, tasks_dir, out, methods=["dense"], limit=1, tasks=["boolq"],
                           dtype="bfloat16"))  # fmt: skip
+
+
+def test_runner_refuses_an_arm_run_under_other_defaults(tiny, tasks_dir, tmp_path):
+    """Records and lm-eval's request cache of an arm made under another resolved DARTConfig
+    (a changed library default; simulated by editing arms.json) are not reused."""
+    out = tmp_path / "run"
+    opts = _opts(tiny, tasks_dir, out, methods=["dart"], limit=1, tasks=["boolq"])
+    run_lm_eval(opts)
+    arms = json.loads((out / "arms.json").read_text())
+    arms["dart@0.5"]["budget"]["blend_toward"] = "older default"
+    (out / "arms.json").write_text(json.dumps(arms))
+    with pytest.raises(FingerprintMismatchError, match="arm dart@0.5.*\n.*blend_toward"):
+        run_lm_eval(opts)
 
 
 def test_options_map_to_flags():

@@ -18,6 +18,7 @@ from dart.evaluate.store import (
     FolderLockedError,
     RecordStore,
     RunStore,
+    claim_arm,
     data_identity,
     model_identity,
     run_fingerprint,
@@ -221,6 +222,35 @@ def test_resume_with_another_model_window_or_text_is_refused(tiny_folders, tmp_p
     with pytest.raises(FingerprintMismatchError, match="data.items_sha256"):
         _ppl(m0, out, "--text-file", str(text))
     assert (out / "samples.jsonl").read_text() == lines  # nothing was mixed in
+
+
+def test_an_arm_run_under_other_defaults_is_not_resumed(tiny_folders, tmp_path):
+    """The fingerprint holds what a user sets; arms.json holds each arm's whole resolved config,
+    so records made under another library default are refused too (simulated by editing it)."""
+    out = tmp_path / "run"
+    argv = ["--methods", "dense,dart", "--total-prune", "0.5", "--backend", "masked"]
+    assert _ppl(tiny_folders[0], out, *argv) == 0
+    arms = json.loads((out / "arms.json").read_text())
+    assert arms["dense@0.0"] is None and arms["dart@0.5"]["budget"]["uniform_blend"] == 0.5
+    assert _ppl(tiny_folders[0], out, *argv) == 0  # same defaults: resumes
+    arms["dart@0.5"]["budget"]["uniform_blend"] = 0.25  # as an older version would have run it
+    (out / "arms.json").write_text(json.dumps(arms))
+    lines = (out / "samples.jsonl").read_text()
+    with pytest.raises(
+        FingerprintMismatchError, match=r"arm dart@0.5 .*\n.*uniform_blend: on disk 0.25"
+    ):
+        _ppl(tiny_folders[0], out, *argv)
+    assert (out / "samples.jsonl").read_text() == lines
+
+
+def test_claim_arm_names_a_corrupt_file(tmp_path):
+    claim_arm(tmp_path, "dense@0.0", None)
+    claim_arm(tmp_path, "dense@0.0", None)
+    with pytest.raises(FingerprintMismatchError, match="arm x@0.5"):
+        claim_arm(tmp_path, "x@0.5", {"a": 1}) or claim_arm(tmp_path, "x@0.5", {"a": 2})
+    (tmp_path / "arms.json").write_text("{")
+    with pytest.raises(FingerprintMismatchError, match="arms.json is not valid JSON"):
+        claim_arm(tmp_path, "dense@0.0", None)
 
 
 def test_a_run_waits_for_no_one_and_mixes_nothing_on_a_held_folder(tiny_folders, tmp_path):

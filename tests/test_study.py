@@ -77,3 +77,34 @@ def test_ppl_grid_resumes_and_a_changed_setting_gets_its_own_folder(tiny_folder,
     b = _run(tiny_folder, out, "--only", "x", "--extra", 'x={"budget": {"cap_margin": 0.3}}')
     assert a[0]["folder"] != b[0]["folder"] and a[0]["folder"] not in folders.values()
     assert len((Path(b[0]["folder"]) / "samples.jsonl").read_text().splitlines()) == 3
+
+
+def test_generation_metrics():
+    assert study.lcs_f1([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
+    assert study.lcs_f1([1, 2, 3, 4], [5, 6, 7, 8]) == 0.0
+    assert study.lcs_f1([1, 9, 2, 3], [1, 2, 3, 7]) == pytest.approx(2 * 3 / 8)
+    assert study.lcs_f1([], [1]) == 0.0
+    assert study.repeated_ngrams([1, 2, 3, 4, 5, 6]) == 0.0
+    assert study.repeated_ngrams([1, 2, 3, 4] * 3) == pytest.approx(1 - 4 / 9)
+    assert study.repeated_ngrams([1, 2]) == 0.0
+
+
+def test_gen_task_compares_each_arm_with_the_dense_text_and_resumes(tiny_folder, tmp_path):
+    out = tmp_path / "study"
+    argv = ["--task", "gen", "--model", str(tiny_folder), "--corpora", "tiny", "--documents", "2",
+            "--prompt-tokens", "12", "--gen-tokens", "6", "--prunes", "0.5", "--backend",
+            "masked", "--only", "dense,griffin,dart-nl2-sblend50", "--out", str(out)]  # fmt: skip
+    assert study.main(argv) == 0
+    first = json.loads((out / "gen_calibration.json").read_text())
+    dense, griffin, dart = first
+    assert dense["rouge_l_vs_dense"] == 1.0 and dense["repeated_4grams"] >= 0.0
+    assert all(len(t) == 6 for s in first for t in s["item_new_tokens"])  # EOS suppressed
+    for s in (griffin, dart):
+        pairs = zip(s["item_new_tokens"], dense["item_new_tokens"], strict=True)
+        exp = [study.lcs_f1(a, b) for a, b in pairs]
+        assert s["item_rouge_l"] == pytest.approx(exp)
+        assert s["nominal_sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert study.main(argv) == 0  # resumes: nothing regenerated
+    assert json.loads((out / "gen_calibration.json").read_text()) == first
+    with pytest.raises(SystemExit, match="dense point must run first"):
+        study.main([*argv[:-4], "--only", "griffin", "--out", str(out)])

@@ -36,6 +36,7 @@ __all__ = [
     "RUN_ONLY_OPTIONS",
     "FingerprintMismatchError",
     "FolderLockedError",
+    "claim_arm",
     "RecordStore",
     "RunStore",
     "data_identity",
@@ -49,6 +50,7 @@ __all__ = [
 log = logging.getLogger("dart.evaluate")
 
 FINGERPRINT_FILE = "fingerprint.json"
+ARMS_FILE = "arms.json"  # each arm's resolved DARTConfig (see claim_arm)
 LOCK_FILE = ".lock"
 # Options that say how or where a run goes, not what a sample's value is: resuming may change
 # them. ``methods``/``total_prune``/``release_steps`` pick arms, which key the records.
@@ -280,6 +282,34 @@ def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 # -- one run's hold on a folder -------------------------------------------------------------------
+def claim_arm(folder: Path, arm: str, config: dict[str, Any] | None) -> None:
+    """Bind arm ``arm`` (``label@total_prune``) of ``folder`` to its resolved config (every
+    ``DARTConfig`` field, library defaults included; None: the unpatched model). The folder's
+    fingerprint holds the options a user sets; this catches what it cannot: a changed library
+    default, which would otherwise resume an arm's records under another configuration. Raises
+    :class:`FingerprintMismatchError` naming what differs."""
+    config = json.loads(json.dumps(config, default=str))  # as it reads back
+    path = Path(folder) / ARMS_FILE
+    try:
+        arms = read_json(path)
+    except FileNotFoundError:
+        arms = {}
+    except CorruptFileError as e:
+        raise FingerprintMismatchError(
+            f"{e}; the arms of {folder} cannot be matched to a configuration: pass another "
+            "--out, or delete the folder to start over"
+        ) from e
+    if arm in arms and arms[arm] != config:
+        diff = fingerprint_diff({"config": arms[arm]}, {"config": config})
+        raise FingerprintMismatchError(
+            f"results folder {folder}: arm {arm} was run under another configuration (a changed "
+            "default or setting); resuming would mix its records:\n  " + "\n  ".join(diff[:20])
+            + "\npass another --out to start a new folder (or delete this one)"
+        )  # fmt: skip
+    if arm not in arms:
+        write_json(path, {**arms, arm: config})
+
+
 class RunStore:
     """A results folder held by one run: use :meth:`open` as a context manager.
 
