@@ -134,8 +134,9 @@ class BudgetConfig(_Section):
     :func:`dart.budget.depth_protection`); ``prune_min``/``prune_max``: bounds of any layer's
     prune fraction.
 
-    Guards against starving a layer (default: ``uniform_blend = 0.5``, chosen on the calibration
-    splits in issue 12's study, docs/RESULTS.md; 0 with no cap is the spec's min-max budget):
+    Guards against starving a layer (default: ``uniform_blend = 0.5`` toward ``sensitivity``,
+    chosen on the calibration splits in issue 12's study by perplexity and greedy generation,
+    docs/RESULTS.md; 0 with no cap is the spec's min-max budget):
     ``normalize``: how the sensitivities ``S`` become ``R`` in [0, 1] (``minmax``; ``rank``: by
     their ranks; ``winsorized``: ``S`` clipped to Tukey's fences ``[Q1 - 1.5 IQR, Q3 + 1.5 IQR]``
     first, so one outlier layer does not squash the others to ``R ~ 1``); ``cap_margin``: no
@@ -156,7 +157,7 @@ class BudgetConfig(_Section):
     normalize: str = "minmax"
     cap_margin: float | None = None
     uniform_blend: float = 0.5  # issue 12 study: min-max alone starves middle layers
-    blend_toward: str = "uniform"
+    blend_toward: str = "sensitivity"  # the generation check: "uniform" pruned layer 0
 
     def __post_init__(self) -> None:
         o = "BudgetConfig"

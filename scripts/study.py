@@ -271,6 +271,7 @@ def generate_item(
     """Greedy continuation of ``prompt`` (``steps`` tokens, EOS suppressed so that every arm
     writes as many) under ``handle`` (None: dense)."""
     ids = torch.tensor([prompt])
+    before = handle.stats().get("mask_refreshes", 0) if handle is not None else 0
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              max_new_tokens=steps, min_new_tokens=steps,
@@ -278,7 +279,7 @@ def generate_item(
     stats = handle.stats() if handle is not None else {}
     return {"new_tokens": out[0, ids.shape[1] :].tolist(),
             "nominal_sparsity": stats.get("nominal_sparsity", 0.0),
-            "retraces": stats.get("mask_refreshes", 0)}  # fmt: skip
+            "retraces": stats.get("mask_refreshes", 0) - before}  # the handle's count runs on
 
 
 def lcs_f1(a: list[int], b: list[int]) -> float:

@@ -5,7 +5,7 @@ from dart.budget import allocate_budget, allocate_budgets, depth_protection, max
 from dart.config import BudgetConfig, ConfigError
 
 # The spec's min-max budget (no guard): the default was this until issue 12's study chose a
-# half-uniform blend; the arithmetic tests pin it down explicitly.
+# half blend (toward the sensitivity-only budget); the arithmetic tests pin it down explicitly.
 MINMAX = BudgetConfig(normalize="minmax", cap_margin=None, uniform_blend=0.0)
 NO_DEPTH = BudgetConfig(depth_early=0.0, depth_late=0.0, uniform_blend=0.0)
 
@@ -136,12 +136,12 @@ def test_blend_targets_registry_matches_config():
 def test_minmax_budget_starves_the_middle_of_an_outlier_model():
     """The issue-12 failure the guards fix: min-max squashes every layer but 0 to R ~ 1, so the
     depth ramp alone decides and the middle layers lose ~86% of their neurons at 70%. The
-    default (half-uniform blend) keeps them near total_prune."""
+    default (half blend toward the sensitivity-only budget) keeps them near total_prune."""
     a = allocate_budget(outlier_sensitivities(), [1536] * 30, 0.7, MINMAX)
     mid = a.prune_fractions[9:25]
     assert min(mid) > 0.85 and max(mid) - min(mid) < 0.01
     default = allocate_budget(outlier_sensitivities(), [1536] * 30, 0.7)
-    assert BudgetConfig().uniform_blend == 0.5
+    assert BudgetConfig().uniform_blend == 0.5 and BudgetConfig().blend_toward == "sensitivity"
     assert max(default.prune_fractions[9:25]) < 0.8
 
 
@@ -191,8 +191,8 @@ def test_cap_margin_bounds_every_layer(total):
 def test_uniform_blend_interpolates_toward_uniform():
     s, widths = outlier_sensitivities(), [1536] * 30
     auto = allocate_budget(s, widths, 0.7, MINMAX)
-    half = allocate_budget(s, widths, 0.7, BudgetConfig(uniform_blend=0.5))
-    full = allocate_budget(s, widths, 0.7, BudgetConfig(uniform_blend=1.0))
+    half = allocate_budget(s, widths, 0.7, BudgetConfig(uniform_blend=0.5, blend_toward="uniform"))
+    full = allocate_budget(s, widths, 0.7, BudgetConfig(uniform_blend=1.0, blend_toward="uniform"))
     assert full.prune_fractions == pytest.approx([0.7] * 30)
     exp = [0.5 * p + 0.35 for p in auto.prune_fractions]
     assert half.prune_fractions == pytest.approx(exp)
@@ -203,7 +203,9 @@ def test_blend_toward_sensitivity_keeps_protected_layers_protected():
     first layer (R = 0) at the lower bound, where the uniform blend prunes it."""
     s, widths = outlier_sensitivities(), [1536] * 30
     auto = allocate_budget(s, widths, 0.5, MINMAX)
-    uniform = allocate_budget(s, widths, 0.5, BudgetConfig(uniform_blend=0.5))
+    uniform = allocate_budget(
+        s, widths, 0.5, BudgetConfig(uniform_blend=0.5, blend_toward="uniform")
+    )
     toward = BudgetConfig(uniform_blend=0.5, blend_toward="sensitivity")
     sens = allocate_budget(s, widths, 0.5, toward)
     flat_cfg = BudgetConfig(uniform_blend=1.0, blend_toward="sensitivity")

@@ -31,6 +31,7 @@ def test_defaults():
     assert c.drift.window == 5 and c.drift.layers == (-1,) and c.drift.pressure_trigger == 3
     assert c.drift.retrace_tokens == 64 and c.statistic == "normalized_l2"
     assert c.budget.uniform_blend == 0.5 and c.budget.cap_margin is None
+    assert c.budget.blend_toward == "sensitivity"
     assert c.drift.sigma_scale == 0.1 and c.drift.threshold_floor == 0.1
 
 
