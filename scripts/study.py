@@ -277,9 +277,11 @@ def generate_item(
                              max_new_tokens=steps, min_new_tokens=steps,
                              pad_token_id=model.config.eos_token_id)  # fmt: skip
     stats = handle.stats() if handle is not None else {}
-    return {"new_tokens": out[0, ids.shape[1] :].tolist(),
-            "nominal_sparsity": stats.get("nominal_sparsity", 0.0),
-            "retraces": stats.get("mask_refreshes", 0) - before}  # the handle's count runs on
+    return {
+        "new_tokens": out[0, ids.shape[1] :].tolist(),
+        "nominal_sparsity": stats.get("nominal_sparsity", 0.0),
+        "retraces": stats.get("mask_refreshes", 0) - before,
+    }  # the handle's count runs on
 
 
 def lcs_f1(a: list[int], b: list[int]) -> float:
@@ -554,6 +556,33 @@ def comparison_table(
     return "\n".join(lines)
 
 
+def gen_table(summaries: list[dict[str, Any]]) -> str:
+    """One row per pruned point over every (corpus, sparsity) cell it has: mean ROUGE-L against
+    the dense text, repeated 4-grams, the dense model's NLL of the text and re-traces per prompt,
+    and, pooled over the prompts of the cells it shares with GRIFFIN, the paired differences to
+    GRIFFIN of ROUGE-L (higher: closer to dense) and of the dense NLL (lower: more plausible)."""
+    cells = by_key(summaries)
+    names = [n for n in dict.fromkeys(s["name"] for s in summaries) if n != "dense"]
+    lines = ["| point | cells | ROUGE-L vs dense | repeated 4-grams | dense NLL | re-traces / "
+             "prompt | ROUGE-L minus GRIFFIN | dense NLL minus GRIFFIN |",
+             "|---" * 8 + "|"]  # fmt: skip
+    for name in names:
+        mine = [(k, s) for k, s in cells.items() if k[1] == name]
+        rouge, nll = [], []
+        for (c, _, p), s in mine:
+            g = cells.get((c, "griffin", p))
+            if g is not None and name != "griffin":
+                rouge += [a - b for a, b in zip(s["item_rouge_l"], g["item_rouge_l"], strict=True)]
+                nll += [a - b for a, b in zip(s["item_nll"], g["item_nll"], strict=True)]
+        keys = ("rouge_l_vs_dense", "repeated_4grams", "dense_nll", "retraces_per_item")
+        mean = {k: sum(s[k] for _, s in mine) / len(mine) for k in keys}
+        diffs = [_cell(paired_difference(d)) if d else "" for d in (rouge, nll)]
+        lines.append(f"| {name} | {len(mine)} | {mean['rouge_l_vs_dense']:.3f} | "
+                     f"{mean['repeated_4grams']:.3f} | {mean['dense_nll']:.3f} | "
+                     f"{mean['retraces_per_item']:.2f} | {diffs[0]} | {diffs[1]} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def drift_traces(path: Path, folder_by_name: dict[str, Path], doc: str, offset: int) -> Path | None:
     """Per-window drift similarity, threshold and re-traces of one document, per arm. The
     monitor counts tokens seen (prompt included); re-trace events are decode passes, shifted by
@@ -674,6 +703,12 @@ def report(out: Path, figures: Path) -> str:
         parts += ["### Perplexity, eval splits",
                   comparison_table(evals, ["griffin", "static"], ["perplexity",
                                    "nominal_sparsity"])]  # fmt: skip
+    for split in ("calibration", "eval"):
+        gens = load_summaries(out, "gen", split)
+        if gens:
+            parts += [f"### Greedy generation ({split} split; pooled over corpora and sparsities)",
+                      gen_table(gens), "Per cell (paired difference of the dense NLL):",
+                      comparison_table(gens, ["griffin"], TABLE_COLUMNS["gen"])]  # fmt: skip
     for split in ("calibration", "eval"):
         streams = load_summaries(out, "stream", split)
         if not streams:
