@@ -583,6 +583,31 @@ def gen_table(summaries: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def gen_bars(path: Path, summaries: list[dict[str, Any]], title: str) -> Path:
+    """Grouped bars: ROUGE-L against the dense text per (corpus, sparsity) cell, one bar per
+    pruned point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = by_key(summaries)
+    names = [n for n in dict.fromkeys(s["name"] for s in summaries) if n != "dense"]
+    cols = sorted({(c, p) for c, _, p in cells if p > 0}, key=lambda cp: (cp[1], cp[0]))
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(1.4 * len(cols) + 2, 3.6))
+    for i, name in enumerate(names):
+        values = [cells[(c, name, p)]["rouge_l_vs_dense"] if (c, name, p) in cells else 0.0
+                  for c, p in cols]  # fmt: skip
+        ax.bar([j + (i - len(names) / 2 + 0.5) * width for j in range(len(cols))], values,
+               width, label=name)  # fmt: skip
+    ax.set_xticks(range(len(cols)), [f"{c} {round(100 * p)}%" for c, p in cols])
+    ax.set_ylabel("ROUGE-L vs the dense text")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    return save_figure(fig, path)
+
+
 def drift_traces(path: Path, folder_by_name: dict[str, Path], doc: str, offset: int) -> Path | None:
     """Per-window drift similarity, threshold and re-traces of one document, per arm. The
     monitor counts tokens seen (prompt included); re-trace events are decode passes, shifted by
@@ -706,6 +731,8 @@ def report(out: Path, figures: Path) -> str:
     for split in ("calibration", "eval"):
         gens = load_summaries(out, "gen", split)
         if gens:
+            title = f"Greedy continuations, {split} splits"
+            gen_bars(figures / f"study-gen-{split}.png", gens, title)
             parts += [f"### Greedy generation ({split} split; pooled over corpora and sparsities)",
                       gen_table(gens), "Per cell (paired difference of the dense NLL):",
                       comparison_table(gens, ["griffin"], TABLE_COLUMNS["gen"])]  # fmt: skip
