@@ -537,50 +537,74 @@ def _mean_ci(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+POOLED_TASK = "all"  # every sample of the run's tasks, for the metrics they all have
+
+
 def compute_metrics(
     store: RecordStore, arms: list[Arm], ids: dict[str, list[int]]
 ) -> list[dict[str, Any]]:
     """Per (arm, task, metric): mean, standard error, n; per pruned arm the paired difference
-    to dense and (where both ran) DART - GRIFFIN on the same documents, with stderr."""
+    to dense and (where both ran) DART - GRIFFIN on the same documents, with stderr. With more
+    than one task, the same over all their samples pooled (task :data:`POOLED_TASK`; metrics
+    every task has, e.g. ``acc``), where the per-task intervals are too wide to read."""
     wanted = {f"{t}:{i}" for t, docs in ids.items() for i in docs}
     by: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in store:
         if r["id"] in wanted:
             by[(r["method"], round(float(r["total_prune"]), 6), r["task"])][r["id"]] = r
+    groups = {task: [task] for task in ids}
+    if len(ids) > 1:
+        groups[POOLED_TASK] = list(ids)
+
+    def records(arm: Arm, tasks: list[str]) -> dict[str, dict]:
+        return {i: r for t in tasks for i, r in by.get((*arm.key, t), {}).items()}
+
     out = []
     for arm in arms:
-        for task in ids:
-            recs = by.get((*arm.key, task), {})
-            if not recs:
-                continue
-            first = next(iter(recs.values()))
-            for metric in first["metrics"]:
-                vals = [float(r["metrics"][metric]) for r in recs.values()]
-                mean, se = _mean_ci(vals)
-                out.append(_metric(task, arm, metric, mean, se, len(vals)))
-                for other, name in _pairs(arm, arms):
-                    base = by.get((*other.key, task), {})
-                    common = sorted(set(recs) & set(base))
-                    if common:
-                        diff = [float(recs[i]["metrics"][metric]) -
-                                float(base[i]["metrics"][metric]) for i in common]  # fmt: skip
-                        d, dse = _mean_ci(diff)
-                        out.append(_metric(task, arm, f"{metric}_minus_{name}", d, dse,
-                                           len(common)))  # fmt: skip
-            for key in ("ffn_sparsity", "weight_bytes_sparsity"):
-                vals = [float(r.get(key, 0.0)) for r in recs.values()]
-                out.append(_metric(task, arm, key, sum(vals) / len(vals), None, len(vals)))
+        for label, tasks in groups.items():
+            recs = records(arm, tasks)
+            if recs:
+                others = {o: records(o, tasks) for o in _pairs(arm, arms)}
+                out += _group_metrics(label, arm, recs, others)
+    return out
+
+
+def _group_metrics(
+    task: str, arm: Arm, recs: dict[str, dict], others: dict[Arm, dict[str, dict]]
+) -> list[dict[str, Any]]:
+    """The metrics of one arm's records ``recs`` (id -> record) and its paired differences to
+    each arm of ``others`` (same ids)."""
+    metrics = set.intersection(*(set(r["metrics"]) for r in recs.values()))
+    first = next(iter(recs.values()))
+    out = []
+    for metric in [m for m in first["metrics"] if m in metrics]:
+        vals = [float(r["metrics"][metric]) for r in recs.values()]
+        mean, se = _mean_ci(vals)
+        out.append(_metric(task, arm, metric, mean, se, len(vals)))
+        for other, base in others.items():
+            common = sorted(set(recs) & set(base))
+            if common:
+                diff = [float(recs[i]["metrics"][metric]) -
+                        float(base[i]["metrics"][metric]) for i in common]  # fmt: skip
+                d, dse = _mean_ci(diff)
+                out.append(_metric(task, arm, f"{metric}_minus_{other.method}", d, dse,
+                                   len(common)))  # fmt: skip
+    for key in ("ffn_sparsity", "weight_bytes_sparsity"):
+        vals = [float(r.get(key, 0.0)) for r in recs.values()]
+        out.append(_metric(task, arm, key, sum(vals) / len(vals), None, len(vals)))
     return out
 
 
 def _pairs(arm: Arm, arms: list[Arm]):
+    """The arms ``arm`` is compared with: dense, and its method's ``compared_with`` at its
+    sparsity."""
     if arm.is_reference:
         return
     for other in arms:
         if other.is_reference:
-            yield other, other.method
+            yield other
         elif other.method in arm.spec.compared_with and other.total_prune == arm.total_prune:
-            yield other, other.method
+            yield other
 
 
 def _metric(task, arm, metric, value, stderr, n) -> dict[str, Any]:

@@ -244,6 +244,12 @@ def test_runner_writes_a_resumable_results_folder(tiny, tasks_dir, tmp_path):
     assert ("arc_easy", "dart", "acc_minus_griffin") in names
     assert ("boolq", "griffin", "acc_minus_dense") in names
     assert ("arc_easy", "dart", "weight_bytes_sparsity") in names
+    pooled = {m["metric"]: m for m in metrics if (m["task"], m["method"]) == ("all", "dart")}
+    assert pooled["acc"]["n"] == 8 and "acc_norm" not in pooled  # boolq has no acc_norm
+    per_task = [m["value"] for m in metrics if m["method"] == "dart" and m["metric"] == "acc"
+                and m["task"] != "all"]  # fmt: skip
+    assert pooled["acc"]["value"] == pytest.approx(sum(per_task) / 2)  # 4 documents each
+    assert pooled["acc_minus_griffin"]["n"] == 8
     assert json.loads((out / "metrics.json").read_text()) == metrics
     assert "| arc_easy | dart | 0.50 |" in (out / "table.md").read_text()
     # resume: nothing is recomputed, nothing duplicated
