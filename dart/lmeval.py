@@ -453,15 +453,18 @@ def run_lm_eval(opts: LMEvalOptions) -> list[dict[str, Any]]:
         overrides = DARTConfig.load(opts.dart_config).to_dict() if opts.dart_config else None
         for arm in arms:
             config = _arm_dart_config(arm, overrides, opts.backend, opts.seed)
-            claim_arm(out, f"{arm.label}@{arm.total_prune}", config and config.to_dict())
-            _run_arm(arm, opts, model, tokenizer, tm, ids, store, out, simple_evaluate)
+            resolved = config and config.to_dict()
+            claim_arm(out, f"{arm.label}@{arm.total_prune}", resolved)
+            _run_arm(arm, resolved, opts, model, tokenizer, tm, ids, store, out, simple_evaluate)
         metrics = compute_metrics(store, arms, ids)
         write_json(out / "metrics.json", metrics)
         atomic_write_text(out / "table.md", results_table(metrics) + "\n")
         return metrics
 
 
-def _run_arm(arm, opts, model, tokenizer, tm, ids, store, out, simple_evaluate) -> None:
+def _run_arm(arm, config, opts, model, tokenizer, tm, ids, store, out, simple_evaluate) -> None:
+    """Score the arm's pending samples under ``config``, the resolved DARTConfig that
+    :func:`claim_arm` bound to the folder (so what runs is what was checked)."""
     done = {i for m, p, i in store.done() if (m, p) == arm.key}
     pending = {t: [i for i in docs if f"{t}:{i}" not in done] for t, docs in ids.items()}
     pending = {t: docs for t, docs in pending.items() if docs}
@@ -472,7 +475,7 @@ def _run_arm(arm, opts, model, tokenizer, tm, ids, store, out, simple_evaluate) 
              sum(map(len, pending.values())))  # fmt: skip
     lm = DARTLM(
         model, method=arm.method, total_prune=arm.total_prune, tokenizer=tokenizer,
-        backend=opts.backend, dart_config=opts.dart_config, release_step=arm.release_step,
+        backend=opts.backend, dart_config=config, release_step=arm.release_step,
         calibration_tokens=opts.calibration_tokens, seed=opts.seed, batch_size=opts.batch_size,
         context=opts.context,
     )  # fmt: skip
