@@ -479,24 +479,31 @@ def _run_arm(arm, config, opts, model, tokenizer, tm, ids, store, out, simple_ev
         calibration_tokens=opts.calibration_tokens, seed=opts.seed, batch_size=opts.batch_size,
         context=opts.context,
     )  # fmt: skip
-    start = time.perf_counter()
     try:
-        (out / "cache").mkdir(parents=True, exist_ok=True)
-        gen = {"max_gen_toks": opts.max_gen_toks} if opts.max_gen_toks else None
-        result = simple_evaluate(
-            model=lm, tasks=list(pending), samples=pending, num_fewshot=opts.num_fewshot,
-            task_manager=tm, log_samples=True, bootstrap_iters=0, gen_kwargs=gen,
-            use_cache=str(out / "cache" / f"{arm.label}@{arm.total_prune}"),
-            random_seed=opts.seed, numpy_random_seed=opts.seed, torch_random_seed=opts.seed,
-            fewshot_random_seed=opts.seed,
-        )  # fmt: skip
+        for task, docs in pending.items():  # one task at a time: its records land as it ends
+            _run_task(lm, arm, opts, tm, task, docs, store, out, simple_evaluate)
     finally:
         lm.close()
-    seconds = time.perf_counter() - start
+
+
+def _run_task(lm, arm, opts, tm, task, docs, store, out, simple_evaluate) -> None:
+    """Score one task's pending documents ``docs`` with ``lm`` and append their records."""
+    start = time.perf_counter()
+    lm.sparsity_log.clear()
+    (out / "cache").mkdir(parents=True, exist_ok=True)
+    gen = {"max_gen_toks": opts.max_gen_toks} if opts.max_gen_toks else None
+    result = simple_evaluate(
+        model=lm, tasks=[task], samples={task: docs}, num_fewshot=opts.num_fewshot,
+        task_manager=tm, log_samples=True, bootstrap_iters=0, gen_kwargs=gen,
+        use_cache=str(out / "cache" / f"{arm.label}@{arm.total_prune}"),
+        random_seed=opts.seed, numpy_random_seed=opts.seed, torch_random_seed=opts.seed,
+        fewshot_random_seed=opts.seed,
+    )  # fmt: skip
     mean = _mean_sparsity(lm.sparsity_log)
-    for task, samples in result["samples"].items():
-        store.append(_record(arm, task, s, mean) for s in samples)
-    log.info("arm %s@%s: %.1f s", arm.label, arm.total_prune, seconds)
+    for name, samples in result["samples"].items():
+        store.append(_record(arm, name, s, mean) for s in samples)
+    log.info("arm %s@%s, %s: %d documents, %.1f s", arm.label, arm.total_prune, task,
+             len(docs), time.perf_counter() - start)  # fmt: skip
 
 
 def _mean_sparsity(values: list[dict[str, float]]) -> dict[str, float]:
