@@ -54,6 +54,7 @@ from .evaluate.perplexity import accepts_logits_to_keep, tokenize_prefix
 from .evaluate.store import RecordStore, claim_arm
 from .evaluate.stream import weight_bytes
 from .experiment import folder_log
+from .lmeval_report import POOLED_TASK, comparison_table, load_lmeval_metrics, plot_comparison
 from .lmeval_tasks import default_tasks_dir, write_tasks
 from .methods import METHODS, get_method
 from .models import load_model
@@ -458,7 +459,10 @@ def run_lm_eval(opts: LMEvalOptions) -> list[dict[str, Any]]:
             _run_arm(arm, resolved, opts, model, tokenizer, tm, ids, store, out, simple_evaluate)
         metrics = compute_metrics(store, arms, ids)
         write_json(out / "metrics.json", metrics)
-        atomic_write_text(out / "table.md", results_table(metrics) + "\n")
+        tables = [results_table(metrics)]
+        if any(r["metric"] == "acc" for r in metrics):  # the multiple-choice tasks
+            tables.insert(0, comparison_table(metrics, "acc"))
+        atomic_write_text(out / "table.md", "\n\n".join(tables) + "\n")
         return metrics
 
 
@@ -545,9 +549,6 @@ def _mean_ci(values: list[float]) -> tuple[float, float]:
         return mean, float("nan")
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, math.sqrt(var / n)
-
-
-POOLED_TASK = "all"  # every sample of the run's tasks, for the metrics they all have
 
 
 def compute_metrics(
@@ -662,9 +663,30 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str], cls: type) -> Any:
     return opts
 
 
+def report(argv: list[str]) -> None:
+    """``python -m dart.lmeval report FOLDER``: the arms side by side (table on stdout) and,
+    with ``--figure``, the per-task and paired-difference plot."""
+    parser = argparse.ArgumentParser(
+        prog="python -m dart.lmeval report", description="A results folder's arms side by side."
+    )
+    parser.add_argument("folder", help="a dart.lmeval results folder (holds metrics.json)")
+    parser.add_argument("--metric", default="acc", help="per-sample metric (default: acc)")
+    parser.add_argument("--figure", default=None, help="write the plot here (.png, .pdf)")
+    parser.add_argument("--title", default=None, help="the plot's title")
+    args = parser.parse_args(argv)
+    try:
+        metrics = load_lmeval_metrics(args.folder)
+        print(comparison_table(metrics, args.metric))
+        if args.figure:
+            print(f"figure: {plot_comparison(args.figure, metrics, args.metric, args.title)}")
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m dart.lmeval run --tasks ... --methods ... --total-prune ...`` runs the
-    comparison, ``python -m dart.lmeval protocol CONFIG`` the runs of a config; any other
+    comparison, ``python -m dart.lmeval protocol CONFIG`` the runs of a config,
+    ``python -m dart.lmeval report FOLDER`` shows a folder's arms side by side; any other
     arguments go to lm-eval's own CLI with ``dart`` registered and the
     offline tasks on its include path."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -675,6 +697,9 @@ def main(argv: list[str] | None = None) -> None:
         add_options(parser, LMEvalOptions)
         opts = _parse(parser, argv[1:], LMEvalOptions)
         print(results_table(run_lm_eval(opts)))
+        return
+    if argv[:1] == ["report"]:
+        report(argv[1:])
         return
     if argv[:1] == ["protocol"]:
         parser = argparse.ArgumentParser(
