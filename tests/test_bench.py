@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +33,7 @@ def test_decode_bench_quick_writes_every_arm(tmp_path):
     assert gathered["dense_token_computations_per_token"] >= 0.0
     assert gathered["effective_sparsity"] < 0.7 or gathered["retraces"] == 0
     assert gathered["prefill_seconds"] > 0 and gathered["selection_ms"] > 0
+    assert gathered["compiled_graphs"] == 0  # the warm-up round compiled every graph it needs
     assert "vs dense_c." in run.stdout and "dart_gathered_compiled" in run.stdout
     hf = records["hf_static_compiled"]["tokens_per_s"]
     assert records["hf_static_compiled"]["speedup_vs_hf_static_compiled"] == 1.0
@@ -46,3 +50,32 @@ def test_decode_bench_rejects_unknown_inputs():
     ):
         run = subprocess.run([sys.executable, bench, *args], capture_output=True, text=True)
         assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
+
+
+def _decode_module():
+    spec = importlib.util.spec_from_file_location("bench_decode", ROOT / "bench" / "decode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _FakeArm:
+    name = "fake"
+
+    def __init__(self):
+        self.runs = 0
+
+    def run(self, ids, mask, new_tokens, pad_id):
+        self.runs += 1
+        return {"tokens_per_s": float(self.runs)}
+
+
+@pytest.mark.parametrize("compiling_runs, runs, flagged", [(0, 1, 0), (1, 2, 0), (9, 3, 1)])
+def test_measured_runs_that_compiled_are_run_again(monkeypatch, compiling_runs, runs, flagged):
+    decode = _decode_module()
+    arm = _FakeArm()
+    # one more graph after each of the first `compiling_runs` runs
+    monkeypatch.setattr(decode, "compiled_graphs", lambda: min(arm.runs, compiling_runs))
+    rec = decode.measure(arm, None, None, 4, 0)
+    assert arm.runs == runs and rec["tokens_per_s"] == runs
+    assert rec["compiled_graphs"] == flagged
