@@ -483,6 +483,7 @@ def _run_arm(arm, config, opts, model, tokenizer, tm, ids, store, out, simple_ev
         calibration_tokens=opts.calibration_tokens, seed=opts.seed, batch_size=opts.batch_size,
         context=opts.context,
     )  # fmt: skip
+    (out / "cache").mkdir(parents=True, exist_ok=True)
     try:
         for task, docs in pending.items():  # one task at a time: its records land as it ends
             _run_task(lm, arm, opts, tm, task, docs, store, out, simple_evaluate)
@@ -494,7 +495,6 @@ def _run_task(lm, arm, opts, tm, task, docs, store, out, simple_evaluate) -> Non
     """Score one task's pending documents ``docs`` with ``lm`` and append their records."""
     start = time.perf_counter()
     lm.sparsity_log.clear()
-    (out / "cache").mkdir(parents=True, exist_ok=True)
     gen = {"max_gen_toks": opts.max_gen_toks} if opts.max_gen_toks else None
     result = simple_evaluate(
         model=lm, tasks=[task], samples={task: docs}, num_fewshot=opts.num_fewshot,

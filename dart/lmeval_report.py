@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .report import METRIC_KEYS
 from .results import read_json, save_figure
 
 __all__ = ["POOLED_TASK", "comparison_table", "load_lmeval_metrics", "plot_comparison"]
@@ -35,7 +36,9 @@ def load_lmeval_metrics(folder: str | os.PathLike) -> list[dict[str, Any]]:
             f"{path} does not exist: run `python -m dart.lmeval run ... --out {folder}` first"
         )
     data = read_json(path)
-    if not isinstance(data, list) or not all("metric" in r and "task" in r for r in data):
+    if not isinstance(data, list) or not all(
+        isinstance(r, dict) and all(k in r for k in METRIC_KEYS) for r in data
+    ):
         raise ValueError(f"{path} is not a dart.lmeval metrics list")
     return data
 
@@ -110,6 +113,13 @@ def comparison_table(metrics: list[dict[str, Any]], metric: str = "acc") -> str:
     return text
 
 
+def _points(recs: list[dict[str, Any] | None]) -> tuple[list[float], list[float]]:
+    """Values (NaN where missing: no bar or point) and 95% half-widths of metric records."""
+    vals = [r["value"] if r and r["value"] is not None else float("nan") for r in recs]
+    errs = [Z95 * (r.get("stderr") or 0.0) if r else 0.0 for r in recs]
+    return vals, errs
+
+
 def plot_comparison(
     path: str | os.PathLike,
     metrics: list[dict[str, Any]],
@@ -130,9 +140,7 @@ def plot_comparison(
     width = 0.8 / max(len(arms), 1)
     xs = range(len(tasks))
     for j, arm in enumerate(arms):
-        recs = [by[(t, arm)].get(metric) for t in tasks]
-        vals = [r["value"] if r and r["value"] is not None else float("nan") for r in recs]
-        errs = [Z95 * (r.get("stderr") or 0.0) if r else 0.0 for r in recs]
+        vals, errs = _points([by[(t, arm)].get(metric) for t in tasks])
         pos = [x + (j - (len(arms) - 1) / 2) * width for x in xs]
         top.bar(pos, vals, width, yerr=errs, capsize=2, label=_name(arm, show))
     top.set_ylabel(metric)
@@ -141,9 +149,7 @@ def plot_comparison(
     top.set_title(title or f"{metric} per task (95% intervals)")
     step = 0.8 / max(len(diffs), 1)
     for j, (arm, base) in enumerate(diffs):
-        recs = [by[(t, arm)].get(f"{metric}_minus_{base}") for t in tasks]
-        vals = [r["value"] if r and r["value"] is not None else float("nan") for r in recs]
-        errs = [Z95 * (r.get("stderr") or 0.0) if r else 0.0 for r in recs]
+        vals, errs = _points([by[(t, arm)].get(f"{metric}_minus_{base}") for t in tasks])
         pos = [x + (j - (len(diffs) - 1) / 2) * step for x in xs]
         bottom.errorbar(pos, vals, yerr=errs, fmt="o", capsize=3,
                         label=f"{_name(arm, show)} − {base}")  # fmt: skip
