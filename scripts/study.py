@@ -280,8 +280,8 @@ def generate_item(
     return {
         "new_tokens": out[0, ids.shape[1] :].tolist(),
         "nominal_sparsity": stats.get("nominal_sparsity", 0.0),
-        "retraces": stats.get("mask_refreshes", 0) - before,
-    }  # the handle's count runs on
+        "retraces": stats.get("mask_refreshes", 0) - before,  # the handle's count runs on
+    }
 
 
 def lcs_f1(a: list[int], b: list[int]) -> float:
