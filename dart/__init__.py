@@ -1,6 +1,6 @@
 """DART: dynamic inference-time pruning of LLM feed-forward neurons, with real sparse compute.
 
-The public names are imported on first use (PEP 562), so that `dart.runner`, which runs
+The public names are imported on first use (PEP 562), so that `dart.runtime.runner`, which runs
 exported packages, imports with torch alone (no transformers).
 """
 
@@ -10,23 +10,28 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .api import DARTHandle, attach
-    from .config import BudgetConfig, ConfigError, DARTConfig, DriftConfig
-    from .methods import METHODS, Method, get_method
-    from .models import load_model
+    from .assets.models import load_model
+    from .core.api import DARTHandle, attach
+    from .core.config import BudgetConfig, ConfigError, DARTConfig, DriftConfig
+    from .core.methods import METHODS, Method, get_method
+    from .runtime import export, fast  # noqa: F401  (public modules, imported on first use)
+    from .runtime.fast import FastGenerator
 
 _PUBLIC = {
-    "METHODS": ".methods",
-    "BudgetConfig": ".config",
-    "ConfigError": ".config",
-    "DARTConfig": ".config",
-    "DARTHandle": ".api",
-    "DriftConfig": ".config",
-    "Method": ".methods",
-    "attach": ".api",
-    "get_method": ".methods",
-    "load_model": ".models",
+    "METHODS": ".core.methods",
+    "BudgetConfig": ".core.config",
+    "ConfigError": ".core.config",
+    "DARTConfig": ".core.config",
+    "DARTHandle": ".core.api",
+    "DriftConfig": ".core.config",
+    "FastGenerator": ".runtime.fast",
+    "Method": ".core.methods",
+    "attach": ".core.api",
+    "get_method": ".core.methods",
+    "load_model": ".assets.models",
 }
+# Public modules under their short names (`dart.fast.FastGenerator`), imported on first use.
+_MODULES = {"fast": ".runtime.fast", "export": ".runtime.export"}
 
 __all__ = [
     "METHODS",
@@ -35,6 +40,7 @@ __all__ = [
     "DARTConfig",
     "DARTHandle",
     "DriftConfig",
+    "FastGenerator",
     "Method",
     "attach",
     "get_method",
@@ -44,8 +50,11 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _PUBLIC:
+    if name in _MODULES:
+        value = importlib.import_module(_MODULES[name], __name__)
+    elif name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+    else:
         raise AttributeError(f"module 'dart' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
     globals()[name] = value
     return value

@@ -13,11 +13,11 @@ import textwrap
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .config import BACKENDS, ConfigError
+from .assets.models import PACKAGED_MODELS, PackagedModel
+from .core.config import BACKENDS, ConfigError
 from .evaluate.store import RecordStore
 from .evaluate.tasks import TASKS, GenerateOptions, Task, prompt_texts
 from .experiment import RunOptions, run_experiment
-from .models import PACKAGED_MODELS, PackagedModel
 from .options import add_options, resolve_options
 from .results import unique_folder
 
@@ -162,7 +162,7 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import ExportOptions, export_command
+    from .runtime.export import ExportOptions, export_command
 
     (options,) = resolve_options(_given(args), ExportOptions)
     return export_command(options)
@@ -176,7 +176,7 @@ def _task_parser(sub: Any, name: str, task: Task, help_text: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .export import ExportOptions
+    from .runtime.export import ExportOptions
 
     parser = argparse.ArgumentParser(prog="dart", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="_command_name", required=True)

@@ -15,35 +15,32 @@ driver only runs arms, writes records and summaries.
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import BACKENDS, DARTConfig
-from .data import TEXT_CORPORA, load_text
+from .assets.data import TEXT_CORPORA, load_text
+from .assets.models import load_model
+from .core.config import BACKENDS, DARTConfig
+from .core.methods import METHODS
 from .evaluate.arms import Arm, arm_config
 from .evaluate.perplexity import tokenize_prefix
 from .evaluate.store import (
     RunStore,
     claim_arm,
     data_identity,
+    folder_log,
     model_identity,
     process_rank,
     run_fingerprint,
 )
 from .evaluate.tasks import Task, compute_metrics, get_task
-from .methods import METHODS
-from .models import load_model
 from .options import options_dict
 from .results import atomic_write_text
 
-__all__ = ["RunOptions", "folder_log", "run_experiment"]
+__all__ = ["RunOptions", "run_experiment"]
 
 log = logging.getLogger("dart.experiment")
 
@@ -96,25 +93,6 @@ class RunOptions:
         default=None,
         metadata={"help": "DARTConfig fields of every arm, e.g. {drift: {window: 8}} (YAML only)"},
     )
-
-
-@contextmanager
-def folder_log(folder: str | os.PathLike, logger: logging.Logger) -> Iterator[None]:
-    """While the block runs, every log record (root logger) also goes to ``folder/log.txt``,
-    and ``logger``'s INFO records reach the console."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(folder / "log.txt", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    logging.getLogger().addHandler(handler)
-    logger.setLevel(logging.INFO)
-    if not logger.handlers:
-        logger.addHandler(logging.StreamHandler())
-    try:
-        yield
-    finally:
-        logging.getLogger().removeHandler(handler)
-        handler.close()
 
 
 def _calibration_ids(run: RunOptions, tokenizer: Any, arms: list[Arm]) -> torch.Tensor | None:

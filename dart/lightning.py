@@ -6,7 +6,7 @@
   Lightning has moved the model to its device, in every process) and detached at the end.
   Metrics are not computed here: they are aggregated from the records (one metrics path, so a
   resumed or multi-process run gives the same figures as one uninterrupted process). What is
-  logged is the handle's running telemetry (:func:`dart.telemetry.telemetry_metrics`: effective
+  logged is the handle's running telemetry (:func:`dart.core.telemetry.telemetry_metrics`: effective
   sparsity, drift events per 100 tokens, mask recall when ``telemetry_every`` measures it):
   ``test_step`` (``Trainer.test``) runs the same step and ``self.log_dict``s it; a predict step,
   where Lightning has no ``self.log``, hands it to the Trainer's loggers directly.
@@ -26,12 +26,12 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader
 
-from .config import DARTConfig
+from .core.config import DARTConfig
+from .core.telemetry import telemetry_metrics
 from .evaluate.arms import attach_arm
 from .evaluate.store import RecordStore
 from .evaluate.tasks import StepContext, Task
-from .fast import FastGenerator
-from .telemetry import telemetry_metrics
+from .runtime.fast import FastGenerator
 
 __all__ = ["DARTModule", "ItemsDataModule", "RecordWriter", "StopAfter", "make_trainer"]
 

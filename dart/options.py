@@ -17,7 +17,7 @@ repeating the flag instead of a comma list), ``yaml_only`` (no flag), ``hidden``
 of ``--help``). A ``bool`` field whose default is ``True`` gets a ``--no-...`` flag.
 
 Values are resolved as defaults < YAML file (``--config``) < flags given on the command line;
-an unknown YAML key or a value of the wrong type is a :class:`~dart.config.ConfigError` that
+an unknown YAML key or a value of the wrong type is a :class:`~dart.core.config.ConfigError` that
 names the key and what is accepted.
 """
 
@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from .core.config import ConfigError
 
 __all__ = ["add_options", "load_yaml", "options_dict", "options_from", "resolve_options"]
 

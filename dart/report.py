@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .evaluate.store import RecordStore
+from .evaluate.store import METRIC_KEYS, RecordStore
 from .evaluate.tasks import TASKS
 from .results import CorruptFileError, atomic_write_text, plot_drift, read_json, save_figure
 
@@ -45,7 +45,6 @@ TABLE_METRICS = (
     "questions",
     "samples",
 )
-METRIC_KEYS = ("task", "method", "total_prune", "metric", "value")
 
 
 def load_metrics(folder: str | os.PathLike) -> list[dict[str, Any]]:

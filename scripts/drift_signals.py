@@ -24,9 +24,9 @@ import time
 import torch
 
 from dart import load_model
-from dart.config import DriftConfig
-from dart.data import load_documents, split_documents
-from dart.drift import make_monitor
+from dart.assets.data import load_documents, split_documents
+from dart.core.config import DriftConfig
+from dart.core.drift import make_monitor
 
 MONITORS = {
     "attn_output": {"signal": "attn_output"},

@@ -4,7 +4,7 @@
     python scripts/run_exported.py PACKAGE_DIR --prompt-ids 1,2,3 --max-new-tokens 32
     python scripts/run_exported.py PACKAGE_DIR --prompt-ids 5,6,7 --prompt-ids 8,9 --json out.json
 
-Needs torch and `dart.runner` (which imports torch alone: neither transformers nor the
+Needs torch and `dart.runtime.runner` (which imports torch alone: neither transformers nor the
 `dart_ext` package). The runner checks the package's format and torch version and the sha256 of
 the ops library it carries, loads that library (`torch.ops.dart.*`) and the two AOTInductor
 programs. A package is native code: run only packages you trust as you would an executable.
@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dart.runner import PackageError, load_package, trim_at_eos  # noqa: E402
+from dart.runtime.runner import PackageError, load_package, trim_at_eos  # noqa: E402
 
 
 def _parse(argv):

@@ -39,8 +39,9 @@ from typing import Any
 
 import torch
 
-from dart.config import DARTConfig
-from dart.data import TEXT_CORPORA, load_text
+from dart.assets.data import TEXT_CORPORA, load_text
+from dart.assets.models import load_model
+from dart.core.config import DARTConfig
 from dart.evaluate.arms import Arm, arm_config, attach_arm
 from dart.evaluate.perplexity import (
     aggregate_perplexity,
@@ -62,7 +63,6 @@ from dart.evaluate.stream import (
     score_stream,
     stream_items,
 )
-from dart.models import load_model
 from dart.results import atomic_write_text, plot_drift, read_json, save_figure, write_json
 
 log = logging.getLogger("dart.study")

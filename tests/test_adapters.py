@@ -8,8 +8,8 @@ from tiny_models import FAMILIES, prefill_and_step, random_ids, tiny_model
 
 import dart
 from dart import DARTConfig
-from dart.adapters import SUPPORTED_FAMILIES, get_adapter
-from dart.config import BACKENDS
+from dart.core.adapters import SUPPORTED_FAMILIES, get_adapter
+from dart.core.config import BACKENDS
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -8,7 +8,7 @@ from tiny_models import prefill_and_step, random_ids, tiny_model
 
 import dart
 from dart import ConfigError, DARTConfig
-from dart.config import BACKENDS
+from dart.core.config import BACKENDS
 
 
 def test_attach_twice_is_refused():
@@ -61,8 +61,10 @@ def test_calibrate_is_for_calibrated_methods():
     with pytest.raises(ValueError, match="calibrate\\(\\) is for a calibrated method"):
         handle.calibrate(random_ids(1, 30))
     handle.detach()
-    with pytest.raises(ValueError, match="calibration_text needs a tokenizer"):
-        dart.attach(model, DARTConfig(method="static", calibration_text="some text"))
+    static = dart.attach(model, DARTConfig(method="static", layer_topk="all:0.5"))
+    with pytest.raises(RuntimeError, match="needs calibration first: handle.calibrate"):
+        model(random_ids(1, 8))
+    static.detach()
     assert getattr(model, "_dart_handle", None) is None
 
 

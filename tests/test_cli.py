@@ -9,9 +9,9 @@ import pytest
 import yaml
 from tiny_assets import save_tiny
 
+from dart.assets.data import load_text_file
 from dart.cli import build_parser, main
-from dart.config import ConfigError
-from dart.data import load_text_file
+from dart.core.config import ConfigError
 from dart.evaluate import RecordStore
 from dart.evaluate.tasks import TASKS
 from dart.experiment import RunOptions

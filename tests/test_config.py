@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from dart.config import (
+from dart.core.config import (
     BudgetConfig,
     ConfigError,
     DARTConfig,
@@ -54,7 +54,6 @@ def test_defaults():
         ({"ema_decay": 0.0}, r"DARTConfig.ema_decay"),
         ({"total_prune": "half"}, r"DARTConfig.total_prune: 'half' is not a number"),
         ({"seed": "a"}, r"DARTConfig.seed"),
-        ({"calibration_text": 3}, r"DARTConfig.calibration_text"),
         ({"drift": 3}, r"DARTConfig.drift"),
         ({"budget": 3}, r"DARTConfig.budget: 3 is not a BudgetConfig or a dict"),
         ({"budget": {"depth_early_floor": 0.2}}, r"BudgetConfig: unknown keys 'depth_early_floor'"),
@@ -183,7 +182,6 @@ def test_round_trip(tmp_path, suffix):
         ranking="product",
         drift=DriftConfig(signal="attn_probs", layers=(-1, 3), window=4),
         budget=BudgetConfig(sensitivity="raw", depth_early=0.2, prune_max=0.8),
-        calibration_text="hello",
     )
     p = tmp_path / "sub" / f"cfg{suffix}"
     c.save(p)

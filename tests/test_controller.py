@@ -10,10 +10,10 @@ from tiny_models import NO_DRIFT, drive, prefill_and_step, random_ids, tiny_conf
 
 import dart
 from dart import DARTConfig
-from dart.adapters import get_adapter
-from dart.config import BACKENDS
-from dart.controller import Controller, Phase
-from dart.ffn import DARTFFN, DENSE, SPARSE, TRACE
+from dart.core.adapters import get_adapter
+from dart.core.config import BACKENDS
+from dart.core.controller import Controller, Phase
+from dart.core.ffn import DARTFFN, DENSE, SPARSE, TRACE
 
 
 def test_controller_is_built_complete():

@@ -1,4 +1,5 @@
-"""Tests for dart.data: packaged corpora, MMLU, summarisation stand-in, drift prompts, ROUGE."""
+"""Tests for dart.assets.data: packaged corpora, MMLU, summarisation stand-in, drift prompts,
+ROUGE."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import re
 import pytest
 import torch
 
-from dart import data
+from dart.assets import data
 
 # --------------------------------------------------------------------------- tiny tokenizers
 

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from dart.config import DriftConfig
-from dart.drift import (
+from dart.core.config import DriftConfig
+from dart.core.drift import (
     AttnOutputMonitor,
     AttnProbsMonitor,
     NullMonitor,

@@ -7,8 +7,8 @@ import torch
 from tiny_models import random_ids, tiny_model
 
 import dart
-from dart.config import ConfigError, DriftConfig
-from dart.drift import AttnContentMonitor, AttnProbsMonitor, make_monitor
+from dart.core.config import ConfigError, DriftConfig
+from dart.core.drift import AttnContentMonitor, AttnProbsMonitor, make_monitor
 
 D, HEADS, RECENT = 32, 2, 16
 

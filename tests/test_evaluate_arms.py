@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 from tiny_models import tiny_model
 
-from dart.adapters import get_adapter
-from dart.controller import Controller
+from dart.core.adapters import get_adapter
+from dart.core.controller import Controller
+from dart.core.methods import get_method
 from dart.evaluate import (
     Arm,
     arm_config,
     parse_arms,
 )
-from dart.methods import get_method
 
 
 def test_parse_arms():

@@ -11,7 +11,7 @@ from dart import DARTConfig
 from dart.evaluate import (
     generate_batch,
 )
-from dart.fast import FastGenerator
+from dart.runtime.fast import FastGenerator
 
 
 def test_generate_batch_records_with_padding():

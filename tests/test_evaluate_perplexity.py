@@ -93,7 +93,7 @@ def test_aggregate_perplexity_sums_not_averages():
 
 
 def test_tokenize_prefix_equals_full_tokenisation():
-    from dart.data import load_text, tokenize_corpus
+    from dart.assets.data import load_text, tokenize_corpus
     from dart.evaluate.perplexity import tokenize_prefix
 
     tok, text = tiny_tokenizer(), load_text("tiny", split="calibration")[:20000]

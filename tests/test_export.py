@@ -1,5 +1,6 @@
 """`dart export`: torch.export of the prefill/decode programs, their tokens against the eager
-compiled-loop path (`dart.fast`), and the AOTInductor packages run by the torch-only runner in a
+compiled-loop path (`dart.runtime.fast`), and the AOTInductor packages run by the torch-only runner
+in a
 separate process."""
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from tiny_models import random_ids, tiny_model
 import dart
 from dart import DARTConfig
 from dart.cli import main
-from dart.export import (
+from dart.runtime.export import (
     DARTExportModule,
     export_decode,
     export_programs,
     resolve_export_counts,
 )
-from dart.fast import FastGenerator
-from dart.runner import OPS_LIBRARY, PackageError, file_sha256, load_package
+from dart.runtime.fast import FastGenerator
+from dart.runtime.runner import OPS_LIBRARY, PackageError, file_sha256, load_package
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNNER = ROOT / "scripts" / "run_exported.py"
@@ -53,7 +54,8 @@ def _batch(length=12):
 
 
 def _eager_tokens(model, cfg, ids, mask, new_tokens):
-    """The reference: the dart.fast loop (eager step) with DART attached, masks from pass 0."""
+    """The reference: the dart.runtime.fast loop (eager step) with DART attached, masks from pass
+    0."""
     handle = dart.attach(model, cfg)
     try:
         fast = FastGenerator(model, handle, max_len=MAX_LEN, compile=False)
@@ -202,7 +204,7 @@ def test_aoti_package_reproduces_eager_tokens_in_a_torch_only_process(tmp_path):
 
 
 def test_the_runner_imports_with_torch_alone():
-    code = TORCH_ONLY + "import dart.runner; assert 'transformers' not in sys.modules"
+    code = TORCH_ONLY + "import dart.runtime.runner; assert 'transformers' not in sys.modules"
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
     )

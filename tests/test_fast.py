@@ -1,4 +1,4 @@
-"""The compiled static-cache generation loop (dart.fast) against HF `generate`."""
+"""The compiled static-cache generation loop (dart.runtime.fast) against HF `generate`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from tiny_models import force_drift, tiny_model
 
 import dart
 from dart import DARTConfig
-from dart.fast import FastGenerator
+from dart.runtime.fast import FastGenerator
 
 
 def _batch():

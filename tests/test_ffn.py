@@ -8,9 +8,9 @@ from tiny_models import FAMILIES, NO_DRIFT, prefill_and_step, random_ids, tiny_m
 
 import dart
 from dart import DARTConfig
-from dart.adapters import get_adapter
-from dart.config import BACKENDS
-from dart.ffn import DARTFFN, DENSE, SPARSE, TRACE
+from dart.core.adapters import get_adapter
+from dart.core.config import BACKENDS
+from dart.core.ffn import DARTFFN, DENSE, SPARSE, TRACE
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,4 +1,4 @@
-"""dart.lmeval / dart.lmeval_tasks on a tiny random model and small synthetic task data.
+"""dart.lmeval / dart.lmeval.tasks on a tiny random model and small synthetic task data.
 
 The log-likelihood path is checked against the plain definition (masks from the context, then
 context + continuation in one forward under those masks), batches against single contexts, and
@@ -20,9 +20,9 @@ pa = pytest.importorskip("pyarrow")
 
 from tiny_assets import save_tiny  # noqa: E402
 
-from dart import lmeval_tasks  # noqa: E402
 from dart.evaluate.store import FingerprintMismatchError  # noqa: E402
 from dart.lmeval import DARTLM, LMEvalOptions, main, run_lm_eval  # noqa: E402
+from dart.lmeval import tasks as lmeval_tasks  # noqa: E402
 
 WORDS = "red green blue cat dog sun moon tree rock sea".split()
 
@@ -315,7 +315,7 @@ def test_paper_protocol_config_loads():
 
 
 def test_protocol_config_errors_name_the_key(tmp_path):
-    from dart.config import ConfigError
+    from dart.core.config import ConfigError
     from dart.lmeval import load_protocol
 
     bad = tmp_path / "p.yaml"

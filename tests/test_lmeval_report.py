@@ -1,4 +1,4 @@
-"""dart.lmeval_report: the side-by-side table and figure of a dart.lmeval results folder."""
+"""dart.lmeval.report: the side-by-side table and figure of a dart.lmeval results folder."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dart.lmeval_report import (
+from dart.lmeval.report import (
     MAX_TASK_ROWS,
     POOLED_TASK,
     comparison_table,

@@ -10,8 +10,8 @@ from tiny_models import NO_DRIFT, random_ids, tiny_model
 
 import dart
 from dart import DARTConfig
-from dart.methods import METHODS, get_method, per_token_l2_normalised
-from dart.scoring import ActivationAccumulator
+from dart.core.methods import METHODS, get_method, per_token_l2_normalised
+from dart.core.scoring import ActivationAccumulator
 
 
 def test_registry_names_and_lookup():
@@ -113,10 +113,10 @@ def test_methods_generate(method):
     handle.detach()
 
 
-# The "griffin" arm before it became real GRIFFIN (copied from dart/methods.py at core c6faea9,
+# The "griffin" arm before it became real GRIFFIN (copied from dart/core/methods.py at core c6faea9,
 # plus own_statistic, which the config's statistic setting added since): GRIFFIN's statistic
 # under DART's auto budget. "griffin+budget" must reproduce it exactly.
-OLD_GRIFFIN = dart.methods.Method(
+OLD_GRIFFIN = dart.core.methods.Method(
     "griffin",
     "GRIFFIN: masks from the prompt's per-token-normalised activations, kept throughout",
     selects_from_prompt=True,
@@ -142,7 +142,7 @@ def test_griffin_budget_reproduces_the_old_griffin_arm(monkeypatch, total_prune)
     ids = random_ids(2, 12, seed=4)
     new_masks, new_counts = prompt_masks("griffin+budget", total_prune, ids)
     registry = dict(METHODS, griffin=OLD_GRIFFIN)
-    monkeypatch.setattr(dart.methods, "METHODS", registry)
+    monkeypatch.setattr(dart.core.methods, "METHODS", registry)
     old_masks, old_counts = prompt_masks("griffin", total_prune, ids)
     assert new_counts == old_counts
     assert len(set(new_counts)) > 1  # the auto budget: not the same k everywhere
@@ -170,8 +170,8 @@ def test_griffin_keeps_the_same_fraction_in_every_layer(total_prune):
 
 
 def test_statistics_registry():
-    from dart.config import STATISTICS as CONFIG_STATISTICS
-    from dart.methods import STATISTICS
+    from dart.core.config import STATISTICS as CONFIG_STATISTICS
+    from dart.core.methods import STATISTICS
 
     assert tuple(STATISTICS) == CONFIG_STATISTICS == ("l2", "normalized_l2")
     assert STATISTICS["normalized_l2"] is per_token_l2_normalised
@@ -195,7 +195,7 @@ def test_dart_with_griffins_statistic_is_griffin_budget():
         extra = {} if statistic is None else {"statistic": statistic}
         handle = dart.attach(model, DARTConfig(method=name, drift=NO_DRIFT, **extra))
         model(ids, use_cache=True)
-        assert handle.method.statistic is dart.methods.STATISTICS[handle.config.statistic]
+        assert handle.method.statistic is dart.core.methods.STATISTICS[handle.config.statistic]
         masks[(name, statistic)] = [f.idx.clone() for f in handle.ffns]
         handle.detach()
     griffin, normalized, plain = masks.values()

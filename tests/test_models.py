@@ -1,4 +1,5 @@
-"""dart.models: multi-part GGUF assembly and its hash checks (on small synthetic parts), the disk
+"""dart.assets.models: multi-part GGUF assembly and its hash checks (on small synthetic parts), the
+disk
 space check, the packaged-model table, and offline loading of local folders and hub ids."""
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import pytest
 import torch
 from tiny_assets import save_tiny
 
-from dart import models
-from dart.models import PACKAGED_MODELS, ModelPart, PackagedModel, assemble_gguf, load_model
+from dart.assets import models
+from dart.assets.models import PACKAGED_MODELS, ModelPart, PackagedModel, assemble_gguf, load_model
 
 
 def _sha(data: bytes) -> str:

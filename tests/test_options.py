@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import pytest
 
-from dart.config import ConfigError
+from dart.core.config import ConfigError
 from dart.options import add_options, options_dict, options_from, resolve_options
 
 

@@ -15,11 +15,11 @@ from tiny_models import NO_DRIFT, random_ids, tiny_model
 
 import dart
 from dart import DARTConfig
-from dart.budget import allocate_budget, max_keep_counts
-from dart.config import BACKENDS
-from dart.controller import _top_per_row
-from dart.fast import FastGenerator
-from dart.scoring import select_topk
+from dart.core.budget import allocate_budget, max_keep_counts
+from dart.core.config import BACKENDS
+from dart.core.controller import _top_per_row
+from dart.core.scoring import select_topk
+from dart.runtime.fast import FastGenerator
 
 STEPS = 10
 PROMPTS = 4

@@ -1,4 +1,5 @@
-"""DART's look-back re-trace (dart.retrace, the controller's re-trace, the HF forward wrapper)."""
+"""DART's look-back re-trace (dart.core.retrace, the controller's re-trace, the HF forward
+wrapper)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from tiny_models import force_drift, random_ids, tiny_model
 
 import dart
 from dart import DARTConfig
-from dart.config import ConfigError, DriftConfig
-from dart.controller import Phase
-from dart.scoring import ActivationAccumulator
+from dart.core.config import ConfigError, DriftConfig
+from dart.core.controller import Phase
+from dart.core.scoring import ActivationAccumulator
 
 
 def _dense_hidden(model, handle, ids, cache=None):
@@ -223,7 +224,7 @@ def test_blend_mixes_per_token_statistics():
 def test_fast_loop_matches_hf_generate_with_clamped_retraces():
     """R = 64 beyond the sequence (12 prompt slots, one of them padding): the compiled loop's
     clamped re-traces (run eagerly) give HF generate's tokens, statistics and costs."""
-    from dart.fast import FastGenerator
+    from dart.runtime.fast import FastGenerator
 
     model = tiny_model("llama")
     ids = random_ids(2, 12, seed=7)

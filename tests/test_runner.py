@@ -1,11 +1,12 @@
-"""dart.runner without a package: the greedy loop over stand-in programs, padding, EOS trim."""
+"""dart.runtime.runner without a package: the greedy loop over stand-in programs, padding, EOS
+trim."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dart.runner import greedy_generate, left_pad, trim_at_eos
+from dart.runtime.runner import greedy_generate, left_pad, trim_at_eos
 
 VOCAB = 8
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dart.scoring import (
+from dart.core.scoring import (
     ActivationAccumulator,
     ProxyCache,
     SensitivityAccumulator,

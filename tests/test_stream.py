@@ -14,7 +14,7 @@ from tiny_assets import save_tiny, tiny_tokenizer
 from tiny_models import tiny_model
 
 from dart.cli import main
-from dart.config import DARTConfig
+from dart.core.config import DARTConfig
 from dart.evaluate import RecordStore
 from dart.evaluate.arms import attach_arm
 from dart.evaluate.stream import (

@@ -11,10 +11,10 @@ from tiny_assets import tiny_tokenizer
 from tiny_models import NO_DRIFT, random_ids, tiny_model
 
 import dart
+from dart.core.telemetry import mask_recall, telemetry_metrics
 from dart.evaluate.tasks import TASKS, GenerateOptions
-from dart.fast import FastGenerator
 from dart.lightning import DARTModule, ItemsDataModule
-from dart.telemetry import mask_recall, telemetry_metrics
+from dart.runtime.fast import FastGenerator
 
 KEYS = ("mask_recall", "mask_recall_per_layer", "mask_mass_kept", "telemetry_passes")
 

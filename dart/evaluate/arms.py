@@ -1,6 +1,6 @@
 """Arms of a comparison: (method, total_prune[, release_step]) and how to attach each one.
 
-What an arm runs is asked of its method object (:mod:`dart.methods`), never of its name.
+What an arm runs is asked of its method object (:mod:`dart.core.methods`), never of its name.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from ..api import DARTHandle, attach
-from ..config import ConfigError, DARTConfig, parse_total_prune
-from ..methods import METHODS, Method, get_method
+from ..core.api import DARTHandle, attach
+from ..core.config import ConfigError, DARTConfig, parse_total_prune
+from ..core.methods import METHODS, Method, get_method
 
 __all__ = ["Arm", "arm_config", "attach_arm", "parse_arms"]
 

@@ -15,15 +15,15 @@ from typing import Any
 
 import torch
 
-from ..api import DARTHandle
-from ..data import (
+from ..assets.data import (
     format_summarization_prompt,
     load_drift_prompts,
     load_summarization,
     rouge_scores,
 )
-from ..fast import FastGenerator
-from ..generation import encode_prompts
+from ..core.api import DARTHandle
+from ..runtime.fast import FastGenerator
+from ..runtime.generation import encode_prompts
 
 __all__ = [
     "aggregate_drift",
@@ -73,7 +73,8 @@ def generate_batch(
 ) -> list[dict[str, Any]]:
     """Greedy generation for a batch of prompt-id items; one record per item (without arm).
 
-    With `fast` (a :class:`~dart.fast.FastGenerator` over `model` and `handle`) the batch runs
+    With `fast` (a :class:`~dart.runtime.fast.FastGenerator` over `model` and `handle`) the batch
+    runs
     in the compiled static-cache loop instead of HF `generate`; the tokens are the same.
     """
     device = next(model.parameters()).device

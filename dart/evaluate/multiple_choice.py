@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..api import DARTHandle
-from ..data import MMLU_CONTINUATIONS, format_mmlu_prompt, sample_mmlu
+from ..assets.data import MMLU_CONTINUATIONS, format_mmlu_prompt, sample_mmlu
+from ..core.api import DARTHandle
 from .perplexity import accepts_logits_to_keep
 
 __all__ = ["aggregate_accuracy", "mmlu_items", "score_choices"]

@@ -1,6 +1,6 @@
 """Sliding-window perplexity (labels of the overlap excluded, NLL summed in fp32).
 
-Masks per window, by what the method does (:mod:`dart.methods`):
+Masks per window, by what the method does (:mod:`dart.core.methods`):
 
 * unpruned (``dense``): none.
 * calibrated (``static``): the calibration masks (the paper's protocol: a calibration prompt,
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..api import DARTHandle
+from ..core.api import DARTHandle
 
 __all__ = [
     "Window",
@@ -94,7 +94,7 @@ def tokenize_prefix(tokenizer: Any, text: str, max_tokens: int | None) -> torch.
     """``tokenize_corpus(tokenizer, text, max_tokens)`` without tokenising the whole text: a
     growing prefix is tokenised until it holds ``max_tokens`` plus a margin (so the cut cannot
     change the kept tokens)."""
-    from ..data import tokenize_corpus
+    from ..assets.data import tokenize_corpus
 
     if max_tokens is None:
         return tokenize_corpus(tokenizer, text)

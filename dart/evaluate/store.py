@@ -33,6 +33,8 @@ from typing import Any
 from ..results import FILE_MODE, CorruptFileError, read_json, write_json
 
 __all__ = [
+    "METRIC_KEYS",
+    "folder_log",
     "RUN_ONLY_OPTIONS",
     "FingerprintMismatchError",
     "FolderLockedError",
@@ -443,3 +445,26 @@ class RunStore:
         os.replace(path, aside)
         log.warning("%s; moved to %s and rebuilt from this run's arms", why, aside)
         return {}
+
+
+METRIC_KEYS = ("task", "method", "total_prune", "metric", "value")
+"""The keys every record of a folder's ``metrics.json`` carries."""
+
+
+@contextmanager
+def folder_log(folder: str | os.PathLike, logger: logging.Logger) -> Iterator[None]:
+    """While the block runs, every log record (root logger) also goes to ``folder/log.txt``,
+    and ``logger``'s INFO records reach the console."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(folder / "log.txt", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logger.setLevel(logging.INFO)
+    if not logger.handlers:
+        logger.addHandler(logging.StreamHandler())
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()

@@ -29,9 +29,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..api import DARTHandle
-from ..controller import Phase
-from ..data import load_documents, load_file_documents, split_documents
+from ..assets.data import load_documents, load_file_documents, split_documents
+from ..core.api import DARTHandle
+from ..core.controller import Phase
 from .perplexity import tokenize_prefix
 
 __all__ = [

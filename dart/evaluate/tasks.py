@@ -17,10 +17,10 @@ from typing import Any, Literal
 
 import torch
 
-from ..api import DARTHandle
-from ..data import TEXT_CORPORA, load_drift_prompts, load_text, load_text_file
-from ..fast import FastGenerator
-from ..generation import encode_prompts
+from ..assets.data import TEXT_CORPORA, load_drift_prompts, load_text, load_text_file
+from ..core.api import DARTHandle
+from ..runtime.fast import FastGenerator
+from ..runtime.generation import encode_prompts
 from .arms import Arm, parse_arms
 from .generative import (
     aggregate_drift,
@@ -126,7 +126,8 @@ class GenerationOptions:
     compile: bool = field(
         default=False,
         metadata={
-            "help": "generate in the compiled static-cache loop (dart.fast), same greedy tokens"
+            "help": "generate in the compiled static-cache loop (dart.runtime.fast), same greedy "
+            "tokens"
         },
     )
     release_steps: list[int] = field(

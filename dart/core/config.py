@@ -1,7 +1,7 @@
 """Validated configuration of DART: :class:`DARTConfig` with its nested :class:`BudgetConfig`
 and :class:`DriftConfig`, the per-layer keep-spec grammar (``layer_topk``) and the tables of
 accepted values (rankings, backends, ...). Method names come from the registry in
-:mod:`dart.methods`.
+:mod:`dart.core.methods`.
 
 ``total_prune`` (the sparsity of an ``auto`` budget) is read only by ``auto`` items of
 ``layer_topk``: giving it with a spec that has none is a :class:`ConfigError` (the spec's own
@@ -21,17 +21,16 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..results import atomic_write_text
 from .methods import METHODS, get_method
+from .methods import STATISTICS as _STATISTIC_TRANSFORMS
 
 __all__ = [
     "BACKENDS",
-    "BLEND_TARGETS",
-    "BUDGET_NORMALIZATIONS",
     "DEFAULT_TOTAL_PRUNE",
     "RANKINGS",
     "STATISTICS",
@@ -51,15 +50,13 @@ class ConfigError(ValueError):
     accepted."""
 
 
-STATISTICS = ("l2", "normalized_l2")  # dart.methods.STATISTICS
+STATISTICS = tuple(_STATISTIC_TRANSFORMS)  # the registry in dart.core.methods
 RANKINGS = ("magnitude", "max", "mean", "combined", "product")
 STRATEGIES = ("topk", "auto")
 BACKENDS = ("masked", "gathered", "compact")
 BATCH_POLICIES = ("per_sequence", "shared")
 PROXY_SOURCES = ("embedding", "lm_head")
 SENSITIVITIES = ("residual", "raw")
-BUDGET_NORMALIZATIONS = ("minmax", "rank", "winsorized")  # dart.budget.NORMALIZATIONS
-BLEND_TARGETS = ("uniform", "sensitivity")  # dart.budget.BLEND_TARGETS
 DRIFT_SIGNALS = ("attn_output", "attn_probs", "attn_content")
 DEFAULT_TOTAL_PRUNE = 0.5
 
@@ -131,7 +128,7 @@ class BudgetConfig(_Section):
     ``sensitivity``: the layer statistic (``residual``: ``cos(r, r + f)``; ``raw``: ``cos(r, f)``,
     the reference code); ``depth_early``/``depth_late``: the fractions of depth at either end
     that are protected, ramping up from ``early_floor``/``late_floor`` (see
-    :func:`dart.budget.depth_protection`); ``prune_min``/``prune_max``: bounds of any layer's
+    :func:`dart.core.budget.depth_protection`); ``prune_min``/``prune_max``: bounds of any layer's
     prune fraction.
 
     Guards against starving a layer (default: ``uniform_blend = 0.5`` toward ``sensitivity``,
@@ -162,8 +159,11 @@ class BudgetConfig(_Section):
     def __post_init__(self) -> None:
         o = "BudgetConfig"
         _choice(o, "sensitivity", self.sensitivity, SENSITIVITIES)
-        _choice(o, "normalize", self.normalize, BUDGET_NORMALIZATIONS)
-        _choice(o, "blend_toward", self.blend_toward, BLEND_TARGETS)
+        # The budget's registries (budget.py imports this module, so import them on use).
+        from .budget import BLEND_TARGETS, NORMALIZATIONS
+
+        _choice(o, "normalize", self.normalize, tuple(NORMALIZATIONS))
+        _choice(o, "blend_toward", self.blend_toward, tuple(BLEND_TARGETS))
         if self.cap_margin is not None:
             _real_in(o, "cap_margin", self.cap_margin, 0.0, 1.0, low_open=False, high_open=False)
         _real_in(o, "uniform_blend", self.uniform_blend, 0.0, 1.0, low_open=False, high_open=False)
@@ -199,7 +199,7 @@ class DriftConfig(_Section):
     ``attn_content`` feature (``2^bits`` key-content clusters); ``min_windows`` (>= 2) is the
     number of complete trace windows a baseline and threshold are built from: a trace that
     ends with fewer keeps collecting windows from the following tokens, and the previous
-    baseline and threshold stay in use until it has them (see :mod:`dart.drift`).
+    baseline and threshold stay in use until it has them (see :mod:`dart.core.drift`).
 
     ``retrace_tokens`` (R) is the look-back of a re-trace: at a drift event the last R
     positions (R - 1 earlier tokens and the new one) are recomputed densely in one forward, and
@@ -368,7 +368,7 @@ def resolve_keep_counts(
     keeps: list[LayerKeep], widths: list[int], auto_counts: list[int] | None = None
 ) -> list[int]:
     """Per-layer keep counts: dense -> width; fraction f -> round(f * width) clamped to
-    [1, width]; count -> itself; auto -> ``auto_counts[l]`` (from :mod:`dart.budget`)."""
+    [1, width]; count -> itself; auto -> ``auto_counts[l]`` (from :mod:`dart.core.budget`)."""
     if len(keeps) != len(widths):
         raise ConfigError(f"{len(keeps)} layer keeps for {len(widths)} widths")
     out: list[int] = []
@@ -383,7 +383,8 @@ def resolve_keep_counts(
             if auto_counts is None:
                 raise ConfigError(
                     f"layer {layer} is 'auto' but no auto_counts were given (compute them with "
-                    "dart.budget.allocate_budget(...).keep_counts from the traced sensitivities)"
+                    "dart.core.budget.allocate_budget(...).keep_counts from the traced "
+                    "sensitivities)"
                 )
             k = min(max(int(auto_counts[layer]), 1), n)
         else:  # pragma: no cover - LayerKeep is only built by the parser
@@ -401,7 +402,7 @@ def resolve_keep_counts(
 class DARTConfig:
     """Everything that defines one DART (or baseline) run. See docs/DART_SPEC.md.
 
-    ``method`` is a name of the registry :data:`dart.methods.METHODS`; the method adjusts the
+    ``method`` is a name of the registry :data:`dart.core.methods.METHODS`; the method adjusts the
     config to what it runs (e.g. drift detection off for every method but ``dart``,
     ``statistic`` set to ``normalized_l2`` for the GRIFFIN methods).
     ``statistic``: the per-token transform of the FFN activations before they are accumulated
@@ -409,7 +410,7 @@ class DARTConfig:
     divided by its L2 norm over neurons); ``ema_decay`` (an EMA over tokens instead of the L2)
     combines with either.
     ``telemetry_every`` N > 0 measures the mask on every N-th decode pass (recall of the top-|h|
-    neurons, :mod:`dart.telemetry`; a diagnostic that computes every FFN densely too); 0: off.
+    neurons, :mod:`dart.core.telemetry`; a diagnostic that computes every FFN densely too); 0: off.
     ``total_prune`` is the sparsity of ``auto`` items of ``layer_topk`` (None: 0.5, see
     :attr:`prune_target`); with a spec without ``auto`` it must be left out.
     """
@@ -429,7 +430,6 @@ class DARTConfig:
     method: str = "dart"
     proxy_source: str = "embedding"
     seed: int = 0
-    calibration_text: str | None = None
     telemetry_every: int = 0
 
     def __post_init__(self) -> None:
@@ -467,8 +467,6 @@ class DARTConfig:
         _choice(o, "proxy_source", self.proxy_source, PROXY_SOURCES)
         if not _is_int(self.seed):
             raise ConfigError(f"{o}.seed: {self.seed!r} is not an integer")
-        if self.calibration_text is not None and not isinstance(self.calibration_text, str):
-            raise ConfigError(f"{o}.calibration_text: {self.calibration_text!r} is not a string")
         get_method(self.method).configure(self)
 
     # ---------------------------------------------------------------- derived values
@@ -530,19 +528,9 @@ class DARTConfig:
         return cls(**data)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write to ``.yaml``/``.yml``/``.json`` atomically (temp file + ``os.replace``)."""
+        """Write to ``.yaml``/``.yml``/``.json`` atomically and durably."""
         p = Path(path)
-        text = _dump(self.to_dict(), p)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text)
-            os.replace(tmp, p)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_text(p, _dump(self.to_dict(), p))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> DARTConfig:

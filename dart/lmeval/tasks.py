@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .models import cache_dir
-from .results import atomic_write_text
+from ..assets.models import cache_dir
+from ..results import atomic_write_text
 
 __all__ = [
     "DATA_PACKAGES",
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="python -m dart.lmeval_tasks",
+        prog="python -m dart.lmeval.tasks",
         description="Write the offline lm-eval task YAMLs (set-up step; no network).",
     )
     parser.add_argument("--out", default=None, help=f"folder (default {default_tasks_dir()})")

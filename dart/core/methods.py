@@ -3,7 +3,7 @@
 Code outside this module and the config parser never tests a method's name; it asks the
 method what it needs and does::
 
-    from dart.methods import get_method
+    from dart.core.methods import get_method
     method = get_method(config.method)     # a Method; ValueError listing the names otherwise
     if method.selects_from_prompt: ...      # trace each prompt, select from it (prepare + hold)
     if method.needs_calibration: ...        # masks from a calibration text (handle.calibrate)
@@ -29,7 +29,7 @@ Public interface (stable):
   - ``shared_mask``: one mask serves every row, whatever ``batch_policy`` says (static);
   - ``uniform_budget``: ``auto`` layers keep the same fraction ``1 - total_prune`` of their
     neurons in every layer (GRIFFIN), fixed before any prompt is seen; otherwise the ``auto``
-    budget spreads ``total_prune`` over layers by sensitivity (:mod:`dart.budget`);
+    budget spreads ``total_prune`` over layers by sensitivity (:mod:`dart.core.budget`);
   - ``statistic(h) -> h'``: transform of the FFN hidden activation ``[..., N]`` before it is
     accumulated: one of :data:`STATISTICS` (``l2``: unchanged, so the accumulator's L2 over
     tokens is DART's statistic; ``normalized_l2``: GRIFFIN's, each token's vector
@@ -54,7 +54,8 @@ Public interface (stable):
   ``normalized_l2``). EMA accumulation (``DARTConfig.ema_decay``) is separate and combines with
   either.
 * ``per_token_l2_normalised(h)``: GRIFFIN's statistic, written once (the controller's
-  accumulation and ``dart.export``'s in-graph selection both go through ``Method.statistic``).
+  accumulation and ``dart.runtime.export``'s in-graph selection both go through
+  ``Method.statistic``).
 
 A patched model's method (``for_config`` of its config) is ``handle.method`` (``dart.attach``)
 and ``controller.method``.

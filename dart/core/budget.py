@@ -5,7 +5,7 @@ Notes:
 * The budget is counted in neurons: ``sum_l p_l N_l = total_prune * sum_l N_l``. With equal
   widths this is the spec's layer formula ``p_l = B P_l / sum(P)``, ``B = total_prune * L``.
 * The settings (depth protection, bounds, guards against starving a layer) are a
-  :class:`~dart.config.BudgetConfig`.
+  :class:`~dart.core.config.BudgetConfig`.
 * ``R = 1 - norm(S)`` with ``norm`` one of :data:`NORMALIZATIONS` (``BudgetConfig.normalize``).
 * Prune fractions are clipped to ``[prune_min, upper]`` with ``upper = prune_max``, or
   ``min(prune_max, total_prune + cap_margin)`` when ``cap_margin`` is set; a ``total_prune``
@@ -187,7 +187,7 @@ def allocate_budget(
     rounds: int = 10,
 ) -> BudgetAllocation:
     """Distribute ``total_prune`` (fraction of all FFN neurons) over layers by sensitivity,
-    as ``budget`` says (default :class:`~dart.config.BudgetConfig`)."""
+    as ``budget`` says (default :class:`~dart.core.config.BudgetConfig`)."""
     b = budget or BudgetConfig()
     s = torch.as_tensor(sensitivity, dtype=torch.float64).detach().cpu().reshape(-1)
     n = torch.as_tensor(list(widths), dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""The KV-cache side of DART's look-back re-trace (the schedule side is in `dart.controller`).
+"""The KV-cache side of DART's look-back re-trace (the schedule side is in `dart.core.controller`).
 
 A re-trace pass recomputes the last `prior` cached positions together with the new tokens:
 the cache is rewound by `prior` positions (a dynamic cache is cropped; a static cache's write

@@ -15,8 +15,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .report import METRIC_KEYS
-from .results import read_json, save_figure
+from ..evaluate.store import METRIC_KEYS
+from ..results import read_json, save_figure
 
 __all__ = ["POOLED_TASK", "comparison_table", "load_lmeval_metrics", "plot_comparison"]
 

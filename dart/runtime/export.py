@@ -29,7 +29,8 @@ is dynamic (`1 <= P < max_len`, the exported programs are shape-generic in P) un
 Semantics: the exported path keeps the prompt's masks for the whole generation, i.e. DART with
 `masking_step <= 1` and no drift re-trace and no release (GRIFFIN-style; the same masks as
 DART's pass-0 selection). Drift detection and re-tracing stay in the Python path
-(`dart.fast`). Keep counts `k_l` are fixed at export time: fixed fractions/counts directly; an
+(`dart.runtime.fast`). Keep counts `k_l` are fixed at export time: fixed fractions/counts directly;
+an
 `auto` budget is allocated from a calibration prompt traced (eagerly, by `handle.prepare`) at
 export time, and the resulting counts are frozen into the programs (the manifest records them).
 
@@ -37,7 +38,8 @@ Files under the output folder (the package): `prefill.pt2`, `decode.pt2` (AOTInd
 packages; each embeds the weights it reads, so the weights are on disk twice), `dart_ops.so` (a
 copy of the compiled `dart_ext._C`, the ops the programs call) and `manifest.json`, written last
 and atomically: the format version, the torch version and the ops library's sha256, which
-`dart.runner.load_package` checks before it loads anything. `dart.runner` (torch only; also
+`dart.runtime.runner.load_package` checks before it loads anything. `dart.runtime.runner` (torch
+only; also
 `scripts/run_exported.py`) runs a package greedily, token ids in and out. A package is native
 code: trust it as you would an executable.
 """
@@ -55,13 +57,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .api import DARTHandle, attach, load_ops
-from .config import DARTConfig
+from ..core.api import DARTHandle, attach, load_ops
+from ..core.config import DARTConfig
+from ..core.methods import METHODS, Method, get_method
+from ..core.scoring import rank_scores, shared_scores
+from ..results import write_json
 from .fast import static_cache_logits
-from .methods import METHODS, Method, get_method
-from .results import write_json
 from .runner import FORMAT, MANIFEST, OPS_LIBRARY, file_sha256, greedy_generate
-from .scoring import rank_scores, shared_scores
 
 __all__ = [
     "DARTExportModule",
@@ -325,7 +327,7 @@ class DARTExportModule(nn.Module):
     ) -> torch.Tensor:
         """Greedy tokens `[B, max_new_tokens]` from `programs` (prefill, decode callables, e.g.
         `ep.module()` of the exported programs; default: this module's eager methods), by the
-        loop that runs the packages (`dart.runner.greedy_generate`)."""
+        loop that runs the packages (`dart.runtime.runner.greedy_generate`)."""
         prefill, decode = programs or (self.prefill, self.decode)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -536,7 +538,7 @@ class ExportOptions:
 
 def export_command(options: ExportOptions) -> int:
     """`dart export`: load the model and export it into `options.out` (exit status 0)."""
-    from .models import load_model
+    from ..assets.models import load_model
 
     print(f"loading {options.model} ...", flush=True)
     model, tokenizer = load_model(options.model, dtype=options.dtype)
@@ -549,7 +551,7 @@ def export_command(options: ExportOptions) -> int:
     if config.has_auto and method.prunes and not method.uniform_budget:
         text = options.prompt
         if text is None:
-            from .data import load_drift_prompts
+            from ..assets.data import load_drift_prompts
 
             text = load_drift_prompts("two_topic")[0].prompt
         calibration = tokenizer(text, return_tensors="pt")["input_ids"][:, : options.max_len]

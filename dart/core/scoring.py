@@ -1,7 +1,7 @@
 """Neuron scoring (spec section 2): activation accumulators (L2 / EMA), the static output proxy
 and its disk cache, ranking methods, top-k and threshold selection, and the layer-sensitivity
 statistics used by ``auto`` budgets. (A method's transform of the activations before they are
-accumulated, e.g. GRIFFIN's, is part of the method: :mod:`dart.methods`.)
+accumulated, e.g. GRIFFIN's, is part of the method: :mod:`dart.core.methods`.)
 
 All accumulators keep per-layer, per-sequence state in fp32 tensors; updates are batched over the
 sequence and time dimensions with no host synchronisation.

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import StaticCache
 
-from .api import DARTHandle
-from .ffn import TRACE
-from .retrace import restore_rows, rewind, save_rows
+from ..core.api import DARTHandle
+from ..core.ffn import TRACE
+from ..core.retrace import restore_rows, rewind, save_rows
 
 __all__ = ["FastGenerator", "FastResult", "next_token", "static_cache_logits"]
 
@@ -98,7 +98,7 @@ class FastGenerator:
     buffers and the cache are updated in place, so their addresses stay fixed across replays.
 
     DART's look-back re-trace passes (R tokens: R - 1 earlier slots rewritten and the new
-    token, see `dart.controller`) run as their own compiled graph (`retrace_fn`, with
+    token, see `dart.core.controller`) run as their own compiled graph (`retrace_fn`, with
     `compile_trace`): one graph of fixed shape [B, R] whose positions come from the cache's
     write-position tensor, so no event recompiles it. A re-trace with fewer than R tokens so
     far (early in a short sequence) runs eagerly. Single-token trace passes (a masking step

@@ -11,7 +11,7 @@ records, per sparse row and valid token,
 
 A measured pass computes every FFN densely on top of the sparse one and reads the results back
 to the host when the stats are reported, so it is a diagnostic: the compiled loop
-(:mod:`dart.fast`) refuses it, and off it costs nothing (no probe is installed on the FFNs).
+(:mod:`dart.runtime.fast`) refuses it, and off it costs nothing (no probe is installed on the FFNs).
 """
 
 from __future__ import annotations

@@ -9,11 +9,12 @@ global), which is exactly the reference code's masking-step-shift defect.
 A drift event of row b (polled once per drift window) starts a look-back re-trace when
 `DriftConfig.retrace_tokens` R > 0: the caller's next forward recomputes the last R positions
 (R - 1 earlier tokens, whose KV is cropped from the cache, and the new token) in one batched
-pass (`dart.retrace` does the cache work; `dart.api` and `dart.fast` drive it). Row b runs that
-pass dense (TRACE): its accumulators and drift baseline are rebuilt from exactly those R tokens
-and its new mask is built at the end of the pass. The other rows run the pass under their own
-masks and count only their new token (their recomputed KV is put back afterwards). R = 0 keeps
-the old re-trace: the row traces the next `max(m, 1)` passes from fresh accumulators.
+pass (`dart.core.retrace` does the cache work; `dart.core.api` and `dart.runtime.fast` drive it).
+Row b runs that pass dense (TRACE): its accumulators and drift baseline are rebuilt from exactly
+those R tokens and its new mask is built at the end of the pass. The other rows run the pass
+under their own masks and count only their new token (their recomputed KV is put back
+afterwards). R = 0 keeps the old re-trace: the row traces the next `max(m, 1)` passes from
+fresh accumulators.
 
 Host-side state is a few Python lists of length B, touched only on events; the per-token work
 is tensor updates inside the FFN and attention hooks, and the drift monitor is polled once per
@@ -164,7 +165,7 @@ class Controller:
             if not self.frozen:
                 raise RuntimeError(
                     f"method={self.method.name!r} needs calibration first: "
-                    "handle.calibrate(text) or DARTConfig(calibration_text=...)"
+                    "handle.calibrate(text, tokenizer) after attach"
                 )
             self.phase = [Phase.SPARSE] * batch_size
         else:
@@ -207,7 +208,7 @@ class Controller:
 
     def _install_probe(self, valid: torch.Tensor | None) -> None:
         """On every `telemetry_every`-th decode pass with sparse rows, the FFNs also measure
-        their mask against the dense activations (`dart.telemetry`); off: nothing installed."""
+        their mask against the dense activations (`dart.core.telemetry`); off: nothing installed."""
         every = self.cfg.telemetry_every
         if not every or self.step < 1 or self.step % every or Phase.SPARSE not in self.phase:
             return
@@ -414,7 +415,7 @@ class Controller:
         counts = self.counts if self.counts is not None else self.widths
         return [list(counts)] * len(self.phase)
 
-    # -- look-back re-trace (driven by the caller's forward: dart.api, dart.fast) ---------------
+    # -- look-back re-trace (driven by the caller's forward: dart.core.api, dart.runtime.fast) --
     @property
     def retrace_rows(self) -> list[int]:
         """Rows whose drift fired at the end of the last pass: the next forward should

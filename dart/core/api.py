@@ -58,11 +58,6 @@ class DARTHandle:
                 f"backend {config.backend!r} needs the compiled dart_ext kernels; build them "
                 "with `pip install --no-build-isolation -e .` or use backend='masked'"
             )
-        if self.method.needs_calibration and config.calibration_text is not None:
-            raise ValueError(
-                "DARTConfig.calibration_text needs a tokenizer: call "
-                "handle.calibrate(text, tokenizer) after attach"
-            )
         self._replaced: list[tuple[nn.Module, str, nn.Module]] = []
         self._hooks: list[Any] = []
         self._relaid: list[LayerRefs] = []

@@ -46,20 +46,19 @@ import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .api import DARTHandle
-from .config import BACKENDS, ConfigError, DARTConfig
-from .data import load_text
-from .evaluate.arms import Arm, arm_config, attach_arm, parse_arms
-from .evaluate.perplexity import accepts_logits_to_keep, tokenize_prefix
-from .evaluate.store import RecordStore, claim_arm
-from .evaluate.stream import weight_bytes
-from .experiment import folder_log
-from .lmeval_report import POOLED_TASK, comparison_table, load_lmeval_metrics, plot_comparison
-from .lmeval_tasks import default_tasks_dir, write_tasks
-from .methods import METHODS, get_method
-from .models import load_model
-from .options import add_options, load_yaml, options_from, resolve_options
-from .results import atomic_write_text, write_json
+from ..assets.data import load_text
+from ..assets.models import load_model
+from ..core.api import DARTHandle
+from ..core.config import BACKENDS, ConfigError, DARTConfig
+from ..core.methods import METHODS, get_method
+from ..evaluate.arms import Arm, arm_config, attach_arm, parse_arms
+from ..evaluate.perplexity import accepts_logits_to_keep, tokenize_prefix
+from ..evaluate.store import RecordStore, claim_arm, folder_log
+from ..evaluate.stream import weight_bytes
+from ..options import add_options, load_yaml, options_from, resolve_options
+from ..results import atomic_write_text, write_json
+from .report import POOLED_TASK, comparison_table, load_lmeval_metrics, plot_comparison
+from .tasks import default_tasks_dir, write_tasks
 
 __all__ = [
     "DARTLM",
@@ -721,7 +720,3 @@ def main(argv: list[str] | None = None) -> None:
         argv += ["--include_path", str(tasks_dir)]
     sys.argv = ["lm_eval", *argv]
     cli_evaluate()
-
-
-if __name__ == "__main__":
-    main()

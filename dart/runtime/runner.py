@@ -84,7 +84,7 @@ def greedy_generate(
     max_new_tokens: int,
     eos_token_id: int | None = None,
 ) -> GreedyResult:
-    """Greedy tokens from an exported `(prefill, decode)` pair (see `dart.export`).
+    """Greedy tokens from an exported `(prefill, decode)` pair (see `dart.runtime.export`).
 
     `prefill(input_ids, attention_mask, *state) -> (logits, *idx)` fills `state` (mask and KV
     cache) in place; `decode(token, position_ids, cache_position, *idx, *state) -> logits` runs

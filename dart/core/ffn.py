@@ -100,7 +100,7 @@ class DARTFFN(nn.Module):
         self.lengths: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None  # [1 or B, 1, N] 0/1 in the activation dtype
         self.compact: tuple[torch.Tensor, ...] | None = None
-        self.probe = None  # a `dart.telemetry.MaskProbe` on measured passes only
+        self.probe = None  # a `dart.core.telemetry.MaskProbe` on measured passes only
 
     # -- selection (called by the controller on a re-selection, never per token) ----------
     def set_selection(
