@@ -121,11 +121,13 @@ def _check_group(fmt: QuantFormat, group: int, d: int) -> None:
 
 
 def _half_up(s: torch.Tensor) -> torch.Tensor:
-    """fp32 >= 0 -> the smallest fp16 >= it (so the rounded scale never shrinks the range)."""
+    """fp32 -> the smallest fp16 >= it (a scale rounded so it never shrinks the range)."""
     h = s.to(torch.float16)
-    low = h.float() < s
+    h = torch.where(h == 0, torch.zeros_like(h), h)  # -0 -> +0: its successor is positive
     bits = h.view(torch.int16)
-    return torch.where(low, bits + 1, bits).view(torch.float16)
+    # the next fp16 towards +inf: one more ulp of magnitude above 0, one less below
+    succ = torch.where(h > 0, bits + 1, torch.where(h < 0, bits - 1, torch.ones_like(bits)))
+    return torch.where(h.float() < s, succ, bits).view(torch.float16)
 
 
 def _half_down(m: torch.Tensor) -> torch.Tensor:
