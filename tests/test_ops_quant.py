@@ -307,6 +307,8 @@ def _bad_cases():
 @pytest.mark.parametrize("mode", ["cpu", "fake"])
 def test_bad_inputs(case, mode):
     match, call = _bad_cases()[case]
+    if mode == "fake" and match == "idx out of range":
+        pytest.skip("index values are data: only the kernel sees them")
     if mode == "fake":
         from torch._subclasses.fake_tensor import FakeTensorMode
 
