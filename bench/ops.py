@@ -39,7 +39,11 @@ import torch.nn.functional as F
 import dart_ext
 from dart_ext.reference import apply_act
 
-SHAPES = {"smollm2-135m": (576, 1536), "llama-3.1-8b": (4096, 14336)}
+SHAPES = {
+    "smollm2-135m": (576, 1536),
+    "qwen2.5-1.5b": (1536, 8960),
+    "llama-3.1-8b": (4096, 14336),
+}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -268,6 +272,121 @@ def run(args):
     return records
 
 
+QUANT_FORMATS = ("q8", "q4", "q4m")
+
+
+def quant_arms(x, layers, idx, streams):
+    """The timed callables of run_quant; each call takes the next layer copy (round robin)."""
+    xb = x.bfloat16()
+
+    def cycled(fn, copies):
+        state = {"i": 0}
+
+        def call():
+            state["i"] = (state["i"] + 1) % len(copies)
+            return fn(copies[state["i"]])
+
+        return call
+
+    arms = {
+        "bf16": cycled(
+            lambda w: dart_ext.gathered_glu_ffn(xb, *w, idx, "silu"), [c["bf16"] for c in layers]
+        )
+    }
+    for f in QUANT_FORMATS:
+        arms[f] = cycled(
+            lambda w: dart_ext.ops.gathered_glu_ffn_q(x, *w, idx), [c[f] for c in layers]
+        )
+    arms["stream"] = cycled(torch.sum, streams)
+    return arms
+
+
+def run_quant(args):
+    """CPU: the gathered GLU FFN over bf16 rows and over each quantised format, side by side with
+    a plain streaming read (torch.sum over fp32) of as many bytes as the q4 arm reads. Each arm
+    cycles over --layers copies of its weights (more than the last-level cache holds, as a
+    decode step's 28 layers do), so the rows come from memory, not from the cache."""
+    from dart_ext import quant
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    cap = torch.ops.dart.cpu_capability()
+    print(
+        f"cpu capability={cap} threads={torch.get_num_threads()} layers={args.layers} "
+        f"group={args.group} (times in ms, medians; GB/s = kept-row bytes read per second)"
+    )
+    cols = ["bf16", *QUANT_FORMATS, "stream"]
+    hdr = (
+        f"{'shape':<13} {'T':>3} {'keep':>4} "
+        + " ".join(f"{c:>7}" for c in cols)
+        + " "
+        + " ".join(f"{c + '/bf':>7}" for c in QUANT_FORMATS)
+        + " "
+        + " ".join(f"{c + ' GB/s':>9}" for c in ("bf16", *QUANT_FORMATS, "stream"))
+        + f" {'q4/str':>6}"
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    records = []
+    for shape in args.shapes:
+        d, n = SHAPES[shape]
+        layers = []
+        for _ in range(args.layers):
+            ws = [torch.randn(n, d, generator=gen) * d**-0.5 for _ in range(3)]
+            layer = {"bf16": [w.bfloat16() for w in ws]}
+            for f in QUANT_FORMATS:
+                layer[f] = [quant.quantize_rows(w, f, args.group) for w in ws]
+            layers.append(layer)
+            del ws
+        for T in args.tokens:
+            x = torch.randn(T, d, generator=gen)
+            for keep in args.keeps:
+                k = max(1, round(keep * n))
+                idx = torch.randperm(n, generator=gen)[:k].sort().values
+                row_bytes = {"bf16": 2 * d}
+                for f in QUANT_FORMATS:
+                    fm = quant.FORMATS[f]
+                    row_bytes[f] = fm.row_bytes(d) + (d // args.group) * (4 if fm.has_min else 2)
+                nbytes = {f: 3 * k * b for f, b in row_bytes.items()}
+                nbytes["stream"] = nbytes["q4"]
+                streams = [torch.ones(nbytes["stream"] // 4) for _ in range(args.layers)]
+                arms = quant_arms(x, layers, idx, streams)
+                t = bench_arms(arms, torch.device("cpu"), args.budget, args.max_reps)
+                gbps = {c: nbytes[c] / (t[c] * 1e-3) / 1e9 for c in cols}
+                rec = {
+                    "shape": shape,
+                    "d": d,
+                    "N": n,
+                    "T": T,
+                    "keep": keep,
+                    "k": k,
+                    "group": args.group,
+                    "capability": cap,
+                    "threads": torch.get_num_threads(),
+                    "layers": args.layers,
+                }
+                rec.update({f"{c}_ms": t[c] for c in cols})
+                rec.update({f"{c}_GBps": gbps[c] for c in cols})
+                rec.update({f"ratio_{f}_vs_bf16": t[f] / t["bf16"] for f in QUANT_FORMATS})
+                rec["q4_fraction_of_stream"] = gbps["q4"] / gbps["stream"]
+                records.append(rec)
+                print(
+                    f"{shape:<13} {T:>3} {keep:>4.2f} "
+                    + " ".join(f"{t[c]:>7.3f}" for c in cols)
+                    + " "
+                    + " ".join(f"{t[f] / t['bf16']:>7.2f}" for f in QUANT_FORMATS)
+                    + " "
+                    + " ".join(f"{gbps[c]:>9.1f}" for c in ("bf16", *QUANT_FORMATS, "stream"))
+                    + f" {rec['q4_fraction_of_stream']:>6.2f}",
+                    flush=True,
+                )
+                del streams
+        del layers
+        gc.collect()
+    return records
+
+
 def gathered_route(tokens: int) -> str:
     """Which CUDA path dart::gathered_glu_ffn takes for `tokens` per index set (the rule of
     csrc/cuda/gathered_ffn_impl.h: gemm_min_tokens)."""
@@ -389,6 +508,12 @@ def main(argv=None):
     p.add_argument("--calls", type=int, default=20, help="CUDA: calls per timed graph")
     p.add_argument("--layers", type=int, default=4, help="CUDA: weight copies the calls cycle")
     p.add_argument("--json", default=None, help="write the records as a JSON list here")
+    p.add_argument(
+        "--quant",
+        action="store_true",
+        help="CPU: gathered GLU FFN over bf16 vs q8 / q4 / q4m rows and a streaming read",
+    )
+    p.add_argument("--group", type=int, default=32, help="--quant: values per scale (32, 64)")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
@@ -396,18 +521,28 @@ def main(argv=None):
     if args.calls < 1 or args.layers < 1:
         p.error("--calls and --layers must be >= 1")
     q = args.quick
-    if cuda:
-        args.shapes = args.shapes or ["llama-3.1-8b"]
-        args.tokens = args.tokens or [1, 4, 8, 16]
-        args.dtypes = args.dtypes or ["bf16"]
-        args.keeps = args.keeps or ([1.0, 0.5] if q else [1.0, 0.7, 0.5, 0.3])
-    args.shapes = args.shapes or (["smollm2-135m", "llama-3.1-8b"])
-    args.tokens = args.tokens or ([1, 16] if q else [1, 16, 256])
-    args.dtypes = args.dtypes or ["fp32", "bf16"]
-    args.keeps = args.keeps or ([1.0, 0.5, 0.3] if q else [1.0, 0.7, 0.5, 0.3, 0.1])
-    args.budget = args.budget or (0.3 if q else 1.5)
-    args.max_reps = args.max_reps or (30 if q else 200)
-    records = run_cuda(args) if cuda else run(args)
+    if args.quant:
+        if cuda:
+            p.error("--quant runs on CPU only")
+        args.shapes = args.shapes or ["qwen2.5-1.5b"]
+        args.tokens = args.tokens or [1]
+        args.keeps = args.keeps or [1.0, 0.3]
+        args.budget = args.budget or (0.5 if q else 2.0)
+        args.max_reps = args.max_reps or (20 if q else 100)
+        records = run_quant(args)
+    else:
+        if cuda:
+            args.shapes = args.shapes or ["llama-3.1-8b"]
+            args.tokens = args.tokens or [1, 4, 8, 16]
+            args.dtypes = args.dtypes or ["bf16"]
+            args.keeps = args.keeps or ([1.0, 0.5] if q else [1.0, 0.7, 0.5, 0.3])
+        args.shapes = args.shapes or (["smollm2-135m", "llama-3.1-8b"])
+        args.tokens = args.tokens or ([1, 16] if q else [1, 16, 256])
+        args.dtypes = args.dtypes or ["fp32", "bf16"]
+        args.keeps = args.keeps or ([1.0, 0.5, 0.3] if q else [1.0, 0.7, 0.5, 0.3, 0.1])
+        args.budget = args.budget or (0.3 if q else 1.5)
+        args.max_reps = args.max_reps or (30 if q else 200)
+        records = run_cuda(args) if cuda else run(args)
     if args.json:
         tmp = f"{args.json}.tmp"
         with open(tmp, "w") as f:

@@ -34,10 +34,21 @@ TORCH_LIBRARY(dart, m) {
   m.def("topk_indices(Tensor scores, int k) -> Tensor");
   m.def(
       "gathered_glu_ffn(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down_t, Tensor idx, "
-      "str act, Tensor? lengths=None) -> Tensor");
+      "str act, Tensor? lengths=None, Tensor? b_gate=None, Tensor? b_up=None, "
+      "Tensor? b_down=None) -> Tensor");
   m.def(
       "gathered_mlp(Tensor x, Tensor w_in, Tensor? b_in, Tensor w_out_t, Tensor? b_out, "
       "Tensor idx, str act, Tensor? lengths=None) -> Tensor");
+  // Quantised weights (formats of dart_ext/quant.py): each matrix is Tensor[] {data, scales} or
+  // {data, scales, mins}; `fmt` (q8, q4, q4m) and `group` (32, 64) hold for all of a call's.
+  m.def(
+      "gathered_glu_ffn_q(Tensor x, Tensor[] gate, Tensor[] up, Tensor[] down_t, str fmt, "
+      "int group, Tensor idx, str act, Tensor? lengths=None, Tensor? b_gate=None, "
+      "Tensor? b_up=None, Tensor? b_down=None) -> Tensor");
+  m.def(
+      "gathered_mlp_q(Tensor x, Tensor[] w_in, Tensor? b_in, Tensor[] w_out_t, Tensor? b_out, "
+      "str fmt, int group, Tensor idx, str act, Tensor? lengths=None) -> Tensor");
+  m.def("linear_q(Tensor x, Tensor[] w, str fmt, int group, Tensor? bias=None) -> Tensor");
   m.def("gather_neurons_(Tensor(a!) out, Tensor[] srcs, Tensor idx, Tensor? lengths=None) -> ()");
   // Settings of the CPU kernels as this process runs them (csrc/cpu/config.cpp parses the
   // environment once; Python reads them here instead of parsing the variables again).
@@ -53,4 +64,7 @@ TORCH_LIBRARY_IMPL(dart, Autograd, m) {
   m.impl("topk_indices", torch::CppFunction::makeFallthrough());
   m.impl("gathered_glu_ffn", torch::CppFunction::makeFallthrough());
   m.impl("gathered_mlp", torch::CppFunction::makeFallthrough());
+  m.impl("gathered_glu_ffn_q", torch::CppFunction::makeFallthrough());
+  m.impl("gathered_mlp_q", torch::CppFunction::makeFallthrough());
+  m.impl("linear_q", torch::CppFunction::makeFallthrough());
 }

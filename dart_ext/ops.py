@@ -11,8 +11,11 @@ them out of bounds; no autograd: inference only):
     scores of each row, sorted ascending (memory order). ``1 <= k <= N``. Ties: among equal scores
     the lower index wins; NaN counts as -inf.
 
-``gathered_glu_ffn(x, w_gate, w_up, w_down_t, idx, act, lengths=None) -> y``
-    ``y = sum_j act(x . w_gate[idx_j]) * (x . w_up[idx_j]) * w_down_t[idx_j]``.
+``gathered_glu_ffn(x, w_gate, w_up, w_down_t, idx, act, lengths=None, b_gate=None, b_up=None,
+b_down=None) -> y``
+    ``y = sum_j act(x . w_gate[idx_j] + b_gate[idx_j]) * (x . w_up[idx_j] + b_up[idx_j])
+    * w_down_t[idx_j] + b_down``; each bias optional (``b_gate``/``b_up`` ``[N]``, ``b_down``
+    ``[d]``, x's dtype; Llama's ``mlp_bias``), absent = zero.
     x ``[..., d]``; weights ``[N, d]`` with unit last-dim stride (any row stride: pass
     ``down_proj.weight.t()`` of a down projection stored ``[N, d]`` contiguous; weights are never
     copied whole); weights share x's dtype. idx int64 (int32 accepted) ``[k]`` shared by all tokens,
@@ -28,6 +31,19 @@ them out of bounds; no autograd: inference only):
     Plain 2-matrix FFN (GPT-2 / OPT / NeoX): ``h_j = act(x . w_in[idx_j] + b_in[idx_j])``,
     ``y = sum_j h_j * w_out_t[idx_j] + b_out``; biases optional (``b_in [N]``, ``b_out [d]``).
     Same shapes, dtypes, acts and ``lengths`` as above.
+
+``gathered_glu_ffn_q(x, gate, up, down_t, fmt, group, idx, act, lengths=None, b_gate=None,
+b_up=None, b_down=None) -> y``, ``gathered_mlp_q(x, w_in, b_in, w_out_t, b_out, fmt, group, idx,
+act, lengths=None) -> y``
+    The two FFN ops above over quantised rows (formats and byte layout: ``dart_ext.quant``): each
+    matrix is a list ``[data, scales]`` or ``[data, scales, mins]`` of one ``fmt`` (q8, q4, q4m)
+    and ``group`` (32, 64; it must divide d). The input dots (gate, up, w_in) use x rounded to int8
+    per block of 32 values (``quant.quantize_activations``), the down rows are added in fp32; the
+    reference is the fp op over the dequantised rows with x so rounded.
+
+``linear_q(x, w, fmt, group, bias=None) -> y``
+    ``y = x @ W^T + bias`` over quantised rows ``W [out, in]`` (same lists and rounding of x); y is
+    ``[..., out]`` in x's dtype.
 
 ``gather_neurons_(out, srcs, idx, lengths=None) -> None``  (mutates ``out``)
     Re-slices kept neuron rows into a persistent buffer. Shared idx ``[k]``: out ``[S*k, d]`` and
@@ -57,6 +73,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .quant import QuantRows
 from .reference import ACT_ALIASES, apply_act, canonical_act
 
 ACTIVATIONS = tuple(ACT_ALIASES)
@@ -141,8 +158,21 @@ def _topk_indices_fake(scores, k):
     return scores.new_empty((*scores.shape[:-1], k), dtype=torch.int64)
 
 
+def _check_biases(op, x, biases):
+    """Optional biases ``(name, tensor or None, size, what)``: 1-D [size] with x's device/dtype."""
+    for name, b, size, what in biases:
+        if b is None:
+            continue
+        if b.device != x.device or b.dtype != x.dtype:
+            _fail(op, f"{name} must be on x's device with x's dtype, got {b.device} {b.dtype}")
+        if b.dim() != 1 or b.shape[0] != size:
+            _fail(op, f"{name} must be 1-D [{what}] = [{size}], got shape {tuple(b.shape)}")
+
+
 @torch.library.register_fake("dart::gathered_glu_ffn")
-def _gathered_glu_ffn_fake(x, w_gate, w_up, w_down_t, idx, act, lengths=None):
+def _gathered_glu_ffn_fake(
+    x, w_gate, w_up, w_down_t, idx, act, lengths=None, b_gate=None, b_up=None, b_down=None
+):
     op = "gathered_glu_ffn"
     _check_x(op, x)
     d = x.shape[-1]
@@ -153,6 +183,9 @@ def _gathered_glu_ffn_fake(x, w_gate, w_up, w_down_t, idx, act, lengths=None):
         _fail(op, f"w_up has N = {w_up.shape[0]} rows but w_gate has N = {n}")
     if w_down_t.shape[0] != n:
         _fail(op, f"w_down_t has N = {w_down_t.shape[0]} rows but w_gate has N = {n}")
+    _check_biases(
+        op, x, (("b_gate", b_gate, n, "N"), ("b_up", b_up, n, "N"), ("b_down", b_down, d, "d"))
+    )
     _check_act(op, act)
     _check_idx(op, idx, x, n, lengths)
     return x.new_empty(x.shape)
@@ -168,16 +201,108 @@ def _gathered_mlp_fake(x, w_in, b_in, w_out_t, b_out, idx, act, lengths=None):
     n = w_in.shape[0]
     if w_out_t.shape[0] != n:
         _fail(op, f"w_out_t has N = {w_out_t.shape[0]} rows but w_in has N = {n}")
-    for name, b, size, what in (("b_in", b_in, n, "N"), ("b_out", b_out, d, "d")):
-        if b is None:
-            continue
-        if b.device != x.device or b.dtype != x.dtype:
-            _fail(op, f"{name} must be on x's device with x's dtype, got {b.device} {b.dtype}")
-        if b.dim() != 1 or b.shape[0] != size:
-            _fail(op, f"{name} must be 1-D [{what}] = [{size}], got shape {tuple(b.shape)}")
+    _check_biases(op, x, (("b_in", b_in, n, "N"), ("b_out", b_out, d, "d")))
     _check_act(op, act)
     _check_idx(op, idx, x, n, lengths)
     return x.new_empty(x.shape)
+
+
+_Q_FORMATS = {"q8": (8, False), "q4": (4, False), "q4m": (4, True)}  # quant.FORMATS, as C++ has it
+
+
+def _check_qmat(op, name, t, fmt, group, d, x):
+    """One quantised matrix {data, scales[, mins]} (dart_ext.quant); returns its row count N."""
+    bits, has_min = _Q_FORMATS[fmt]
+    want = 3 if has_min else 2
+    if len(t) != want:
+        parts = "[data, scales, mins]" if has_min else "[data, scales]"
+        _fail(op, f"{name} must hold {parts} for this format, got {len(t)} tensors")
+    n = t[0].shape[0] if t[0].dim() >= 1 else 0
+    for i, (part, p) in enumerate(zip(("data", "scales", "mins"), t, strict=False)):
+        if p.device != x.device:
+            _fail(op, f"{name} {part} is on {p.device} but x is on {x.device}")
+        dt = (torch.int8 if bits == 8 else torch.uint8) if i == 0 else torch.float16
+        if p.dtype != dt:
+            _fail(op, f"{name} {part} must be {dt} for {bits}-bit rows, got {p.dtype}")
+        cols = d * bits // 8 if i == 0 else d // group
+        if p.dim() != 2 or p.shape[0] != n or p.shape[1] != cols:
+            _fail(op, f"{name} {part} must be [N, {cols}] = [{n}, {cols}], got {tuple(p.shape)}")
+        if cols > 1 and p.stride(1) != 1:
+            _fail(op, f"{name} {part} must have unit stride in its last dim, got {p.stride()}")
+    if has_min and t[1].stride(0) != t[2].stride(0):
+        _fail(op, f"{name} scales and mins must share a row stride")
+    return n
+
+
+def _check_qformat(op, fmt, group, d):
+    if fmt not in _Q_FORMATS:
+        _fail(op, f"unknown quantisation format '{fmt}'; accepted: {', '.join(_Q_FORMATS)}")
+    if group not in (32, 64):
+        _fail(op, f"group must be 32 or 64, got {group}")
+    if d % group:
+        _fail(op, f"group = {group} must divide d = {d} (x's last dim, the rows' length)")
+
+
+def _q_ffn_fake(op, x, w1, w1_name, w2, wo, wo_name, fmt, group, idx, act, lengths, biases):
+    _check_x(op, x)
+    d = x.shape[-1]
+    _check_qformat(op, fmt, group, d)
+    n = _check_qmat(op, w1_name, w1, fmt, group, d, x)
+    if w2 is not None:
+        n2 = _check_qmat(op, "up", w2, fmt, group, d, x)
+        if n2 != n:
+            _fail(op, f"up has N = {n2} rows but {w1_name} has N = {n}")
+    no = _check_qmat(op, wo_name, wo, fmt, group, d, x)
+    if no != n:
+        _fail(op, f"{wo_name} has N = {no} rows but {w1_name} has N = {n}")
+    _check_biases(op, x, [(name, b, n if size == "N" else d, size) for name, b, size in biases])
+    _check_act(op, act)
+    _check_idx(op, idx, x, n, lengths)
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("dart::gathered_glu_ffn_q")
+def _gathered_glu_ffn_q_fake(
+    x, gate, up, down_t, fmt, group, idx, act, lengths=None, b_gate=None, b_up=None, b_down=None
+):
+    op = "gathered_glu_ffn_q"
+    if not up:
+        _fail(op, "up must hold [data, scales(, mins)], got []")
+    biases = (("b_gate", b_gate, "N"), ("b_up", b_up, "N"), ("b_down", b_down, "d"))
+    return _q_ffn_fake(
+        op, x, gate, "gate", up, down_t, "down_t", fmt, group, idx, act, lengths, biases
+    )
+
+
+@torch.library.register_fake("dart::gathered_mlp_q")
+def _gathered_mlp_q_fake(x, w_in, b_in, w_out_t, b_out, fmt, group, idx, act, lengths=None):
+    biases = (("b_in", b_in, "N"), ("b_out", b_out, "d"))
+    return _q_ffn_fake(
+        "gathered_mlp_q",
+        x,
+        w_in,
+        "w_in",
+        None,
+        w_out_t,
+        "w_out_t",
+        fmt,
+        group,
+        idx,
+        act,
+        lengths,
+        biases,
+    )
+
+
+@torch.library.register_fake("dart::linear_q")
+def _linear_q_fake(x, w, fmt, group, bias=None):
+    op = "linear_q"
+    _check_x(op, x)
+    d = x.shape[-1]
+    _check_qformat(op, fmt, group, d)
+    n = _check_qmat(op, "w", w, fmt, group, d, x)
+    _check_biases(op, x, (("bias", bias, n, "N (w's rows)"),))
+    return x.new_empty((*x.shape[:-1], n))
 
 
 @torch.library.register_fake("dart::gather_neurons_")
@@ -224,10 +349,16 @@ def gathered_glu_ffn(
     idx: torch.Tensor,
     act: str = "silu",
     lengths: torch.Tensor | None = None,
+    *,
+    b_gate: torch.Tensor | None = None,
+    b_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gated FFN over the kept neurons ``idx`` only (per sequence: row b's first ``lengths[b]``;
-    see the module docstring)."""
-    return torch.ops.dart.gathered_glu_ffn.default(x, w_gate, w_up, w_down_t, idx, act, lengths)
+    """Gated FFN over the kept neurons ``idx`` only (per sequence: row b's first ``lengths[b]``),
+    with optional biases ``b_gate [N]``, ``b_up [N]``, ``b_down [d]`` (see the module docstring)."""
+    return torch.ops.dart.gathered_glu_ffn.default(
+        x, w_gate, w_up, w_down_t, idx, act, lengths, b_gate, b_up, b_down
+    )
 
 
 def gathered_mlp(
@@ -242,6 +373,70 @@ def gathered_mlp(
 ) -> torch.Tensor:
     """Plain 2-matrix FFN over the kept neurons ``idx`` only (see the module docstring)."""
     return torch.ops.dart.gathered_mlp.default(x, w_in, b_in, w_out_t, b_out, idx, act, lengths)
+
+
+def _q_common(op: str, mats: dict[str, QuantRows]) -> tuple[str, int]:
+    """The one (format, group) of a call's quantised matrices (ValueError if they differ)."""
+    kinds = {(q.fmt, q.group) for q in mats.values()}
+    if len(kinds) != 1:
+        got = ", ".join(f"{n}: {q.fmt}/{q.group}" for n, q in mats.items())
+        raise ValueError(f"{op}: all quantised matrices must share format and group, got {got}")
+    return kinds.pop()
+
+
+def gathered_glu_ffn_q(
+    x: torch.Tensor,
+    gate: QuantRows,
+    up: QuantRows,
+    down_t: QuantRows,
+    idx: torch.Tensor,
+    act: str = "silu",
+    lengths: torch.Tensor | None = None,
+    *,
+    b_gate: torch.Tensor | None = None,
+    b_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`gathered_glu_ffn` over quantised rows ``[N, d]`` (``dart_ext.quant.quantize_rows``
+    of the gate, up and TRANSPOSED down projections, one format and group)."""
+    fmt, group = _q_common("gathered_glu_ffn_q", {"gate": gate, "up": up, "down_t": down_t})
+    return torch.ops.dart.gathered_glu_ffn_q.default(
+        x,
+        gate.tensors(),
+        up.tensors(),
+        down_t.tensors(),
+        fmt,
+        group,
+        idx,
+        act,
+        lengths,
+        b_gate,
+        b_up,
+        b_down,
+    )
+
+
+def gathered_mlp_q(
+    x: torch.Tensor,
+    w_in: QuantRows,
+    b_in: torch.Tensor | None,
+    w_out_t: QuantRows,
+    b_out: torch.Tensor | None,
+    idx: torch.Tensor,
+    act: str = "gelu_tanh",
+    lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`gathered_mlp` over quantised rows ``[N, d]`` (w_in, TRANSPOSED w_out)."""
+    fmt, group = _q_common("gathered_mlp_q", {"w_in": w_in, "w_out_t": w_out_t})
+    return torch.ops.dart.gathered_mlp_q.default(
+        x, w_in.tensors(), b_in, w_out_t.tensors(), b_out, fmt, group, idx, act, lengths
+    )
+
+
+def linear_q(x: torch.Tensor, w: QuantRows, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = x @ W^T + bias`` over a quantised ``W [out, in]`` (rows = outputs): y ``[..., out]``
+    in x's dtype, fp32 accumulation, x rounded to int8 per block of 32 as in the FFN ops."""
+    return torch.ops.dart.linear_q.default(x, w.tensors(), w.fmt, w.group, bias)
 
 
 def gather_neurons_(

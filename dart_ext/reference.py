@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .quant import QuantRows, dequantize_rows, quantize_activations
+
 ACT_ALIASES = {
     "silu": "silu",
     "swish": "silu",
@@ -69,11 +71,18 @@ def _per_batch(x, idx, fn, lengths=None):
     return torch.stack([fn(xf[b], ix) for b, ix in enumerate(per_row)]).reshape(x.shape)
 
 
-def gathered_glu_ffn(x, w_gate, w_up, w_down_t, idx, act, lengths=None):
+def _kept_bias(b, ix):
+    return None if b is None else b.float().index_select(0, ix)
+
+
+def gathered_glu_ffn(
+    x, w_gate, w_up, w_down_t, idx, act, lengths=None, b_gate=None, b_up=None, b_down=None
+):
     def fn(xr, ix):
-        g = F.linear(xr, w_gate.float().index_select(0, ix))
-        u = F.linear(xr, w_up.float().index_select(0, ix))
-        return (apply_act(act, g) * u) @ w_down_t.float().index_select(0, ix)
+        g = F.linear(xr, w_gate.float().index_select(0, ix), _kept_bias(b_gate, ix))
+        u = F.linear(xr, w_up.float().index_select(0, ix), _kept_bias(b_up, ix))
+        y = (apply_act(act, g) * u) @ w_down_t.float().index_select(0, ix)
+        return y if b_down is None else y + b_down.float()
 
     return _per_batch(x, idx, fn, lengths).to(x.dtype)
 
@@ -86,6 +95,43 @@ def gathered_mlp(x, w_in, b_in, w_out_t, b_out, idx, act, lengths=None):
         return y if b_out is None else y + b_out.float()
 
     return _per_batch(x, idx, fn, lengths).to(x.dtype)
+
+
+def _dequant(parts, fmt, group):
+    # the op's list form of a quantised matrix -> its fp32 rows
+    mins = parts[2] if len(parts) > 2 else None
+    return dequantize_rows(QuantRows(fmt, group, parts[0], parts[1], mins))
+
+
+def _rounded_x(x):
+    return quantize_activations(x) if x.shape[-1] else x.float()
+
+
+def gathered_glu_ffn_q(
+    x, gate, up, down_t, fmt, group, idx, act, lengths=None, b_gate=None, b_up=None, b_down=None
+):
+    """gathered_glu_ffn over the dequantised rows, the input dots with x rounded to int8 per block
+    of 32 (the down projection's input h is never rounded)."""
+    wg, wu, wd = (_dequant(m, fmt, group) for m in (gate, up, down_t))
+    xq = _rounded_x(x)
+
+    def fn(xr, ix):
+        g = F.linear(xr, wg.index_select(0, ix), _kept_bias(b_gate, ix))
+        u = F.linear(xr, wu.index_select(0, ix), _kept_bias(b_up, ix))
+        y = (apply_act(act, g) * u) @ wd.index_select(0, ix)
+        return y if b_down is None else y + b_down.float()
+
+    return _per_batch(xq, idx, fn, lengths).to(x.dtype)
+
+
+def gathered_mlp_q(x, w_in, b_in, w_out_t, b_out, fmt, group, idx, act, lengths=None):
+    wi, wo = _dequant(w_in, fmt, group), _dequant(w_out_t, fmt, group)
+    return gathered_mlp(_rounded_x(x), wi, b_in, wo, b_out, idx, act, lengths).to(x.dtype)
+
+
+def linear_q(x, w, fmt, group, bias=None):
+    b = None if bias is None else bias.float()
+    return F.linear(_rounded_x(x), _dequant(w, fmt, group), b).to(x.dtype)
 
 
 def gather_neurons(srcs, idx, lengths=None):

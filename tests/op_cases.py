@@ -123,6 +123,7 @@ def _glu_samples(dev):
             yield f"glu-k{k}-T{t}-per-seq", GLU, (x, *ws, per_seq, "gelu")
             yield f"glu-k{k}-T{t}-per-seq-B1", GLU, (x[:1], *ws, per_seq[:1], "gelu")
     yield from _glu_length_samples(dev)
+    yield from _glu_bias_samples(dev)
     ws = weights(50, 24, device=dev)
     idx = torch.tensor([1, 4, 9, 49], device=dev)
     buf = rand((3 * 24 + 1,), device=dev)
@@ -147,6 +148,33 @@ def _glu_samples(dev):
     idx = kept(1200, 1100, dev, seed=1)
     for t in (1, 7, 9):
         yield f"glu-multiblock-T{t}", GLU, (rand((t, 2048), device=dev), *ws, idx, "silu")
+
+
+def _glu_bias_samples(dev):
+    """Llama's mlp_bias: b_gate / b_up [N] and b_down [d], each alone and all three, on both CPU
+    routes (T = 1 decode loop, T = 9 GEMM), shared, per-sequence and padded idx."""
+    n, d = 64, 40
+    for dtype in DTYPES:
+        ws = weights(n, d, dtype, dev)
+        bias = (rand((n,), dtype, dev, 11), rand((n,), dtype, dev, 12), rand((d,), dtype, dev, 13))
+        shared, per_seq = kept(n, 30, dev), kept(n, 30, dev, seed=5, batch=3)
+        pidx, lens = padded(n, 30, (0, -1, 5), dev)
+        for which in ("gate", "up", "down", "all"):
+            b = [
+                t if which in (nm, "all") else None for nm, t in zip(BIAS_NAMES, bias, strict=True)
+            ]
+            for t in (1, 9):
+                x = rand((3, t, d), dtype, dev)
+                tag = f"{which}-{dtype}-T{t}".replace("torch.", "")
+                yield f"glu-bias-{tag}-shared", GLU, (x, *ws, shared, "silu", None, *b)
+                yield f"glu-bias-{tag}-per-seq", GLU, (x, *ws, per_seq, "gelu", None, *b)
+                yield f"glu-bias-{tag}-lengths", GLU, (x, *ws, pidx, "relu", lens, *b)
+    ws = weights(20, 9, device=dev)
+    b = (rand((20,), device=dev), rand((20,), device=dev, seed=3), rand((9,), device=dev))
+    yield "glu-bias-k0", GLU, (rand((3, 9), device=dev), *ws, kept(20, 0, dev), "silu", None, *b)
+
+
+BIAS_NAMES = ("gate", "up", "down")
 
 
 def _glu_length_samples(dev):
@@ -312,6 +340,8 @@ def opcheck_inputs(device: str) -> list[tuple[torch._ops.OpOverload, tuple]]:
         (GATHER, (torch.empty(2, 120, d, device=device), ws, idx_b)),
         (GLU, (rand((3, 2, d), device=device), *ws, idx4, "silu", lens4)),
         (GLU, (rand((3, 20, d), device=device), *ws, idx3, "gelu", lens3)),
+        (GLU, (rand((2, d), device=device), *ws, idx, "silu", None, b_in, b_in * 2, b_out)),
+        (GLU, (rand((3, 20, d), device=device), *ws, idx3, "gelu", lens3, None, b_in, None)),
         (
             MLP,
             (rand((3, 1, d), device=device), ws[0], b_in, ws[1], b_out, idx3, "relu", lens3),
@@ -370,6 +400,22 @@ def bad_inputs(device: str) -> list[tuple[str, Callable[[Operands], object]]]:
         ),
         ("w_gate has dtype", lambda o: GLU(o.x, o.wg.double(), o.wu, o.wdt, o.idx, "silu")),
         ("x must be float32", lambda o: GLU(o.x.double(), o.wg, o.wu, o.wdt, o.idx, "silu")),
+        (
+            "b_gate must be 1-D \\[N\\] = \\[10\\]",
+            lambda o: GLU(o.x, o.wg, o.wu, o.wdt, o.idx, "silu", None, o.empty(N + 1)),
+        ),
+        (
+            "b_up must be 1-D \\[N\\]",
+            lambda o: GLU(o.x, o.wg, o.wu, o.wdt, o.idx, "silu", None, None, o.empty(1, N)),
+        ),
+        (
+            "b_down must be 1-D \\[d\\] = \\[8\\]",
+            lambda o: GLU(o.x, o.wg, o.wu, o.wdt, o.idx, "silu", None, None, None, o.empty(N)),
+        ),
+        (
+            "b_up (has dtype|must be on x's device with x's dtype)",
+            lambda o: GLU(o.x, o.wg, o.wu, o.wdt, o.idx, "silu", None, None, o.empty(N).double()),
+        ),
         ("w_in has dtype", lambda o: MLP(o.x, o.wg.bfloat16(), None, o.wdt, None, o.idx, "relu")),
         ("b_in must be 1-D", lambda o: MLP(o.x, o.wg, o.empty(N + 1), o.wdt, None, o.idx, "relu")),
         ("b_out must be 1-D", lambda o: MLP(o.x, o.wg, None, o.wdt, o.empty(N), o.idx, "relu")),

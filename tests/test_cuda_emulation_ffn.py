@@ -83,8 +83,9 @@ class Case:
     d: int = 64
     k: int = 40
     act: str = "silu"
-    bias_in: bool = False
-    bias_out: bool = False
+    bias_in: bool = False  # b_in (MLP) / b_gate (GLU)
+    bias_up: bool = False  # b_up (GLU only)
+    bias_out: bool = False  # b_out (MLP) / b_down (GLU)
     splits: int = 0  # 0: the plan's choice
     num_sms: int = 2
     row_pad: int = 0  # extra elements per weight row (row stride d + row_pad)
@@ -132,6 +133,7 @@ def make_inputs(c: Case) -> dict:
         "x": quantize(x32, c.dtype),
         "w": [quantize(w, c.dtype) for w in ws32],
         "b_in": quantize(rng.standard_normal(c.n).astype(np.float32) * 0.5, c.dtype),
+        "b_up": quantize(rng.standard_normal(c.n).astype(np.float32) * 0.5, c.dtype),
         "b_out": quantize(rng.standard_normal(c.d).astype(np.float32) * 0.5, c.dtype),
         "idx": idx,
     }
@@ -145,15 +147,16 @@ def reference(c: Case, inp: dict) -> np.ndarray:
         rows = inp["idx"][g if len(inp["idx"]) > 1 else 0]
         if c.lengths is not None:
             rows = rows[: c.lengths[g]]
-        b_out = inp["b_out"][1] if c.bias_out and not c.glu else 0.0
+        b_out = inp["b_out"][1] if c.bias_out else 0.0
         if len(rows) == 0:  # no kept neuron (np.vectorize refuses empty inputs)
             y[g] = b_out
             continue
-        pre = x[g] @ w1[rows].T
+        pre = x[g] @ w1[rows].T + (inp["b_in"][1][rows] if c.bias_in else 0.0)
         if c.glu:
-            h = act_ref(c.act, pre) * (x[g] @ w2[rows].T)
+            up = x[g] @ w2[rows].T + (inp["b_up"][1][rows] if c.bias_up else 0.0)
+            h = act_ref(c.act, pre) * up
         else:
-            h = act_ref(c.act, pre + (inp["b_in"][1][rows] if c.bias_in else 0.0))
+            h = act_ref(c.act, pre)
         y[g] = h @ wo[rows] + b_out
     return y.reshape(-1, c.d)
 
@@ -196,8 +199,9 @@ def run(c: Case, inp: dict, vec: bool | None = None) -> np.ndarray:
         C(stride),
         wo,
         C(stride),
-        buf(inp["b_in"][0]) if c.bias_in and not c.glu else None,
-        buf(inp["b_out"][0]) if c.bias_out and not c.glu else None,
+        buf(inp["b_in"][0]) if c.bias_in else None,
+        buf(inp["b_up"][0]) if c.bias_up and c.glu else None,
+        buf(inp["b_out"][0]) if c.bias_out else None,
         idx_ptr,
         int(c.int32),
         C(c.k if len(idx) > 1 or c.per_seq else 0),
@@ -309,6 +313,25 @@ def test_lengths_out_of_range_is_a_device_error():
     c = Case(groups=2, per_seq=True, k=40, lengths=(3, 41))
     with pytest.raises(emu.EmulationError, match="lengths out of range"):
         run(c, make_inputs(c))
+
+
+@pytest.mark.parametrize("tokens,split", [(1, False), (3, True), (16, True)])
+@pytest.mark.parametrize("biases", ["gate", "up", "down", "all"])
+def test_glu_biases(tokens, split, biases):
+    """GLU with Llama's mlp_bias: b_gate / b_up [N] inside the activation product, b_down [d]
+    on y; each alone and all three, with one split and split-K."""
+    c = Case(
+        glu=True,
+        dtype="float32" if tokens == 1 else "bfloat16",
+        tokens=tokens,
+        k=150 if split else 45,
+        splits=2 if split else 1,
+        bias_in=biases in ("gate", "all"),
+        bias_up=biases in ("up", "all"),
+        bias_out=biases in ("down", "all"),
+        lengths=None,
+    )
+    check(c)
 
 
 @pytest.mark.parametrize("bias_in,bias_out", [(True, False), (False, True), (False, False)])

@@ -72,6 +72,19 @@ inline void check_weight(const at::Tensor& w, const at::Tensor& x, const char* o
               "down_proj.weight.t().contiguous()) and pass that, or its .t().t() view");
 }
 
+// An optional bias: 1-D [n] on x's device with x's dtype (`what` names n, e.g. "N" or "d").
+inline void check_bias(const c10::optional<at::Tensor>& b, const at::Tensor& x, const char* op,
+                       const char* name, int64_t n, const char* what) {
+  if (!b.has_value()) return;
+  const at::Tensor& t = *b;
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ",
+              x.device());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+              " but x has dtype ", x.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, " must be 1-D [", what, "] = [", n,
+              "], got shape ", t.sizes());
+}
+
 // A private int64 contiguous copy of idx: the ops validate and then read this copy, never the
 // caller's tensor, which another thread may change while the op runs (ops release the GIL).
 inline at::Tensor owned_indices(const at::Tensor& idx) {
@@ -156,6 +169,18 @@ inline Indices check_idx(const at::Tensor& idx, const c10::optional<at::Tensor>&
                 " rows but x has batch size ", x.size(0));
   }
   return check_indices(idx, lengths, x.device(), N, op);
+}
+
+// The kept neurons' input bias b [N] as fp32 in idx's layout ([k] or [B, kmax]; padding entries
+// of the private idx copy are 0, so they gather a harmless bias nobody reads), or undefined when
+// there is no bias or nothing is kept. Tiny: k floats per call.
+inline at::Tensor kept_bias(const c10::optional<at::Tensor>& b, const Indices& ix) {
+  if (!b.has_value() || ix.k == 0) return at::Tensor();
+  return b->to(at::kFloat).index_select(0, ix.idx.reshape({-1})).contiguous();
+}
+
+inline const float* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<float>() : nullptr;
 }
 
 // x [..., d] as a contiguous fp32 [M, d] tensor (a no-op for contiguous fp32 x; M from the

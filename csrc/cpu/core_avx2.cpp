@@ -5,7 +5,9 @@
 #if DART_CPU_DISPATCH
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
@@ -26,7 +28,9 @@ namespace {
 
 namespace dart {
 namespace cpu {
-const CoreKernels kCoreAvx2 = {"avx2", &avx2::ffn_neurons, &avx2::gather_rows_f32};
+const CoreKernels kCoreAvx2 = {"avx2",           &avx2::ffn_neurons,  &avx2::gather_rows_f32,
+                                 &avx2::qffn_neurons, &avx2::qdot_rows,    &avx2::qdequant_rows,
+                                 &avx2::quantize_act};
 }  // namespace cpu
 }  // namespace dart
 #endif

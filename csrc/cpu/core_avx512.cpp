@@ -5,7 +5,9 @@
 #if DART_CPU_DISPATCH
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 // GCC 12's own _mm512_cvtph_ps trips -Wmaybe-uninitialized (its `__m512 __Y = __Y` idiom).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -28,7 +30,9 @@ namespace {
 
 namespace dart {
 namespace cpu {
-const CoreKernels kCoreAvx512 = {"avx512", &avx512::ffn_neurons, &avx512::gather_rows_f32};
+const CoreKernels kCoreAvx512 = {"avx512",           &avx512::ffn_neurons,  &avx512::gather_rows_f32,
+                                 &avx512::qffn_neurons, &avx512::qdot_rows,    &avx512::qdequant_rows,
+                                 &avx512::quantize_act};
 }  // namespace cpu
 }  // namespace dart
 #endif

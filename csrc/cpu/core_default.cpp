@@ -1,6 +1,8 @@
 // Portable variant of the CPU hot loops (kernel_core.inc): the build's baseline instruction set
 // (SSE2 on x86-64 unless DART_NATIVE=1), 8-lane vectors.
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "kernel_core.h"
 
@@ -20,7 +22,13 @@ namespace {
 }  // namespace
 }  // namespace portable
 
-const CoreKernels kCoreDefault = {"default", &portable::ffn_neurons, &portable::gather_rows_f32};
+const CoreKernels kCoreDefault = {"default",
+                                  &portable::ffn_neurons,
+                                  &portable::gather_rows_f32,
+                                  &portable::qffn_neurons,
+                                  &portable::qdot_rows,
+                                  &portable::qdequant_rows,
+                                  &portable::quantize_act};
 
 }  // namespace cpu
 }  // namespace dart

@@ -41,8 +41,9 @@ struct FfnArgs {
   const at::Tensor* w2;  // w_up (GLU) or nullptr
   const at::Tensor* wo;  // w_down_t / w_out_t
   const char* wo_name;
-  const at::Tensor* b1;  // b_in or nullptr
-  const at::Tensor* bo;  // b_out or nullptr
+  const at::Tensor* b1;  // b_in (MLP) / b_gate (GLU) or nullptr
+  const at::Tensor* b2;  // b_up (GLU) or nullptr
+  const at::Tensor* bo;  // b_out (MLP) / b_down (GLU) or nullptr
   const at::Tensor* idx;
   c10::string_view act;
   const std::optional<at::Tensor>* lengths;  // per-row lengths of a padded idx [B, kmax]
@@ -65,7 +66,8 @@ inline void check_weight(const at::Tensor& w, const at::Tensor& x, int64_t N, in
 template <typename T, bool GLU>
 void launch_decode(const kernels::FfnPlan& plan, const at::Tensor& xc, const at::Tensor& w1,
                    const at::Tensor& w2, const at::Tensor& wo, const at::Tensor& b1,
-                   const at::Tensor& bo, const at::Tensor& idx, const at::Tensor& lens,
+                   const at::Tensor& b2, const at::Tensor& bo, const at::Tensor& idx,
+                   const at::Tensor& lens,
                    at::Tensor& y, int64_t N,
                    int64_t d, int64_t k, int64_t G, int64_t Mc, kernels::Act act, int sms,
                    cudaStream_t stream, const char* op) {
@@ -80,6 +82,7 @@ void launch_decode(const kernels::FfnPlan& plan, const at::Tensor& xc, const at:
   p.wo = wo.data_ptr();
   p.wo_stride = wo.stride(0);
   p.b1 = b1.defined() ? b1.data_ptr() : nullptr;
+  p.b2 = b2.defined() ? b2.data_ptr() : nullptr;
   p.bo = bo.defined() ? bo.data_ptr() : nullptr;
   p.idx = idx.data_ptr();
   p.idx_int32 = idx.scalar_type() == at::kInt;
@@ -133,8 +136,8 @@ void gather_kept_rows(at::Tensor& buf, const at::Tensor& w1, const at::Tensor& w
 // whose gathered rows fit in kPrefillGatherBytes (one buffer, reused in stream order).
 template <typename T, bool GLU>
 void prefill(const at::Tensor& xc, const at::Tensor& w1, const at::Tensor& w2,
-             const at::Tensor& wo, const at::Tensor& b1, const at::Tensor& bo,
-             const at::Tensor& idx64, const at::Tensor& lens64, at::Tensor& y, int64_t N,
+             const at::Tensor& wo, const at::Tensor& b1, const at::Tensor& b2,
+             const at::Tensor& bo, const at::Tensor& idx64, const at::Tensor& lens64, at::Tensor& y, int64_t N,
              int64_t d, int64_t k, int64_t G,
              int64_t Mc, kernels::Act act, int sms, cudaStream_t stream, const char* op) {
   constexpr int64_t S = GLU ? 3 : 2;
@@ -157,15 +160,18 @@ void prefill(const at::Tensor& xc, const at::Tensor& w1, const at::Tensor& w2,
     const at::Tensor xn = x3.narrow(0, g0, n);
     at::bmm_out(pn, xn, bn.narrow(1, 0, in_rows).transpose(1, 2));
     const int64_t rows = n * Mc;
+    // biases are indexed through the chunk's own index rows (padding entries give h = 0)
+    const int64_t* idx_chunk = idx64.data_ptr<int64_t>() + (per_seq ? g0 * k : 0);
+    const int64_t* lens_chunk = lens64.defined() ? lens64.data_ptr<int64_t>() + g0 : nullptr;
     if (GLU) {
+      kernels::GluBias<T> gb{b1.defined() ? static_cast<const T*>(b1.data_ptr()) : nullptr,
+                          b2.defined() ? static_cast<const T*>(b2.data_ptr()) : nullptr,
+                          idx_chunk, per_seq ? k : 0, lens_chunk, Mc, N};
       check_launch(kernels::launch_glu_act_mul<T>(static_cast<const T*>(pn.data_ptr()), 2 * k,
                                                   static_cast<T*>(hn.data_ptr()), rows, k, act,
-                                                  sms, stream),
+                                                  gb, sms, stream),
                    op);
     } else {
-      // b_in is indexed through the chunk's own index rows (padding entries are zeroed)
-      const int64_t* idx_chunk = idx64.data_ptr<int64_t>() + (per_seq ? g0 * k : 0);
-      const int64_t* lens_chunk = lens64.defined() ? lens64.data_ptr<int64_t>() + g0 : nullptr;
       check_launch(kernels::launch_mlp_bias_act<T>(
                        static_cast<T*>(hn.data_ptr()), rows, k,
                        b1.defined() ? static_cast<const T*>(b1.data_ptr()) : nullptr, idx_chunk,
@@ -196,18 +202,16 @@ at::Tensor gathered_ffn_cuda(const FfnArgs& a) {
   check_weight(*a.w1, x, N, d, op, a.w1_name, a.w1_name);
   if constexpr (GLU) check_weight(*a.w2, x, N, d, op, "w_up", a.w1_name);
   check_weight(*a.wo, x, N, d, op, a.wo_name, a.w1_name);
-  if (a.b1 != nullptr) {
-    check_cuda_tensor(*a.b1, x, op, "b_in");
-    check_same_dtype(*a.b1, x, op, "b_in", "x");
-    TORCH_CHECK(a.b1->dim() == 1 && a.b1->size(0) == N, op, ": b_in must be 1-D [N] = [", N,
-                "], got shape ", a.b1->sizes());
-  }
-  if (a.bo != nullptr) {
-    check_cuda_tensor(*a.bo, x, op, "b_out");
-    check_same_dtype(*a.bo, x, op, "b_out", "x");
-    TORCH_CHECK(a.bo->dim() == 1 && a.bo->size(0) == d, op, ": b_out must be 1-D [d] = [", d,
-                "], got shape ", a.bo->sizes());
-  }
+  auto check_bias = [&](const at::Tensor* b, const char* name, int64_t n, const char* what) {
+    if (b == nullptr) return;
+    check_cuda_tensor(*b, x, op, name);
+    check_same_dtype(*b, x, op, name, "x");
+    TORCH_CHECK(b->dim() == 1 && b->size(0) == n, op, ": ", name, " must be 1-D [", what,
+                "] = [", n, "], got shape ", b->sizes());
+  };
+  check_bias(a.b1, GLU ? "b_gate" : "b_in", N, "N");
+  check_bias(a.b2, "b_up", N, "N");
+  check_bias(a.bo, GLU ? "b_down" : "b_out", d, "d");
   // int32 indices reach the decode kernels as they are (no widening kernel per call); the
   // GEMM path's row gather widens them
   check_cuda_tensor(*a.idx, x, op, "idx");
@@ -245,6 +249,7 @@ at::Tensor gathered_ffn_cuda(const FfnArgs& a) {
   const at::Tensor w2 = GLU ? rows_view(*a.w2) : at::Tensor();
   const at::Tensor wo = rows_view(*a.wo);
   const at::Tensor b1 = a.b1 != nullptr ? a.b1->contiguous() : at::Tensor();
+  const at::Tensor b2 = a.b2 != nullptr ? a.b2->contiguous() : at::Tensor();
   const int64_t G = per_seq ? x.size(0) : 1;
   const int64_t Mc = M / G;
   const int sms = num_sms();
@@ -264,12 +269,12 @@ at::Tensor gathered_ffn_cuda(const FfnArgs& a) {
                                           sms, max_smem_optin())
             : kernels::FfnPlan{};
     if (plan.ok) {
-      launch_decode<T, GLU>(plan, xc, w1, w2, wo, b1, bo, idx, lens, y, N, d, k, G, Mc, act,
-                            sms, stream, op);
+      launch_decode<T, GLU>(plan, xc, w1, w2, wo, b1, b2, bo, idx, lens, y, N, d, k, G, Mc,
+                            act, sms, stream, op);
     } else {
       const at::Tensor lens64 = lens.defined() ? lens.to(at::kLong) : lens;
-      prefill<T, GLU>(xc, w1, w2, wo, b1, bo, idx.to(at::kLong), lens64, y, N, d, k, G, Mc, act,
-                      sms, stream, op);
+      prefill<T, GLU>(xc, w1, w2, wo, b1, b2, bo, idx.to(at::kLong), lens64, y, N, d, k, G, Mc,
+                      act, sms, stream, op);
     }
   });
   return y;

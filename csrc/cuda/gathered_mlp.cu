@@ -12,8 +12,8 @@ at::Tensor gathered_mlp_cuda(const at::Tensor& x, const at::Tensor& w_in,
                              c10::string_view act, const std::optional<at::Tensor>& lengths) {
   const at::Tensor* bi = b_in.has_value() && b_in->defined() ? &*b_in : nullptr;
   const at::Tensor* bo = b_out.has_value() && b_out->defined() ? &*b_out : nullptr;
-  FfnArgs a{"dart::gathered_mlp", &x, &w_in, "w_in", nullptr, &w_out_t, "w_out_t", bi, bo, &idx,
-            act, &lengths};
+  FfnArgs a{"dart::gathered_mlp", &x, &w_in, "w_in", nullptr, &w_out_t, "w_out_t",
+            bi,                   nullptr, bo,    &idx, act,     &lengths};
   return gathered_ffn_cuda<false>(a);
 }
 

@@ -39,10 +39,11 @@ void dart_emu_ffn_plan(int dtype, int G, int Mc, long long d, long long k, int v
 
 // Runs both decode kernels with the plan dart_emu_ffn_plan returns for the same arguments;
 // `ws` holds at least its ws_bytes (256-byte aligned); `lens` (null: none) holds the per-group
-// lengths. Returns the cudaError_t of the launch.
+// lengths; b1 / b2 / bo (null: none) are the biases of w1 (b_in / b_gate), w2 (b_up) and y. Returns the cudaError_t of the launch.
 int dart_emu_ffn_decode(int dtype, int glu, const void* x, const void* w1, long long w1_stride,
                         const void* w2, long long w2_stride, const void* wo, long long wo_stride,
-                        const void* b1, const void* bo, const void* idx, int idx_int32,
+                        const void* b1, const void* b2, const void* bo, const void* idx,
+                        int idx_int32,
                         long long idx_group_stride, const void* lens, int lens_int32, void* y,
                         long long N, long long d,
                         long long k, int G, int Mc, int act, int vec, int num_sms,
@@ -58,6 +59,7 @@ int dart_emu_ffn_decode(int dtype, int glu, const void* x, const void* w1, long 
   p.wo = wo;
   p.wo_stride = wo_stride;
   p.b1 = b1;
+  p.b2 = b2;
   p.bo = bo;
   p.idx = idx;
   p.idx_int32 = idx_int32 != 0;

@@ -1,6 +1,6 @@
-// Gathered FFN kernels (torch-free): y = sum_j h_j * w_out[idx_j] with
-//   GLU: h_j = act(x . w_gate[idx_j]) * (x . w_up[idx_j])
-//   MLP: h_j = act(x . w_in[idx_j] + b_in[idx_j])            (+ b_out on y)
+// Gathered FFN kernels (torch-free): y = sum_j h_j * w_out[idx_j] (+ b_out / b_down on y) with
+//   GLU: h_j = act(x . w_gate[idx_j] + b_gate[idx_j]) * (x . w_up[idx_j] + b_up[idx_j])
+//   MLP: h_j = act(x . w_in[idx_j] + b_in[idx_j])            (biases optional)
 //
 // Decode path (few tokens per index set, memory-bandwidth bound), two streaming kernels:
 //   phase 1  gate/up: the CTA stages its tokens' x in shared memory; a warp works on a unit of
@@ -52,8 +52,9 @@ struct FfnParams {
   int64_t w2_stride;
   const void* wo;  // down_t / out_t: [N, d]
   int64_t wo_stride;
-  const void* b1;  // [N] or nullptr (MLP only)
-  const void* bo;  // [d] or nullptr (MLP only)
+  const void* b1;  // [N] or nullptr: bias of w1 (b_in of MLP, b_gate of GLU)
+  const void* b2;  // [N] or nullptr: bias of w2 (b_up, GLU only)
+  const void* bo;  // [d] or nullptr: bias of y (b_out / b_down)
   const void* idx;  // group g uses idx[g * idx_group_stride + j], j < k_g; int64 or int32
   bool idx_int32;
   int64_t idx_group_stride;
@@ -172,7 +173,7 @@ __device__ __forceinline__ int reduced_index(int lane) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Phase 1: h[g*Mc + t, j] = act(x_t . w1[idx_j] (+ b1)) (* x_t . w2[idx_j])
+// Phase 1: h[g*Mc + t, j] = act(x_t . w1[idx_j] (+ b1)) (* (x_t . w2[idx_j] (+ b2)))
 // ---------------------------------------------------------------------------------------------
 template <typename T, bool GLU, int MAXT, int VE>
 __global__ void __launch_bounds__(kFfnThreads, 2) ffn_phase1_kernel(FfnParams p) {
@@ -209,6 +210,7 @@ __global__ void __launch_bounds__(kFfnThreads, 2) ffn_phase1_kernel(FfnParams p)
   const T* __restrict__ w1 = static_cast<const T*>(p.w1);
   const T* __restrict__ w2 = static_cast<const T*>(p.w2);
   const T* __restrict__ b1 = static_cast<const T*>(p.b1);
+  const T* __restrict__ b2 = static_cast<const T*>(p.b2);
   const int64_t idx_base = static_cast<int64_t>(g) * p.idx_group_stride;
   float* __restrict__ hg = p.h + static_cast<int64_t>(g) * Mc * k;
   const int64_t nvec = d / VE;
@@ -297,13 +299,14 @@ __global__ void __launch_bounds__(kFfnThreads, 2) ffn_phase1_kernel(FfnParams p)
       const int64_t j = unit * NPW + n;
       if (t < Mc && j < kg) {
         float hv;
-        if constexpr (GLU) {
-          hv = act_apply(p.act, total) * up;
-        } else {
-          int64_t row = rows[0];
+        int64_t row = rows[0];
 #pragma unroll
-          for (int m = 1; m < NPW; ++m) row = m == n ? rows[m] : row;  // no local-memory index
-          const float bias = b1 != nullptr ? to_float<T>(b1[row]) : 0.0f;
+        for (int m = 1; m < NPW; ++m) row = m == n ? rows[m] : row;  // no local-memory index
+        const float bias = b1 != nullptr ? to_float<T>(b1[row]) : 0.0f;
+        if constexpr (GLU) {
+          const float bias2 = b2 != nullptr ? to_float<T>(b2[row]) : 0.0f;
+          hv = act_apply(p.act, total + bias) * (up + bias2);
+        } else {
           hv = act_apply(p.act, total + bias);
         }
         hg[static_cast<int64_t>(t) * k + j] = hv;
@@ -704,17 +707,46 @@ cudaError_t launch_ffn_decode(FfnParams p, const FfnPlan& plan, int num_sms,
 // Prefill helpers (elementwise, fp32 math).
 // ---------------------------------------------------------------------------------------------
 
-// h[r, j] = act(gu[r, j]) * gu[r, k + j]; gu rows have stride gu_stride (>= 2k), h is [rows, k].
+// Optional gate / up biases of the prefill GLU (b_gate / b_up [N] or null), read through the
+// index rows: row r of group g = r / rows_per_group uses idx[g * idx_group_stride + j]; with lens
+// (int64 [groups]) entries j >= lens[g] are padding (h = 0, idx not read).
+template <typename T>
+struct GluBias {
+  const T* b_gate;
+  const T* b_up;
+  const int64_t* idx;
+  int64_t idx_group_stride;
+  const int64_t* lens;
+  int64_t rows_per_group;
+  int64_t N;
+};
+
+// h[r, j] = act(gu[r, j] + bg) * (gu[r, k + j] + bu); gu rows have stride gu_stride (>= 2k), h is
+// [rows, k]. Without biases the padding rows (gathered as zeros) give act(0) * 0 = 0 by
+// themselves; with biases they are zeroed explicitly.
 template <typename T>
 __global__ void glu_act_mul_kernel(const T* __restrict__ gu, int64_t gu_stride,
-                                   T* __restrict__ h, int64_t rows, int64_t k, Act act) {
+                                   T* __restrict__ h, int64_t rows, int64_t k, Act act,
+                                   GluBias<T> gb) {
   const int64_t n = rows * k;
+  const bool biased = gb.b_gate != nullptr || gb.b_up != nullptr;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = i / k;
     const int64_t j = i - r * k;
-    const float a = to_float<T>(gu[r * gu_stride + j]);
-    const float b = to_float<T>(gu[r * gu_stride + k + j]);
+    float a = to_float<T>(gu[r * gu_stride + j]);
+    float b = to_float<T>(gu[r * gu_stride + k + j]);
+    if (biased) {
+      const int64_t g = r / gb.rows_per_group;
+      if (gb.lens != nullptr && j >= gb.lens[g]) {
+        h[i] = from_float<T>(0.0f);
+        continue;
+      }
+      const int64_t row = gb.idx[g * gb.idx_group_stride + j];
+      DART_DEVICE_CHECK(row >= 0 && row < gb.N, "dart::gathered_glu_ffn: idx out of range [0, N)");
+      if (gb.b_gate != nullptr) a += to_float<T>(gb.b_gate[row]);
+      if (gb.b_up != nullptr) b += to_float<T>(gb.b_up[row]);
+    }
     h[i] = from_float<T>(act_apply(act, a) * b);
   }
 }
@@ -755,10 +787,10 @@ inline unsigned elementwise_blocks(int64_t n, int num_sms) {
 
 template <typename T>
 cudaError_t launch_glu_act_mul(const T* gu, int64_t gu_stride, T* h, int64_t rows, int64_t k,
-                               Act act, int num_sms, cudaStream_t stream) {
+                               Act act, const GluBias<T>& gb, int num_sms, cudaStream_t stream) {
   if (rows * k <= 0) return cudaSuccess;
   DART_LAUNCH(elementwise_blocks(rows * k, num_sms), 256, 0, stream, glu_act_mul_kernel<T>)(
-      gu, gu_stride, h, rows, k, act);
+      gu, gu_stride, h, rows, k, act, gb);
   return cudaGetLastError();
 }
 
