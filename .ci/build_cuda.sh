@@ -100,7 +100,7 @@ template cudaError_t launch_topk_indices_block<float>(const float*, int64_t, int
 template FfnPlan plan_ffn_decode<__nv_bfloat16>(int, int, int64_t, int64_t, bool, int, size_t);
 template cudaError_t launch_ffn_decode<__nv_bfloat16, true>(FfnParams, const FfnPlan&, int, cudaStream_t);
 template cudaError_t launch_ffn_decode<__nv_bfloat16, false>(FfnParams, const FfnPlan&, int, cudaStream_t);
-template cudaError_t launch_glu_act_mul<__nv_bfloat16>(const __nv_bfloat16*, int64_t, __nv_bfloat16*, int64_t, int64_t, Act, int, cudaStream_t);
+template cudaError_t launch_glu_act_mul<__nv_bfloat16>(const __nv_bfloat16*, int64_t, __nv_bfloat16*, int64_t, int64_t, Act, const GluBias<__nv_bfloat16>&, int, cudaStream_t);
 template cudaError_t launch_mlp_bias_act<__nv_bfloat16>(__nv_bfloat16*, int64_t, int64_t, const __nv_bfloat16*, const int64_t*, int64_t, const int64_t*, int64_t, int64_t, Act, int, cudaStream_t);
 }}
 EOF
