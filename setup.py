@@ -14,7 +14,7 @@ Environment:
                          with this machine's instruction sets (SIGILL elsewhere). Default: a
                          portable binary whose hot loops are compiled for AVX-512, AVX2 and the
                          baseline and picked at run time (csrc/cpu/config.cpp), at no measured
-                         cost on this machine's benchmark (see README).
+                         cost on this machine's benchmark (see docs/DEVELOPMENT.md).
     DART_DEBUG=1         -O0 -g.
     MAX_JOBS             parallel compile jobs (ninja).
 ccache is used automatically when found on PATH.
