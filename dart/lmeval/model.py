@@ -34,6 +34,7 @@ registers it lazily (:mod:`dart.lmeval.registration`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -169,9 +170,9 @@ class DARTLM(HFLM):
         def compute(rest):
             out = []
             for req in rest:  # one at a time: a request's windows give its sparsity
-                start = len(self.sparsity_log)
+                start, args = len(self.sparsity_log), copy.deepcopy(req.args)
                 (ll,) = super(DARTLM, self).loglikelihood_rolling([req], disable_tqdm=True)
-                self._save([(req.args, ll, _mean_sparsity(self.sparsity_log[start:]))])
+                self._save([(args, ll, _mean_sparsity(self.sparsity_log[start:]))])
                 out.append(ll)
             return out
 
@@ -183,8 +184,9 @@ class DARTLM(HFLM):
             for req in rest:  # one at a time: the counters of its generation give its sparsity
                 if self.handle is not None:
                     self.handle.controller.reset_stats()
+                args = copy.deepcopy(req.args)  # its key as asked, whatever generation does
                 (text,) = super(DARTLM, self).generate_until([req], disable_tqdm=True)
-                self._save([(req.args, text, self._generation_sparsity())])
+                self._save([(args, text, self._generation_sparsity())])
                 out.append(text)
             return out
 
@@ -204,10 +206,10 @@ class DARTLM(HFLM):
             results[i] = kind(rec["answer"])  # JSON gave a list for (ll, greedy)
             self.request_sparsity[key] = {k: float(rec[k]) for k in SPARSITY_KEYS}
             self.cache_hook.add_partial(_request_type(req), req.args, results[i])
+        if len(rest) < len(requests):
+            log.info("%d of %d requests answered from %s", len(requests) - len(rest),
+                     len(requests), self._store and self._store.path())  # fmt: skip
         if rest:
-            if len(rest) < len(requests):
-                log.info("%d of %d requests answered from %s", len(requests) - len(rest),
-                         len(requests), self._store and self._store.path())  # fmt: skip
             for i, answer in zip(rest, compute([requests[i] for i in rest]), strict=True):
                 results[i] = answer
         return results
