@@ -421,8 +421,9 @@ def test_generation_answers_carry_their_sparsity(tiny, tmp_path):
     try:
         assert lm.generate_until([req], disable_tqdm=True) == [text]
         assert lm.handle.stats()["decode_tokens"] == 0
-        assert lm.request_sparsity == {rec["id"]: {k: rec[k] for k in
-                                                   ("ffn_sparsity", "weight_bytes_sparsity")}}
+        assert lm.request_sparsity == {
+            rec["id"]: {k: rec[k] for k in ("ffn_sparsity", "weight_bytes_sparsity")}
+        }
     finally:
         lm.close()
 

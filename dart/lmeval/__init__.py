@@ -60,7 +60,23 @@ _PUBLIC = {
     "register_lazily": ".registration",
 }
 
-__all__ = sorted(_PUBLIC)
+__all__ = [
+    "CONTEXT_PHASES",
+    "DARTLM",
+    "MODEL_NAME",
+    "LMEvalOptions",
+    "ProtocolOptions",
+    "ZERO_SHOT_TASKS",
+    "compute_metrics",
+    "load_protocol",
+    "main",
+    "register",
+    "register_lazily",
+    "request_key",
+    "results_table",
+    "run_lm_eval",
+    "run_protocol",
+]
 
 
 def __getattr__(name: str) -> Any:

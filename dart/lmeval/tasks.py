@@ -27,8 +27,8 @@ import hashlib
 import importlib.util
 import json
 import os
-from contextlib import contextmanager
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -352,7 +352,9 @@ def _write_locked(out: Path, wanted: list[str], data_root: dict[str, Path] | Non
             task = OFFLINE_TASKS[name]
             package = package_folder(task.package, data_root)
             files = {split: src(package, data) for split, src in task.splits.items()}
-            yaml_path = atomic_write_text(out / f"{name}.yaml", _yaml(_task_yaml(task, stock, files)))
+            yaml_path = atomic_write_text(
+                out / f"{name}.yaml", _yaml(_task_yaml(task, stock, files))
+            )
             written = [yaml_path, *(p for p in files.values() if _inside(p, out))]
             sources = [p for p in files.values() if not _inside(p, out)]
         manifest = _read_manifest(out)  # under the lock: no other writer in between
