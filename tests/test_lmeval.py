@@ -436,7 +436,7 @@ def test_a_partial_task_folder_is_completed(tiny, tmp_path, monkeypatch):
     folder = tmp_path / "tasks"
     # what a first run killed while writing leaves: some task files, no record of completion
     lmeval_tasks.write_tasks(folder, ["arc_easy"])
-    (folder / lmeval_tasks.MANIFEST).unlink()
+    (folder / ".complete.json").unlink(missing_ok=True)  # (no manifest before the fix)
     out = tmp_path / "run"
     run_lm_eval(_opts(tiny, folder, out, methods=["dense"], limit=1, tasks=["boolq"]))
     assert (out / "samples.jsonl").read_text().count('"task": "boolq"') == 1
