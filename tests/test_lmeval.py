@@ -488,3 +488,17 @@ print("ACC", out["results"]["boolq"]["acc,none"])
                           cwd=root, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ACC " in done.stdout
+
+
+def test_registration_when_lm_eval_was_imported_first():
+    from lm_eval.api.registry import get_model, model_registry
+
+    from dart.lmeval import registration
+
+    model_registry._objs.pop("dart", None)  # as if lm-eval had been imported before dart
+    try:
+        registration.register_lazily()
+        assert get_model("dart") is DARTLM
+        assert registration._hook not in __import__("sys").meta_path  # nothing left waiting
+    finally:
+        model_registry._objs["dart"] = DARTLM
