@@ -160,13 +160,15 @@ class DARTLM(HFLM):
             self.handle = None
 
     # -- requests: answered from the answers file, else computed and appended to it ----------
-    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+    def loglikelihood(
+        self, requests: list[Any], disable_tqdm: bool = False
+    ) -> list[tuple[float, bool]]:
         # computed answers are saved per batch by _loglikelihood_tokens (crash granularity)
         return self._answered(
             requests, lambda rest: super(DARTLM, self).loglikelihood(rest, disable_tqdm), tuple
         )
 
-    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         def compute(rest):
             out = []
             for req in rest:  # one at a time: a request's windows give its sparsity
@@ -178,7 +180,7 @@ class DARTLM(HFLM):
 
         return self._answered(requests, compute, float)
 
-    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         def compute(rest):
             out = []
             for req in rest:  # one at a time: the counters of its generation give its sparsity
