@@ -16,6 +16,27 @@ except ImportError as e:  # pragma: no cover - depends on the build state
         "(or `python setup.py build_ext --inplace`), with torch already installed."
     ) from e
 
+
+def _tag_compile_caches() -> None:
+    """Key torch.compile's on-disk caches to this build of the library. Inductor caches compiled
+    graphs across processes by graph and config, not by the custom ops' C++ code, so a graph
+    compiled against an earlier build (another op signature) would be reused and crash in the
+    compiled step. The library's sha256 in `torch.compiler.config.cache_key_tag` keeps builds
+    apart (hashing it costs tens of milliseconds at import)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(_C.__file__, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    tag = f"dart_ext={digest.hexdigest()[:16]}"
+    current = torch.compiler.config.cache_key_tag
+    if tag not in current:
+        torch.compiler.config.cache_key_tag = f"{current};{tag}" if current else tag
+
+
+_tag_compile_caches()
+
 from . import ops  # noqa: E402
 from .ops import (  # noqa: E402
     ACTIVATIONS,

@@ -612,3 +612,13 @@ def test_library_uses_wide_vectors_only_in_dispatched_variants():
         pytest.skip("built with DART_NATIVE=1 (-march=native): not portable by request")
     outside = sorted(f for f in wide if "::avx2::" not in f and "::avx512::" not in f)
     assert not outside, outside[:5]
+
+
+def test_compile_caches_are_keyed_to_this_build_of_the_library():
+    # A graph compiled against another build (another op signature) must never be reused.
+    import hashlib
+
+    import dart_ext
+
+    digest = hashlib.sha256(open(dart_ext._C.__file__, "rb").read()).hexdigest()[:16]
+    assert f"dart_ext={digest}" in torch.compiler.config.cache_key_tag.split(";")

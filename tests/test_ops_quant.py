@@ -206,12 +206,15 @@ def test_typed_wrappers():
 
 
 def test_quantised_op_close_to_float_op():
-    """End to end: q8 is within ~1% of the fp32 FFN over the original weights (q4: ~10%)."""
+    """End to end on Gaussian weights: q8 is within ~1.5% of the fp32 FFN over the original
+    weights, q4 within ~20% and q4m within ~15% (three quantised matrices compound: measured
+    0.011-0.014, 0.155-0.193 and 0.130-0.149 over six seeds). Seeded, so it is deterministic."""
     n, d = 256, 256
     ws = weights(n, d, seed=13)
-    x, idx = rand((2, d), seed=14), torch.randperm(n)[:100]
+    x = rand((8, d), seed=14)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(15))[:100]
     want = ref.gathered_glu_ffn(x, *ws, idx, "silu")
-    for fmt, limit in (("q8", 0.02), ("q4", 0.2), ("q4m", 0.2)):
+    for fmt, limit in (("q8", 0.02), ("q4", 0.22), ("q4m", 0.17)):
         qs = [quant.quantize_rows(w, fmt) for w in ws]
         got = dart_ext.ops.gathered_glu_ffn_q(x, *qs, idx)
         assert (got - want).norm() / want.norm() < limit, fmt

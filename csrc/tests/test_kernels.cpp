@@ -20,13 +20,17 @@ void expect(bool ok, const std::string& what) {
 
 at::Tensor glu(const at::Tensor& x, const at::Tensor& g, const at::Tensor& u, const at::Tensor& dt,
                const at::Tensor& idx, const std::string& act,
-               const c10::optional<at::Tensor>& lengths = c10::nullopt) {
+               const c10::optional<at::Tensor>& lengths = c10::nullopt,
+               const c10::optional<at::Tensor>& b_gate = c10::nullopt,
+               const c10::optional<at::Tensor>& b_up = c10::nullopt,
+               const c10::optional<at::Tensor>& b_down = c10::nullopt) {
+  using Opt = const c10::optional<at::Tensor>&;
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("dart::gathered_glu_ffn", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                          const at::Tensor&, const at::Tensor&, c10::string_view,
-                                         const c10::optional<at::Tensor>&)>();
-  return op.call(x, g, u, dt, idx, act, lengths);
+                                         Opt, Opt, Opt, Opt)>();
+  return op.call(x, g, u, dt, idx, act, lengths, b_gate, b_up, b_down);
 }
 
 at::Tensor glu_naive(const at::Tensor& x, const at::Tensor& g, const at::Tensor& u,
@@ -62,6 +66,12 @@ int main() {
     auto y = glu(x, g, u, dt, at::arange(N, at::kLong), "silu");
     auto dense = at::linear(at::silu(at::linear(x, g)) * at::linear(x, u), dt.t());
     expect(at::allclose(y, dense, 1e-4, 1e-4), "gathered_glu_ffn all kept == dense");
+    auto bg = at::randn({N}), bu = at::randn({N}), bd = at::randn({d});
+    auto yb = glu(x, g, u, dt, idx, "silu", c10::nullopt, bg, bu, bd);
+    auto hb = at::silu(at::linear(x, g.index_select(0, idx), bg.index_select(0, idx))) *
+              at::linear(x, u.index_select(0, idx), bu.index_select(0, idx));
+    expect(at::allclose(yb, at::matmul(hb, dt.index_select(0, idx)) + bd, 1e-4, 1e-4),
+           "gathered_glu_ffn biases");
   }
   {  // per-row lengths: row b sums its first lengths[b] entries; padding is never read
     auto x = at::randn({2, 3, d});
