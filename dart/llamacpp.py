@@ -67,6 +67,8 @@ __all__ = [
     "bench",
     "bench_command",
     "ensure_llamacpp",
+    "file_type",
+    "weight_bytes_per_token",
     "heldout_text_file",
     "packaged_gguf",
     "parse_bench_json",
@@ -601,6 +603,36 @@ def quantize(
 
 
 # ----------------------------------------------------------------------------- inputs
+
+# llama.h's `llama_ftype` values (stable: they are written into GGUF files) of the common types
+FILE_TYPES: dict[int, str] = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+    17: "Q5_K_M", 18: "Q6_K", 32: "BF16",
+}  # fmt: skip
+
+
+def file_type(gguf: str | os.PathLike) -> str:
+    """The quantisation type a GGUF file declares (``general.file_type``), e.g. ``Q4_K_M``."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(_check_file("gguf", gguf)).fields.get("general.file_type")
+    if field is None:
+        raise LlamaCppError(f"{gguf} declares no general.file_type")
+    value = int(field.contents())
+    return FILE_TYPES.get(value, f"ftype{value}")
+
+
+def weight_bytes_per_token(gguf: str | os.PathLike) -> int:
+    """Bytes of the tensors read to decode one token: every tensor but the token embedding
+    (one row of it is read), which counts only when it doubles as the output head (tied)."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(_check_file("gguf", gguf)).tensors}
+    total = sum(tensors.values())
+    if "output.weight" in tensors:
+        total -= tensors.get("token_embd.weight", 0)
+    return total
 
 
 def packaged_gguf(model: str) -> Path:
