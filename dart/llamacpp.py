@@ -313,6 +313,7 @@ def ensure_llamacpp(progress: bool = True, version: str = LLAMA_CPP_PYTHON_VERSI
                 "build_seconds": round(time.monotonic() - start, 1),
             }
             (staging / BUILD_INFO).write_text(json.dumps(record, indent=2) + "\n")
+            staging.chmod(0o755)  # mkdtemp made it private; the cache is shared like results
             if target.exists():  # an incomplete folder or one built for another CPU
                 old = Path(tempfile.mkdtemp(prefix=f".{version}.old-", dir=root))
                 os.replace(target, old / "tools")
