@@ -595,6 +595,7 @@ def quantize(
         _run_tool(
             quantize_command(tools or ensure_llamacpp(), src, tmp, qtype, threads), "quantize"
         )
+        os.chmod(tmp, 0o644)  # mkstemp made it private
         os.replace(tmp, dst)
         sidecar.write_text(json.dumps(want) + "\n")
     except BaseException:

@@ -237,7 +237,7 @@ def test_quantize_is_cached_and_atomic(tmp_path, monkeypatch):
     )
     out = llamacpp.quantize(src, None, "Q3_K_M", tools=tools)
     assert out == tmp_path / "cache" / "llamacpp" / "quantized" / "model.Q4_K_M.Q3_K_M.gguf"
-    assert out.read_bytes() == src.read_bytes()
+    assert out.read_bytes() == src.read_bytes() and out.stat().st_mode & 0o777 == 0o644
     assert llamacpp.quantize(src, None, "Q3_K_M", tools=tools) == out  # cached
     assert len(runs.read_text().splitlines()) == 1
     src.write_bytes(b"GGUF" + b"y" * 200)  # another source: made again
