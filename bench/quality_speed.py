@@ -19,7 +19,10 @@ a file that every arm scores) and the same thread counts:
       tok_s                float  decode tokens per second
       threads              int    threads the speed was measured with
 
-  Other keys are kept and ignored.
+  Other keys are kept and ignored. To score the same positions as llama-perplexity, a dart arm
+  tokenises the same text file (without special tokens when the vocabulary adds no BOS, as
+  Qwen2.5's) and scores `dart.llamacpp.perplexity_windows(len(ids), 512, 16)` with
+  `dart.evaluate.perplexity.score_window`.
 
 Writes `records.json` (every record in that schema, llama.cpp's with extra keys), `table.md` and
 `quality_speed.png` (perplexity against decode tok/s, one marker per thread count) into `--out`.

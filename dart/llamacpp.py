@@ -75,6 +75,7 @@ __all__ = [
     "parse_perplexity_output",
     "perplexity",
     "perplexity_command",
+    "perplexity_windows",
     "quantize",
     "quantize_command",
     "quantized_path",
@@ -522,6 +523,31 @@ def parse_perplexity_output(text: str) -> PerplexityResult:
         ctx=ctx,
         chunks=chunks,
     )
+
+
+def perplexity_windows(num_tokens: int, ctx: int = 512, chunks: int = 16) -> list:
+    """llama-perplexity's chunks as :class:`dart.evaluate.perplexity.Window` objects, so a dart
+    arm scored with ``score_window`` over the same token ids scores the same positions.
+
+    Chunk i holds tokens ``[i*ctx, (i+1)*ctx)``; its targets ``ctx/2+1 .. ctx-1`` are scored
+    (``score_from = ctx/2 + 1``: llama.cpp reads the logits of positions ``ctx/2 .. ctx-2``);
+    a prompt-selecting method builds its masks from the unscored first half (``prep_len``).
+    llama.cpp also puts BOS in place of each chunk's first token when the vocabulary adds one
+    (``tokenizer.ggml.add_bos_token``; Qwen2.5's does not), which the caller must mirror.
+    """
+    from dart.evaluate.perplexity import Window
+
+    _check_positive("ctx", ctx, 8)
+    _check_positive("chunks", chunks)
+    if ctx % 2:
+        raise ValueError(f"ctx must be even (half of each chunk is scored), got {ctx}")
+    if num_tokens < max(chunks, 2) * ctx:  # llama.cpp also needs at least two chunks' tokens
+        raise ValueError(
+            f"num_tokens {num_tokens}: {chunks} chunks of {ctx} tokens need at least "
+            f"{max(chunks, 2) * ctx}"
+        )
+    half = ctx // 2
+    return [Window(f"c{i:05d}", i * ctx, (i + 1) * ctx, half + 1, half) for i in range(chunks)]
 
 
 def perplexity(

@@ -134,6 +134,29 @@ def test_parse_perplexity_output_rejects_bad_output(text, message):
         llamacpp.parse_perplexity_output(text)
 
 
+def test_perplexity_windows_score_what_llama_perplexity_scores():
+    import torch
+
+    from dart.evaluate.perplexity import score_window
+
+    wins = llamacpp.perplexity_windows(5000, ctx=16, chunks=3)
+    assert [(w.begin, w.end, w.score_from, w.prep_len) for w in wins] == [
+        (0, 16, 9, 8), (16, 32, 9, 8), (32, 48, 9, 8),
+    ]  # fmt: skip
+    assert sum(w.tokens for w in wins) == 3 * (16 // 2 - 1)  # llama.cpp's count: ctx - 1 - ctx/2
+
+    class Uniform(torch.nn.Module):  # every token equally likely: NLL = log(vocab) per target
+        def forward(self, input_ids, use_cache=False):
+            return type("Out", (), {"logits": torch.zeros(*input_ids.shape, 4)})()
+
+    rec = score_window(Uniform(), torch.arange(16) % 4, wins[0].score_from, wins[0].prep_len)
+    assert rec["tokens"] == 7 and abs(rec["nll"] - 7 * torch.log(torch.tensor(4.0))) < 1e-5
+    with pytest.raises(ValueError, match="num_tokens 40: 3 chunks of 16 tokens need at least 48"):
+        llamacpp.perplexity_windows(40, ctx=16, chunks=3)
+    with pytest.raises(ValueError, match="need at least 32"):
+        llamacpp.perplexity_windows(20, ctx=16, chunks=1)
+
+
 # ----------------------------------------------------------------------------- command lines
 
 
