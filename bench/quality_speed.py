@@ -101,6 +101,7 @@ def llamacpp_records(
     text_file: Path,
     ctx: int,
     chunks: int,
+    ppl_threads: int | None = None,
 ) -> list[dict]:
     """Perplexity and decode speed of each quantisation of ``model``'s GGUF (the one the
     package ships is used as is; the others are made from it)."""
@@ -125,7 +126,8 @@ def llamacpp_records(
     out = []
     for q in quants:
         print(f"perplexity of {q} ...", file=sys.stderr, flush=True)
-        ppl = llamacpp.perplexity(files[q], text_file, ctx, chunks, max(threads), tools=tools)
+        ppl_t = ppl_threads or max(threads)
+        ppl = llamacpp.perplexity(files[q], text_file, ctx, chunks, ppl_t, tools=tools)
         for t in threads:
             recs = speeds[q, t]
             out.append(
@@ -220,6 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quants", default=DEFAULT_QUANTS,
                    help="llama.cpp types; the shipped one is the packaged file itself")  # fmt: skip
     p.add_argument("--threads", default=str(os.cpu_count() or 1), help="comma list")
+    p.add_argument("--ppl-threads", type=int, default=None,
+                   help="threads of llama-perplexity (default: the largest --threads; the "
+                   "value does not depend on it, only its time)")  # fmt: skip
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--ctx", type=int, default=512)
@@ -248,8 +253,9 @@ def main(argv: list[str] | None = None) -> None:
     load_before = os.getloadavg()
     text_file = llamacpp.heldout_text_file(args.corpus)
     records = llamacpp_records(
-        args.model, quants, threads, args.new_tokens, args.rounds, text_file, args.ctx, args.chunks
-    )
+        args.model, quants, threads, args.new_tokens, args.rounds, text_file, args.ctx,
+        args.chunks, args.ppl_threads,
+    )  # fmt: skip
     load_after = os.getloadavg()
     records += dart_records
     out = Path(args.out)
