@@ -299,6 +299,8 @@ def ensure_llamacpp(progress: bool = True, version: str = LLAMA_CPP_PYTHON_VERSI
         info = _complete(target)  # another process may have finished it while we waited
         if info is not None and info.get("cpu") == cpu:
             return target
+        for stale in [*root.glob(f".{version}.build-*"), *root.glob(f".{version}.old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed build (we hold the lock)
         logs = root / "logs" / version
         staging = Path(tempfile.mkdtemp(prefix=f".{version}.build-", dir=root))
         start = time.monotonic()

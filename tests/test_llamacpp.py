@@ -374,6 +374,7 @@ def test_killed_build_is_never_taken_as_complete(tmp_path, monkeypatch):
         llamacpp.ensure_llamacpp(progress=False)
     root = tmp_path / "llamacpp"
     assert not (root / "0.3.36").exists() and not calls[0].exists()
+    (root / ".0.3.36.build-killed" / "work").mkdir(parents=True)  # what SIGKILL leaves
     # a folder with the tools but no build record (e.g. copied by hand) is rebuilt
     (root / "0.3.36" / "bin").mkdir(parents=True)
     for tool in llamacpp.TOOLS:
