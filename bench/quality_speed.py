@@ -113,8 +113,8 @@ def llamacpp_records(
         if q == shipped:
             files[q] = packaged
         else:
-            print(f"quantising {packaged.name} to {q} ...", file=sys.stderr, flush=True)
-            files[q] = llamacpp.quantize(packaged, None, q, tools=tools)
+            files[q] = llamacpp.quantize(packaged, None, q, tools=tools)  # cached
+            print(f"{q}: {files[q]}", file=sys.stderr, flush=True)
     speeds: dict[tuple[str, int], list] = {(q, t): [] for q in quants for t in threads}
     for rnd in range(1, rounds + 1):  # rounds interleave the types and thread counts
         for q in quants:
