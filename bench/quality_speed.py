@@ -185,7 +185,7 @@ def plot(records: list[dict], path: Path, title: str) -> Path:
         marker = markers[j % len(markers)]
         ladder = sorted(
             (r for r in records if r["threads"] == t and r.get("family") == LLAMACPP_FAMILY),
-            key=lambda r: r["tok_s"],
+            key=lambda r: r["bytes_read_fraction"],  # the ladder in size order, whatever the noise
         )
         if ladder:
             ax.plot([r["tok_s"] for r in ladder], [r["ppl"] for r in ladder], "-", color="C0",
