@@ -44,7 +44,7 @@ models: install
 
 # Optional: llama.cpp's llama-bench / llama-perplexity / llama-quantize, the reference arm of
 # bench/decode.py (--arms llamacpp,...) and bench/quality_speed.py. Compiled once (CPU only,
-# GGML_NATIVE, a few minutes on 2 cores; MAX_JOBS caps the jobs) from the llama.cpp sources in
+# GGML_NATIVE; 16 minutes on 2 busy cores, MAX_JOBS caps the jobs) from the llama.cpp sources in
 # the pinned llama-cpp-python sdist (pip download, sha256 checked) into
 # $(DART_CACHE or ~/.cache/dart)/llamacpp/<version>/bin; needs cmake and a C++ compiler.
 llamacpp: install

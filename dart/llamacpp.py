@@ -283,7 +283,7 @@ def build_into(staging: Path, logs: Path, progress: bool) -> None:
 
 def ensure_llamacpp(progress: bool = True, version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
     """The folder holding ``bin/llama-bench``, ``bin/llama-perplexity``, ``bin/llama-quantize``,
-    built on first use (a few minutes; see the module's notes for the options)."""
+    built on first use (16 minutes on 2 busy cores; see the module's notes for the options)."""
     if version != LLAMA_CPP_PYTHON_VERSION:
         raise ValueError(
             f"version {version!r}: only the pinned llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} "
