@@ -83,10 +83,10 @@ class DemoOptions:
     backend: str = field(
         default="gathered", metadata={"help": "sparse FFN backend", "choices": BACKENDS}
     )
-    max_new_tokens: int = field(default=160, metadata={"help": "greedy tokens generated"})
+    max_new_tokens: int = field(default=160, metadata={"min": 1, "help": "greedy tokens generated"})
     seed: int = field(default=0, metadata={"help": "torch seed"})
-    threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
-    width: int = field(default=36, metadata={"help": "column width of the side-by-side"})
+    threads: int | None = field(default=None, metadata={"min": 1, "help": "torch CPU threads"})
+    width: int = field(default=36, metadata={"min": 1, "help": "column width of the side-by-side"})
     out: str | None = field(
         default=None, metadata={"help": "results folder (default results/demo-<time>)"}
     )

@@ -331,3 +331,53 @@ def test_lm_eval_subcommand_flags_come_from_lmeval_options(capsys):
     with pytest.raises(SystemExit) as e:  # other commands still refuse flags they lack
         main(["eval", "ppl", "--num-fewshot", "3"])
     assert e.value.code == 2 and "unrecognized arguments: --num-fewshot" in capsys.readouterr().err
+
+
+def _small_ppl(folder, out, *extra):
+    return ["eval", "ppl", "--model", str(folder), "--methods", "dense,dart", "--total-prune",
+            "0.5", "--max-tokens", "96", "--window", "32", "--stride", "16", "--out", str(out),
+            "--quiet", *extra]  # fmt: skip
+
+
+def test_a_record_with_a_non_numeric_value_is_recomputed_not_fatal(tiny_folder, tmp_path, caplog):
+    """A record whose key is sound but whose value is not a number is skipped with a warning
+    and recomputed (was: TypeError on every resume); the metrics equal a clean run's
+    (issue 24.10)."""
+    out = tmp_path / "ppl"
+    assert main(_small_ppl(tiny_folder, out)) == 0
+    clean = json.loads((out / "metrics.json").read_text())
+    lines = (out / "samples.jsonl").read_text().splitlines()
+    rec = json.loads(lines[1])
+    lines[1] = json.dumps({**rec, "nll": "oops"})
+    rec2 = json.loads(lines[-1])
+    lines[-1] = json.dumps({**rec2, "effective_sparsity": None})
+    (out / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(_small_ppl(tiny_folder, out)) == 0
+    assert "samples.jsonl:2: skipped, its values do not aggregate" in caplog.text
+    assert f"samples.jsonl:{len(lines)}: skipped, its effective_sparsity is None" in caplog.text
+    assert json.loads((out / "metrics.json").read_text()) == clean
+    assert len(list(RecordStore(out))) == len(lines)
+
+
+def test_a_resumed_arms_stats_cover_every_run(tiny_folder, tmp_path):
+    """stats.json of an arm finished over two runs counts both runs' passes (was: the last
+    run's only)."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(_small_ppl(tiny_folder, whole)) == 0
+    assert main(_small_ppl(tiny_folder, split, "--methods", "dart")) == 0
+    lines = (split / "samples.jsonl").read_text().splitlines()
+    (split / "samples.jsonl").write_text("\n".join(lines[:2]) + "\n")  # 3 of 5 windows lost
+    stats = json.loads((split / "stats.json").read_text())
+    stats["dart@0.5"] = {  # as if the first run had stopped after its first 2 windows
+        **stats["dart@0.5"],
+        "decode_passes": 0,
+        "mask_builds": 2,
+        "sequences": 2,
+        "samples": 2,
+    }
+    (split / "stats.json").write_text(json.dumps(stats))
+    assert main(_small_ppl(tiny_folder, split, "--methods", "dart")) == 0
+    got = json.loads((split / "stats.json").read_text())["dart@0.5"]
+    ref = json.loads((whole / "stats.json").read_text())["dart@0.5"]
+    assert got["samples"] == ref["samples"] == 5 and got["runs"] == 2
+    assert got["mask_builds"] == ref["mask_builds"] and got["sequences"] == ref["sequences"]

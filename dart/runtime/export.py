@@ -580,10 +580,11 @@ class ExportOptions:
     model: str = field(
         default="smollm2-135m", metadata={"help": "packaged model name or HF model folder"}
     )
-    batch: int = field(default=1, metadata={"help": "fixed batch size of the programs"})
-    max_len: int = field(default=512, metadata={"help": "static KV cache length"})
+    batch: int = field(default=1, metadata={"min": 1, "help": "fixed batch size of the programs"})
+    max_len: int = field(default=512, metadata={"min": 2, "help": "static KV cache length"})
     prompt_len: int | None = field(
-        default=None, metadata={"help": "fixed prompt length (default: dynamic, 1..max_len-1)"}
+        default=None,
+        metadata={"min": 1, "help": "fixed prompt length (default: dynamic, 1..max_len-1)"},
     )
     total_prune: float = field(default=0.5, metadata={"help": "fraction of FFN neurons pruned"})
     layer_topk: str | None = field(
