@@ -360,24 +360,42 @@ def test_a_record_with_a_non_numeric_value_is_recomputed_not_fatal(tiny_folder, 
 
 
 def test_a_resumed_arms_stats_cover_every_run(tiny_folder, tmp_path):
-    """stats.json of an arm finished over two runs counts both runs' passes (was: the last
-    run's only)."""
+    """stats.json of an arm interrupted and then resumed counts both runs' work, as one
+    uninterrupted run does (was: the last run's samples only)."""
     whole, split = tmp_path / "whole", tmp_path / "split"
-    assert main(_small_ppl(tiny_folder, whole)) == 0
-    assert main(_small_ppl(tiny_folder, split, "--methods", "dart")) == 0
-    lines = (split / "samples.jsonl").read_text().splitlines()
-    (split / "samples.jsonl").write_text("\n".join(lines[:2]) + "\n")  # 3 of 5 windows lost
-    stats = json.loads((split / "stats.json").read_text())
-    stats["dart@0.5"] = {  # as if the first run had stopped after its first 2 windows
-        **stats["dart@0.5"],
-        "decode_passes": 0,
-        "mask_builds": 2,
-        "sequences": 2,
-        "samples": 2,
-    }
-    (split / "stats.json").write_text(json.dumps(stats))
+    assert main(_small_ppl(tiny_folder, whole, "--methods", "dart")) == 0
+    with pytest.raises(StopAfter):
+        main(_small_ppl(tiny_folder, split, "--methods", "dart", "--stop-after", "2"))
     assert main(_small_ppl(tiny_folder, split, "--methods", "dart")) == 0
     got = json.loads((split / "stats.json").read_text())["dart@0.5"]
     ref = json.loads((whole / "stats.json").read_text())["dart@0.5"]
-    assert got["samples"] == ref["samples"] == 5 and got["runs"] == 2
-    assert got["mask_builds"] == ref["mask_builds"] and got["sequences"] == ref["sequences"]
+    assert got["samples"] == ref["samples"] == 5 and (got["runs"], ref["runs"]) == (2, 1)
+    for key in ("mask_builds", "sequences", "decode_passes", "nominal_sparsity"):
+        assert got[key] == ref[key], key
+
+
+def test_expected_errors_are_one_line_and_debug_shows_the_traceback(tiny_folder, tmp_path, capsys):
+    """Bad input (a negative count, an empty text file), a locked folder and a fingerprint
+    mismatch: one `dart: error:` message naming the problem, no traceback; `--debug` raises
+    (issue 24.11/12)."""
+    from dart.evaluate.store import FingerprintMismatchError, FolderLockedError, RunStore
+
+    def fails(argv, code, *needles):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == code and "Traceback" not in err, err
+        assert err.startswith("dart: error: ") and all(n in err for n in needles), err
+
+    out = tmp_path / "ppl"
+    fails(_small_ppl(tiny_folder, out, "--max-tokens", "-5"), 2, "--max-tokens: -5 is below")
+    fails(_small_ppl(tiny_folder, out, "--text-file", "/dev/null"), 2, "holds no text")
+    with RunStore.open(out):
+        fails(_small_ppl(tiny_folder, out), 1, "is in use by another run", "--debug")
+        with pytest.raises(FolderLockedError):
+            main([*_small_ppl(tiny_folder, out), "--debug"])
+    assert main(_small_ppl(tiny_folder, out, "--methods", "dense")) == 0
+    other = _small_ppl(tiny_folder, out, "--methods", "dense", "--window", "24")
+    fails(other, 1, "holds records of another configuration", "window")
+    with pytest.raises(FingerprintMismatchError):
+        main(["--debug", *other])

@@ -91,6 +91,8 @@ def greedy_generate(
     cache) in place; `decode(token, position_ids, cache_position, *idx, *state) -> logits` runs
     one step. With `eos_token_id` the loop stops once every row has produced it.
     """
+    if max_new_tokens < 1:  # the prefill's token is always emitted
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     start = time.perf_counter()
     logits, *idx = prefill(input_ids, attention_mask, *state)
     token = logits.argmax(-1)
@@ -236,6 +238,8 @@ class ExportedPackage:
     ) -> GreedyResult:
         """Greedy generation for token-id prompts (one per exported batch row)."""
         m = self.manifest
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if len(prompts) != m["batch_size"]:
             raise ValueError(
                 f"the package was exported for batch {m['batch_size']}, got {len(prompts)} prompts"
