@@ -557,15 +557,24 @@ def _swap_into_place(stage: Path, out: Path) -> None:
     killed between the two renames, no package at all), never one's programs with the other's
     manifest."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        old = staging_folder(out, _STAGING)  # named for this process: stale if it is killed
-        os.rename(out, old / "package")
+    if not out.exists():
         os.rename(stage, out)
         fsync_folder(out.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+        return
+    aside = staging_folder(out, _STAGING)  # named for this process: stale if it is killed
+    try:
+        os.rename(out, aside / "package")
+    except BaseException:
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    try:
         os.rename(stage, out)
-        fsync_folder(out.parent)
+    except BaseException:  # an error, not a kill: put the earlier package back
+        os.rename(aside / "package", out)
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    fsync_folder(out.parent)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------
