@@ -27,6 +27,7 @@ from dart.cli import main
 from dart.evaluate import RecordStore
 from dart.evaluate.store import record_key
 from dart.runtime import export as export_mod
+from dart.runtime.export import export_programs as _export_programs
 from dart.runtime.runner import load_package
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,6 +163,15 @@ def test_dart_eval_killed_anywhere_resumes_to_the_uninterrupted_result(tmp_path,
 FIXED = DARTConfig(layer_topk="all:0.5", drift={"enabled": False})
 
 
+_PROGRAMS: dict = {}
+
+
+def _traced_once(wrapper, prompt_len=None):
+    if not _PROGRAMS:
+        _PROGRAMS.update(_export_programs(wrapper, prompt_len))
+    return dict(_PROGRAMS)
+
+
 def _fake_aoti(monkeypatch, tag: str, fail_at: int | None = None, counter=None):
     """AOTInductor stand-ins: a program file holds `tag` and its name; with `fail_at`, the
     export's `fail_at`-th step (a program compiled, the ops copied, a rename) raises."""
@@ -186,6 +196,8 @@ def _fake_aoti(monkeypatch, tag: str, fail_at: int | None = None, counter=None):
         step("ops library")
         return copy(folder)
 
+    # the faults under test are in writing the package, not in torch.export: trace once
+    monkeypatch.setattr(export_mod, "export_programs", _traced_once)
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_and_package)
     monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path: Path(path).read_bytes())
     monkeypatch.setattr(export_mod, "_copy_ops_library", failing_copy)
@@ -209,6 +221,7 @@ import sys, time, torch
 from pathlib import Path
 from tiny_models import tiny_model
 from dart import DARTConfig
+from dart.runtime import export
 from dart.runtime.export import export_decode
 
 def slow(program, package_path, inductor_configs=None):
@@ -216,6 +229,7 @@ def slow(program, package_path, inductor_configs=None):
     Path(package_path).write_bytes(f"new:{Path(package_path).name}".encode())
 
 torch._inductor.aoti_compile_and_package = slow
+export.export_programs = lambda wrapper, prompt_len=None: {"prefill": None, "decode": None}
 cfg = DARTConfig(layer_topk="all:0.5", drift={"enabled": False})
 export_decode(tiny_model("llama"), sys.argv[1], max_len=48, config=cfg)
 """
