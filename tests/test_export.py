@@ -328,6 +328,10 @@ def test_an_interrupted_re_export_leaves_the_old_package_whole(tmp_path, monkeyp
     assert Path(package.prefill).read_bytes() == b"prefill.pt2 #1"  # a fresh count: new files
     assert Path(package.decode).read_bytes() == b"decode.pt2 #2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
+    assert (folder / "manifest.json").stat().st_mode & 0o777 == 0o666 & ~umask
     (folder / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="notes.txt"):  # never deletes someone's files
         export_decode(model, folder, max_len=MAX_LEN, config=FIXED)
