@@ -210,6 +210,9 @@ class DARTFFN(nn.Module):
         srcs = [first, [p.w_down_t]]
         if self.kind == "mlp" and p.b_in is not None:
             srcs.append([p.b_in.unsqueeze(1)])
+        if self.kind == "glu" and (p.b_gate is not None or p.b_in is not None):
+            # gate and up biases as [N, 1] rows, gathered beside gate_up: [(B,) 2k, 1]
+            srcs.append([_bias_rows(p.b_gate, p.w_up), _bias_rows(p.b_in, p.w_up)])
         shapes = [(*lead, len(s) * k, s[0].shape[1]) for s in srcs]
         old = self.compact
         if old is None or [tuple(t.shape) for t in old] != shapes:
@@ -256,7 +259,16 @@ class DARTFFN(nn.Module):
         if self.backend == "gathered":
             if self.kind == "glu":
                 return torch.ops.dart.gathered_glu_ffn(
-                    x, p.w_gate, p.w_up, p.w_down_t, self.idx, self.kernel_act, self.lengths
+                    x,
+                    p.w_gate,
+                    p.w_up,
+                    p.w_down_t,
+                    self.idx,
+                    self.kernel_act,
+                    self.lengths,
+                    b_gate=p.b_gate,
+                    b_up=p.b_in,
+                    b_down=p.b_out,
                 )
             return torch.ops.dart.gathered_mlp(
                 x, p.w_up, p.b_in, p.w_down_t, p.b_out, self.idx, self.kernel_act, self.lengths
@@ -267,10 +279,34 @@ class DARTFFN(nn.Module):
         from dart_ext.ops import compact_glu_ffn, compact_mlp  # built kernels: non-masked only
 
         if self.kind == "glu":
-            return compact_glu_ffn(x, *self.compact, self.kernel_act, self.lengths)
+            if len(self.compact) == 2 and self._parts.b_out is None:
+                return compact_glu_ffn(x, *self.compact, self.kernel_act, self.lengths)
+            return self._compact_glu_biased(x)
         w_in, w_out = self.compact[:2]
         b_in = self.compact[2].squeeze(-1) if len(self.compact) == 3 else None  # [.., k, 1]
         return compact_mlp(x, w_in, b_in, w_out, self._parts.b_out, self.kernel_act, self.lengths)
+
+    def _compact_glu_biased(self, x: torch.Tensor) -> torch.Tensor:
+        """The compact GLU with biases (Llama `mlp_bias`), as GEMMs on the compact rows:
+        `compact_glu_ffn` takes none. Padding rows past a row's length are zero (weights and
+        biases), so they add act(0) * 0 = 0."""
+        from dart_ext.reference import apply_act
+
+        gate_up, down_c = self.compact[:2]
+        k = down_c.shape[-2]
+        gu = torch.matmul(x, gate_up.transpose(-1, -2))
+        if len(self.compact) == 3:  # [(B,) 2k, 1] -> [(B,) 1, 2k]: broadcast over tokens
+            gu = gu + self.compact[2].transpose(-1, -2)
+        y = torch.matmul(apply_act(self.kernel_act, gu[..., :k]) * gu[..., k:], down_c)
+        b_down = self._parts.b_out
+        return y if b_down is None else y + b_down
+
+
+def _bias_rows(bias: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A `[N]` bias as `[N, 1]` rows for `gather_neurons_` (zeros where there is none)."""
+    if bias is None:
+        return like.new_zeros(like.shape[0], 1)
+    return bias.unsqueeze(1)
 
 
 def _dynamic_rows(t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -64,10 +64,10 @@ class PerplexityOptions:
     split: Literal["eval", "calibration", "all"] = field(
         default="eval", metadata={"help": "part of the corpus (calibration is disjoint from eval)"}
     )
-    window: int = field(default=512, metadata={"help": "tokens per scored window"})
-    stride: int = field(default=256, metadata={"help": "tokens between window starts"})
+    window: int = field(default=512, metadata={"min": 1, "help": "tokens per scored window"})
+    stride: int = field(default=256, metadata={"min": 1, "help": "tokens between window starts"})
     max_tokens: int | None = field(
-        default=None, metadata={"help": "score only the first N tokens of the text"}
+        default=None, metadata={"min": 1, "help": "score only the first N tokens of the text"}
     )
 
 
@@ -93,11 +93,14 @@ class StreamOptions:
     split: Literal["eval", "calibration", "all"] = field(
         default="eval", metadata={"help": "part of the corpora (calibration is disjoint from eval)"}
     )
-    prompt_tokens: int = field(default=128, metadata={"help": "prompt tokens (the prefill)"})
-    continuation_tokens: int = field(
-        default=192, metadata={"help": "tokens predicted by decode passes, fed one at a time"}
+    prompt_tokens: int = field(
+        default=128, metadata={"min": 1, "help": "prompt tokens (the prefill)"}
     )
-    documents: int = field(default=8, metadata={"help": "(prompt, continuation) pairs"})
+    continuation_tokens: int = field(
+        default=192,
+        metadata={"min": 2, "help": "tokens predicted by decode passes, fed one at a time"},
+    )
+    documents: int = field(default=8, metadata={"min": 1, "help": "(prompt, continuation) pairs"})
 
 
 @dataclass
@@ -107,9 +110,11 @@ class MMLUOptions:
         default=None, metadata={"help": "comma list of subjects (default: all 57)"}
     )
     n_per_subject: int | None = field(
-        default=None, metadata={"help": "questions drawn per subject (seeded)"}
+        default=None, metadata={"min": 1, "help": "questions drawn per subject (seeded)"}
     )
-    limit: int | None = field(default=None, metadata={"help": "cap on questions (seeded subset)"})
+    limit: int | None = field(
+        default=None, metadata={"min": 1, "help": "cap on questions (seeded subset)"}
+    )
     split: Literal["test", "dev"] = field(
         default="test", metadata={"help": "MMLU split of the questions"}
     )
@@ -121,8 +126,10 @@ class MMLUOptions:
 
 @dataclass
 class GenerationOptions:
-    max_new_tokens: int = field(default=128, metadata={"help": "greedy tokens per prompt"})
-    batch_size: int = field(default=4, metadata={"help": "prompts per generate call"})
+    max_new_tokens: int = field(
+        default=128, metadata={"min": 1, "help": "greedy tokens per prompt"}
+    )
+    batch_size: int = field(default=4, metadata={"min": 1, "help": "prompts per generate call"})
     compile: bool = field(
         default=False,
         metadata={
@@ -139,9 +146,11 @@ class GenerationOptions:
 @dataclass
 class SummarizeOptions(GenerationOptions):
     max_prompt_tokens: int = field(
-        default=768, metadata={"help": "prompt length cap (the document is truncated)"}
+        default=768, metadata={"min": 1, "help": "prompt length cap (the document is truncated)"}
     )
-    limit: int | None = field(default=None, metadata={"help": "cap on documents (seeded)"})
+    limit: int | None = field(
+        default=None, metadata={"min": 1, "help": "cap on documents (seeded)"}
+    )
     split: Literal["eval", "calibration"] = field(
         default="eval", metadata={"help": "part of the Wikipedia stand-in"}
     )
@@ -150,8 +159,10 @@ class SummarizeOptions(GenerationOptions):
 @dataclass
 class DriftOptions(GenerationOptions):
     # longer than the other generation tasks: the second topic must get room to start
-    max_new_tokens: int = field(default=200, metadata={"help": "greedy tokens per prompt"})
-    limit: int | None = field(default=None, metadata={"help": "cap on two-topic prompts"})
+    max_new_tokens: int = field(
+        default=200, metadata={"min": 1, "help": "greedy tokens per prompt"}
+    )
+    limit: int | None = field(default=None, metadata={"min": 1, "help": "cap on two-topic prompts"})
 
 
 @dataclass
