@@ -586,14 +586,19 @@ class Controller:
 
     @torch.no_grad()
     def calibrate_per_token(
-        self, captured: dict[int, tuple[torch.Tensor, torch.Tensor]], curve_tokens: int = 128
+        self,
+        captured: dict[int, tuple[torch.Tensor, torch.Tensor]],
+        curve_tokens: int = 128,
+        curves: dict[int, list[float]] | None = None,
     ) -> dict:
         """Per-layer keeps and thresholds of the per-token method from the captured calibration
         data (:meth:`capturing`): ``auto`` layers share the byte budget ``total_prune`` by
         ``per_token_allocation`` (the greedy one measures each layer's error curve on
         ``curve_tokens`` evenly spaced tokens), fraction/count layers keep that share of every
         knob, dense layers keep all. Installs the thresholds; returns the state
-        (:meth:`load_per_token_state` takes it back)."""
+        (:meth:`load_per_token_state` takes it back). ``curves`` (layer -> error curve, the
+        state's ``error_curves`` of an earlier calibration of the same mode on the same data)
+        skips measuring them again."""
         mode, cfg = self.per_token, self.cfg
         if mode is None:
             raise ValueError(f"method {self.method.name!r} has no per-token thresholds")
@@ -614,21 +619,26 @@ class Controller:
                 all_sizes[i] * mode.read_fraction([keeps[i]] * len(mode.knobs)) for i in fixed
             )
             read = budget / sum(sizes)
-            curves = []
+            curves = {int(k): v for k, v in (curves or {}).items()}
             if cfg.per_token_allocation == "greedy":
                 for i in auto:
+                    if i in curves:
+                        continue
                     x, r = captured[i]
                     pick = torch.linspace(0, x.shape[0] - 1, min(curve_tokens, x.shape[0]))
                     pick = pick.round().long().to(x.device)
                     layer = self.layers[i]
-                    curves.append(
-                        calibrate_layer_curves(mode, layer.parts, x[pick], r[pick], layer.pt_scale)
+                    curves[i] = calibrate_layer_curves(
+                        mode, layer.parts, x[pick], r[pick], layer.pt_scale
                     )
-            else:
-                curves = [[0.0]] * len(auto)
-            for i, k in zip(
-                auto, allocate_keeps(mode, curves, sizes, read, cfg.per_token_allocation)
-            ):
+            chosen = allocate_keeps(
+                mode,
+                [curves.get(i, [0.0]) for i in auto],
+                sizes,
+                read,
+                cfg.per_token_allocation,
+            )
+            for i, k in zip(auto, chosen, strict=True):
                 keeps[i] = k
         thresholds = []
         for i, layer in enumerate(self.layers):
@@ -642,6 +652,7 @@ class Controller:
             "keeps": keeps,
             "thresholds": thresholds,
             "calibration_tokens": int(captured[0][0].shape[0]),
+            "error_curves": {str(i): c for i, c in (curves or {}).items()} if auto else {},
         }
         self.load_per_token_state(state)
         return state

@@ -47,8 +47,8 @@ __all__ = [
     "threshold_for_keep",
 ]
 
-# keeps of the error curves: 1.0, 0.975, ..., 0.05 (the allocation moves on this grid)
-KEEP_GRID = tuple(round(1.0 - 0.025 * i, 6) for i in range(39))
+# keeps of the error curves: 1.0, 0.95, ..., 0.05 (the allocation moves on this grid)
+KEEP_GRID = tuple(round(1.0 - 0.05 * i, 6) for i in range(20))
 ALLOCATIONS = ("greedy", "uniform")
 
 
@@ -96,9 +96,7 @@ def _gate_gathered(parts: FFNParts, x: Tensor, thr: Tensor, scale: Tensor, act: 
 def _input_gathered(parts: FFNParts, x: Tensor, thr: Tensor, scale: Tensor, act: str) -> tuple:
     from dart_ext.per_token import input_sparse_glu_ffn
 
-    return input_sparse_glu_ffn(
-        x, parts.w_gate, parts.w_up, parts.w_down_t, thr[0], thr[1], act
-    )
+    return input_sparse_glu_ffn(x, parts.w_gate, parts.w_up, parts.w_down_t, thr[0], thr[1], act)
 
 
 def _gate_scores(parts: FFNParts, x: Tensor, scale: Tensor | None) -> Tensor:
@@ -158,7 +156,12 @@ PER_TOKEN_MODES = MappingProxyType(
             "gate-weighted", ("neurons",), 1 / 3, (2 / 3,), True, _gate_masked, _gate_gathered
         ),
         "input": PerTokenMode(
-            "input", ("input", "hidden"), 0.0, (2 / 3, 1 / 3), False, _input_masked,
+            "input",
+            ("input", "hidden"),
+            0.0,
+            (2 / 3, 1 / 3),
+            False,
+            _input_masked,
             _input_gathered,
         ),
     }
@@ -173,8 +176,8 @@ def threshold_for_keep(scores: Tensor, keep: float) -> float:
     if keep >= 1.0:
         return 0.0
     flat = scores.reshape(-1).float()
-    n = max(int(round(keep * flat.numel())), 1)
-    return float(torch.topk(flat, n, sorted=False).values.min())
+    n = max(int(round(keep * flat.numel())), 1)  # the n-th largest: O(numel) selection
+    return float(torch.kthvalue(flat.cpu(), flat.numel() - n + 1).values)
 
 
 @torch.no_grad()
@@ -226,7 +229,10 @@ def allocate_keeps(
     total = float(sum(sizes))
 
     def share() -> float:
-        return sum(s * mode.read_fraction([grid[v]] * nk) for s, v in zip(sizes, level)) / total
+        return (
+            sum(s * mode.read_fraction([grid[v]] * nk) for s, v in zip(sizes, level, strict=True))
+            / total
+        )
 
     while share() > read + 1e-9:
         best, best_cost = None, float("inf")

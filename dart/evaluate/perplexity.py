@@ -196,8 +196,7 @@ def score_chunk_cached(
         ids = ids.unsqueeze(0)
     if not 1 <= prep_len < score_from <= ids.shape[1] - 1:
         raise ValueError(
-            f"need 1 <= prep_len ({prep_len}) < score_from ({score_from}) < length "
-            f"({ids.shape[1]})"
+            f"need 1 <= prep_len ({prep_len}) < score_from ({score_from}) < length ({ids.shape[1]})"
         )
     out = model(input_ids=ids[:, :prep_len], use_cache=True)
     if handle is not None:
