@@ -23,6 +23,7 @@ window, so there is no host sync per token.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -173,9 +174,9 @@ class Controller:
         elif self.per_token is not None:  # the prompt dense, then every token its own choice
             if self.per_token_state is None:
                 raise RuntimeError(
-                    f"method={self.method.name!r} needs its per-token thresholds first: "
-                    "handle.calibrate(text, tokenizer) (or handle.load_per_token_state) after "
-                    "attach"
+                    f"method={self.method.name!r} needs calibration first (its per-token "
+                    "thresholds): handle.calibrate(text, tokenizer) (or "
+                    "handle.load_per_token_state) after attach"
                 )
             self.phase = [Phase.TRACE] * batch_size
         elif self.method.needs_calibration and not self._calibrating:
@@ -706,6 +707,26 @@ class Controller:
         kept = sum(map(sum, rows)) / len(rows) if rows else sum(counts)
         return {"ffn_bytes_read_fraction": kept / sum(self.widths)}
 
+    def _per_token_sparsity(self) -> dict:
+        """A per-token method's sparsities are of bytes: ``nominal_sparsity`` the share its
+        calibrated keeps leave unread, ``effective_sparsity`` the share its tokens left unread
+        (the meters); nothing for the mask methods (their neuron counts above)."""
+        if self.per_token is None or self.per_token_state is None:
+            return {}
+        mode, keeps = self.per_token, self.per_token_state["keeps"]
+        sizes = [
+            n * p.w_up.shape[1]
+            for n, p in zip(self.widths, self._parts_of(range(len(keeps))), strict=True)
+        ]
+        planned = sum(
+            s * mode.read_fraction([k] * len(mode.knobs)) for s, k in zip(sizes, keeps, strict=True)
+        ) / sum(sizes)
+        measured = self._bytes_read()["ffn_bytes_read_fraction"]
+        return {
+            "nominal_sparsity": 1.0 - planned,
+            "effective_sparsity": 0.0 if math.isnan(measured) else 1.0 - measured,
+        }
+
     def reset_stats(self) -> None:
         """Forget counters and drift history (masks and calibration stay)."""
         for layer in self.layers:
@@ -780,6 +801,7 @@ class Controller:
             ),
             "retraced_tokens": c.retraced_tokens,
             **self._bytes_read(),
+            **self._per_token_sparsity(),
             "per_token": self.per_token_state,
             **telemetry,
             "sequences": c.sequences,
