@@ -194,6 +194,14 @@ def calibrate_layer_curves(
     y = parts.down(parts.hidden(x)).float()
     ref = max(float(((r.float() + y) ** 2).sum()), 1e-30)
     curve = []
+    if mode.knobs == ("neurons",):  # gate and up do not depend on the keep: compute them once
+        a = _gate_act(parts, x)
+        au = a * torch.nn.functional.linear(x, parts.w_up)
+        scores = _gate_scores(parts, x, scale)
+        for keep in grid:
+            ys = parts.down(au * (scores >= threshold_for_keep(scores, keep)))
+            curve.append(float(((ys.float() - y) ** 2).sum()) / ref)
+        return curve
     for keep in grid:
         thr = torch.tensor(mode.thresholds(parts, x, keep, scale), device=x.device)
         if thr.numel() == 1:
