@@ -124,9 +124,10 @@ def main() -> None:
             base = None
             for name, method, p, alloc in todo:
                 t0 = time.perf_counter()
+                state = calibrated(name, method, p, alloc) if alloc is not None else None
                 h = None if method == "dense" else dart.attach(model, _config(method, p, alloc))
-                if h is not None and h.method.per_token is not None:
-                    h.load_per_token_state(calibrated(name, method, p, alloc))
+                if state is not None:
+                    h.load_per_token_state(state)
                 if h is not None and h.method.selects_from_prompt:
                     cache = model(input_ids=prompt, use_cache=True).past_key_values  # traced
                     h.controller.select_traced()
