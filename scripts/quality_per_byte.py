@@ -81,7 +81,9 @@ def main() -> None:
 
     states_path = out / "thresholds.json"
     states = json.loads(states_path.read_text()) if states_path.exists() else {}
-    captured, curves = None, {}
+    captured = None
+    # error curves depend on the mode and the calibration data only: reuse a resumed run's
+    curves = {st["method"]: st["error_curves"] for st in states.values() if st["error_curves"]}
 
     def calibrated(name: str, method: str, p: float, alloc: str) -> dict:
         """The arm's thresholds: calibrated on first use (so cheap arms start scoring first)."""
