@@ -74,8 +74,9 @@ class DARTHandle:
         if config.ranking != "magnitude" and self.method.uses_proxies:
             proxies = _compute_proxies(model, self.adapter, parts, config.proxy_source)
         widths = [p.width for p in parts]
+        relayout = config.fixed_keep_counts(widths) != widths or self.method.per_token is not None
         try:
-            if config.backend != "masked" and config.fixed_keep_counts(widths) != widths:
+            if config.backend != "masked" and relayout:
                 # Neuron-major storage of the column-major projection (in place, no copy kept).
                 for refs in self.refs:
                     self.adapter.relayout(refs)
@@ -276,8 +277,8 @@ class DARTHandle:
 
     # -- public -----------------------------------------------------------------------------
     def calibrate(self, text: str | torch.Tensor, tokenizer=None, max_tokens: int = 512) -> None:
-        """Build the frozen masks of a calibrated method (`static`) from a calibration text (or
-        token ids)."""
+        """Build the frozen masks of a calibrated method (`static`), or the per-layer thresholds
+        of a per-token method (`gate`, `input`, ...), from a calibration text (or token ids)."""
         if not self.method.needs_calibration:
             raise ValueError(
                 f"calibrate() is for a calibrated method (static), not {self.method.name!r}"
@@ -291,6 +292,11 @@ class DARTHandle:
             ids = text if text.dim() == 2 else text.unsqueeze(0)
         ids = ids[:, :max_tokens].to(device)
         c = self.controller
+        if self.method.per_token is not None:  # thresholds from the dense pass's FFN inputs
+            with c.capturing() as captured, torch.no_grad():
+                self.model(input_ids=ids, use_cache=False)
+            c.calibrate_per_token(captured)
+            return
         with c.calibration(), torch.no_grad():
             self.model(input_ids=ids, use_cache=False)
         c.begin(ids.shape[0], device)  # leave the frozen masks in force
@@ -312,6 +318,19 @@ class DARTHandle:
             yield self
         finally:
             self._held = False
+
+    def per_token_state(self) -> dict:
+        """The calibrated per-token thresholds (keeps, thresholds, the model's fingerprint), a
+        plain dict to save as JSON and give back to :meth:`load_per_token_state`."""
+        state = self.controller.per_token_state
+        if state is None:
+            raise ValueError(f"method {self.method.name!r} has no calibrated per-token thresholds")
+        return dict(state)
+
+    def load_per_token_state(self, state: dict) -> None:
+        """Install per-token thresholds saved by :meth:`per_token_state`; refused (nothing
+        changed) when they belong to another model or method."""
+        self.controller.load_per_token_state(state)
 
     def reset(self) -> None:
         """Forget statistics (counters included); masks of a calibrated static run stay."""

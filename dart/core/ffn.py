@@ -7,6 +7,13 @@ Three ways to run a pruned FFN, chosen by the `backend` setting:
 - `compact`: on each re-selection the kept rows are sliced into persistent compact buffers
   (`torch.ops.dart.gather_neurons_`); between re-selections the FFN is dense GEMMs on them.
 
+A per-token method (`per_token`, :mod:`dart.core.per_token`) has no selection: each token of a
+sparse pass picks its own neurons by the thresholds in the buffer `pt_thresholds` (calibrated,
+installed by the controller; buffers, so a compiled step reads them as inputs), through the
+mode's masked emulation (`masked`) or its reference ops in `dart_ext.per_token` (`gathered`).
+The buffers `pt_read` / `pt_dense` count the weight entries read and the dense count of the
+same tokens (the bytes meter of `handle.stats()["ffn_bytes_read_fraction"]`).
+
 The module holds no schedule logic: its owner (the controller) sets `mode` and the selection,
 and receives the statistics through the small `StatsRecorder` interface, so this module
 imports nothing of the controller.
@@ -23,6 +30,7 @@ import torch
 from torch import nn
 
 from .adapters import FFNParts
+from .per_token import PerTokenMode, weighted_scale
 
 __all__ = ["DARTFFN", "DENSE", "SPARSE", "TRACE", "StatsRecorder"]
 
@@ -76,7 +84,14 @@ def _kernel_act(backend: str, act: str) -> str | None:
 
 
 class DARTFFN(nn.Module):
-    def __init__(self, parts: FFNParts, layer_index: int, backend: str, recorder: StatsRecorder):
+    def __init__(
+        self,
+        parts: FFNParts,
+        layer_index: int,
+        backend: str,
+        recorder: StatsRecorder,
+        per_token: PerTokenMode | None = None,
+    ):
         super().__init__()
         self.original = parts.original  # child module: the dense path is its own forward
         self.layer_index = layer_index
@@ -101,6 +116,38 @@ class DARTFFN(nn.Module):
         self.mask: torch.Tensor | None = None  # [1 or B, 1, N] 0/1 in the activation dtype
         self.compact: tuple[torch.Tensor, ...] | None = None
         self.probe = None  # a `dart.core.telemetry.MaskProbe` on measured passes only
+        self.per_token = per_token
+        if per_token is not None:
+            self._init_per_token(per_token)
+
+    def _init_per_token(self, mode: PerTokenMode) -> None:
+        p = self._parts
+        if self.kind != "glu":
+            raise ValueError(
+                f"method per-token mode {mode.name!r} needs a gated FFN (gate, up, down); layer "
+                f"{self.layer_index} is a {self.kind!r} FFN"
+            )
+        dev = p.w_up.device
+        n, d = p.w_up.shape
+        # non-persistent: the model's state_dict stays the original's
+        self.register_buffer("pt_thresholds", torch.zeros(2, device=dev), persistent=False)
+        scale = weighted_scale(p) if mode.weighted else torch.ones(n, device=dev)
+        self.register_buffer("pt_scale", scale, persistent=False)
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        self.register_buffer("pt_read", zero.clone(), persistent=False)
+        self.register_buffer("pt_dense", zero.clone(), persistent=False)
+        self.dense_entries = 3 * n * d
+
+    def set_thresholds(self, thresholds: torch.Tensor) -> None:
+        """Install this layer's per-token thresholds (`[2]`, one per knob, unused ones 0) in
+        place, so a compiled step sees them without recompiling; pruning from now on."""
+        self.pt_thresholds.copy_(thresholds)
+        self.selected = self.prunes = True
+
+    def reset_meter(self) -> None:
+        if self.per_token is not None:
+            self.pt_read.zero_()
+            self.pt_dense.zero_()
 
     # -- selection (called by the controller on a re-selection, never per token) ----------
     def set_selection(
@@ -192,7 +239,7 @@ class DARTFFN(nn.Module):
 
     def release_rows(self, rows: torch.Tensor) -> None:
         """Make `rows` of the mask dense (tracing again or released)."""
-        if self.selected and self.mask.shape[0] > 1:
+        if self.selected and self.mask is not None and self.mask.shape[0] > 1:
             self.mask[rows] = 1.0
 
     def clear_selection(self) -> None:
@@ -224,10 +271,14 @@ class DARTFFN(nn.Module):
     def extra_bytes(self) -> int:
         """Bytes of state this module holds beyond the model's own weights."""
         tensors = [self.idx, self.lengths, self.mask, *(self.compact or ())]
+        if self.per_token is not None:
+            tensors += [self.pt_thresholds, self.pt_scale, self.pt_read, self.pt_dense]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.per_token is not None:  # the prompt (any non-sparse pass) runs dense
+            return self._per_token(x) if self.mode == SPARSE and self.prunes else self.original(x)
         if self.mode == DENSE or self.mode == SPARSE and not self.prunes:
             return self.original(x)
         if x.dim() == 2:  # OPT flattens tokens to [B*T, d] before its FFN
@@ -247,6 +298,16 @@ class DARTFFN(nn.Module):
             h = h * self.mask
         y = p.down(h)
         self._recorder.record_ffn_output(self.layer_index, x, y)
+        return y
+
+    def _per_token(self, x: torch.Tensor) -> torch.Tensor:
+        p, mode = self._parts, self.per_token
+        if self.backend == "masked":
+            y, read = mode.masked(p, x, self.pt_thresholds, self.pt_scale)
+        else:
+            y, read = mode.gathered(p, x, self.pt_thresholds, self.pt_scale, self.kernel_act)
+        self.pt_read.add_(read.sum(dtype=torch.float64))
+        self.pt_dense.add_(float(read.numel() * self.dense_entries))
         return y
 
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
