@@ -54,7 +54,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dart.models import PACKAGED_MODELS, assemble_gguf, cache_dir
+from dart.assets.models import PACKAGED_MODELS, assemble_gguf, cache_dir
 
 __all__ = [
     "LLAMA_CPP_PYTHON_VERSION",
@@ -686,7 +686,7 @@ def packaged_gguf(model: str) -> Path:
 def heldout_text_file(corpus: str = "wiki", path: str | os.PathLike | None = None) -> Path:
     """The packaged corpus's ``eval`` split (never calibration) written to a text file, so that
     llama.cpp and dart score the very same text. Rewritten atomically only when it differs."""
-    from dart.data import load_text
+    from dart.assets.data import load_text
     from dart.results import atomic_write_text
 
     text = load_text(corpus, "eval")

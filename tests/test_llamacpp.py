@@ -422,7 +422,7 @@ def test_a_model_without_gguf_is_refused(model):
 
 
 def test_heldout_text_is_the_eval_split(tmp_path, monkeypatch):
-    from dart.data import load_text
+    from dart.assets.data import load_text
 
     monkeypatch.setenv("DART_CACHE", str(tmp_path))
     path = llamacpp.heldout_text_file("tiny")
