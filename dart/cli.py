@@ -83,10 +83,10 @@ class DemoOptions:
     backend: str = field(
         default="gathered", metadata={"help": "sparse FFN backend", "choices": BACKENDS}
     )
-    max_new_tokens: int = field(default=160, metadata={"help": "greedy tokens generated"})
+    max_new_tokens: int = field(default=160, metadata={"min": 1, "help": "greedy tokens generated"})
     seed: int = field(default=0, metadata={"help": "torch seed"})
-    threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
-    width: int = field(default=36, metadata={"help": "column width of the side-by-side"})
+    threads: int | None = field(default=None, metadata={"min": 1, "help": "torch CPU threads"})
+    width: int = field(default=36, metadata={"min": 1, "help": "column width of the side-by-side"})
     out: str | None = field(
         default=None, metadata={"help": "results folder (default results/demo-<time>)"}
     )
@@ -179,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .runtime.export import ExportOptions
 
     parser = argparse.ArgumentParser(prog="dart", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--debug",
+        dest="_debug",
+        action="store_true",
+        help="show the full traceback of an error (anywhere on the command line)",
+    )
     sub = parser.add_subparsers(dest="_command_name", required=True)
     ev = sub.add_parser("eval", help="perplexity, MMLU, summarisation, knowledge drift")
     ev_sub = ev.add_subparsers(dest="_task", required=True)
@@ -199,8 +205,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean a bad input or state the user can fix (shown as one message, no
+    traceback), as opposed to a bug."""
+    from .evaluate.store import FingerprintMismatchError, FolderLockedError
+    from .results import CorruptFileError
+    from .runtime.runner import PackageError
+
+    return (
+        ConfigError,
+        FolderLockedError,
+        FingerprintMismatchError,
+        CorruptFileError,
+        PackageError,
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug anywhere on the line (also after a subcommand's flags): tracebacks are shown
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and not getattr(args, "_passes_flags", False):
@@ -209,8 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     args._command = "dart " + " ".join(argv)
     try:
         return args._run(args)
-    except ConfigError as e:
-        parser.exit(2, f"dart: error: {e}\n")
+    except _expected_errors() as e:
+        if debug:
+            raise
+        code = 2 if isinstance(e, (ConfigError, ValueError)) else 1
+        hint = "" if isinstance(e, ConfigError) else " (--debug shows the traceback)"
+        parser.exit(code, f"dart: error: {e}{hint}\n")
 
 
 if __name__ == "__main__":

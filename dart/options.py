@@ -14,7 +14,8 @@ only) and ``metadata["help"]`` its help text. Optional metadata keys: ``choices`
 values), ``flag`` (a flag name other than ``--field-name``), ``positional`` (an argument
 without a flag; a list takes one or more), ``repeat`` (a list given by
 repeating the flag instead of a comma list), ``yaml_only`` (no flag), ``hidden`` (a flag left out
-of ``--help``). A ``bool`` field whose default is ``True`` gets a ``--no-...`` flag.
+of ``--help``), ``min`` (the smallest accepted value, of a scalar or of each list item). A
+``bool`` field whose default is ``True`` gets a ``--no-...`` flag.
 
 Values are resolved as defaults < YAML file (``--config``) < flags given on the command line;
 an unknown YAML key or a value of the wrong type is a :class:`~dart.core.config.ConfigError` that
@@ -112,13 +113,22 @@ def coerce(field: dataclasses.Field, tp: Any, value: Any, where: str) -> Any:
     choices = _choices(field, tp)
     element = _element_type(tp)
     if element is None:
-        return _scalar(value, tp, where, choices)
+        return _at_least(field, _scalar(value, tp, where, choices), where)
     if isinstance(value, str) and not field.metadata.get("repeat"):
         value = [v.strip() for v in value.split(",") if v.strip()]
     elif not isinstance(value, (list, tuple)):
         value = [value]
-    items = [_scalar(v, element, where, choices) for v in value]
+    items = [_at_least(field, _scalar(v, element, where, choices), where) for v in value]
     return tuple(items) if typing.get_origin(tp) is tuple else items
+
+
+def _at_least(field: dataclasses.Field, value: Any, where: str) -> Any:
+    """``value``, refused below the field's ``min`` metadata (a count of -5 tokens is an error,
+    not a silent empty run)."""
+    minimum = field.metadata.get("min")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{where}: {value!r} is below the minimum {minimum}")
+    return value
 
 
 def _flag(field: dataclasses.Field) -> str:

@@ -12,6 +12,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
+import socket
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -26,6 +30,9 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "fsync_folder",
+    "public_modes",
+    "remove_stale_folders",
+    "staging_folder",
     "plot_drift",
     "read_json",
     "save_figure",
@@ -80,6 +87,82 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     fsync_folder(path.parent)
+
+
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def public_modes(root: str | os.PathLike) -> None:
+    """Give ``root`` and everything under it the modes a plain ``mkdir``/``open`` would have
+    given under the umask (folders 0777, files 0666, less the umask; executables keep their x
+    bits): ``mkdtemp``/``mkstemp`` make them private (0700/0600), which locks a shared cache
+    or package away from everyone else."""
+    mask = _umask()
+    root = Path(root)
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for p in paths:
+        if p.is_symlink():
+            continue
+        mode = p.stat().st_mode
+        if stat.S_ISDIR(mode):
+            os.chmod(p, 0o777 & ~mask)
+        else:
+            execs = 0o111 if mode & stat.S_IXUSR else 0
+            os.chmod(p, (0o666 | execs) & ~mask)
+
+
+_OWNER = re.compile(r"^(?P<pid>[0-9]+)~(?P<host>[^~]*)~")
+
+
+def staging_folder(target: str | os.PathLike, kind: str = "tmp") -> Path:
+    """A new empty folder beside ``target`` (``.<name>.<kind>-<pid>~<host>~<random>``) to build
+    ``target``'s content in before renaming it into place; its name says which process owns it,
+    so :func:`remove_stale_folders` can tell a dead run's leftovers from a live run's."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{target.name}.{kind}-{os.getpid()}~{socket.gethostname()}~"
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_folders(target: str | os.PathLike, kind: str = "tmp") -> list[Path]:
+    """Remove the :func:`staging_folder` leftovers of ``target`` whose owner is a process of
+    this host that no longer runs (killed mid-write); another live run's, or another host's
+    (a shared file system), are left alone. Returns the removed paths."""
+    target = Path(target)
+    prefix = f".{target.name}.{kind}-"
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    host = socket.gethostname()
+    for p in target.parent.iterdir():
+        if not p.name.startswith(prefix):
+            continue
+        owner = _OWNER.match(p.name[len(prefix) :])
+        if owner is None or owner["host"] != host:
+            continue
+        pid = int(owner["pid"])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

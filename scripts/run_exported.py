@@ -31,13 +31,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dart.runtime.runner import PackageError, load_package, trim_at_eos  # noqa: E402
 
 
+def _positive(text: str) -> int:
+    """An argparse type: an int of at least 1 (0 would still emit the prefill's token)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below the minimum 1")
+    return value
+
+
+def _prompt(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma list of token ids") from None
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a prompt needs token ids >= 0")
+    return ids
+
+
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("package_dir")
-    p.add_argument("--prompt-ids", action="append", required=True, help="comma-separated ids")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument(
+        "--prompt-ids", action="append", required=True, type=_prompt, help="comma-separated ids"
+    )
+    p.add_argument("--max-new-tokens", type=_positive, default=32)
     p.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=_positive, default=None)
     p.add_argument("--json", default=None, help="also write the result to this file")
     return p.parse_args(argv)
 
@@ -46,7 +69,7 @@ def main(argv=None) -> int:
     args = _parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    prompts = [[int(t) for t in s.split(",") if t.strip()] for s in args.prompt_ids]
+    prompts = args.prompt_ids
     try:
         package = load_package(args.package_dir)
         result = package.generate(prompts, args.max_new_tokens, stop_at_eos=not args.ignore_eos)

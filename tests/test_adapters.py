@@ -68,3 +68,44 @@ def test_parts_reproduce_the_original_ffn(family):
         torch.testing.assert_close(parts.down(parts.hidden(x)), parts.original(x))
         adapter.restore(refs)
         assert all(torch.equal(p, before[n]) for n, p in refs.layer.named_parameters())
+
+
+def _biased_model(family: str) -> torch.nn.Module:
+    """A tiny model whose FFN projections all carry non-zero biases (Llama: `mlp_bias=True`)."""
+    import transformers as tf
+    from tiny_models import tiny_config
+
+    torch.manual_seed(0)
+    config = tiny_config(family)
+    if family == "llama":
+        config.mlp_bias = True
+    config._attn_implementation = "eager"
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+            elif "bias" in name:  # HF initialises biases to zero: make them matter
+                p.copy_(torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "opt"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ffn_biases_reach_every_backend(family, backend):
+    """Keeping all neurons but one, every backend gives the masked reference's logits and stays
+    close to the unpatched model: no backend drops a gate/up/down (in/out) bias (issue 24.1)."""
+    model = _biased_model(family)
+    ids = random_ids()
+    dense = prefill_and_step(model, ids)
+    width = get_adapter(model).ffn_parts(get_adapter(model).layer_refs()[0]).width
+    cfg = {"layer_topk": f"all:{width - 1}", "drift": {"enabled": False}}
+    handle = dart.attach(model, DARTConfig(backend="masked", **cfg))
+    reference = prefill_and_step(model, ids)
+    handle.detach()
+    handle = dart.attach(model, DARTConfig(backend=backend, **cfg))
+    got = prefill_and_step(model, ids)
+    handle.detach()
+    for ours, ref, full in zip(got, reference, dense, strict=True):
+        torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+        assert (ours - full).abs().max() < 0.05  # one neuron of 64 per layer is gone

@@ -91,3 +91,55 @@ def test_prepare_and_hold_score_under_context_masks(backend):
     ref.detach()
     torch.testing.assert_close(held, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(held, model(full).logits, atol=1e-3)
+
+
+def _snapshot(model):
+    return {
+        "modules": {n: type(m) for n, m in model.named_modules()},
+        "state": {k: (v.clone(), v.is_contiguous()) for k, v in model.state_dict().items()},
+        "hooks": sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()),
+        "forward": "forward" in vars(model),
+    }
+
+
+def _assert_untouched(model, snap):
+    now = _snapshot(model)
+    assert now["modules"] == snap["modules"] and now["hooks"] == snap["hooks"]
+    assert now["forward"] == snap["forward"]
+    for k, (v, contiguous) in snap["state"].items():
+        got = model.state_dict()[k]
+        assert torch.equal(got, v) and got.is_contiguous() == contiguous, k
+    assert getattr(model, "_dart_handle", None) is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rejected_attach_is_all_or_nothing(backend, monkeypatch):
+    """A rejected attach (here a drift layer out of range, found while patching; then a failure
+    injected after the hooks are in) leaves the model as it was, and a valid attach works
+    afterwards (issue 24.4)."""
+    model = tiny_model("llama")
+    ids = random_ids()
+    ref = prefill_and_step(model, ids)
+    snap = _snapshot(model)
+    bad = DARTConfig(layer_topk="all:0.5", backend=backend, drift={"layers": [7]})
+    with pytest.raises(ValueError, match="layer 7 is out of range"):
+        dart.attach(model, bad)
+    _assert_untouched(model, snap)
+
+    from dart.core.api import DARTHandle
+
+    def broken(self):
+        raise RuntimeError("injected failure after patching")
+
+    monkeypatch.setattr(DARTHandle, "_wrap_forward", broken)
+    cfg = DARTConfig(layer_topk="all:0.5", backend=backend)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        dart.attach(model, cfg)
+    _assert_untouched(model, snap)
+    monkeypatch.undo()
+    handle = dart.attach(model, cfg)
+    prefill_and_step(model, ids)
+    handle.detach()
+    _assert_untouched(model, snap)
+    got = prefill_and_step(model, ids)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))

@@ -331,3 +331,73 @@ def test_lm_eval_subcommand_flags_come_from_lmeval_options(capsys):
     with pytest.raises(SystemExit) as e:  # other commands still refuse flags they lack
         main(["eval", "ppl", "--num-fewshot", "3"])
     assert e.value.code == 2 and "unrecognized arguments: --num-fewshot" in capsys.readouterr().err
+
+
+def _small_ppl(folder, out, *extra):
+    return ["eval", "ppl", "--model", str(folder), "--methods", "dense,dart", "--total-prune",
+            "0.5", "--max-tokens", "96", "--window", "32", "--stride", "16", "--out", str(out),
+            "--quiet", *extra]  # fmt: skip
+
+
+def test_a_record_with_a_non_numeric_value_is_recomputed_not_fatal(tiny_folder, tmp_path, caplog):
+    """A record whose key is sound but whose value is not a number is skipped with a warning
+    and recomputed (was: TypeError on every resume); the metrics equal a clean run's
+    (issue 24.10)."""
+    out = tmp_path / "ppl"
+    assert main(_small_ppl(tiny_folder, out)) == 0
+    clean = json.loads((out / "metrics.json").read_text())
+    lines = (out / "samples.jsonl").read_text().splitlines()
+    rec = json.loads(lines[1])
+    lines[1] = json.dumps({**rec, "nll": "oops"})
+    rec2 = json.loads(lines[-1])
+    lines[-1] = json.dumps({**rec2, "effective_sparsity": None})
+    (out / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(_small_ppl(tiny_folder, out)) == 0
+    assert "samples.jsonl:2: skipped, its values do not aggregate" in caplog.text
+    assert f"samples.jsonl:{len(lines)}: skipped, its effective_sparsity is None" in caplog.text
+    assert json.loads((out / "metrics.json").read_text()) == clean
+    assert len(list(RecordStore(out))) == len(lines)
+
+
+def test_a_resumed_arms_stats_cover_every_run(tiny_folder, tmp_path):
+    """stats.json of an arm interrupted and then resumed counts both runs' work, as one
+    uninterrupted run does (was: the last run's samples only)."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main(_small_ppl(tiny_folder, whole, "--methods", "dart")) == 0
+    with pytest.raises(StopAfter):
+        main(_small_ppl(tiny_folder, split, "--methods", "dart", "--stop-after", "2"))
+    assert main(_small_ppl(tiny_folder, split, "--methods", "dart")) == 0
+    got = json.loads((split / "stats.json").read_text())["dart@0.5"]
+    ref = json.loads((whole / "stats.json").read_text())["dart@0.5"]
+    assert got["samples"] == ref["samples"] == 5 and (got["runs"], ref["runs"]) == (2, 1)
+    for key in ("mask_builds", "sequences", "decode_passes", "nominal_sparsity"):
+        assert got[key] == ref[key], key
+
+
+def test_expected_errors_are_one_line_and_debug_shows_the_traceback(tiny_folder, tmp_path, capsys):
+    """Bad input (a negative count, an empty text file), a locked folder and a fingerprint
+    mismatch: one `dart: error:` message naming the problem, no traceback; `--debug` raises
+    (issue 24.11/12)."""
+    from dart.evaluate.store import FingerprintMismatchError, FolderLockedError, RunStore
+
+    def fails(argv, code, *needles):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == code and "Traceback" not in err, err
+        assert "dart: error: " in err, err  # after any progress output
+        message = err[err.index("dart: error: ") :]
+        assert all(n in message for n in needles), err
+
+    out = tmp_path / "ppl"
+    fails(_small_ppl(tiny_folder, out, "--max-tokens", "-5"), 2, "--max-tokens: -5 is below")
+    fails(_small_ppl(tiny_folder, out, "--text-file", "/dev/null"), 2, "holds no text")
+    with RunStore.open(out):
+        fails(_small_ppl(tiny_folder, out), 1, "is in use by another run", "--debug")
+        with pytest.raises(FolderLockedError):
+            main([*_small_ppl(tiny_folder, out), "--debug"])
+    assert main(_small_ppl(tiny_folder, out, "--methods", "dense")) == 0
+    other = _small_ppl(tiny_folder, out, "--methods", "dense", "--window", "24")
+    fails(other, 1, "holds records of another configuration", "window")
+    with pytest.raises(FingerprintMismatchError):
+        main(["--debug", *other])

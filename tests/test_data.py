@@ -290,3 +290,9 @@ def test_text_file_named_wiki_on_the_command_line_is_the_file(tmp_path, monkeypa
     assert main([*argv, "--window", "32", "--stride", "16", "--out", "p", "--quiet"]) == 0
     tokens = [m["value"] for m in load_metrics(tmp_path / "p") if m["metric"] == "tokens"]
     assert tokens == [len("Local text named wiki. " * 3) - 2]  # char tokenizer, stripped, -1
+
+
+def test_an_empty_device_is_read_not_called_missing():
+    """`--text-file /dev/null` exists: it holds no text (was: "no such file", issue 24.11)."""
+    with pytest.raises(ValueError, match="'/dev/null' holds no text"):
+        data.load_text_file("/dev/null")

@@ -97,3 +97,31 @@ def test_generate_prompts_from_flags_then_file_then_default(tmp_path):
     )
     assert items[0]["id"] == "p0" and isinstance(items[0]["prompt"][0], int)
     assert torch.tensor(items[0]["prompt"]).numel() >= 2
+
+
+def test_ppl_llamacpp_protocol_records_the_bytes_read():
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    task = TASKS["ppl"]
+    options = PerplexityOptions(corpus="tiny", window=32, protocol="llamacpp", chunks=2)
+    items = task.items(tok, options, 0)
+    assert [(it["id"], it["begin"], it["score_from"], it["prep_len"]) for it in items] == [
+        ("c00000", 0, 17, 16),
+        ("c00001", 32, 17, 16),
+    ]
+    calibration = torch.tensor(items[1]["ids"])[None]
+    handle = attach_arm(model, DARTConfig(method="input", total_prune=0.5), calibration)
+    try:
+        ctx = StepContext(model, handle, tok, options)
+        records = [r for it in items for r in task.step.run(ctx, [it])]
+    finally:
+        handle.detach()
+    (dense,) = task.step.run(StepContext(model, None, tok, options), items[:1])
+    assert all(r["tokens"] == 15 for r in records) and dense["ffn_bytes_read_fraction"] == 1.0
+    for r in records:  # each window's own meter: near the target, never the dense 1.0
+        assert 0.3 < r["ffn_bytes_read_fraction"] < 0.7
+    arm = Arm("input", 0.5)
+    tagged = [{**r, **arm.to_dict()} for r in records]
+    metrics = {m["metric"]: m["value"] for m in compute_metrics(task, tagged, [arm], str)}
+    assert metrics["ffn_bytes_read_fraction"] == pytest.approx(
+        sum(r["ffn_bytes_read_fraction"] for r in records) / 2
+    )

@@ -288,3 +288,80 @@ def test_dart_export_writes_a_manifest(tmp_path):
     assert manifest["programs"] == {} and manifest["dart_config"]["total_prune"] == 0.5
     kept = sum(manifest["keep_counts"]) / sum(manifest["widths"])
     assert 0.45 <= kept <= 0.55
+
+
+def _fake_aoti(monkeypatch, fail_on: str | None = None):
+    """AOTInductor stand-ins: `aoti_compile_and_package` writes a file naming the program and
+    its export (a count), raising at `fail_on`; `aoti_load_package` returns the path."""
+    calls = {"n": 0}
+
+    def compile_and_package(program, package_path, inductor_configs=None):
+        name = Path(package_path).name
+        if name == fail_on:
+            raise KeyboardInterrupt(f"killed while compiling {name}")
+        calls["n"] += 1
+        Path(package_path).write_bytes(f"{name} #{calls['n']}".encode())
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", compile_and_package)
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path: path)
+
+
+def test_an_interrupted_re_export_leaves_the_old_package_whole(tmp_path, monkeypatch):
+    """Re-exporting into a package and dying between its two programs leaves the previous
+    package as it was (it loads, with its own programs); no staging folder survives; a new
+    export replaces the package whole (issue 24.5)."""
+    model = tiny_model("llama")
+    folder = tmp_path / "pkg"
+    _fake_aoti(monkeypatch)
+    export_decode(model, folder, max_len=MAX_LEN, config=FIXED)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    _fake_aoti(monkeypatch, fail_on="decode.pt2")
+    with pytest.raises(KeyboardInterrupt):
+        export_decode(model, folder, max_len=MAX_LEN, config=FIXED)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]  # no staging left behind
+    package = load_package(folder)
+    assert Path(package.prefill).read_bytes() == b"prefill.pt2 #1"
+    _fake_aoti(monkeypatch)
+    export_decode(model, folder, max_len=MAX_LEN, config=FIXED)
+    package = load_package(folder)
+    assert Path(package.prefill).read_bytes() == b"prefill.pt2 #1"  # a fresh count: new files
+    assert Path(package.decode).read_bytes() == b"decode.pt2 #2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's private 0700
+    assert (folder / "manifest.json").stat().st_mode & 0o777 == 0o666 & ~umask
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt"):  # never deletes someone's files
+        export_decode(model, folder, max_len=MAX_LEN, config=FIXED)
+
+
+@pytest.mark.parametrize(
+    "programs,message",
+    [
+        ({"prefill": "../other/prefill.pt2"}, "prefill program '../other/prefill.pt2' must be"),
+        ({"prefill": "/tmp/prefill.pt2"}, "prefill program '/tmp/prefill.pt2' must be a file"),
+        ({"decode": "prefill.pt2"}, "decode.* does not match the manifest"),
+    ],
+    ids=["outside", "absolute", "other-file"],
+)
+def test_programs_must_be_inside_the_package_and_match_their_sha256(
+    tmp_path, monkeypatch, programs, message
+):
+    model = tiny_model("llama")
+    _fake_aoti(monkeypatch)
+    folder = tmp_path / "pkg"
+    export_decode(model, folder, max_len=MAX_LEN, config=FIXED)
+    (tmp_path / "other").mkdir()
+    shutil.copy(folder / "prefill.pt2", tmp_path / "other" / "prefill.pt2")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["programs"].update(programs)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PackageError, match=message):
+        load_package(folder)
+    manifest["programs"] = {"prefill": "prefill.pt2", "decode": "decode.pt2"}
+    (folder / "decode.pt2").write_bytes(b"decode of another export")  # a mix of two exports
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PackageError, match="decode program .* does not match the manifest"):
+        load_package(folder)

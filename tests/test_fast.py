@@ -164,3 +164,23 @@ def test_the_recompile_limit_is_raised_only_while_the_loop_runs():
     ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(0))
     fast.generate(ids, max_new_tokens=4)
     assert torch._dynamo.config.recompile_limit == limit
+
+
+def test_bad_token_counts_and_a_detached_handle_are_refused():
+    """max_new_tokens < 1 is refused by name (was IndexError / "negative dimension"); after
+    handle.detach() the generator refuses instead of running dense and returning the handle's
+    stale stats (issue 24.9)."""
+    model = tiny_model("llama")
+    ids, mask = _batch()
+    handle = dart.attach(model, DARTConfig(layer_topk="all:0.5", drift={"enabled": False}))
+    fast = FastGenerator(model, handle, max_len=64, compile=False)
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=f"max_new_tokens must be at least 1, got {bad}"):
+            fast.generate(ids, mask, max_new_tokens=bad)
+    assert fast.generate(ids, mask, max_new_tokens=2).tokens.shape == (2, 2)
+    handle.detach()
+    with pytest.raises(RuntimeError, match="detached"):
+        fast.generate(ids, mask, max_new_tokens=2)
+    other = tiny_model("llama", seed=1)
+    with pytest.raises(ValueError, match="handle is attached to another model"):
+        FastGenerator(other, dart.attach(model, DARTConfig(backend="masked")), compile=False)

@@ -23,6 +23,9 @@ def test_registry_names_and_lookup():
         "random",
         "dart",
         "dart-nodrift",
+        "gate",
+        "gate-weighted",
+        "input",
     ]
     assert all(get_method(name).name == name for name in METHODS)
     with pytest.raises(ValueError, match="'x' is not one of dense, static, griffin"):
@@ -38,7 +41,10 @@ def replace_description(method):
 def test_what_each_method_needs():
     prompt = {n for n, m in METHODS.items() if m.selects_from_prompt}
     assert prompt == {"griffin", "griffin+budget", "random", "dart", "dart-nodrift"}
-    assert [n for n, m in METHODS.items() if m.needs_calibration] == ["static"]
+    calibrated = ["static", "gate", "gate-weighted", "input"]
+    assert [n for n, m in METHODS.items() if m.needs_calibration] == calibrated
+    per_token = {n: m.per_token.name for n, m in METHODS.items() if m.per_token is not None}
+    assert per_token == {"gate": "gate", "gate-weighted": "gate-weighted", "input": "input"}
     assert [n for n, m in METHODS.items() if m.uses_drift] == ["dart"]
     assert [n for n, m in METHODS.items() if not m.prunes] == ["dense"]
     assert {n for n, m in METHODS.items() if m.uses_ema} == {"static", "dart", "dart-nodrift"}
@@ -106,6 +112,10 @@ def test_methods_generate(method):
     stats = handle.stats()
     assert stats["method"] == method
     expected = 0.0 if method == "dense" else 0.5
+    mode = get_method(method).per_token
+    if mode is not None:  # a share of the bytes: the gate is read whole, keep 0.5 of the rest
+        expected = 1.0 - mode.read_fraction([0.5] * len(mode.knobs))
+        assert 0.0 < stats["effective_sparsity"] < 1.0
     assert stats["nominal_sparsity"] == pytest.approx(expected, abs=0.02)
     if method in ("static",):
         assert all(f.idx.dim() == 1 for f in handle.ffns)

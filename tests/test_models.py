@@ -141,3 +141,91 @@ def test_local_folder_loads_in_the_requested_dtype(tmp_path):
     model, tok = load_model(str(folder), dtype="bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16
     assert tok.padding_side == "left" and tok.pad_token is not None
+
+
+# -- first loads: one converter at a time, leftovers removed, shared modes (issue 24.6/7/12) ----
+def _fake_writer(delay: float = 0.0):
+    """Stands in for the GGUF dequantisation: a config and private (0600) weights."""
+
+    def write(spec, folder):
+        import time
+
+        time.sleep(delay)
+        (folder / "config.json").write_text("{}")
+        weights = folder / "model.safetensors"
+        weights.write_bytes(b"w" * 100)
+        weights.chmod(0o600)
+
+    return write
+
+
+@pytest.fixture
+def fake_packaged(tmp_path, monkeypatch):
+    monkeypatch.setenv("DART_CACHE", str(tmp_path / "cache"))
+    spec = PackagedModel(name="fake", parts=(), gguf_file="fake.gguf", sha256="", size=0,
+                         description="synthetic")  # fmt: skip
+    monkeypatch.setitem(models.PACKAGED_MODELS, "fake", spec)
+    return tmp_path / "cache" / "models" / "fake"
+
+
+def test_two_first_loads_at_once_convert_once(fake_packaged, monkeypatch):
+    """Was: the second first load crashed with `OSError: Directory not empty`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls = []
+
+    def write(spec, folder):
+        calls.append(folder)
+        _fake_writer(0.3)(spec, folder)
+
+    monkeypatch.setattr(models, "_write_converted", write)
+    with ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: models.resolve_model_path("fake"), range(2)))
+    assert paths == [str(fake_packaged)] * 2 and len(calls) == 1
+    assert sorted(p.name for p in fake_packaged.parent.iterdir()) == ["fake"]
+
+
+def test_a_killed_conversion_is_cleaned_up_and_a_live_one_is_not(fake_packaged, monkeypatch):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    models_dir = fake_packaged.parent
+    models_dir.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    host = socket.gethostname()
+    stale = [models_dir / "fake.k2j4h1x9", models_dir / f".fake.convert-{dead}~{host}~ab12"]
+    live = models_dir / f".fake.convert-{os.getppid()}~{host}~cd34"  # a running process's
+    other = models_dir / "fake-large.abcd1234"  # another model's name
+    for folder in (*stale, live, other):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x" * 1000)
+    monkeypatch.setattr(models, "_write_converted", _fake_writer())
+    models.resolve_model_path("fake")
+    assert not any(p.exists() for p in stale) and live.exists() and other.exists()
+    gguf = fake_packaged.parents[1] / "gguf"
+    gguf.mkdir()
+    (gguf / "big.gguf.x8f3k2a1").write_bytes(b"partial")
+    (gguf / f".big.gguf.assemble-{dead}~{host}~zz").mkdir()
+    models._remove_leftovers(gguf / "big.gguf", "assemble")
+    assert list(gguf.iterdir()) == []
+
+
+def test_the_cache_honours_the_umask_and_an_empty_dart_cache_is_unset(
+    fake_packaged, monkeypatch, tmp_path
+):
+    import os
+
+    monkeypatch.setattr(models, "_write_converted", _fake_writer())
+    old = os.umask(0o022)
+    try:
+        models.resolve_model_path("fake")
+    finally:
+        os.umask(old)
+    assert fake_packaged.stat().st_mode & 0o777 == 0o755  # was 0700 (mkdtemp)
+    assert (fake_packaged / "model.safetensors").stat().st_mode & 0o777 == 0o644  # was 0600
+    monkeypatch.setenv("DART_CACHE", "")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert models.cache_dir() == tmp_path / "home" / ".cache" / "dart"  # not "."

@@ -56,3 +56,22 @@ def test_left_pad_and_trim():
         left_pad([[]], 3, pad_id=0)
     assert trim_at_eos([3, 2, 5, 2], 2) == [3, 2]
     assert trim_at_eos([3, 5], 2) == [3, 5] and trim_at_eos([3, 2], None) == [3, 2]
+
+
+def test_a_token_count_below_one_is_refused():
+    """The loop always emits the prefill's token: 0 or a negative count is an error, in the
+    loop and in `scripts/run_exported.py` before any package is read (issue 24.11)."""
+    import runpy
+    from pathlib import Path
+
+    prefill, decode, _ = _programs([[1, 2]])
+    ids, mask = left_pad([[5]], 1, pad_id=0)
+    for bad in (0, -2):
+        with pytest.raises(ValueError, match=f"max_new_tokens must be at least 1, got {bad}"):
+            greedy_generate(prefill, decode, ids, mask, [torch.zeros(())], bad)
+    script = Path(__file__).resolve().parents[1] / "scripts" / "run_exported.py"
+    run = runpy.run_path(str(script))["main"]
+    for bad in ("0", "-3"):
+        with pytest.raises(SystemExit) as e:
+            run(["no-such-package", "--prompt-ids", "1,2", "--max-new-tokens", bad])
+        assert e.value.code == 2  # argparse: the flag is named, no package is opened

@@ -224,9 +224,10 @@ def load_file_documents(path: str | os.PathLike) -> list[str]:
     """Documents of a local UTF-8 text file: blocks separated by blank lines. ``path`` is
     always a path, whatever its name (``wiki`` included)."""
     p = Path(path).expanduser()
-    if not p.is_file():
-        what = "a folder, not a file" if p.is_dir() else "no such file"
-        raise FileNotFoundError(f"text file {str(path)!r}: {what}")
+    if p.is_dir():
+        raise FileNotFoundError(f"text file {str(path)!r}: a folder, not a file")
+    if not p.exists():  # a device or pipe (/dev/null, /dev/stdin) is read like a file
+        raise FileNotFoundError(f"text file {str(path)!r}: no such file")
     try:
         raw = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

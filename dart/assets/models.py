@@ -13,16 +13,21 @@ local Hugging Face cache only, unless ``local_files_only=False`` is passed.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
-import tempfile
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..results import fsync_folder, public_modes, remove_stale_folders, staging_folder
 
 __all__ = [
     "PACKAGED_MODELS",
@@ -140,8 +145,49 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
 
 
 def cache_dir() -> Path:
-    """Root of dart's on-disk cache (`$DART_CACHE`, default `~/.cache/dart`)."""
-    return Path(os.environ.get("DART_CACHE", Path.home() / ".cache" / "dart"))
+    """Root of dart's on-disk cache (`$DART_CACHE`, default `~/.cache/dart`; an empty
+    `DART_CACHE=` counts as unset, not as the current folder)."""
+    value = os.environ.get("DART_CACHE", "").strip()
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "dart"
+
+
+@contextmanager
+def cache_lock(name: str) -> Iterator[None]:
+    """Hold the cache's lock `name` (an exclusive `flock` on `<cache>/locks/<name>.lock`) for
+    the block, waiting for another process that holds it: one first load of a model converts
+    it while the others wait and then read its folder. The lock goes with the process, so a
+    killed holder never blocks the next one."""
+    folder = cache_dir() / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:  # another user's lock file in a shared cache: flock needs no write
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"dart: waiting for another process preparing {name} ...", file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _remove_leftovers(target: Path, kind: str) -> None:
+    """Remove what killed runs left beside `target` (call it holding `target`'s lock): staging
+    folders/files of processes that are gone, and the unnamed temp files and folders of older
+    versions (`<name>.XXXXXXXX`, from mkdtemp/mkstemp; only lock holders made them)."""
+    for p in remove_stale_folders(target, kind):
+        print(f"dart: removed {p}, left by an interrupted run", file=sys.stderr)
+    legacy = re.compile(re.escape(target.name) + r"\.[A-Za-z0-9_]{8}")
+    if not target.parent.is_dir():
+        return
+    for p in target.parent.iterdir():
+        if legacy.fullmatch(p.name) and not p.is_symlink():
+            print(f"dart: removed {p}, left by an interrupted run", file=sys.stderr)
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def _part_path(spec: PackagedModel, part: ModelPart) -> Path:
@@ -177,18 +223,26 @@ def assemble_gguf(spec: PackagedModel, target: Path | None = None) -> Path:
     """
     paths = [_part_path(spec, p) for p in spec.parts]  # every missing part fails before reading
     if len(paths) == 1:
-        target = paths[0]
-    else:
-        target = target or cache_dir() / "gguf" / spec.gguf_file
+        return _assemble(spec, paths, paths[0])
+    target = target or cache_dir() / "gguf" / spec.gguf_file
+    if target.is_file() and target.stat().st_size == spec.size:
+        return target  # verified when written; a full re-hash would cost seconds per load
+    with cache_lock(f"gguf-{spec.gguf_file}"):
         if target.is_file() and target.stat().st_size == spec.size:
-            return target  # verified when written; a full re-hash would cost seconds per load
+            return target  # another process assembled it while this one waited
+        _remove_leftovers(target, "assemble")
+        return _assemble(spec, paths, target)
+
+
+def _assemble(spec: PackagedModel, paths: list[Path], target: Path) -> Path:
     check_disk_space(target.parent, 0 if len(paths) == 1 else spec.size, f"assembling {spec.name}")
     whole = hashlib.sha256()
     out = None
     if len(paths) > 1:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", dir=target.parent)
-        out = os.fdopen(fd, "wb")
+        # a file in a staging folder named for this process: a kill leaves it recognisable
+        stage = staging_folder(target, "assemble")
+        tmp = stage / target.name
+        out = open(tmp, "wb")  # noqa: SIM115 (closed below, also on errors)
     try:
         with _progress(spec.size, f"checking {spec.name}" if out is None else "assembling") as bar:
             for i, (part, path) in enumerate(zip(spec.parts, paths, strict=True), start=1):
@@ -202,11 +256,14 @@ def assemble_gguf(spec: PackagedModel, target: Path | None = None) -> Path:
             out.flush()
             os.fsync(out.fileno())
             out.close()
+            public_modes(tmp)
             os.replace(tmp, target)
+            fsync_folder(target.parent)
+            stage.rmdir()
     except BaseException:
         if out is not None:
             out.close()
-            Path(tmp).unlink(missing_ok=True)
+            shutil.rmtree(stage, ignore_errors=True)
         raise
     return target
 
@@ -263,12 +320,13 @@ def _fp32_bytes(gguf_path: Path) -> int:
     return 4 * sum(int(t.n_elements) for t in GGUFReader(gguf_path).tensors)
 
 
-def _convert_packaged(spec: PackagedModel, target: Path) -> None:
+def _write_converted(spec: PackagedModel, folder: Path) -> None:
+    """Dequantise the packaged GGUF into `folder` as a plain fp32 HF checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = assemble_gguf(spec)
-    check_disk_space(target.parent, _fp32_bytes(gguf), f"converting {spec.name} to fp32")
-    print(f"dart: dequantising {spec.name} (once; saved to {target})", flush=True)
+    check_disk_space(folder.parent, _fp32_bytes(gguf), f"converting {spec.name} to fp32")
+    print(f"dart: dequantising {spec.name} (once)", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
@@ -278,28 +336,42 @@ def _convert_packaged(spec: PackagedModel, target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
-        print(f"dart: writing {target}", flush=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a half-written cache folder is never seen
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     if len(spec.parts) > 1:
         gguf.unlink(missing_ok=True)  # the folder is the model now; the parts stay installed
 
 
+def _convert_packaged(spec: PackagedModel, target: Path) -> None:
+    """Convert into a staging folder beside `target`, then rename it into place (call it
+    holding the model's lock)."""
+    _remove_leftovers(target, "convert")
+    if target.exists():  # no config.json (checked by the caller): not a finished conversion
+        shutil.rmtree(target)
+    tmp = staging_folder(target, "convert")
+    try:
+        print(f"dart: converting {spec.name} into {target}", flush=True)
+        _write_converted(spec, tmp)
+        public_modes(tmp)  # mkdtemp made it 0700: a shared cache must be readable by others
+        os.replace(tmp, target)  # atomic: a half-written cache folder is never seen
+        fsync_folder(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """The folder (or hub id) that `from_pretrained` should read for `name_or_path`."""
+    """The folder (or hub id) that `from_pretrained` should read for `name_or_path`. A
+    packaged model is converted on its first load, by one process at a time (a lock per
+    model); leftovers of killed conversions are removed then."""
     spec = PACKAGED_MODELS.get(name_or_path.lower())
     if spec is None:
         return name_or_path
     target = cache_dir() / "models" / spec.name
     if not (target / "config.json").exists():
-        _convert_packaged(spec, target)
+        with cache_lock(f"model-{spec.name}"):
+            if not (target / "config.json").exists():  # not converted while this one waited
+                _convert_packaged(spec, target)
     return str(target)
 
 

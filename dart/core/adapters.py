@@ -23,7 +23,10 @@ __all__ = ["FFNParts", "LayerRefs", "Adapter", "get_adapter", "SUPPORTED_FAMILIE
 
 @dataclass
 class FFNParts:
-    """One FFN seen as N neurons. `kind` is "glu" (gate/up/down) or "mlp" (in/out, biases)."""
+    """One FFN seen as N neurons. `kind` is "glu" (gate/up/down) or "mlp" (in/out).
+
+    Biases (None where the projection has none): `b_in` `[N]` is the up (glu) or in (mlp)
+    projection's, `b_out` `[d]` the down / out projection's, `b_gate` `[N]` the gate's (glu)."""
 
     kind: str
     act: str  # HF activation name
@@ -36,6 +39,7 @@ class FFNParts:
     hidden: Callable[[torch.Tensor], torch.Tensor]  # x -> h [..., N], exact HF arithmetic
     down: Callable[[torch.Tensor], torch.Tensor]  # h -> y, exact HF arithmetic (incl. bias)
     original: nn.Module  # the module the FFN replaces (its forward is the dense path)
+    b_gate: torch.Tensor | None = None
 
 
 @dataclass
@@ -48,6 +52,27 @@ class LayerRefs:
     ffn_parent: nn.Module
     ffn_attr: str  # ffn_parent.<ffn_attr> is the module DART replaces
     extra_identity: tuple[str, ...] = field(default=())  # sibling attrs replaced by Identity
+
+
+def _check_linear(
+    module: nn.Module, what: str, shape: tuple[int, int], bias_size: int | None = None
+) -> None:
+    """Refuse a projection the kernels would misread: not a plain float `nn.Linear` (e.g. a
+    quantised layer, whose `weight` is not the matrix its forward uses) or of the wrong shape.
+    `bias_size`: the length a bias must have if the projection has one."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(module, nn.Linear) or not isinstance(weight, torch.Tensor):
+        raise ValueError(
+            f"{what} is a {type(module).__name__}, not an nn.Linear: dart's kernels read plain "
+            "float weight matrices; load the model unquantised"
+        )
+    if not weight.is_floating_point() or tuple(weight.shape) != shape:
+        raise ValueError(
+            f"{what}: weight {tuple(weight.shape)} {weight.dtype}, expected a float {shape}"
+        )
+    bias = module.bias
+    if bias is not None and tuple(bias.shape) != (bias_size or shape[0],):
+        raise ValueError(f"{what}: bias {tuple(bias.shape)}, expected ({bias_size or shape[0]},)")
 
 
 def _column_major_to_rows(linear_weight: nn.Parameter) -> None:
@@ -127,21 +152,30 @@ class LlamaAdapter(Adapter):
 
     def ffn_parts(self, refs: LayerRefs) -> FFNParts:
         mlp = refs.layer.mlp
+        where = f"layer {refs.index} mlp"
+        d = self.config.hidden_size
         if hasattr(mlp, "gate_up_proj"):  # Phi-3: fused [2N, d], gate first
             fused = mlp.gate_up_proj.weight
             n = fused.shape[0] // 2
+            _check_linear(mlp.gate_up_proj, f"{where}.gate_up_proj", (2 * n, d))
             w_gate, w_up = fused[:n], fused[n:]
+            bias = mlp.gate_up_proj.bias
+            b_gate, b_up = (None, None) if bias is None else (bias[:n], bias[n:])
 
             def hidden(x: torch.Tensor) -> torch.Tensor:
                 gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
                 return up * mlp.activation_fn(gate)
         else:
+            n = mlp.up_proj.weight.shape[0]
+            _check_linear(mlp.gate_proj, f"{where}.gate_proj", (n, d))
+            _check_linear(mlp.up_proj, f"{where}.up_proj", (n, d))
             w_gate, w_up = mlp.gate_proj.weight, mlp.up_proj.weight
-            n = w_up.shape[0]
+            b_gate, b_up = mlp.gate_proj.bias, mlp.up_proj.bias
 
             def hidden(x: torch.Tensor) -> torch.Tensor:
                 return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
 
+        _check_linear(mlp.down_proj, f"{where}.down_proj", (d, n))
         return FFNParts(
             kind="glu",
             act=self.activation(),
@@ -149,11 +183,12 @@ class LlamaAdapter(Adapter):
             w_gate=w_gate,
             w_up=w_up,
             w_down_t=mlp.down_proj.weight.t(),
-            b_in=None,
-            b_out=None,
+            b_in=b_up,
+            b_out=mlp.down_proj.bias,
             hidden=hidden,
             down=mlp.down_proj,
             original=mlp,
+            b_gate=b_gate,
         )
 
     def neuron_columns(self, refs: LayerRefs) -> nn.Parameter:
@@ -176,9 +211,27 @@ class _TwoMatrixAdapter(Adapter):
         module = self.ffn_module(refs)
         fc_in, fc_out = getattr(module, self.fc_in), getattr(module, self.fc_out)
         act = getattr(module, self.act)
+        where = f"layer {refs.index} {self.fc_in}/{self.fc_out}"
+        d = self.config.hidden_size
         if self.conv1d:
+            n = fc_in.weight.shape[1]
+            for name, proj, shape, bias in (
+                (self.fc_in, fc_in, (d, n), n),
+                (self.fc_out, fc_out, (n, d), d),
+            ):
+                if type(proj).__name__ != "Conv1D" or tuple(proj.weight.shape) != shape:
+                    raise ValueError(
+                        f"layer {refs.index} {name}: a {type(proj).__name__} with weight "
+                        f"{tuple(getattr(proj, 'weight', torch.empty(0)).shape)}, expected a "
+                        f"Conv1D {shape}"
+                    )
+                if proj.bias is not None and tuple(proj.bias.shape) != (bias,):
+                    raise ValueError(f"layer {refs.index} {name}: bias {tuple(proj.bias.shape)}")
             w_in, w_out_t = fc_in.weight.t(), fc_out.weight  # [d, N] -> neuron rows; [N, d]
         else:
+            n = fc_in.weight.shape[0]
+            _check_linear(fc_in, f"{where}: {self.fc_in}", (n, d))
+            _check_linear(fc_out, f"{where}: {self.fc_out}", (d, n))
             w_in, w_out_t = fc_in.weight, fc_out.weight.t()
         return FFNParts(
             kind="mlp",

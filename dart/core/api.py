@@ -64,18 +64,24 @@ class DARTHandle:
         self._held = False
         self._forward_saved: tuple[bool, Any] | None = None
         self._recent_ids: torch.Tensor | None = None  # the last R - 1 input ids of each row
+        # All or nothing: everything that can be refused is checked before the model is
+        # touched, and any failure while patching undoes what was done (a half-patched model
+        # would have no handle to detach it and would refuse every later attach).
         parts = [self.adapter.ffn_parts(r) for r in self.refs]
+        if config.drift.enabled:
+            resolve_watch_layers(config.drift.layers, len(self.refs))
         proxies = None
         if config.ranking != "magnitude" and self.method.uses_proxies:
             proxies = _compute_proxies(model, self.adapter, parts, config.proxy_source)
         widths = [p.width for p in parts]
-        if config.backend != "masked" and config.fixed_keep_counts(widths) != widths:
-            # Neuron-major storage of the column-major projection (in place, no copy kept).
-            for refs in self.refs:
-                self.adapter.relayout(refs)
-                self._relaid.append(refs)
-            parts = [self.adapter.ffn_parts(r) for r in self.refs]
+        relayout = config.fixed_keep_counts(widths) != widths or self.method.per_token is not None
         try:
+            if config.backend != "masked" and relayout:
+                # Neuron-major storage of the column-major projection (in place, no copy kept).
+                for refs in self.refs:
+                    self.adapter.relayout(refs)
+                    self._relaid.append(refs)
+                parts = [self.adapter.ffn_parts(r) for r in self.refs]
             self.controller = Controller(
                 config,
                 parts,
@@ -83,15 +89,19 @@ class DARTHandle:
                 proxies=proxies,
                 topk_fn=torch.ops.dart.topk_indices if load_ops() else None,
             )
+            self.ffns = self.controller.layers
+            self._patch()
         except BaseException:
-            self._restore_layout()
+            self._undo()
             raise
-        self.ffns = self.controller.layers
-        self._patch()
         model._dart_handle = self
 
     # -- patching -------------------------------------------------------------------------
     def _patch(self) -> None:
+        drift = self.config.drift
+        watched = []
+        if self.controller.monitors_drift:  # checked before the first module is replaced
+            watched = resolve_watch_layers(drift.layers, len(self.refs))
         for refs, ffn in zip(self.refs, self.ffns, strict=True):
             self._replace(refs.ffn_parent, refs.ffn_attr, ffn)
             for name in refs.extra_identity:
@@ -102,9 +112,7 @@ class DARTHandle:
                         lambda _m, args, i=refs.index: self.controller.capture_residual(i, args[0])
                     )
                 )
-        drift = self.config.drift
         if self.controller.monitors_drift:
-            watched = resolve_watch_layers(drift.layers, len(self.refs))
             for i in watched:
                 self._hooks.append(
                     self.refs[i].attn.register_forward_hook(
@@ -269,8 +277,8 @@ class DARTHandle:
 
     # -- public -----------------------------------------------------------------------------
     def calibrate(self, text: str | torch.Tensor, tokenizer=None, max_tokens: int = 512) -> None:
-        """Build the frozen masks of a calibrated method (`static`) from a calibration text (or
-        token ids)."""
+        """Build the frozen masks of a calibrated method (`static`), or the per-layer thresholds
+        of a per-token method (`gate`, `input`, ...), from a calibration text (or token ids)."""
         if not self.method.needs_calibration:
             raise ValueError(
                 f"calibrate() is for a calibrated method (static), not {self.method.name!r}"
@@ -284,6 +292,11 @@ class DARTHandle:
             ids = text if text.dim() == 2 else text.unsqueeze(0)
         ids = ids[:, :max_tokens].to(device)
         c = self.controller
+        if self.method.per_token is not None:  # thresholds from the dense pass's FFN inputs
+            with c.capturing() as captured, torch.no_grad():
+                self.model(input_ids=ids, use_cache=False)
+            c.calibrate_per_token(captured)
+            return
         with c.calibration(), torch.no_grad():
             self.model(input_ids=ids, use_cache=False)
         c.begin(ids.shape[0], device)  # leave the frozen masks in force
@@ -306,6 +319,19 @@ class DARTHandle:
         finally:
             self._held = False
 
+    def per_token_state(self) -> dict:
+        """The calibrated per-token thresholds (keeps, thresholds, the model's fingerprint), a
+        plain dict to save as JSON and give back to :meth:`load_per_token_state`."""
+        state = self.controller.per_token_state
+        if state is None:
+            raise ValueError(f"method {self.method.name!r} has no calibrated per-token thresholds")
+        return dict(state)
+
+    def load_per_token_state(self, state: dict) -> None:
+        """Install per-token thresholds saved by :meth:`per_token_state`; refused (nothing
+        changed) when they belong to another model or method."""
+        self.controller.load_per_token_state(state)
+
     def reset(self) -> None:
         """Forget statistics (counters included); masks of a calibrated static run stay."""
         self.controller.reset_stats()
@@ -317,15 +343,21 @@ class DARTHandle:
     def stats(self) -> dict:
         return self.controller.stats()
 
-    def detach(self) -> nn.Module:
-        """Restore the original model exactly (modules, weight layout, no hooks)."""
-        for hook in self._hooks:
+    def _undo(self) -> None:
+        """Take back every change made so far (hooks, forward, modules, layout), newest
+        first; safe on a partly patched model."""
+        for hook in reversed(self._hooks):
             hook.remove()
+        self._hooks = []
         self._unwrap_forward()
         for parent, name, original in reversed(self._replaced):
             setattr(parent, name, original)
+        self._replaced = []
         self._restore_layout()
-        self._hooks, self._replaced = [], []
+
+    def detach(self) -> nn.Module:
+        """Restore the original model exactly (modules, weight layout, no hooks)."""
+        self._undo()
         if getattr(self.model, "_dart_handle", None) is self:
             del self.model._dart_handle
         return self.model

@@ -54,6 +54,7 @@ STATISTICS = tuple(_STATISTIC_TRANSFORMS)  # the registry in dart.core.methods
 RANKINGS = ("magnitude", "max", "mean", "combined", "product")
 STRATEGIES = ("topk", "auto")
 BACKENDS = ("masked", "gathered", "compact")
+PER_TOKEN_BACKENDS = ("masked", "gathered")  # compact slices one fixed selection
 BATCH_POLICIES = ("per_sequence", "shared")
 PROXY_SOURCES = ("embedding", "lm_head")
 SENSITIVITIES = ("residual", "raw")
@@ -413,6 +414,13 @@ class DARTConfig:
     neurons, :mod:`dart.core.telemetry`; a diagnostic that computes every FFN densely too); 0: off.
     ``total_prune`` is the sparsity of ``auto`` items of ``layer_topk`` (None: 0.5, see
     :attr:`prune_target`); with a spec without ``auto`` it must be left out.
+
+    Per-token methods (``gate``, ``gate-weighted``, ``input``; :mod:`dart.core.per_token`):
+    ``total_prune`` is the share of the FFN weight bytes left unread per decoded token, spread
+    over the ``auto`` layers by ``per_token_allocation`` (``greedy``: TEAL's allocation by the
+    layers' error curves on the calibration text; ``uniform``: the same keep everywhere); a
+    fraction item of ``layer_topk`` is the layer's keep of every knob (neurons, or input columns
+    and neurons).
     """
 
     layer_topk: str = "all:auto"
@@ -431,6 +439,7 @@ class DARTConfig:
     proxy_source: str = "embedding"
     seed: int = 0
     telemetry_every: int = 0
+    per_token_allocation: str = "uniform"  # issue 26: it beat greedy for input, the best mode
 
     def __post_init__(self) -> None:
         o = "DARTConfig"
@@ -465,9 +474,29 @@ class DARTConfig:
         _choice(o, "backend", self.backend, BACKENDS)
         _choice(o, "batch_policy", self.batch_policy, BATCH_POLICIES)
         _choice(o, "proxy_source", self.proxy_source, PROXY_SOURCES)
+        _choice(o, "per_token_allocation", self.per_token_allocation, ("greedy", "uniform"))
+        self._check_per_token()
         if not _is_int(self.seed):
             raise ConfigError(f"{o}.seed: {self.seed!r} is not an integer")
         get_method(self.method).configure(self)
+
+    def _check_per_token(self) -> None:
+        mode = get_method(self.method).per_token
+        if mode is None:
+            return
+        o = "DARTConfig"
+        if self.backend not in PER_TOKEN_BACKENDS:
+            raise ConfigError(
+                f"{o}.backend: {self.backend!r} cannot run method {self.method!r} (a per-token "
+                f"selection has no fixed rows to slice); use one of {', '.join(PER_TOKEN_BACKENDS)}"
+            )
+        target = self.prune_target
+        if target is not None and 1.0 - target < mode.min_read - 1e-9:
+            raise ConfigError(
+                f"{o}.total_prune: {target!r} leaves {1 - target:.3f} of the FFN bytes, but "
+                f"method {self.method!r} reads at least {mode.min_read:.3f} (the gate it reads "
+                f"whole, and 5% of what it selects): use total_prune <= {1 - mode.min_read:.3f}"
+            )
 
     # ---------------------------------------------------------------- derived values
     @property

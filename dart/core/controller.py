@@ -23,6 +23,7 @@ window, so there is no host sync per token.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ from .config import DARTConfig, resolve_keep_counts
 from .drift import make_monitor
 from .ffn import DARTFFN, DENSE, SPARSE, TRACE
 from .methods import get_method
+from .per_token import allocate_keeps, calibrate_layer_curves, layer_thresholds, model_fingerprint
 from .scoring import (
     ActivationAccumulator,
     SensitivityAccumulator,
@@ -129,7 +131,15 @@ class Controller:
         self.counters = _Counters()
         self.telemetry = MaskProbe(self.num_layers) if config.telemetry_every else None
         backend = config.backend if self.method.prunes else "masked"  # dense: no kernels
-        self.layers = [DARTFFN(p, i, backend, self) for i, p in enumerate(parts)]
+        self.per_token = self.method.per_token
+        self.layers = [
+            DARTFFN(p, i, backend, self, per_token=self.per_token) for i, p in enumerate(parts)
+        ]
+        self.per_token_state: dict | None = None  # the calibrated thresholds and their model
+        self._capture: dict[int, torch.Tensor] | None = None  # FFN inputs while calibrating
+        if self.per_token is not None:  # no neuron masks: keep counts are the widths
+            self.fixed_counts = self.counts = list(self.widths)
+            self.fingerprint = model_fingerprint(parts)
 
     @property
     def _shared_mask(self) -> bool:
@@ -161,6 +171,14 @@ class Controller:
         self._retrace_due, self._retracing, self._blend_old = [], [], None
         if not self.method.prunes:
             self.phase = [Phase.RELEASED] * batch_size
+        elif self.per_token is not None:  # the prompt dense, then every token its own choice
+            if self.per_token_state is None:
+                raise RuntimeError(
+                    f"method={self.method.name!r} needs calibration first (its per-token "
+                    "thresholds): handle.calibrate(text, tokenizer) (or "
+                    "handle.load_per_token_state) after attach"
+                )
+            self.phase = [Phase.TRACE] * batch_size
         elif self.method.needs_calibration and not self._calibrating:
             if not self.frozen:
                 raise RuntimeError(
@@ -195,7 +213,9 @@ class Controller:
             self._account_decode_pass()
             self.counters.dense_tokens += sum(p != Phase.SPARSE for p in self.phase)
         self._retrace_due = []  # a re-trace is due only in the pass right after its event
-        if self.method.selects_from_prompt or self._calibrating:
+        if self.per_token is not None and self.phase:
+            self.phase = [Phase.SPARSE] * self.batch_size  # after the dense prompt pass
+        elif self.method.selects_from_prompt or self._calibrating:
             self._maybe_build(s)
         if self.monitor is not None and (s + 1) % self.cfg.drift.window == 0:
             self._poll_drift(s)
@@ -228,7 +248,9 @@ class Controller:
         self.acc.update(layer, self.method.statistic(h), valid)
 
     def capture_residual(self, layer: int, r: torch.Tensor) -> None:
-        if self.needs_sensitivity:
+        if self._capture is not None:
+            self._capture[layer] = r.detach()
+        elif self.needs_sensitivity:
             self._residual[layer] = r
 
     @torch.no_grad()
@@ -501,7 +523,10 @@ class Controller:
         """Build the masks of every row still tracing now, whatever the masking step (the
         log-likelihood protocol: masks from the context, then the answer scored under them)."""
         tracing = [b for b, p in enumerate(self.phase) if p == Phase.TRACE]
-        if tracing and self.method.prunes:
+        if tracing and self.per_token is not None:
+            self.phase = [Phase.SPARSE] * self.batch_size
+            self._set_modes()
+        elif tracing and self.method.prunes:
             self._build(tracing)
             self._set_modes()
 
@@ -531,8 +556,181 @@ class Controller:
         finally:
             self.auto_step, self.monitor, self.phase, self.batch_size = saved
 
+    # -- per-token thresholds -------------------------------------------------------------------
+    @contextmanager
+    def capturing(self) -> Iterator[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+        """Forwards inside run dense and record, per layer, the FFN input ``x`` and the residual
+        entering the FFN block (the pre-FFN norm's input; ``x`` where a family has none), both
+        ``[tokens, d]``: the calibration data of :meth:`calibrate_per_token`."""
+        out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        hooks = []
+
+        def grab(module: DARTFFN, args: tuple) -> None:
+            x = args[0].detach()
+            r = self._capture.pop(module.layer_index, x)
+            out[module.layer_index] = (x.reshape(-1, x.shape[-1]), r.reshape(-1, x.shape[-1]))
+
+        saved_modes = [layer.mode for layer in self.layers]
+        self._capture = {}
+        for layer in self.layers:
+            layer.mode = DENSE
+            hooks.append(layer.register_forward_pre_hook(grab))
+        try:
+            with self.paused(1):
+                yield out
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self._capture = None
+            for layer, mode in zip(self.layers, saved_modes, strict=True):
+                layer.mode = mode
+
+    @torch.no_grad()
+    def calibrate_per_token(
+        self,
+        captured: dict[int, tuple[torch.Tensor, torch.Tensor]],
+        curve_tokens: int = 128,
+        curves: dict[int, list[float]] | None = None,
+    ) -> dict:
+        """Per-layer keeps and thresholds of the per-token method from the captured calibration
+        data (:meth:`capturing`): ``auto`` layers share the byte budget ``total_prune`` by
+        ``per_token_allocation`` (the greedy one measures each layer's error curve on
+        ``curve_tokens`` evenly spaced tokens), fraction/count layers keep that share of every
+        knob, dense layers keep all. Installs the thresholds; returns the state
+        (:meth:`load_per_token_state` takes it back). ``curves`` (layer -> error curve, the
+        state's ``error_curves`` of an earlier calibration of the same mode on the same data)
+        skips measuring them again."""
+        mode, cfg = self.per_token, self.cfg
+        if mode is None:
+            raise ValueError(f"method {self.method.name!r} has no per-token thresholds")
+        missing = [i for i in range(self.num_layers) if i not in captured]
+        if missing:
+            raise ValueError(f"captured: no calibration data for layers {missing}")
+        keeps: list[float | None] = []
+        for keep, n in zip(self.keeps, self.widths, strict=True):
+            value = {"dense": 1.0, "fraction": keep.value, "auto": None}.get(keep.kind)
+            keeps.append(keep.value / n if keep.kind == "count" else value)
+        auto = [i for i, k in enumerate(keeps) if k is None]
+        if auto:
+            sizes = [3.0 * p.width * p.w_up.shape[1] for p in self._parts_of(auto)]
+            fixed = [i for i in range(self.num_layers) if i not in auto]
+            all_sizes = [3.0 * p.width * p.w_up.shape[1] for p in self._parts_of(range(len(keeps)))]
+            # the auto layers read what the target leaves after the fixed layers' reads
+            budget = (1.0 - cfg.prune_target) * sum(all_sizes) - sum(
+                all_sizes[i] * mode.read_fraction([keeps[i]] * len(mode.knobs)) for i in fixed
+            )
+            read = budget / sum(sizes)
+            curves = {int(k): v for k, v in (curves or {}).items()}
+            if cfg.per_token_allocation == "greedy":
+                for i in auto:
+                    if i in curves:
+                        continue
+                    x, r = captured[i]
+                    pick = torch.linspace(0, x.shape[0] - 1, min(curve_tokens, x.shape[0]))
+                    pick = pick.round().long().to(x.device)
+                    layer = self.layers[i]
+                    curves[i] = calibrate_layer_curves(
+                        mode, layer.parts, x[pick], r[pick], layer.pt_scale
+                    )
+            chosen = allocate_keeps(
+                mode,
+                [curves.get(i, [0.0]) for i in auto],
+                sizes,
+                read,
+                cfg.per_token_allocation,
+            )
+            for i, k in zip(auto, chosen, strict=True):
+                keeps[i] = k
+        thresholds = []
+        for i, layer in enumerate(self.layers):
+            x, _ = captured[i]
+            thresholds.append(layer_thresholds(mode, layer.parts, x, keeps[i], layer.pt_scale))
+        state = {
+            "method": self.method.name,
+            "fingerprint": self.fingerprint,
+            "allocation": cfg.per_token_allocation,
+            "total_prune": cfg.prune_target,
+            "keeps": keeps,
+            "thresholds": thresholds,
+            "calibration_tokens": int(captured[0][0].shape[0]),
+            "error_curves": {str(i): c for i, c in (curves or {}).items()} if auto else {},
+        }
+        self.load_per_token_state(state)
+        return state
+
+    def _parts_of(self, layers) -> list:
+        return [self.layers[i].parts for i in layers]
+
+    def load_per_token_state(self, state: dict) -> None:
+        """Install thresholds calibrated earlier (:meth:`calibrate_per_token`'s state); refused,
+        nothing changed, when they were calibrated for another model or method."""
+        if self.per_token is None:
+            raise ValueError(f"method {self.method.name!r} has no per-token thresholds")
+        if state.get("method") != self.method.name:
+            raise ValueError(
+                f"per-token thresholds: calibrated for method {state.get('method')!r}, this "
+                f"handle runs {self.method.name!r}"
+            )
+        if state.get("fingerprint") != self.fingerprint:
+            raise ValueError(
+                "per-token thresholds: calibrated for another model (FFN weight fingerprint "
+                f"{state.get('fingerprint')!r}, this model's is {self.fingerprint!r})"
+            )
+        t = torch.tensor(state["thresholds"], dtype=torch.float32)
+        if t.shape != (self.num_layers, 2):
+            raise ValueError(
+                f"per-token thresholds: shape {tuple(t.shape)} is not [{self.num_layers}, 2]"
+            )
+        for layer, row in zip(self.layers, t, strict=True):
+            layer.set_thresholds(row.to(layer.pt_thresholds.device))
+        self.per_token_state = dict(state)
+        self.frozen = True
+
+    def _bytes_read(self) -> dict:
+        """The share of FFN weight bytes read per decoded token: measured by the per-token
+        FFNs' meters; for mask methods the kept neurons' share (decode passes, or the masks)."""
+        if self.per_token is not None:
+            read = sum(float(layer.pt_read) for layer in self.layers)
+            dense = sum(float(layer.pt_dense) for layer in self.layers)
+            return {
+                "ffn_bytes_read": read,
+                "ffn_bytes_dense": dense,
+                "ffn_bytes_read_fraction": read / dense if dense else float("nan"),
+            }
+        if not self.method.prunes:
+            return {"ffn_bytes_read_fraction": 1.0}
+        c = self.counters
+        if c.decode_capacity:
+            return {"ffn_bytes_read_fraction": c.decode_neurons / c.decode_capacity}
+        counts = self.counts if self.counts is not None else self.widths
+        rows = self.row_counts
+        kept = sum(map(sum, rows)) / len(rows) if rows else sum(counts)
+        return {"ffn_bytes_read_fraction": kept / sum(self.widths)}
+
+    def _per_token_sparsity(self) -> dict:
+        """A per-token method's sparsities are of bytes: ``nominal_sparsity`` the share its
+        calibrated keeps leave unread, ``effective_sparsity`` the share its tokens left unread
+        (the meters); nothing for the mask methods (their neuron counts above)."""
+        if self.per_token is None or self.per_token_state is None:
+            return {}
+        mode, keeps = self.per_token, self.per_token_state["keeps"]
+        sizes = [
+            n * p.w_up.shape[1]
+            for n, p in zip(self.widths, self._parts_of(range(len(keeps))), strict=True)
+        ]
+        planned = sum(
+            s * mode.read_fraction([k] * len(mode.knobs)) for s, k in zip(sizes, keeps, strict=True)
+        ) / sum(sizes)
+        measured = self._bytes_read()["ffn_bytes_read_fraction"]
+        return {
+            "nominal_sparsity": 1.0 - planned,
+            "effective_sparsity": 0.0 if math.isnan(measured) else 1.0 - measured,
+        }
+
     def reset_stats(self) -> None:
         """Forget counters and drift history (masks and calibration stay)."""
+        for layer in self.layers:
+            layer.reset_meter()
         self.counters = _Counters()
         if self.telemetry is not None:
             self.telemetry.reset()
@@ -602,6 +800,9 @@ class Controller:
                 c.dense_tokens / c.decode_tokens if c.decode_tokens else 0.0
             ),
             "retraced_tokens": c.retraced_tokens,
+            **self._bytes_read(),
+            **self._per_token_sparsity(),
+            "per_token": self.per_token_state,
             **telemetry,
             "sequences": c.sequences,
             "budget_total_prune": self.cfg.prune_target,  # what an auto budget allocated

@@ -7,6 +7,13 @@ Three ways to run a pruned FFN, chosen by the `backend` setting:
 - `compact`: on each re-selection the kept rows are sliced into persistent compact buffers
   (`torch.ops.dart.gather_neurons_`); between re-selections the FFN is dense GEMMs on them.
 
+A per-token method (`per_token`, :mod:`dart.core.per_token`) has no selection: each token of a
+sparse pass picks its own neurons by the thresholds in the buffer `pt_thresholds` (calibrated,
+installed by the controller; buffers, so a compiled step reads them as inputs), through the
+mode's masked emulation (`masked`) or its reference ops in `dart_ext.per_token` (`gathered`).
+The buffers `pt_read` / `pt_dense` count the weight entries read and the dense count of the
+same tokens (the bytes meter of `handle.stats()["ffn_bytes_read_fraction"]`).
+
 The module holds no schedule logic: its owner (the controller) sets `mode` and the selection,
 and receives the statistics through the small `StatsRecorder` interface, so this module
 imports nothing of the controller.
@@ -23,6 +30,7 @@ import torch
 from torch import nn
 
 from .adapters import FFNParts
+from .per_token import PerTokenMode, weighted_scale
 
 __all__ = ["DARTFFN", "DENSE", "SPARSE", "TRACE", "StatsRecorder"]
 
@@ -76,7 +84,14 @@ def _kernel_act(backend: str, act: str) -> str | None:
 
 
 class DARTFFN(nn.Module):
-    def __init__(self, parts: FFNParts, layer_index: int, backend: str, recorder: StatsRecorder):
+    def __init__(
+        self,
+        parts: FFNParts,
+        layer_index: int,
+        backend: str,
+        recorder: StatsRecorder,
+        per_token: PerTokenMode | None = None,
+    ):
         super().__init__()
         self.original = parts.original  # child module: the dense path is its own forward
         self.layer_index = layer_index
@@ -101,6 +116,38 @@ class DARTFFN(nn.Module):
         self.mask: torch.Tensor | None = None  # [1 or B, 1, N] 0/1 in the activation dtype
         self.compact: tuple[torch.Tensor, ...] | None = None
         self.probe = None  # a `dart.core.telemetry.MaskProbe` on measured passes only
+        self.per_token = per_token
+        if per_token is not None:
+            self._init_per_token(per_token)
+
+    def _init_per_token(self, mode: PerTokenMode) -> None:
+        p = self._parts
+        if self.kind != "glu":
+            raise ValueError(
+                f"method per-token mode {mode.name!r} needs a gated FFN (gate, up, down); layer "
+                f"{self.layer_index} is a {self.kind!r} FFN"
+            )
+        dev = p.w_up.device
+        n, d = p.w_up.shape
+        # non-persistent: the model's state_dict stays the original's
+        self.register_buffer("pt_thresholds", torch.zeros(2, device=dev), persistent=False)
+        scale = weighted_scale(p) if mode.weighted else torch.ones(n, device=dev)
+        self.register_buffer("pt_scale", scale, persistent=False)
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        self.register_buffer("pt_read", zero.clone(), persistent=False)
+        self.register_buffer("pt_dense", zero.clone(), persistent=False)
+        self.dense_entries = 3 * n * d
+
+    def set_thresholds(self, thresholds: torch.Tensor) -> None:
+        """Install this layer's per-token thresholds (`[2]`, one per knob, unused ones 0) in
+        place, so a compiled step sees them without recompiling; pruning from now on."""
+        self.pt_thresholds.copy_(thresholds)
+        self.selected = self.prunes = True
+
+    def reset_meter(self) -> None:
+        if self.per_token is not None:
+            self.pt_read.zero_()
+            self.pt_dense.zero_()
 
     # -- selection (called by the controller on a re-selection, never per token) ----------
     def set_selection(
@@ -192,7 +239,7 @@ class DARTFFN(nn.Module):
 
     def release_rows(self, rows: torch.Tensor) -> None:
         """Make `rows` of the mask dense (tracing again or released)."""
-        if self.selected and self.mask.shape[0] > 1:
+        if self.selected and self.mask is not None and self.mask.shape[0] > 1:
             self.mask[rows] = 1.0
 
     def clear_selection(self) -> None:
@@ -210,6 +257,9 @@ class DARTFFN(nn.Module):
         srcs = [first, [p.w_down_t]]
         if self.kind == "mlp" and p.b_in is not None:
             srcs.append([p.b_in.unsqueeze(1)])
+        if self.kind == "glu" and (p.b_gate is not None or p.b_in is not None):
+            # gate and up biases as [N, 1] rows, gathered beside gate_up: [(B,) 2k, 1]
+            srcs.append([_bias_rows(p.b_gate, p.w_up), _bias_rows(p.b_in, p.w_up)])
         shapes = [(*lead, len(s) * k, s[0].shape[1]) for s in srcs]
         old = self.compact
         if old is None or [tuple(t.shape) for t in old] != shapes:
@@ -221,10 +271,14 @@ class DARTFFN(nn.Module):
     def extra_bytes(self) -> int:
         """Bytes of state this module holds beyond the model's own weights."""
         tensors = [self.idx, self.lengths, self.mask, *(self.compact or ())]
+        if self.per_token is not None:
+            tensors += [self.pt_thresholds, self.pt_scale, self.pt_read, self.pt_dense]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.per_token is not None:  # the prompt (any non-sparse pass) runs dense
+            return self._per_token(x) if self.mode == SPARSE and self.prunes else self.original(x)
         if self.mode == DENSE or self.mode == SPARSE and not self.prunes:
             return self.original(x)
         if x.dim() == 2:  # OPT flattens tokens to [B*T, d] before its FFN
@@ -246,6 +300,16 @@ class DARTFFN(nn.Module):
         self._recorder.record_ffn_output(self.layer_index, x, y)
         return y
 
+    def _per_token(self, x: torch.Tensor) -> torch.Tensor:
+        p, mode = self._parts, self.per_token
+        if self.backend == "masked":
+            y, read = mode.masked(p, x, self.pt_thresholds, self.pt_scale)
+        else:
+            y, read = mode.gathered(p, x, self.pt_thresholds, self.pt_scale, self.kernel_act)
+        self.pt_read.add_(read.sum(dtype=torch.float64))
+        self.pt_dense.add_(float(read.numel() * self.dense_entries))
+        return y
+
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
         p = self._parts
         if self.probe is not None:  # a measured pass: the dense h, plain torch, no kernels
@@ -256,7 +320,16 @@ class DARTFFN(nn.Module):
         if self.backend == "gathered":
             if self.kind == "glu":
                 return torch.ops.dart.gathered_glu_ffn(
-                    x, p.w_gate, p.w_up, p.w_down_t, self.idx, self.kernel_act, self.lengths
+                    x,
+                    p.w_gate,
+                    p.w_up,
+                    p.w_down_t,
+                    self.idx,
+                    self.kernel_act,
+                    self.lengths,
+                    b_gate=p.b_gate,
+                    b_up=p.b_in,
+                    b_down=p.b_out,
                 )
             return torch.ops.dart.gathered_mlp(
                 x, p.w_up, p.b_in, p.w_down_t, p.b_out, self.idx, self.kernel_act, self.lengths
@@ -267,10 +340,34 @@ class DARTFFN(nn.Module):
         from dart_ext.ops import compact_glu_ffn, compact_mlp  # built kernels: non-masked only
 
         if self.kind == "glu":
-            return compact_glu_ffn(x, *self.compact, self.kernel_act, self.lengths)
+            if len(self.compact) == 2 and self._parts.b_out is None:
+                return compact_glu_ffn(x, *self.compact, self.kernel_act, self.lengths)
+            return self._compact_glu_biased(x)
         w_in, w_out = self.compact[:2]
         b_in = self.compact[2].squeeze(-1) if len(self.compact) == 3 else None  # [.., k, 1]
         return compact_mlp(x, w_in, b_in, w_out, self._parts.b_out, self.kernel_act, self.lengths)
+
+    def _compact_glu_biased(self, x: torch.Tensor) -> torch.Tensor:
+        """The compact GLU with biases (Llama `mlp_bias`), as GEMMs on the compact rows:
+        `compact_glu_ffn` takes none. Padding rows past a row's length are zero (weights and
+        biases), so they add act(0) * 0 = 0."""
+        from dart_ext.reference import apply_act
+
+        gate_up, down_c = self.compact[:2]
+        k = down_c.shape[-2]
+        gu = torch.matmul(x, gate_up.transpose(-1, -2))
+        if len(self.compact) == 3:  # [(B,) 2k, 1] -> [(B,) 1, 2k]: broadcast over tokens
+            gu = gu + self.compact[2].transpose(-1, -2)
+        y = torch.matmul(apply_act(self.kernel_act, gu[..., :k]) * gu[..., k:], down_c)
+        b_down = self._parts.b_out
+        return y if b_down is None else y + b_down
+
+
+def _bias_rows(bias: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A `[N]` bias as `[N, 1]` rows for `gather_neurons_` (zeros where there is none)."""
+    if bias is None:
+        return like.new_zeros(like.shape[0], 1)
+    return bias.unsqueeze(1)
 
 
 def _dynamic_rows(t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -39,6 +39,10 @@ Public interface (stable):
     griffin+budget: ``normalized_l2``), or None: it uses ``DARTConfig.statistic``;
   - ``score(m, generator) -> scores`` or None: replaces the ranking of the magnitudes ``m``
     (random: uniform noise from the run's seeded generator);
+  - ``per_token``: a :class:`dart.core.per_token.PerTokenMode` (gate, gate-weighted, input):
+    every decoded token picks its own neurons (or input columns) by magnitude thresholds
+    calibrated per layer on a calibration text (``handle.calibrate``); the prompt runs dense;
+    None for the mask methods;
   - ``compared_with``: the baselines whose arms at the same sparsity a report pairs it with,
     beside the unpruned reference (dart, dart-nodrift: griffin);
 
@@ -48,7 +52,8 @@ Public interface (stable):
   method with ``config.statistic`` as its ``statistic`` (what the controller and
   ``handle.method`` use).
 * ``METHODS``: read-only mapping name -> ``Method``, in the order of the comparison tables
-  (dense, static, griffin, griffin+budget, random, dart, dart-nodrift).
+  (dense, static, griffin, griffin+budget, random, dart, dart-nodrift, gate, gate-weighted,
+  input).
 * ``get_method(name) -> Method``.
 * ``STATISTICS``: read-only mapping ``DARTConfig.statistic`` name -> transform (``l2``,
   ``normalized_l2``). EMA accumulation (``DARTConfig.ema_decay``) is separate and combines with
@@ -71,6 +76,8 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from .per_token import PER_TOKEN_MODES, PerTokenMode
 
 if TYPE_CHECKING:
     from .config import DARTConfig
@@ -118,6 +125,7 @@ class Method:
     own_statistic: str | None = None
     score: Callable[[Tensor, torch.Generator], Tensor] | None = None
     compared_with: tuple[str, ...] = ()
+    per_token: PerTokenMode | None = None
 
     def configure(self, config: DARTConfig) -> None:
         """Make ``config`` state what this method runs (drift detection off if it has none)."""
@@ -181,6 +189,26 @@ _ALL = (
         uses_ema=True,
         uses_proxies=True,
         compared_with=("griffin",),
+    ),
+    Method(
+        "gate",
+        "per token: the whole gate, then up and down only for the neurons whose |act(gate)| "
+        "passes a calibrated per-layer threshold",
+        needs_calibration=True,
+        per_token=PER_TOKEN_MODES["gate"],
+    ),
+    Method(
+        "gate-weighted",
+        "per token as gate, neurons ranked by |act(gate)| * |w_up_i| * |w_down_i|",
+        needs_calibration=True,
+        per_token=PER_TOKEN_MODES["gate-weighted"],
+    ),
+    Method(
+        "input",
+        "per token: the FFN input's small entries dropped (gate and up read the kept columns), "
+        "then down only for the kept |h| (TEAL-like, calibrated per-layer thresholds)",
+        needs_calibration=True,
+        per_token=PER_TOKEN_MODES["input"],
     ),
 )
 

@@ -12,10 +12,20 @@ Masks per window, by what the method does (:mod:`dart.core.methods`):
   are scored under masks that saw them: a small leak confined to the first window, which is
   documented rather than hidden). Masks are built once per window and not re-traced inside it
   (no drift checks under hold).
+* per token (``gate``, ``input``...): the context part runs dense (``handle.prepare``), then the
+  whole window under ``hold()``, every token choosing its own neurons.
+
+Two protocols (:data:`PROTOCOLS`): ``sliding`` (above) and ``llamacpp``, llama.cpp's
+``llama-perplexity -c ctx``: disjoint chunks of ``ctx`` tokens from the start of the tokenised
+text; the first half of a chunk runs as the prompt (dense, masks chosen, its KV cache kept),
+the second half on that cache under those masks (``hold()``), and only the second half's
+predictions are scored (the targets ``chunk[ctx/2 + 1:]``, ``ctx/2 - 1`` per chunk), like
+llama.cpp's ``first = n_ctx / 2``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -28,9 +38,12 @@ from tqdm.auto import tqdm
 from ..core.api import DARTHandle
 
 __all__ = [
+    "PROTOCOLS",
     "Window",
     "aggregate_perplexity",
+    "llamacpp_windows",
     "perplexity",
+    "score_chunk_cached",
     "score_window",
     "sliding_windows",
     "tokenize_prefix",
@@ -81,13 +94,41 @@ def sliding_windows(num_tokens: int, window: int, stride: int) -> list[Window]:
         begin += stride
 
 
-def window_items(ids: Sequence[int], window: int, stride: int) -> list[dict[str, Any]]:
-    """The sliding windows over token ids as items: the :class:`Window` fields and its ``ids``."""
+def llamacpp_windows(num_tokens: int, ctx: int, chunks: int | None = None) -> list[Window]:
+    """llama.cpp's perplexity chunks: disjoint ``[i ctx, (i + 1) ctx)`` (a shorter tail is
+    dropped), at most ``chunks`` of them; the first half is the prompt, the targets from
+    ``ctx / 2 + 1`` on are scored."""
+    if ctx < 4:
+        raise ValueError(f"ctx: {ctx} is too small (llama.cpp's protocol needs ctx >= 4)")
+    n = num_tokens // ctx
+    if chunks is not None:
+        if chunks < 1:
+            raise ValueError(f"chunks: {chunks} is not >= 1")
+        n = min(n, chunks)
+    if n == 0:
+        raise ValueError(f"the text has {num_tokens} tokens, fewer than one chunk of ctx={ctx}")
+    half = ctx // 2
+    return [Window(f"c{i:05d}", i * ctx, (i + 1) * ctx, half + 1, half) for i in range(n)]
+
+
+def window_items(
+    ids: Sequence[int],
+    window: int,
+    stride: int,
+    protocol: str = "sliding",
+    chunks: int | None = None,
+) -> list[dict[str, Any]]:
+    """The windows of ``protocol`` over token ids as items: the :class:`Window` fields and its
+    ``ids`` (``sliding``: ``window``/``stride``; ``llamacpp``: ctx = ``window``, at most
+    ``chunks``)."""
     ids = list(ids)
-    return [
-        {**w.to_dict(), "ids": ids[w.begin : w.end]}
-        for w in sliding_windows(len(ids), window, stride)
-    ]
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol: {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    if protocol == "llamacpp":
+        windows = llamacpp_windows(len(ids), window, chunks)
+    else:
+        windows = sliding_windows(len(ids), window, stride)
+    return [{**w.to_dict(), "ids": ids[w.begin : w.end]} for w in windows]
 
 
 def tokenize_prefix(tokenizer: Any, text: str, max_tokens: int | None) -> torch.Tensor:
@@ -124,7 +165,8 @@ def score_window(
     """Summed NLL (fp32) and count of the targets ``ids[score_from:]`` of one window ``[1, L]``."""
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
-    prepared = handle is not None and handle.method.selects_from_prompt
+    method = handle.method if handle is not None else None
+    prepared = method is not None and (method.selects_from_prompt or method.per_token is not None)
     keep = ids.shape[1] - score_from + 1  # logits of the scored positions only
     kwargs = {"logits_to_keep": keep} if accepts_logits_to_keep(model) else {}
     if prepared:
@@ -136,6 +178,39 @@ def score_window(
     pred = logits[0, -keep:-1].float()
     nll = F.cross_entropy(pred, ids[0, score_from:], reduction="sum")
     return {"nll": float(nll), "tokens": int(ids.shape[1] - score_from)}
+
+
+@torch.no_grad()
+def score_chunk_cached(
+    model: torch.nn.Module,
+    ids: torch.Tensor,
+    score_from: int,
+    prep_len: int,
+    handle: DARTHandle | None = None,
+) -> dict[str, float]:
+    """llama.cpp's protocol for one chunk ``[1, L]``: ``ids[:prep_len]`` as the prompt (the
+    handle traces it dense and chooses its masks), then ``ids[prep_len:]`` on the prompt's KV
+    cache under those masks (``hold()``); the targets ``ids[score_from:]`` are scored (summed
+    NLL in fp32) from the logits of positions ``score_from - 1 ..``."""
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if not 1 <= prep_len < score_from <= ids.shape[1] - 1:
+        raise ValueError(
+            f"need 1 <= prep_len ({prep_len}) < score_from ({score_from}) < length ({ids.shape[1]})"
+        )
+    out = model(input_ids=ids[:, :prep_len], use_cache=True)
+    if handle is not None:
+        handle.controller.select_traced()  # masks now, whatever the masking step
+    hold = handle.hold() if handle is not None else contextlib.nullcontext()
+    with hold:
+        rest = model(input_ids=ids[:, prep_len:], past_key_values=out.past_key_values).logits
+    logits = rest[0, score_from - 1 - prep_len : -1].float()
+    nll = F.cross_entropy(logits, ids[0, score_from:], reduction="sum")
+    return {"nll": float(nll), "tokens": int(ids.shape[1] - score_from)}
+
+
+# protocol name -> how one window is scored (the windows: window_items)
+PROTOCOLS = {"sliding": score_window, "llamacpp": score_chunk_cached}
 
 
 def aggregate_perplexity(records: Iterable[dict[str, Any]]) -> dict[str, float]:

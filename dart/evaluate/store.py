@@ -4,8 +4,9 @@ Per-sample records are JSON lines keyed by ``(method, total_prune, id)``; each l
 ``write`` on a file opened ``O_APPEND`` and the file is fsynced per batch, so a crash loses at
 most a torn last line, which readers skip. Each process of a multi-process run appends to its
 own file (``samples.jsonl``, ``samples.rank1.jsonl``...); readers merge them and read no other
-file. A malformed line or a record without its key is skipped with a warning naming file and
-line.
+file. A malformed line, a record without its key, or one the reader's ``validate`` rejects (e.g. a
+value that is not a number) is skipped with a warning naming file and line, so its sample is
+recomputed.
 
 :class:`RunStore` is one run's hold on a folder: an exclusive lock for the run's lifetime (a
 second run on the folder gets :class:`FolderLockedError`), the fingerprint of everything that
@@ -25,7 +26,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -106,9 +107,18 @@ def process_rank() -> int:
 class RecordStore:
     """The per-sample records of one results folder."""
 
-    def __init__(self, folder: str | os.PathLike, stem: str = "samples"):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        stem: str = "samples",
+        validate: Callable[[dict[str, Any]], str | None] | None = None,
+    ):
         self.folder = Path(folder)
         self.stem = stem
+        # validate(record) -> why it is unusable (None: sound): such records are skipped like
+        # torn lines, so their samples are recomputed rather than crash the aggregation
+        self.validate = validate
+        self._verdicts: dict[str, str | None] = {}
         self._warned: set[tuple[str, int]] = set()
 
     def path(self, rank: int = 0) -> Path:
@@ -170,7 +180,13 @@ class RecordStore:
         else:
             why = "not a record with method, total_prune and id"
         if rec is not None and _valid_key(rec) is not None:
-            return rec
+            if self.validate is None:
+                return rec
+            if line not in self._verdicts:
+                self._verdicts[line] = self.validate(rec)
+            why = self._verdicts[line]
+            if why is None:
+                return rec
         if (str(path), lineno) not in self._warned:
             self._warned.add((str(path), lineno))
             log.warning("%s:%d: skipped, %s; its sample is recomputed", path, lineno, why)

@@ -30,7 +30,7 @@ from .generative import (
     summarization_items,
 )
 from .multiple_choice import aggregate_accuracy, mmlu_items, score_choices
-from .perplexity import aggregate_perplexity, score_window, tokenize_prefix, window_items
+from .perplexity import PROTOCOLS, aggregate_perplexity, tokenize_prefix, window_items
 from .stream import aggregate_stream, score_stream, stream_items
 
 __all__ = [
@@ -64,10 +64,21 @@ class PerplexityOptions:
     split: Literal["eval", "calibration", "all"] = field(
         default="eval", metadata={"help": "part of the corpus (calibration is disjoint from eval)"}
     )
-    window: int = field(default=512, metadata={"help": "tokens per scored window"})
-    stride: int = field(default=256, metadata={"help": "tokens between window starts"})
+    window: int = field(default=512, metadata={"min": 1, "help": "tokens per scored window"})
+    stride: int = field(default=256, metadata={"min": 1, "help": "tokens between window starts"})
     max_tokens: int | None = field(
-        default=None, metadata={"help": "score only the first N tokens of the text"}
+        default=None, metadata={"min": 1, "help": "score only the first N tokens of the text"}
+    )
+    protocol: Literal["sliding", "llamacpp"] = field(
+        default="sliding",
+        metadata={
+            "help": "sliding windows, or llama.cpp's llama-perplexity: disjoint chunks of "
+            "--window tokens, the first half the prompt (dense, masks chosen), the second half "
+            "scored on its KV cache under those masks"
+        },
+    )
+    chunks: int | None = field(
+        default=None, metadata={"help": "llamacpp protocol: score at most N chunks"}
     )
 
 
@@ -93,11 +104,14 @@ class StreamOptions:
     split: Literal["eval", "calibration", "all"] = field(
         default="eval", metadata={"help": "part of the corpora (calibration is disjoint from eval)"}
     )
-    prompt_tokens: int = field(default=128, metadata={"help": "prompt tokens (the prefill)"})
-    continuation_tokens: int = field(
-        default=192, metadata={"help": "tokens predicted by decode passes, fed one at a time"}
+    prompt_tokens: int = field(
+        default=128, metadata={"min": 1, "help": "prompt tokens (the prefill)"}
     )
-    documents: int = field(default=8, metadata={"help": "(prompt, continuation) pairs"})
+    continuation_tokens: int = field(
+        default=192,
+        metadata={"min": 2, "help": "tokens predicted by decode passes, fed one at a time"},
+    )
+    documents: int = field(default=8, metadata={"min": 1, "help": "(prompt, continuation) pairs"})
 
 
 @dataclass
@@ -107,9 +121,11 @@ class MMLUOptions:
         default=None, metadata={"help": "comma list of subjects (default: all 57)"}
     )
     n_per_subject: int | None = field(
-        default=None, metadata={"help": "questions drawn per subject (seeded)"}
+        default=None, metadata={"min": 1, "help": "questions drawn per subject (seeded)"}
     )
-    limit: int | None = field(default=None, metadata={"help": "cap on questions (seeded subset)"})
+    limit: int | None = field(
+        default=None, metadata={"min": 1, "help": "cap on questions (seeded subset)"}
+    )
     split: Literal["test", "dev"] = field(
         default="test", metadata={"help": "MMLU split of the questions"}
     )
@@ -121,8 +137,10 @@ class MMLUOptions:
 
 @dataclass
 class GenerationOptions:
-    max_new_tokens: int = field(default=128, metadata={"help": "greedy tokens per prompt"})
-    batch_size: int = field(default=4, metadata={"help": "prompts per generate call"})
+    max_new_tokens: int = field(
+        default=128, metadata={"min": 1, "help": "greedy tokens per prompt"}
+    )
+    batch_size: int = field(default=4, metadata={"min": 1, "help": "prompts per generate call"})
     compile: bool = field(
         default=False,
         metadata={
@@ -139,9 +157,11 @@ class GenerationOptions:
 @dataclass
 class SummarizeOptions(GenerationOptions):
     max_prompt_tokens: int = field(
-        default=768, metadata={"help": "prompt length cap (the document is truncated)"}
+        default=768, metadata={"min": 1, "help": "prompt length cap (the document is truncated)"}
     )
-    limit: int | None = field(default=None, metadata={"help": "cap on documents (seeded)"})
+    limit: int | None = field(
+        default=None, metadata={"min": 1, "help": "cap on documents (seeded)"}
+    )
     split: Literal["eval", "calibration"] = field(
         default="eval", metadata={"help": "part of the Wikipedia stand-in"}
     )
@@ -150,8 +170,10 @@ class SummarizeOptions(GenerationOptions):
 @dataclass
 class DriftOptions(GenerationOptions):
     # longer than the other generation tasks: the second topic must get room to start
-    max_new_tokens: int = field(default=200, metadata={"help": "greedy tokens per prompt"})
-    limit: int | None = field(default=None, metadata={"help": "cap on two-topic prompts"})
+    max_new_tokens: int = field(
+        default=200, metadata={"min": 1, "help": "greedy tokens per prompt"}
+    )
+    limit: int | None = field(default=None, metadata={"min": 1, "help": "cap on two-topic prompts"})
 
 
 @dataclass
@@ -187,9 +209,12 @@ def sparsity_of(handle: DARTHandle | None) -> dict[str, float]:
     (``effective_sparsity``; the controller counts decode passes only, so a scored window has
     none)."""
     if handle is None:
-        return {"nominal_sparsity": 0.0, "effective_sparsity": 0.0}
+        return {"nominal_sparsity": 0.0, "effective_sparsity": 0.0, "ffn_bytes_read_fraction": 1.0}
     stats = handle.stats()
-    out = {"nominal_sparsity": stats["nominal_sparsity"]}
+    out = {
+        "nominal_sparsity": stats["nominal_sparsity"],
+        "ffn_bytes_read_fraction": stats["ffn_bytes_read_fraction"],
+    }
     if stats["decode_passes"]:
         out["effective_sparsity"] = stats["effective_sparsity"]
     return out
@@ -199,7 +224,10 @@ def _window_step(ctx: StepContext, batch: list[dict[str, Any]]) -> list[dict[str
     (item,) = batch
     device = next(ctx.model.parameters()).device
     ids = torch.tensor(item["ids"], device=device)
-    r = score_window(ctx.model, ids, item["score_from"], item["prep_len"], ctx.handle)
+    score = PROTOCOLS[getattr(ctx.options, "protocol", "sliding")]
+    if ctx.handle is not None:
+        ctx.handle.reset()  # this window's bytes meter and counters alone
+    r = score(ctx.model, ids, item["score_from"], item["prep_len"], ctx.handle)
     return [{"id": item["id"], **r, **sparsity_of(ctx.handle)}]
 
 
@@ -260,7 +288,11 @@ GENERATE = StepKind("generate", batched=True, run=_generate_step)
 # -- items ---------------------------------------------------------------------------------------
 def _ppl_items(tokenizer: Any, o: PerplexityOptions, seed: int) -> list[dict[str, Any]]:
     text = load_text_file(o.text_file) if o.text_file else load_text(o.corpus, o.split)
-    return window_items(tokenize_prefix(tokenizer, text, o.max_tokens).tolist(), o.window, o.stride)
+    max_tokens = o.max_tokens
+    if o.protocol == "llamacpp" and o.chunks is not None:  # tokenise only what is scored
+        max_tokens = min(max_tokens or o.chunks * o.window, o.chunks * o.window)
+    ids = tokenize_prefix(tokenizer, text, max_tokens).tolist()
+    return window_items(ids, o.window, o.stride, o.protocol, o.chunks)
 
 
 def _stream_items(tokenizer: Any, o: StreamOptions, seed: int) -> list[dict[str, Any]]:
@@ -476,7 +508,7 @@ def compute_metrics(
         if not recs:
             continue
         values = task.aggregate(recs, None if arm.is_reference else dense, decode)
-        for name in ("nominal_sparsity", "effective_sparsity"):
+        for name in ("nominal_sparsity", "effective_sparsity", "ffn_bytes_read_fraction"):
             values[name] = _mean([r[name] for r in recs if name in r])
         for metric, value in values.items():
             if isinstance(value, float) and math.isnan(value):

@@ -36,16 +36,19 @@ export time, and the resulting counts are frozen into the programs (the manifest
 
 Files under the output folder (the package): `prefill.pt2`, `decode.pt2` (AOTInductor
 packages; each embeds the weights it reads, so the weights are on disk twice), `dart_ops.so` (a
-copy of the compiled `dart_ext._C`, the ops the programs call) and `manifest.json`, written last
-and atomically: the format version, the torch version and the ops library's sha256, which
-`dart.runtime.runner.load_package` checks before it loads anything. `dart.runtime.runner` (torch
-only; also
-`scripts/run_exported.py`) runs a package greedily, token ids in and out. A package is native
-code: trust it as you would an executable.
+copy of the compiled `dart_ext._C`, the ops the programs call) and `manifest.json`: the format
+version, the torch version and the sha256 of the ops library and of each program, which
+`dart.runtime.runner.load_package` checks before it loads anything (every file named in the
+manifest must lie inside the package). The package is built in a staging folder beside the
+target and renamed into place whole, so a reader never sees one export's programs beside
+another's manifest; staging folders of killed exports are removed by the next export.
+`dart.runtime.runner` (torch only; also `scripts/run_exported.py`) runs a package greedily, token
+ids in and out. A package is native code: trust it as you would an executable.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import warnings
@@ -61,7 +64,13 @@ from ..core.api import DARTHandle, attach, load_ops
 from ..core.config import DARTConfig
 from ..core.methods import METHODS, Method, get_method
 from ..core.scoring import rank_scores, shared_scores
-from ..results import write_json
+from ..results import (
+    fsync_folder,
+    public_modes,
+    remove_stale_folders,
+    staging_folder,
+    write_json,
+)
 from .fast import static_cache_logits
 from .runner import FORMAT, MANIFEST, OPS_LIBRARY, file_sha256, greedy_generate
 
@@ -76,7 +85,7 @@ __all__ = [
 
 PREFILL = "prefill.pt2"
 DECODE = "decode.pt2"
-_WEIGHTS = ("w_gate", "w_up", "w_down_t", "b_in", "b_out")
+_WEIGHTS = ("w_gate", "w_up", "w_down_t", "b_in", "b_out", "b_gate")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -432,8 +441,9 @@ def export_decode(
     `prefill.pt2`, `decode.pt2` (with `compile=True`; AOTInductor) and `manifest.json`.
 
     Returns the manifest; its `"exported"` key (not written) holds the `ExportedProgram`s.
-    `path` becomes a package (see the module docstring); files of an earlier export there are
-    replaced, the manifest last.
+    `path` becomes a package (see the module docstring): it is built in a staging folder beside
+    `path` and renamed into place whole; an earlier package there is replaced (a folder holding
+    other files is refused).
     """
     if not load_ops():
         raise RuntimeError("export needs the compiled dart_ext kernels (torch.ops.dart.*)")
@@ -451,50 +461,120 @@ def export_decode(
         programs = export_programs(wrapper, prompt_len)
         export_s = time.perf_counter() - start
         out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
-        compile_s = 0.0
-        if compile:
-            start = time.perf_counter()
-            for name, file in (("prefill", PREFILL), ("decode", DECODE)):
-                torch._inductor.aoti_compile_and_package(
-                    programs[name],
-                    package_path=str(out / file),
-                    inductor_configs=inductor_configs,
-                )
-            compile_s = time.perf_counter() - start
-        model = handle.model
-        manifest = {
-            "format": FORMAT,
-            "programs": {"prefill": PREFILL, "decode": DECODE} if compile else {},
-            "batch_size": batch_size,
-            "max_len": max_len,
-            "prompt_len": prompt_len,  # None: dynamic, 1 <= P < max_len
-            "vocab_size": int(model.get_output_embeddings().weight.shape[0]),
-            "eos_token_id": _eos(model),
-            "pad_token_id": getattr(model.config, "pad_token_id", None),
-            "dtype": str(wrapper.dtype).removeprefix("torch."),
-            "device": str(wrapper.device),
-            "keep_counts": wrapper.counts,
-            "widths": [f.width for f in handle.ffns],
-            "pruned_layers": wrapper.pruned,
-            "idx_layout": "shared [k]" if wrapper.shared else "per_sequence [B, k]",
-            "state": wrapper.state_spec(),
-            "ops_library": OPS_LIBRARY,  # relative to the package folder
-            "ops_library_sha256": _copy_ops_library(out),
-            "model_type": model.config.model_type,
-            "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
-            "dart_config": handle.config.to_dict(),
-            "semantics": "prompt masks kept for the whole generation (no drift re-trace)",
-            "torch_version": torch.__version__,
-            "export_seconds": export_s,
-            "compile_seconds": compile_s,
-        }
-        write_json(out / MANIFEST, manifest)
+        _check_replaceable(out)
+        remove_stale_folders(out, _STAGING)  # a killed export's half-built package
+        stage = staging_folder(out, _STAGING)
+        try:
+            manifest = _build_package(
+                stage, handle, wrapper, programs, prompt_len, compile, inductor_configs
+            )
+            manifest["export_seconds"] = export_s
+            write_json(stage / MANIFEST, manifest)  # the stage's commit point
+            public_modes(stage)
+            _swap_into_place(stage, out)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
     finally:
         if attached:
             handle.detach()
     manifest["exported"] = programs
     return manifest
+
+
+def _build_package(
+    folder: Path,
+    handle: DARTHandle,
+    wrapper: DARTExportModule,
+    programs: dict[str, torch.export.ExportedProgram],
+    prompt_len: int | None,
+    compile: bool,
+    inductor_configs: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Compile the programs and copy the ops library into `folder`; the manifest (not yet
+    written) with every file's sha256."""
+    compile_s = 0.0
+    files = {"prefill": PREFILL, "decode": DECODE} if compile else {}
+    if compile:
+        start = time.perf_counter()
+        for name, file in files.items():
+            torch._inductor.aoti_compile_and_package(
+                programs[name],
+                package_path=str(folder / file),
+                inductor_configs=inductor_configs,
+            )
+        compile_s = time.perf_counter() - start
+    model = handle.model
+    return {
+        "format": FORMAT,
+        "programs": files,
+        "programs_sha256": {name: file_sha256(folder / file) for name, file in files.items()},
+        "batch_size": wrapper.batch_size,
+        "max_len": wrapper.max_len,
+        "prompt_len": prompt_len,  # None: dynamic, 1 <= P < max_len
+        "vocab_size": int(model.get_output_embeddings().weight.shape[0]),
+        "eos_token_id": _eos(model),
+        "pad_token_id": getattr(model.config, "pad_token_id", None),
+        "dtype": str(wrapper.dtype).removeprefix("torch."),
+        "device": str(wrapper.device),
+        "keep_counts": wrapper.counts,
+        "widths": [f.width for f in handle.ffns],
+        "pruned_layers": wrapper.pruned,
+        "idx_layout": "shared [k]" if wrapper.shared else "per_sequence [B, k]",
+        "state": wrapper.state_spec(),
+        "ops_library": OPS_LIBRARY,  # relative to the package folder
+        "ops_library_sha256": _copy_ops_library(folder),
+        "model_type": model.config.model_type,
+        "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
+        "dart_config": handle.config.to_dict(),
+        "semantics": "prompt masks kept for the whole generation (no drift re-trace)",
+        "torch_version": torch.__version__,
+        "compile_seconds": compile_s,
+    }
+
+
+_STAGING = "export"
+_PACKAGE_FILES = {PREFILL, DECODE, OPS_LIBRARY, MANIFEST}
+
+
+def _check_replaceable(out: Path) -> None:
+    """`out` may become a package: absent, empty, or an earlier package (only its files)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"export: {out} exists and is not a folder; pass another --out")
+    others = sorted(p.name for p in out.iterdir() if p.name not in _PACKAGE_FILES)
+    if others:
+        raise FileExistsError(
+            f"export: {out} holds files that are not a dart package's ({', '.join(others[:5])}): "
+            "the package replaces the whole folder; pass an empty or new --out"
+        )
+
+
+def _swap_into_place(stage: Path, out: Path) -> None:
+    """Rename the finished package `stage` to `out`. An earlier package there is renamed
+    aside first and removed after: a reader sees the old package or the new one whole (or,
+    killed between the two renames, no package at all), never one's programs with the other's
+    manifest."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.exists():
+        os.rename(stage, out)
+        fsync_folder(out.parent)
+        return
+    aside = staging_folder(out, _STAGING)  # named for this process: stale if it is killed
+    try:
+        os.rename(out, aside / "package")
+    except BaseException:
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    try:
+        os.rename(stage, out)
+    except BaseException:  # an error, not a kill: put the earlier package back
+        os.rename(aside / "package", out)
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    fsync_folder(out.parent)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -509,10 +589,11 @@ class ExportOptions:
     model: str = field(
         default="smollm2-135m", metadata={"help": "packaged model name or HF model folder"}
     )
-    batch: int = field(default=1, metadata={"help": "fixed batch size of the programs"})
-    max_len: int = field(default=512, metadata={"help": "static KV cache length"})
+    batch: int = field(default=1, metadata={"min": 1, "help": "fixed batch size of the programs"})
+    max_len: int = field(default=512, metadata={"min": 2, "help": "static KV cache length"})
     prompt_len: int | None = field(
-        default=None, metadata={"help": "fixed prompt length (default: dynamic, 1..max_len-1)"}
+        default=None,
+        metadata={"min": 1, "help": "fixed prompt length (default: dynamic, 1..max_len-1)"},
     )
     total_prune: float = field(default=0.5, metadata={"help": "fraction of FFN neurons pruned"})
     layer_topk: str | None = field(

@@ -127,6 +127,11 @@ class FastGenerator:
                 "the compiled loop runs without them: attach with telemetry_every=0 here, or "
                 "measure with HF generate"
             )
+        if handle is not None and handle.model is not model:
+            raise ValueError(
+                "FastGenerator: the handle is attached to another model than `model`; pass "
+                "the handle that dart.attach(model) returned"
+            )
         self.model = model
         self.handle = handle
         self.max_len = max_len
@@ -242,6 +247,14 @@ class FastGenerator:
     ) -> FastResult:
         """Generate for a left-padded batch; tokens equal HF greedy `generate` for greedy."""
         batch, prompt_len = input_ids.shape
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if self.handle is not None and getattr(self.model, "_dart_handle", None) is not self.handle:
+            # the patched modules are gone: running would be dense under the stale stats
+            raise RuntimeError(
+                "FastGenerator: its DART handle was detached from the model; attach again and "
+                "make a new FastGenerator with the new handle (or pass handle=None for dense)"
+            )
         if prompt_len + max_new_tokens > self.max_len:
             raise ValueError(
                 f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds max_len "

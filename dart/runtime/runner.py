@@ -40,7 +40,8 @@ __all__ = [
     "trim_at_eos",
 ]
 
-FORMAT = "dart-export/2"  # 2: the ops library travels in the package, with its sha256
+# 2: the ops library travels in the package, with its sha256; 3: every program has its sha256
+FORMAT = "dart-export/3"
 MANIFEST = "manifest.json"
 OPS_LIBRARY = "dart_ops.so"  # the package's copy of the compiled dart_ext._C
 _loaded_ops: dict[str, str] = {}  # sha256 -> path of the ops libraries this module loaded
@@ -90,6 +91,8 @@ def greedy_generate(
     cache) in place; `decode(token, position_ids, cache_position, *idx, *state) -> logits` runs
     one step. With `eos_token_id` the loop stops once every row has produced it.
     """
+    if max_new_tokens < 1:  # the prefill's token is always emitted
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     start = time.perf_counter()
     logits, *idx = prefill(input_ids, attention_mask, *state)
     token = logits.argmax(-1)
@@ -165,23 +168,38 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def _package_file(folder: Path, name: Any, sha256: Any, what: str) -> Path:
+    """The file `name` of the package, checked: a relative path inside `folder` (no `..`, no
+    absolute path, no link out), present, and of the manifest's `sha256`."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute():
+        raise PackageError(f"{folder}: {what} {name!r} must be a file inside the package")
+    path = (folder / name).resolve()
+    if folder.resolve() not in path.parents:
+        raise PackageError(f"{folder}: {what} {name!r} must be a file inside the package")
+    if not path.is_file():
+        raise PackageError(f"{folder}: the {what} {name} is missing from the package")
+    if not isinstance(sha256, str):
+        raise PackageError(
+            f"{folder}: the manifest has no sha256 for the {what} {name}; export the package again"
+        )
+    digest = file_sha256(path)
+    if digest != sha256:
+        raise PackageError(
+            f"{folder}: the {what} {name} has sha256 {digest}, which does not match the "
+            f"manifest's {sha256}: it was changed or damaged after export (or comes from "
+            "another export); export the package again"
+        )
+    return path
+
+
 def _load_ops_library(folder: Path, manifest: dict[str, Any]) -> None:
     """Verify the package's ops library against the manifest's sha256, then load it (once per
     process; a process that already holds the same library, e.g. via `import dart_ext`, keeps
     it)."""
-    name = manifest["ops_library"]
-    path = (folder / name).resolve()
-    if Path(name).is_absolute() or folder.resolve() not in path.parents:
-        raise PackageError(f"{folder}: ops_library {name!r} must be a file inside the package")
-    if not path.is_file():
-        raise PackageError(f"{folder}: the ops library {name} is missing from the package")
-    digest = file_sha256(path)
-    if digest != manifest["ops_library_sha256"]:
-        raise PackageError(
-            f"{path}: sha256 {digest} does not match the manifest's "
-            f"{manifest['ops_library_sha256']}: the ops library was changed or damaged after "
-            "export; export the package again"
-        )
+    path = _package_file(
+        folder, manifest.get("ops_library"), manifest.get("ops_library_sha256"), "ops_library"
+    )
+    digest = manifest["ops_library_sha256"]
     loaded = dict(_loaded_ops)
     extension = sys.modules.get("dart_ext._C")  # the library `import dart_ext` loaded
     if extension is not None:
@@ -220,6 +238,8 @@ class ExportedPackage:
     ) -> GreedyResult:
         """Greedy generation for token-id prompts (one per exported batch row)."""
         m = self.manifest
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if len(prompts) != m["batch_size"]:
             raise ValueError(
                 f"the package was exported for batch {m['batch_size']}, got {len(prompts)} prompts"
@@ -249,11 +269,19 @@ def load_package(folder: str | Path) -> ExportedPackage:
     folder = Path(folder)
     manifest = read_manifest(folder)
     _load_ops_library(folder, manifest)
-    programs = manifest["programs"]
+    programs = manifest.get("programs")
     if not programs:
         raise PackageError(f"{folder}: exported without compiling (--no-compile): no programs")
-    prefill, decode = (
-        torch._inductor.aoti_load_package(str(folder / programs[name]))
+    if not isinstance(programs, dict) or set(programs) != {"prefill", "decode"}:
+        raise PackageError(f"{folder}: the manifest's programs must be prefill and decode")
+    hashes = manifest.get("programs_sha256")
+    hashes = hashes if isinstance(hashes, dict) else {}
+    # every program is checked before any is loaded: a mix of two exports never runs
+    paths = {
+        name: _package_file(folder, programs[name], hashes.get(name), f"{name} program")
         for name in ("prefill", "decode")
+    }
+    prefill, decode = (
+        torch._inductor.aoti_load_package(str(paths[name])) for name in ("prefill", "decode")
     )
     return ExportedPackage(folder, manifest, prefill, decode)
