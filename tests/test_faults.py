@@ -40,11 +40,13 @@ class Injected(RuntimeError):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def report_survivals():
+def report_survivals(request):
     yield
     total = sum(SURVIVED.values())
     detail = ", ".join(f"{k} {v}" for k, v in SURVIVED.items())
-    sys.__stdout__.write(f"\ntest_faults: survived {total} kills ({detail}); seed {SEED}\n")
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():  # shown under -q too
+        print(f"\ntest_faults: survived {total} kills ({detail}); seed {SEED}")
 
 
 def _rng(name: str) -> random.Random:

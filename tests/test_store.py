@@ -203,7 +203,10 @@ def tiny_folders(tmp_path_factory):
 
 
 def _ppl(model, out, *extra):
-    argv = ["eval", "ppl", "--model", str(model), "--methods", "dense", "--max-tokens", "48"]
+    """`dart eval ppl` with --debug: the errors come out as exceptions (the CLI's one-line
+    messages are tested in test_cli)."""
+    argv = ["--debug", "eval", "ppl", "--model", str(model), "--methods", "dense"]
+    argv += ["--max-tokens", "48"]
     return main([*argv, "--window", "16", "--stride", "16", "--out", str(out), "--quiet", *extra])
 
 
@@ -269,7 +272,7 @@ def test_rerun_survives_bad_records_and_corrupt_summaries(tiny_folders, tmp_path
     for name in ("timings.json", "stats.json", "metrics.json"):
         (out / name).write_text("{garbage")
     with pytest.raises(CorruptFileError, match=r"metrics\.json is not valid JSON.*rerun"):
-        main(["report", str(out), "--out", str(tmp_path / "report")])
+        main(["--debug", "report", str(out), "--out", str(tmp_path / "report")])
     # adding an arm to the folder is a resume, not another configuration
     methods = ("--methods", "dense,dart,static", "--total-prune", "0.5")
     with caplog.at_level(logging.WARNING, logger="dart.evaluate"):
