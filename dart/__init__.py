@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from .core.api import DARTHandle, attach
     from .core.config import BudgetConfig, ConfigError, DARTConfig, DriftConfig
     from .core.methods import METHODS, Method, get_method
+    from .core.quant import quantize
     from .runtime import export, fast  # noqa: F401  (public modules, imported on first use)
     from .runtime.fast import FastGenerator
 
@@ -29,6 +30,7 @@ _PUBLIC = {
     "attach": ".core.api",
     "get_method": ".core.methods",
     "load_model": ".assets.models",
+    "quantize": ".core.quant",
 }
 # Public modules under their short names (`dart.fast.FastGenerator`), imported on first use.
 _MODULES = {"fast": ".runtime.fast", "export": ".runtime.export"}
@@ -45,6 +47,7 @@ __all__ = [
     "attach",
     "get_method",
     "load_model",
+    "quantize",
 ]
 __version__ = "0.1.0"
 
