@@ -10,7 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .assets.models import load_model
+    from .runtime.loading import load_model
     from .core.api import DARTHandle, attach
     from .core.config import BudgetConfig, ConfigError, DARTConfig, DriftConfig
     from .core.methods import METHODS, Method, get_method
@@ -29,7 +29,7 @@ _PUBLIC = {
     "Method": ".core.methods",
     "attach": ".core.api",
     "get_method": ".core.methods",
-    "load_model": ".assets.models",
+    "load_model": ".runtime.loading",
     "quantize": ".core.quant",
 }
 # Public modules under their short names (`dart.fast.FastGenerator`), imported on first use.

@@ -350,3 +350,56 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # decoder-only batches pad on the left
     return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading a packaged GGUF tensor by tensor (the direct quantised load of dart.runtime.loading)
+
+
+def converted_folder(spec: PackagedModel) -> Path:
+    """Where the packaged model's fp32 HF folder lives once converted (it may not exist)."""
+    return cache_dir() / "models" / spec.name
+
+
+def gguf_config_and_tokenizer(spec: PackagedModel) -> tuple[object, object]:
+    """The HF config and tokenizer of a packaged model, read from its GGUF's metadata (no
+    tensors are read; the parts are checked and assembled as `load_model` does)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    gguf = assemble_gguf(spec)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # decoder-only batches pad on the left
+    return config, tokenizer
+
+
+def iter_gguf_tensors(spec: PackagedModel, skeleton: torch.nn.Module):
+    """Yield `(hf_parameter_name, fp32 tensor)` for every tensor of the packaged GGUF, each
+    dequantised alone (the file is memory-mapped), with transformers' own name map and tensor
+    fix-ups (e.g. Llama's q/k permutation), so the values equal those of the converted folder.
+    `skeleton` is the model the names are for (its parameters may be on the meta device)."""
+    import numpy as np
+    from gguf import GGUFReader, dequantize
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+    )
+
+    gguf = assemble_gguf(spec)
+    parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)
+    reader = GGUFReader(gguf)
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed.get("config", {}))
+    names = get_gguf_hf_weights_map(skeleton, processor)
+    for tensor in reader.tensors:
+        weights = dequantize(tensor.data, tensor.tensor_type)
+        result = processor.process(
+            weights=weights, name=tensor.name, tensor_key_mapping=names, parsed_parameters=parsed
+        )
+        if result.name in names:
+            array = np.ascontiguousarray(result.weights, dtype=np.float32)
+            yield names[result.name], torch.from_numpy(array)

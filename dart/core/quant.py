@@ -20,9 +20,10 @@ kept neurons). Backends: `gathered` (the kernel) and `masked` (the reference sim
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -34,13 +35,16 @@ __all__ = [
     "QuantLinear",
     "QuantSpec",
     "quantize",
+    "quantize_streamed",
     "quantized_spec",
     "splitting",
     "WEIGHT_FORMATS",
+    "Weights",
 ]
 
 # The `weights` option of every front door: "fp" (the model's own weights) or a format name.
-WEIGHT_FORMATS = ("fp", "q8", "q4", "q4m")
+Weights = Literal["fp", "q8", "q4", "q4m"]
+WEIGHT_FORMATS: tuple[str, ...] = get_args(Weights)
 _CHUNK_VALUES = 1 << 24  # values quantised per step (bounds the fp32 temporaries to ~200 MB)
 
 
@@ -293,6 +297,18 @@ def _attention_linears(attn: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]
     ]
 
 
+def _check_format(fmt: str, group: int):
+    from dart_ext.quant import get_format
+
+    try:
+        f = get_format(fmt)
+    except ValueError as err:
+        raise ValueError(f"quantize: fmt: {err}") from None
+    if not isinstance(group, int) or group not in f.groups:
+        raise ValueError(f"quantize: group must be one of {f.groups} for {fmt!r}, got {group!r}")
+    return f
+
+
 def quantize(
     model: nn.Module,
     fmt: str = "q4",
@@ -306,14 +322,7 @@ def quantize(
     head. Returns the model. Call it before `dart.attach` (or without it); a model is quantised
     once. Families: those of the Llama adapter (Llama, Mistral, Qwen2/3, SmolLM, Gemma 1-3,
     Phi-3)."""
-    from dart_ext.quant import get_format
-
-    try:
-        f = get_format(fmt)
-    except ValueError as err:
-        raise ValueError(f"quantize: fmt: {err}") from None
-    if not isinstance(group, int) or group not in f.groups:
-        raise ValueError(f"quantize: group must be one of {f.groups} for {fmt!r}, got {group!r}")
+    f = _check_format(fmt, group)
     if getattr(model, "_dart_handle", None) is not None:
         raise RuntimeError(
             "quantize: this model has DART attached: quantize before dart.attach (or detach "
@@ -365,6 +374,68 @@ def quantize(
             model.config.tie_word_embeddings = False
     model._dart_quant = QuantSpec(fmt, group)
     return model
+
+
+def quantize_streamed(
+    model: nn.Module,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    fmt: str = "q4",
+    group: int = 32,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """Fill a model skeleton whose parameters are on the meta device (accelerate's
+    `init_empty_weights`) from `(parameter name, fp tensor)` pairs, quantising every decoder MLP,
+    attention linear and the LM head (from the embedding when the two are tied) as soon as its
+    last tensor arrives: only one block's fp weights are ever held. The other parameters
+    (embeddings, norms) are stored in `dtype`. Returns the model, as `quantize` leaves it."""
+    f = _check_format(fmt, group)
+    adapter = get_adapter(model)
+    if not isinstance(adapter, LlamaAdapter):
+        raise ValueError(
+            f"quantize supports the gated-FFN families ({', '.join(LlamaAdapter.families)}), "
+            f"not {model.config.model_type!r}"
+        )
+    act = adapter.activation()
+    names = {m: n for n, m in model.named_modules()}
+    units: dict[str, Callable[[], None]] = {}  # module name -> swaps it for its quantised form
+
+    def swap_mlp(layer: nn.Module) -> None:
+        layer.mlp = QuantGLU.from_hf(layer.mlp, act, fmt, group).to(dtype)
+
+    def swap_linear(parent: nn.Module, name: str) -> None:
+        setattr(parent, name, QuantLinear.from_linear(getattr(parent, name), fmt, group).to(dtype))
+
+    for r in adapter.layer_refs():
+        units[names[r.layer.mlp]] = lambda layer=r.layer: swap_mlp(layer)
+        for parent, name, lin in _attention_linears(r.attn):
+            units[names[lin]] = lambda parent=parent, name=name: swap_linear(parent, name)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    embed = names[model.get_input_embeddings()] + ".weight"
+    if not tied:
+        units[names[model.get_output_embeddings()]] = lambda: model.set_output_embeddings(
+            QuantLinear.from_linear(model.get_output_embeddings(), fmt, group).to(dtype)
+        )
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for pname, w in tensors:
+            unit = next((u for u in units if pname.startswith(u + ".")), None)
+            owner, attr = pname.rsplit(".", 1)
+            # quantised blocks are rounded from the fp32 values, the rest stored in `dtype`
+            value = w if unit is not None else w.to(dtype)
+            modules[owner]._parameters[attr] = nn.Parameter(value, requires_grad=False)
+            if pname == embed and tied:
+                model.set_output_embeddings(QuantLinear(_quantize_chunked(w, fmt, group)))
+            if unit is not None and not any(p.is_meta for p in modules[unit].parameters()):
+                units.pop(unit)()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing or units:
+        raise ValueError(
+            f"the tensors did not fill the model: no value for {(missing or list(units))[:5]}"
+        )
+    model.config.tie_word_embeddings = False
+    model._dart_quant = QuantSpec(f.name, group)
+    return model.eval()
 
 
 def quant_nbytes(model: nn.Module) -> int:
