@@ -10,13 +10,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .runtime.loading import load_model
     from .core.api import DARTHandle, attach
     from .core.config import BudgetConfig, ConfigError, DARTConfig, DriftConfig
     from .core.methods import METHODS, Method, get_method
     from .core.quant import quantize
     from .runtime import export, fast  # noqa: F401  (public modules, imported on first use)
     from .runtime.fast import FastGenerator
+    from .runtime.loading import load_model
 
 _PUBLIC = {
     "METHODS": ".core.methods",

@@ -47,16 +47,17 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from ..assets.data import load_text
-from ..assets.models import load_model
 from ..core.api import DARTHandle
 from ..core.config import BACKENDS, ConfigError, DARTConfig
 from ..core.methods import METHODS, get_method
+from ..core.quant import Weights
 from ..evaluate.arms import Arm, arm_config, attach_arm, parse_arms
 from ..evaluate.perplexity import accepts_logits_to_keep, tokenize_prefix
 from ..evaluate.store import RecordStore, claim_arm, folder_log
 from ..evaluate.stream import weight_bytes
 from ..options import add_options, load_yaml, options_from, resolve_options
 from ..results import atomic_write_text, write_json
+from ..runtime.loading import load_model
 from .report import POOLED_TASK, comparison_table, load_lmeval_metrics, plot_comparison
 from .tasks import default_tasks_dir, write_tasks
 
@@ -102,6 +103,7 @@ class DARTLM(HFLM):
         dtype: str = "float32",
         device: str = "cpu",
         tokenizer: Any = None,
+        weights: str = "fp",
         dart_config: str | dict | None = None,
         release_step: int | None = None,
         calibration: str = "wiki",
@@ -117,7 +119,7 @@ class DARTLM(HFLM):
             log.warning("device %r is not available here: using the CPU", device)
             device = "cpu"  # lm-eval's command line asks for cuda unless told otherwise
         if isinstance(pretrained, str):
-            model, tokenizer = load_model(pretrained, dtype=dtype, device=device)
+            model, tokenizer = load_model(pretrained, dtype=dtype, device=device, weights=weights)
         else:
             model = pretrained
             if tokenizer is None:
@@ -315,6 +317,10 @@ class LMEvalOptions:
     dtype: str = field(
         default="float32", metadata={"help": "model dtype", "choices": ("float32", "bfloat16")}
     )
+    weights: Weights = field(
+        default="fp",
+        metadata={"help": "fp (the model's own weights) or quantised q8, q4, q4m (dart.quantize)"},
+    )
     limit: int | None = field(
         default=None, metadata={"help": "per task: score its first N documents (all arms alike)"}
     )
@@ -391,6 +397,8 @@ def _fingerprint(opts: LMEvalOptions) -> str:
     keys = ("model", "dtype", "num_fewshot", "backend", "seed", "dart_config",
             "calibration_tokens", "max_gen_toks", "batch_size", "context")  # fmt: skip
     data = {k: getattr(opts, k) for k in keys}
+    if opts.weights != "fp":  # only then: folders made before the option keep their fingerprint
+        data["weights"] = opts.weights
     if opts.dart_config:
         data["dart_config_text"] = Path(opts.dart_config).read_text(encoding="utf-8")
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -449,7 +457,7 @@ def run_lm_eval(opts: LMEvalOptions) -> list[dict[str, Any]]:
         ids = _task_ids(tm, opts.tasks, opts.limit)
         arms = parse_arms(opts.methods, opts.total_prune)
         store = RecordStore(out)
-        model, tokenizer = load_model(opts.model, dtype=opts.dtype)
+        model, tokenizer = load_model(opts.model, dtype=opts.dtype, weights=opts.weights)
         overrides = DARTConfig.load(opts.dart_config).to_dict() if opts.dart_config else None
         for arm in arms:
             config = _arm_dart_config(arm, overrides, opts.backend, opts.seed)

@@ -420,7 +420,7 @@ def _eos(model: nn.Module) -> int | None:
 
 
 def _weights_name(model: nn.Module) -> str:
-    """"fp" (the model's own float weights) or the `dart.quantize` format, e.g. "q4/32"."""
+    """The weights a package carries: "fp" (the model's own) or "q4/32" (`dart.quantize`)."""
     spec = quantized_spec(model)
     return "fp" if spec is None else f"{spec.fmt}/{spec.group}"
 
