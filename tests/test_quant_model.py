@@ -129,12 +129,12 @@ def test_quantised_model_state_moves_and_casts():
     assert quant_nbytes(model) < fp_bytes / 6  # q4 + fp16 scales per 32: 0.5625 B per value
 
 
-def test_quantised_dense_model_generates_alike_in_hf_and_the_compiled_loop():
+def test_quantised_dense_model_generates_alike_in_hf_and_the_static_cache_loop():
     model = quantize(tiny_model("llama"), "q8")
     ids, mask = _batch()
     hf = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)[:, 12:]
-    fast = FastGenerator(model, None, max_len=MAX_LEN).generate(ids, mask, max_new_tokens=10)
-    assert torch.equal(fast.tokens, hf)
+    loop = FastGenerator(model, None, max_len=MAX_LEN, compile=False)
+    assert torch.equal(loop.generate(ids, mask, max_new_tokens=10).tokens, hf)
 
 
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
@@ -159,13 +159,15 @@ def test_attach_prunes_over_the_quantised_rows(fmt):
 
 
 def test_quantise_attach_compiled_loop_and_export_round_trip():
-    model = quantize(tiny_model("llama"), "q4")
+    """One compile of the DART step (quantised attention, head and gathered FFNs), then the
+    exported programs: all token-equal to the eager quantised model."""
+    model = quantize(tiny_model("llama", layers=2), "q4")
     ids, mask = _batch()
     handle = dart.attach(model, FIXED)
     ref = FastGenerator(model, handle, max_len=MAX_LEN, compile=False).generate(ids, mask, 16)
     compiled = FastGenerator(model, handle, max_len=MAX_LEN).generate(ids, mask, 16)
     assert torch.equal(compiled.tokens, ref.tokens)
-    assert compiled.stats["keep_counts"] == [32, 32, 32]
+    assert compiled.stats["keep_counts"] == [32, 32]
     wrapper = DARTExportModule(handle, 2, MAX_LEN, counts_of(handle))
     programs = export_programs(wrapper)
     ops = {str(n.target) for n in programs["decode"].graph.nodes}
@@ -177,7 +179,7 @@ def test_quantise_attach_compiled_loop_and_export_round_trip():
 
 
 def test_a_quantised_package_runs_torch_only(tmp_path):
-    model = quantize(tiny_model("llama"), "q8")
+    model = quantize(tiny_model("llama", layers=1), "q8")
     ids, mask = _batch()
     handle = dart.attach(model, FIXED)
     ref = FastGenerator(model, handle, max_len=MAX_LEN, compile=False).generate(ids, mask, 12)
