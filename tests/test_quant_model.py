@@ -281,3 +281,39 @@ def test_quantising_an_attached_model_is_refused():
     with pytest.raises(RuntimeError, match="quantize before dart.attach"):
         quantize(model, "q8")
     handle.detach()
+
+
+@pytest.mark.parametrize("source", ["embedding", "lm_head"])
+def test_output_proxy_rankings_read_the_dequantised_rows(source, tmp_path, monkeypatch):
+    """Non-magnitude rankings score neurons with output proxies: on a quantised model they come
+    from the dequantised down rows (and head), equal to those of the fp model so rounded."""
+    from dart.core.scoring import output_proxy
+
+    monkeypatch.setenv("DART_CACHE", str(tmp_path))
+    model = quantize(tiny_model("llama"), "q4")
+    down = model.model.layers[1].mlp.down_proj.dequantized()
+    handle = dart.attach(model, FIXED, ranking="combined", proxy_source=source)
+    vocab = model.get_input_embeddings().weight if source == "embedding" else None
+    vocab = model.lm_head.dequantized() if vocab is None else vocab
+    want = output_proxy(down, vocab)
+    got = handle.controller.proxies[1]
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    handle.prepare(random_ids(1, 8))
+    assert handle.controller.layers[1].keep == 32
+    handle.detach()
+
+
+def test_weight_bytes_count_the_quantised_rows():
+    from dart.evaluate.stream import weight_bytes
+
+    fp = tiny_model("llama")
+    handle = dart.attach(fp, FIXED)
+    fp_total, fp_neuron = weight_bytes(fp, handle)
+    handle.detach()
+    model = quantize(fp, "q8")
+    handle = dart.attach(model, FIXED)
+    total, per_neuron = weight_bytes(model, handle)
+    handle.detach()
+    # q8 + an fp16 scale per 32 values: 1.0625 of 4 bytes per value
+    assert total == pytest.approx(fp_total * 1.0625 / 4, rel=1e-6)
+    assert per_neuron == pytest.approx([b * 1.0625 / 4 for b in fp_neuron], rel=1e-6)
