@@ -317,3 +317,13 @@ def test_weight_bytes_count_the_quantised_rows():
     # q8 + an fp16 scale per 32 values: 1.0625 of 4 bytes per value
     assert total == pytest.approx(fp_total * 1.0625 / 4, rel=1e-6)
     assert per_neuron == pytest.approx([b * 1.0625 / 4 for b in fp_neuron], rel=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4", "q4m"])
+@pytest.mark.parametrize("group", [32, 64])
+def test_dequantized_rows_equal_the_reference(fmt, group):
+    from dart_ext.quant import dequantize_rows
+
+    torch.manual_seed(0)
+    q = QuantLinear.from_linear(nn.Linear(128, 40), fmt, group)
+    assert torch.equal(q.dequantized(), dequantize_rows(q.rows()))

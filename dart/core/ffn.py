@@ -247,7 +247,11 @@ class DARTFFN(nn.Module):
             self.probe.record(self.layer_index, h, self.mask)
         if self.selected:
             h = h * self.mask
-        y = p.down(h)
+            y = p.down(h)
+        elif p.quant is not None:  # unmasked: the fused kernel reads the rows (no fp copy)
+            y = self.original(x)
+        else:
+            y = p.down(h)
         self._recorder.record_ffn_output(self.layer_index, x, y)
         return y
 
