@@ -391,6 +391,24 @@ def gguf_config_and_tokenizer(spec: PackagedModel) -> tuple[object, object]:
     return config, tokenizer
 
 
+_DEQUANT_CHUNK = 1 << 22  # values per dequantisation step (gguf's numpy temporaries scale)
+
+
+def _dequantize_rows(tensor, dequantize, np):
+    """`gguf.dequantize` of one tensor, a few million values at a time: its K-quant code
+    makes several full-size temporaries, which for a 150k-row embedding would be gigabytes."""
+    data = tensor.data
+    if data.ndim < 2 or data.shape[0] * data.shape[-1] <= _DEQUANT_CHUNK:
+        return dequantize(data, tensor.tensor_type)
+    step = max(1, _DEQUANT_CHUNK // data.shape[-1])
+    first = dequantize(data[:step], tensor.tensor_type)
+    out = np.empty((data.shape[0], *first.shape[1:]), dtype=np.float32)
+    out[:step] = first
+    for i in range(step, data.shape[0], step):
+        out[i : i + step] = dequantize(data[i : i + step], tensor.tensor_type)
+    return out
+
+
 def iter_gguf_tensors(spec: PackagedModel, skeleton: torch.nn.Module):
     """Yield `(hf_parameter_name, fp32 tensor)` for every tensor of the packaged GGUF, each
     dequantised alone (the file is memory-mapped), with transformers' own name map and tensor
@@ -410,7 +428,7 @@ def iter_gguf_tensors(spec: PackagedModel, skeleton: torch.nn.Module):
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config)
     names = get_gguf_hf_weights_map(skeleton, processor)
     for tensor in reader.tensors:
-        weights = dequantize(tensor.data, tensor.tensor_type)
+        weights = _dequantize_rows(tensor, dequantize, np)
         result = processor.process(
             weights=weights,
             name=tensor.name,
