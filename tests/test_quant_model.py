@@ -327,3 +327,12 @@ def test_dequantized_rows_equal_the_reference(fmt, group):
     torch.manual_seed(0)
     q = QuantLinear.from_linear(nn.Linear(128, 40), fmt, group)
     assert torch.equal(q.dequantized(), dequantize_rows(q.rows()))
+
+
+def test_the_head_can_keep_a_finer_format():
+    model = quantize(tiny_model("llama"), "q4", head="q8")
+    assert model.lm_head.fmt == "q8" and model.model.layers[0].mlp.gate_proj.fmt == "q4"
+    fp = tiny_model("llama")
+    assert type(quantize(fp, "q4", head=False).lm_head) is nn.Linear
+    with pytest.raises(ValueError, match="fmt: unknown quantisation format 'q2'"):
+        quantize(tiny_model("llama"), "q4", head="q2")

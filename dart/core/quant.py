@@ -325,14 +325,18 @@ def quantize(
     group: int = 32,
     *,
     attention: bool = True,
-    head: bool = True,
+    head: bool | str = True,
 ) -> nn.Module:
     """Quantise `model` in place to `fmt` (q8, q4 or q4m; groups of `group` = 32 or 64 values
     along each row): every decoder MLP, and (by default) the attention projections and the LM
-    head. Returns the model. Call it before `dart.attach` (or without it); a model is quantised
-    once. Families: those of the Llama adapter (Llama, Mistral, Qwen2/3, SmolLM, Gemma 1-3,
-    Phi-3)."""
+    head (`head`: True = `fmt`, a format name = that format, e.g. "q8" beside 4-bit blocks as
+    llama.cpp's Q4_K_M keeps its output matrix finer; False = left as it is). Returns the model.
+    Call it before `dart.attach` (or without it); a model is quantised once. Families: those
+    of the Llama adapter (Llama, Mistral, Qwen2/3, SmolLM, Gemma 1-3, Phi-3)."""
     f = _check_format(fmt, group)
+    head_fmt = fmt if head is True else head
+    if head_fmt:
+        _check_format(head_fmt, group)
     if getattr(model, "_dart_handle", None) is not None:
         raise RuntimeError(
             "quantize: this model has DART attached: quantize before dart.attach (or detach "
@@ -378,7 +382,7 @@ def quantize(
                 for parent, name, lin in _attention_linears(r.attn):
                     setattr(parent, name, QuantLinear.from_linear(lin, fmt, group))
         if head:
-            q_head = QuantLinear.from_linear(out_head, fmt, group)
+            q_head = QuantLinear.from_linear(out_head, head_fmt, group)
             model.set_output_embeddings(q_head)
             # the input embeddings may have shared the head's weight: they stay fp, untied now
             model.config.tie_word_embeddings = False
