@@ -36,6 +36,7 @@ per generated token.
     python bench/decode.py --model qwen2.5-coder-1.5b --dtypes fp32 --batch 1,4 --new-tokens 32
     python bench/decode.py --model qwen2.5-coder-1.5b --dtypes fp32 --threads 2 \
         --arms llamacpp,hf_static_compiled,dense_compiled,dart_gathered_compiled
+    python bench/decode.py --dtypes bf16,q8,q4 --new-tokens 32   # quantised weights (q8, q4)
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ RANDOM_SHAPES = {
 RANDOM_PROMPT_LEN = 64
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16}  # fmt: skip
+# Quantised settings (`dart.quantize`: FFNs, attention and head read q8/q4/q4m rows; activations
+# and embeddings in fp32). The compact backend slices fp rows: its arm is skipped for them.
+QUANT = {"q8": "q8", "q4": "q4", "q4m": "q4m"}
 DENSE_ARMS = ("hf_dense", "hf_static_compiled", "dense_compiled")
 LLAMACPP = "llamacpp"  # opt-in: needs a packaged GGUF and builds llama.cpp on first use
 BASELINE_ARMS = (*DENSE_ARMS, LLAMACPP)  # measured once per dtype and batch, not per sparsity
@@ -90,10 +94,18 @@ SPIN_NOTE = (
 )
 
 
-def load_bench_model(name: str, dtype: torch.dtype, device: str):
-    """`(model, tokenizer)`: a `dart.load_model` name, or `random:<shape>` (tokenizer None)."""
+def load_bench_model(name: str, dtype: torch.dtype, device: str, weights: str = "fp"):
+    """`(model, tokenizer)`: a `dart.load_model` name, or `random:<shape>` (tokenizer None);
+    `weights` "fp" or a `dart.quantize` format."""
     if not name.startswith("random:"):
-        model, tok = dart.load_model(name, dtype=dtype)
+        model, tok = dart.load_model(name, dtype=dtype, weights=weights)
+        if weights != "fp":
+            load = model.dart_load
+            print(
+                f"loaded {name} as {weights} in {load['seconds']:.1f} s (direct GGUF read: "
+                f"{load['direct']}), peak RSS {load['peak_rss_bytes'] / 2**30:.2f} GiB",
+                file=sys.stderr,
+            )
         return model.to(device), tok
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -114,6 +126,8 @@ def load_bench_model(name: str, dtype: torch.dtype, device: str):
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM._from_config(cfg, dtype=dtype)
+    if weights != "fp":
+        dart.quantize(model, weights)
     return model.eval(), None
 
 
@@ -136,9 +150,9 @@ def weight_bytes_per_token(model, keep_fraction: float) -> tuple[float, float]:
     ffn = sum(sum(t.numel() * t.element_size() for t in _ffn_tensors(f)) for f in handle.ffns)
     handle.detach()
     emb = model.get_input_embeddings().weight
-    head = model.get_output_embeddings().weight
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    if head.data_ptr() == emb.data_ptr():  # tied: the embedding matrix is read as the head
+    head = getattr(model.get_output_embeddings(), "weight", None)  # None: quantised head
+    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    if head is not None and head.data_ptr() == emb.data_ptr():  # tied: the embedding is the head
         dense = total
     else:
         dense = total - emb.numel() * emb.element_size()
@@ -147,6 +161,9 @@ def weight_bytes_per_token(model, keep_fraction: float) -> tuple[float, float]:
 
 def _ffn_tensors(ffn):
     p = ffn.parts
+    if p.quant is not None:  # quantised rows: data, scales (and mins) of gate, up and down
+        q = p.quant
+        return [t for m in (q.gate_proj, q.up_proj, q.down_proj) for t in m.rows().tensors()]
     return [t for t in (p.w_gate, p.w_up, p.w_down_t) if t is not None]
 
 
@@ -467,7 +484,8 @@ def main() -> None:
         + ", ".join(RANDOM_SHAPES),
     )
     p.add_argument("--dtypes", "--dtype", default="float32,bfloat16",
-                   help="comma list of " + ", ".join(DTYPES))  # fmt: skip
+                   help="comma list of " + ", ".join(DTYPES) + " and the quantised weights "
+                   + ", ".join(QUANT) + " (dart.quantize, fp32 activations)")  # fmt: skip
     p.add_argument("--sparsity", default="0.5,0.7")
     p.add_argument("--batch", default="1")
     p.add_argument("--new-tokens", type=int, default=128)
@@ -508,11 +526,16 @@ def main() -> None:
     if LLAMACPP in args.arms:
         setup_llamacpp(args)
     records = []
+    all_arms = args.arms
     for dtype_name in args.dtypes.split(","):
-        if dtype_name not in DTYPES:
-            raise SystemExit(f"--dtypes {dtype_name!r}: use {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype_name]
-        model, tok = load_bench_model(args.model, dtype, args.device)
+        if dtype_name not in DTYPES and dtype_name not in QUANT:
+            raise SystemExit(f"--dtypes {dtype_name!r}: use {', '.join([*DTYPES, *QUANT])}")
+        weights = QUANT.get(dtype_name, "fp")
+        dtype = DTYPES.get(dtype_name, torch.float32)
+        args.arms = [a for a in all_arms if weights == "fp" or a != "dart_compact_compiled"]
+        model, tok = load_bench_model(args.model, dtype, args.device, weights)
+        if weights != "fp":
+            dtype = weights  # the records' "dtype" column names the weights
         for batch in (int(b) for b in args.batch.split(",")):
             policies = policies_all if batch > 1 else policies_all[:1]
             for policy in policies:

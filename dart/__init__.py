@@ -10,12 +10,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .assets.models import load_model
     from .core.api import DARTHandle, attach
     from .core.config import BudgetConfig, ConfigError, DARTConfig, DriftConfig
     from .core.methods import METHODS, Method, get_method
+    from .core.quant import quantize
     from .runtime import export, fast  # noqa: F401  (public modules, imported on first use)
     from .runtime.fast import FastGenerator
+    from .runtime.loading import load_model
 
 _PUBLIC = {
     "METHODS": ".core.methods",
@@ -28,7 +29,8 @@ _PUBLIC = {
     "Method": ".core.methods",
     "attach": ".core.api",
     "get_method": ".core.methods",
-    "load_model": ".assets.models",
+    "load_model": ".runtime.loading",
+    "quantize": ".core.quant",
 }
 # Public modules under their short names (`dart.fast.FastGenerator`), imported on first use.
 _MODULES = {"fast": ".runtime.fast", "export": ".runtime.export"}
@@ -45,6 +47,7 @@ __all__ = [
     "attach",
     "get_method",
     "load_model",
+    "quantize",
 ]
 __version__ = "0.1.0"
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from .assets.models import PACKAGED_MODELS, PackagedModel
 from .core.config import BACKENDS, ConfigError
+from .core.quant import Weights
 from .evaluate.store import RecordStore
 from .evaluate.tasks import TASKS, GenerateOptions, Task, prompt_texts
 from .experiment import RunOptions, run_experiment
@@ -83,6 +84,10 @@ class DemoOptions:
     backend: str = field(
         default="gathered", metadata={"help": "sparse FFN backend", "choices": BACKENDS}
     )
+    weights: Weights = field(
+        default="fp",
+        metadata={"help": "fp (the model's own weights) or quantised q8, q4, q4m (dart.quantize)"},
+    )
     max_new_tokens: int = field(default=160, metadata={"min": 1, "help": "greedy tokens generated"})
     seed: int = field(default=0, metadata={"help": "torch seed"})
     threads: int | None = field(default=None, metadata={"min": 1, "help": "torch CPU threads"})
@@ -124,6 +129,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         out=demo.out,
         backend=demo.backend,
         threads=demo.threads,
+        weights=demo.weights,
     )
     run = _default_out(run, "demo")
     prompts = [demo.prompt] if demo.prompt else []

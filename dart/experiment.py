@@ -22,9 +22,9 @@ from typing import Any
 import torch
 
 from .assets.data import TEXT_CORPORA, load_text
-from .assets.models import load_model
 from .core.config import BACKENDS, DARTConfig
 from .core.methods import METHODS
+from .core.quant import Weights
 from .evaluate.arms import Arm, arm_config
 from .evaluate.perplexity import tokenize_prefix
 from .evaluate.store import (
@@ -39,6 +39,7 @@ from .evaluate.store import (
 from .evaluate.tasks import Task, compute_metrics, get_task
 from .options import options_dict
 from .results import atomic_write_text
+from .runtime.loading import load_model
 
 __all__ = ["RunOptions", "run_experiment"]
 
@@ -51,6 +52,10 @@ class RunOptions:
 
     model: str = field(
         default="smollm2-135m", metadata={"help": "packaged model name or a local HF folder"}
+    )
+    weights: Weights = field(
+        default="fp",
+        metadata={"help": "fp (the model's own weights) or quantised q8, q4, q4m (dart.quantize)"},
     )
     methods: list[str] = field(
         default_factory=lambda: ["dense", "static", "griffin", "dart"],
@@ -137,7 +142,7 @@ def _run_locked(
     if run.threads:
         torch.set_num_threads(run.threads)
     log.info("task %s: loading model %s", task.name, run.model)
-    model, tokenizer = load_model(run.model)
+    model, tokenizer = load_model(run.model, weights=run.weights)
     model_id = model_identity(model, run.model)  # before any arm relays the weights out
     arms = list(configs)
     calibration = _calibration_ids(run, tokenizer, arms)
@@ -145,6 +150,8 @@ def _run_locked(
     store.records.validate = record_check(task, decode)
     items = task.items(tokenizer, options, run.seed)
     resolved = options_dict(run, options)
+    if resolved["weights"] == "fp":  # the default: folders made before the option still resume
+        del resolved["weights"]
     store.claim(run_fingerprint(task.name, resolved, model_id, data_identity(items)))
     config = {"task": task.name, **resolved, "command": command}
     atomic_write_text(store.folder / "config.yaml", yaml.safe_dump(config))

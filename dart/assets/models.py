@@ -422,3 +422,104 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # decoder-only batches pad on the left
     return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading a packaged GGUF tensor by tensor (the direct quantised load of dart.runtime.loading)
+
+
+def converted_folder(spec: PackagedModel) -> Path:
+    """Where the packaged model's fp32 HF folder lives once converted (it may not exist)."""
+    return cache_dir() / "models" / spec.name
+
+
+def gguf_config_and_tokenizer(spec: PackagedModel) -> tuple[object, object]:
+    """The HF config and tokenizer of a packaged model, read from its GGUF's metadata once and
+    kept in a small cache folder (reading a GGUF tokenizer takes minutes on 2 cores; no tensor
+    is read). The parts are checked and assembled as `load_model` does."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = cache_dir() / "gguf-meta" / spec.name
+    if not (folder / "config.json").exists():
+        with cache_lock(f"gguf-meta-{spec.name}"):  # one writer; the others wait, then read
+            if not (folder / "config.json").exists():
+                _write_gguf_meta(spec, folder)
+    config = AutoConfig.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # decoder-only batches pad on the left
+    return config, tokenizer
+
+
+def _write_gguf_meta(spec: PackagedModel, folder: Path) -> None:
+    """Read the config and tokenizer from the assembled GGUF into ``folder`` (staged beside it
+    and renamed into place, so a half-written folder is never seen; modes honour the umask)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    gguf = assemble_gguf(spec)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):  # the GGUF's: our tensors are plain floats
+        del config.quantization_config
+    remove_stale_folders(folder)
+    tmp = staging_folder(folder)
+    try:
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        public_modes(tmp)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+_DEQUANT_CHUNK = 1 << 22  # values per dequantisation step (gguf's numpy temporaries scale)
+
+
+def _dequantize_rows(tensor, dequantize, np):
+    """`gguf.dequantize` of one tensor, a few million values at a time: its K-quant code
+    makes several full-size temporaries, which for a 150k-row embedding would be gigabytes."""
+    data = tensor.data
+    if data.ndim < 2 or data.shape[0] * data.shape[-1] <= _DEQUANT_CHUNK:
+        return dequantize(data, tensor.tensor_type)
+    step = max(1, _DEQUANT_CHUNK // data.shape[-1])
+    first = dequantize(data[:step], tensor.tensor_type)
+    out = np.empty((data.shape[0], *first.shape[1:]), dtype=np.float32)
+    out[:step] = first
+    for i in range(step, data.shape[0], step):
+        out[i : i + step] = dequantize(data[i : i + step], tensor.tensor_type)
+    return out
+
+
+def iter_gguf_tensors(spec: PackagedModel, skeleton: torch.nn.Module):
+    """Yield `(hf_parameter_name, fp32 tensor)` for every tensor of the packaged GGUF, each
+    dequantised alone (the file is memory-mapped), with transformers' own name map and tensor
+    fix-ups (e.g. Llama's q/k permutation), so the values equal those of the converted folder.
+    `skeleton` is the model the names are for (its parameters may be on the meta device)."""
+    import numpy as np
+    from gguf import GGUFReader, dequantize
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+    )
+
+    reader = GGUFReader(assemble_gguf(spec))
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    config = skeleton.config.to_dict()  # what the processors read: head counts
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config)
+    names = get_gguf_hf_weights_map(skeleton, processor)
+    for tensor in reader.tensors:
+        weights = _dequantize_rows(tensor, dequantize, np)
+        result = processor.process(
+            weights=weights,
+            name=tensor.name,
+            tensor_key_mapping=names,
+            parsed_parameters={"config": config},
+        )
+        if result.name in names:
+            array = np.ascontiguousarray(result.weights, dtype=np.float32)
+            if not array.flags.writeable:  # a view of the memory-mapped file
+                array = array.copy()
+            yield names[result.name], torch.from_numpy(array)

@@ -32,14 +32,22 @@ class FFNParts:
     act: str  # HF activation name
     width: int
     w_gate: torch.Tensor | None  # [N, d] (glu only)
-    w_up: torch.Tensor  # [N, d]: up (glu) or in (mlp)
-    w_down_t: torch.Tensor  # [N, d]: down / out projection, neuron-major
+    w_up: torch.Tensor | None  # [N, d]: up (glu) or in (mlp); None when quantised
+    w_down_t: torch.Tensor | None  # [N, d]: down / out projection, neuron-major; None if quant
     b_in: torch.Tensor | None
     b_out: torch.Tensor | None
     hidden: Callable[[torch.Tensor], torch.Tensor]  # x -> h [..., N], exact HF arithmetic
     down: Callable[[torch.Tensor], torch.Tensor]  # h -> y, exact HF arithmetic (incl. bias)
     original: nn.Module  # the module the FFN replaces (its forward is the dense path)
     b_gate: torch.Tensor | None = None
+    # A quantised FFN (`dart.core.quant.QuantGLU`): its rows replace the fp weight views above,
+    # and `quant.sparse(x, idx, act, lengths)` is the gathered kernel over them.
+    quant: nn.Module | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype (DART's masks multiply the hidden vector in it)."""
+        return self.w_up.dtype if self.quant is None else self.quant.dtype
 
 
 @dataclass
@@ -106,17 +114,22 @@ class Adapter:
     def ffn_parts(self, refs: LayerRefs) -> FFNParts:
         raise NotImplementedError
 
-    def neuron_columns(self, refs: LayerRefs) -> nn.Parameter:
-        """The FFN weight that stores the neuron axis as columns (`[d, N]`)."""
+    def neuron_columns(self, refs: LayerRefs) -> nn.Parameter | None:
+        """The FFN weight that stores the neuron axis as columns (`[d, N]`); None when the FFN
+        is quantised (its rows are neuron-major already)."""
         raise NotImplementedError
 
     def relayout(self, refs: LayerRefs) -> None:
         """Make every neuron's weights contiguous rows (in place, no extra copy kept)."""
-        _column_major_to_rows(self.neuron_columns(refs))
+        weight = self.neuron_columns(refs)
+        if weight is not None:
+            _column_major_to_rows(weight)
 
     def restore(self, refs: LayerRefs) -> None:
         """Undo `relayout` exactly."""
-        _rows_to_column_major(self.neuron_columns(refs))
+        weight = self.neuron_columns(refs)
+        if weight is not None:
+            _rows_to_column_major(weight)
 
     def activation(self) -> str:
         for name in ("hidden_activation", "hidden_act", "activation_function"):
@@ -129,7 +142,9 @@ class Adapter:
         return self.model.get_input_embeddings().weight
 
     def lm_head(self) -> torch.Tensor:
-        return self.model.get_output_embeddings().weight
+        head = self.model.get_output_embeddings()
+        # a quantised head (dart.core.quant.QuantLinear) has rows, not a weight
+        return head.dequantized() if hasattr(head, "dequantized") else head.weight
 
 
 class LlamaAdapter(Adapter):
@@ -152,6 +167,8 @@ class LlamaAdapter(Adapter):
 
     def ffn_parts(self, refs: LayerRefs) -> FFNParts:
         mlp = refs.layer.mlp
+        if hasattr(mlp, "dart_ffn_parts"):  # quantised (dart.core.quant.QuantGLU)
+            return mlp.dart_ffn_parts(self.activation())
         where = f"layer {refs.index} mlp"
         d = self.config.hidden_size
         if hasattr(mlp, "gate_up_proj"):  # Phi-3: fused [2N, d], gate first
@@ -191,8 +208,9 @@ class LlamaAdapter(Adapter):
             b_gate=b_gate,
         )
 
-    def neuron_columns(self, refs: LayerRefs) -> nn.Parameter:
-        return refs.layer.mlp.down_proj.weight
+    def neuron_columns(self, refs: LayerRefs) -> nn.Parameter | None:
+        down = refs.layer.mlp.down_proj
+        return getattr(down, "weight", None)  # None: quantised rows, neuron-major already
 
 
 class _TwoMatrixAdapter(Adapter):

@@ -38,7 +38,7 @@ def _compute_proxies(
     name = getattr(model.config, "_name_or_path", "") or type(model).__name__
     proxies = []
     for i, p in enumerate(parts):
-        w = p.w_down_t
+        w = p.w_down_t if p.quant is None else p.quant.down_proj.dequantized()
         key = (name, i, source, weight_fingerprint(w), weight_fingerprint(vocab))
         proxies.append(cache.get_or_compute(key, lambda w=w: output_proxy(w, vocab)))
     return proxies

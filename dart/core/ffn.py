@@ -99,6 +99,11 @@ class DARTFFN(nn.Module):
         self.kind = parts.kind
         self.backend = backend
         self.kernel_act = _kernel_act(backend, parts.act)
+        if parts.quant is not None and backend == "compact":
+            raise ValueError(
+                "backend 'compact' slices fp weight rows, and this model is quantised "
+                "(dart.quantize): attach with backend='gathered' (or 'masked')"
+            )
         # Plain attributes (not submodules / buffers): views of the original parameters.
         self._parts = parts
         object.__setattr__(self, "_recorder", recorder)
@@ -179,7 +184,7 @@ class DARTFFN(nn.Module):
         if lengths is not None:  # padding entries go to a spare column, cut off below
             kept = torch.arange(rows.shape[-1], device=idx.device) < self.lengths[:, None]
             rows = torch.where(kept, rows, self.width)
-        mask = torch.zeros(rows.shape[0], 1, self.width + 1, dtype=p.w_up.dtype, device=idx.device)
+        mask = torch.zeros(rows.shape[0], 1, self.width + 1, dtype=p.dtype, device=idx.device)
         mask.scatter_(2, rows.unsqueeze(1), 1.0)
         mask = mask[..., : self.width].contiguous()
         if row_keeps_all is not None:
@@ -296,7 +301,11 @@ class DARTFFN(nn.Module):
             self.probe.record(self.layer_index, h, self.mask)
         if self.selected:
             h = h * self.mask
-        y = p.down(h)
+            y = p.down(h)
+        elif p.quant is not None:  # unmasked: the fused kernel reads the rows (no fp copy)
+            y = self.original(x)
+        else:
+            y = p.down(h)
         self._recorder.record_ffn_output(self.layer_index, x, y)
         return y
 
@@ -318,6 +327,8 @@ class DARTFFN(nn.Module):
         if self.backend == "masked":
             return p.down(p.hidden(x) * self.mask)
         if self.backend == "gathered":
+            if p.quant is not None:  # quantised rows (dart.core.quant.QuantGLU)
+                return p.quant.sparse(x, self.idx, self.kernel_act, self.lengths)
             if self.kind == "glu":
                 return torch.ops.dart.gathered_glu_ffn(
                     x,

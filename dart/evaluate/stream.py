@@ -133,14 +133,15 @@ def stream_items(
 # -- weight bytes --------------------------------------------------------------------------------
 def weight_bytes(model: torch.nn.Module, handle: DARTHandle | None) -> tuple[float, list[float]]:
     """Bytes of weights read per token (every matrix but an untied input embedding, which is a
-    lookup) and, per patched FFN layer, the bytes of one neuron's weights."""
+    lookup) and, per patched FFN layer, the bytes of one neuron's weights. Quantised matrices
+    (`dart.quantize`) count their buffers (rows, scales, mins)."""
     emb = model.get_input_embeddings().weight
-    head = model.get_output_embeddings()
-    tied = head is not None and head.weight.data_ptr() == emb.data_ptr()
+    head = getattr(model.get_output_embeddings(), "weight", None)  # None: a quantised head
+    tied = head is not None and head.data_ptr() == emb.data_ptr()
     skip = set() if tied else {id(emb)}
     seen: set[int] = set()
     total = 0.0
-    for p in model.parameters():
+    for p in [*model.parameters(), *model.buffers()]:
         if p.dim() != 2 or id(p) in skip or p.data_ptr() in seen:
             continue
         seen.add(p.data_ptr())
@@ -148,7 +149,11 @@ def weight_bytes(model: torch.nn.Module, handle: DARTHandle | None) -> tuple[flo
     if handle is None:
         return total, []
     per_neuron = [
-        sum(p.numel() * p.element_size() for p in ffn.original.parameters() if p.dim() == 2)
+        sum(
+            p.numel() * p.element_size()
+            for p in [*ffn.original.parameters(), *ffn.original.buffers()]
+            if p.dim() == 2
+        )
         / ffn.width
         for ffn in handle.ffns
     ]

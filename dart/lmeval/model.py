@@ -50,7 +50,6 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from ..assets.data import load_text
-from ..assets.models import load_model
 from ..core.api import DARTHandle
 from ..core.config import DARTConfig
 from ..core.methods import get_method
@@ -58,6 +57,7 @@ from ..evaluate.arms import Arm, arm_config, attach_arm
 from ..evaluate.perplexity import accepts_logits_to_keep, tokenize_prefix
 from ..evaluate.store import RecordStore
 from ..evaluate.stream import weight_bytes
+from ..runtime.loading import load_model
 from .registration import MODEL_NAME
 from .report import SPARSITY_KEYS
 
@@ -99,6 +99,7 @@ class DARTLM(HFLM):
         dtype: str = "float32",
         device: str = "cpu",
         tokenizer: Any = None,
+        weights: str = "fp",
         dart_config: str | dict | None = None,
         release_step: int | None = None,
         calibration: str = "wiki",
@@ -117,7 +118,7 @@ class DARTLM(HFLM):
             log.warning("device %r is not available here: using the CPU", device)
             device = "cpu"  # lm-eval's command line asks for cuda unless told otherwise
         if isinstance(pretrained, str):
-            model, tokenizer = load_model(pretrained, dtype=dtype, device=device)
+            model, tokenizer = load_model(pretrained, dtype=dtype, device=device, weights=weights)
         else:
             model = pretrained
             if tokenizer is None:

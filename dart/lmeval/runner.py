@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 
-from ..assets.models import load_model
 from ..core.config import BACKENDS, DARTConfig
 from ..core.methods import METHODS
+from ..core.quant import Weights
 from ..evaluate.arms import Arm, arm_config, parse_arms
 from ..evaluate.store import (
     FingerprintMismatchError,
@@ -47,6 +47,7 @@ from ..evaluate.store import (
     run_fingerprint,
 )
 from ..results import CorruptFileError, atomic_write_text, read_json, write_json
+from ..runtime.loading import load_model
 from .model import CONTEXT_PHASES, DARTLM, SPARSITY_KEYS, request_key
 from .report import POOLED_TASK, comparison_table
 from .tasks import default_tasks_dir, ensure_tasks
@@ -96,6 +97,10 @@ class LMEvalOptions:
     model: str = field(default="smollm2-135m", metadata={"help": "dart.load_model name/folder"})
     dtype: str = field(
         default="float32", metadata={"help": "model dtype", "choices": ("float32", "bfloat16")}
+    )
+    weights: Weights = field(
+        default="fp",
+        metadata={"help": "fp (the model's own weights) or quantised q8, q4, q4m (dart.quantize)"},
     )
     limit: int | None = field(
         default=None, metadata={"help": "per task: score its first N documents (all arms alike)"}
@@ -233,7 +238,7 @@ def run_lm_eval(opts: LMEvalOptions) -> list[dict[str, Any]]:
         ids = {name: list(range(len(task.eval_docs) if opts.limit is None
                                 else min(opts.limit, len(task.eval_docs))))
                for name, task in loaded.items()}  # fmt: skip
-        model, tokenizer = load_model(opts.model, dtype=opts.dtype)
+        model, tokenizer = load_model(opts.model, dtype=opts.dtype, weights=opts.weights)
         model_id = model_identity(model, opts.model)  # before any arm relays the weights out
         store.claim(lmeval_fingerprint(opts, model_id, tokenizer_identity(tokenizer)))
         claim_tasks(store.folder, {name: task_identity(t) for name, t in loaded.items()})

@@ -63,6 +63,7 @@ from torch import nn
 from ..core.api import DARTHandle, attach, load_ops
 from ..core.config import DARTConfig
 from ..core.methods import METHODS, Method, get_method
+from ..core.quant import Weights, quantized_spec, splitting
 from ..core.scoring import rank_scores, shared_scores
 from ..results import (
     fsync_folder,
@@ -285,8 +286,10 @@ class DARTExportModule(nn.Module):
             hooks.append(
                 down.register_forward_pre_hook(lambda _m, a, i=i: hidden.__setitem__(i, a[0]))
             )
+        # quantised FFNs run their dense pass as hidden -> down_proj here, so the hook sees h
+        quant = [self.handle.ffns[i].original for i in self.pruned]
         try:
-            with self._routed(batch, None):
+            with self._routed(batch, None), splitting(quant):
                 logits = static_cache_logits(
                     self.model, input_ids, attention_mask, positions, cache_position, cache
                 )
@@ -425,6 +428,12 @@ def _eos(model: nn.Module) -> int | None:
     return eos
 
 
+def _weights_name(model: nn.Module) -> str:
+    """The weights a package carries: "fp" (the model's own) or "q4/32" (`dart.quantize`)."""
+    spec = quantized_spec(model)
+    return "fp" if spec is None else f"{spec.fmt}/{spec.group}"
+
+
 def export_decode(
     model_or_handle: nn.Module | DARTHandle,
     path: str | Path,
@@ -512,10 +521,11 @@ def _build_package(
         "batch_size": wrapper.batch_size,
         "max_len": wrapper.max_len,
         "prompt_len": prompt_len,  # None: dynamic, 1 <= P < max_len
-        "vocab_size": int(model.get_output_embeddings().weight.shape[0]),
+        "vocab_size": int(model.get_output_embeddings().out_features),
         "eos_token_id": _eos(model),
         "pad_token_id": getattr(model.config, "pad_token_id", None),
         "dtype": str(wrapper.dtype).removeprefix("torch."),
+        "weights": _weights_name(model),
         "device": str(wrapper.device),
         "keep_counts": wrapper.counts,
         "widths": [f.width for f in handle.ffns],
@@ -612,6 +622,10 @@ class ExportOptions:
     dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="float32", metadata={"help": "weight dtype of the exported model"}
     )
+    weights: Weights = field(
+        default="fp",
+        metadata={"help": "fp (the model's own weights) or quantised: q8, q4, q4m (dart.quantize)"},
+    )
     no_compile: bool = field(
         default=False, metadata={"help": "torch.export only (no AOTInductor packages)"}
     )
@@ -619,10 +633,10 @@ class ExportOptions:
 
 def export_command(options: ExportOptions) -> int:
     """`dart export`: load the model and export it into `options.out` (exit status 0)."""
-    from ..assets.models import load_model
+    from .loading import load_model
 
     print(f"loading {options.model} ...", flush=True)
-    model, tokenizer = load_model(options.model, dtype=options.dtype)
+    model, tokenizer = load_model(options.model, dtype=options.dtype, weights=options.weights)
     cfg = {"method": options.method, "total_prune": options.total_prune, "backend": "gathered"}
     if options.layer_topk:
         cfg["layer_topk"] = options.layer_topk
