@@ -430,6 +430,7 @@ def quantize_streamed(
         units[names[model.get_output_embeddings()]] = lambda: model.set_output_embeddings(
             QuantLinear.from_linear(model.get_output_embeddings(), fmt, group).to(dtype)
         )
+    del names  # keyed by the fp modules: it would keep every replaced block alive
     modules = dict(model.named_modules())
     with torch.no_grad():
         for pname, w in tensors:
