@@ -430,6 +430,7 @@ def quantize_streamed(
         units[names[model.get_output_embeddings()]] = lambda: model.set_output_embeddings(
             QuantLinear.from_linear(model.get_output_embeddings(), fmt, group).to(dtype)
         )
+    del names  # keyed by the fp modules: it would keep every replaced block alive
     modules = dict(model.named_modules())
     with torch.no_grad():
         for pname, w in tensors:
@@ -442,6 +443,9 @@ def quantize_streamed(
                 model.set_output_embeddings(QuantLinear(_quantize_chunked(w, fmt, group)))
             if unit is not None and not any(p.is_meta for p in modules[unit].parameters()):
                 units.pop(unit)()
+                # forget the fp block: this map would otherwise keep its weights alive
+                for name in [n for n in modules if n == unit or n.startswith(unit + ".")]:
+                    del modules[name]
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing or units:
         raise ValueError(
