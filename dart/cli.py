@@ -202,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="results folders -> markdown table and plots")
     add_options(rep, ReportOptions, config=False)
     rep.set_defaults(_run=cmd_report)
-    demo = sub.add_parser("demo", help="dense vs static vs DART on a two-topic prompt")
+    demo = sub.add_parser(
+        "demo", help="dense, static, GRIFFIN and DART side by side on a two-topic prompt"
+    )
     add_options(demo, DemoOptions)
     demo.set_defaults(_run=cmd_demo)
     export = sub.add_parser("export", help="torch.export + AOTInductor packages of the decode step")

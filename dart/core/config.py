@@ -133,8 +133,8 @@ class BudgetConfig(_Section):
     prune fraction.
 
     Guards against starving a layer (default: ``uniform_blend = 0.5`` toward ``sensitivity``,
-    chosen on the calibration splits in issue 12's study by perplexity and greedy generation,
-    docs/RESULTS.md; 0 with no cap is the spec's min-max budget):
+    chosen on the calibration splits by perplexity and greedy generation in the tuning study,
+    docs/history/RESULTS-2026-12.md; 0 with no cap is the spec's min-max budget):
     ``normalize``: how the sensitivities ``S`` become ``R`` in [0, 1] (``minmax``; ``rank``: by
     their ranks; ``winsorized``: ``S`` clipped to Tukey's fences ``[Q1 - 1.5 IQR, Q3 + 1.5 IQR]``
     first, so one outlier layer does not squash the others to ``R ~ 1``); ``cap_margin``: no
@@ -154,7 +154,7 @@ class BudgetConfig(_Section):
     prune_max: float = 0.9
     normalize: str = "minmax"
     cap_margin: float | None = None
-    uniform_blend: float = 0.5  # issue 12 study: min-max alone starves middle layers
+    uniform_blend: float = 0.5  # tuning study: min-max alone starves middle layers
     blend_toward: str = "sensitivity"  # the generation check: "uniform" pruned layer 0
 
     def __post_init__(self) -> None:
@@ -216,7 +216,7 @@ class DriftConfig(_Section):
     layers: tuple[int, ...] = (-1,)
     sigma_scale: float = 0.1
     threshold_floor: float = 0.1
-    pressure_trigger: int = 3  # issue 12 study: 2 re-traced every ~70 tokens
+    pressure_trigger: int = 3  # tuning study: 2 re-traced every ~70 tokens
     num_buckets: int = 16
     min_windows: int = 2
     retrace_tokens: int | None = 64
@@ -428,7 +428,7 @@ class DARTConfig:
     masking_step: int = 0
     release_step: int | None = None
     ema_decay: float | None = None
-    statistic: str = "normalized_l2"  # issue 12 study (docs/RESULTS.md)
+    statistic: str = "normalized_l2"  # tuning study (docs/history/RESULTS-2026-12.md)
     ranking: str = "magnitude"
     strategy: str = "topk"
     drift: DriftConfig = field(default_factory=DriftConfig)
