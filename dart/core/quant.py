@@ -319,6 +319,17 @@ def _check_format(fmt: str, group: int):
     return f
 
 
+def _gated_adapter(model: nn.Module) -> LlamaAdapter:
+    """The model's adapter, if it is one of the gated-FFN families quantisation supports."""
+    adapter = get_adapter(model)
+    if not isinstance(adapter, LlamaAdapter):
+        raise ValueError(
+            f"quantize supports the gated-FFN families ({', '.join(LlamaAdapter.families)}), "
+            f"not {model.config.model_type!r}"
+        )
+    return adapter
+
+
 def quantize(
     model: nn.Module,
     fmt: str = "q4",
@@ -348,12 +359,7 @@ def quantize(
             f"quantize: this model is already quantised ({done.fmt}, group {done.group}); "
             "quantising it again would round the rounded weights: load a fresh model"
         )
-    adapter = get_adapter(model)
-    if not isinstance(adapter, LlamaAdapter):
-        raise ValueError(
-            f"quantize supports the gated-FFN families ({', '.join(LlamaAdapter.families)}), "
-            f"not {model.config.model_type!r}"
-        )
+    adapter = _gated_adapter(model)
     act = adapter.activation()
     refs = adapter.layer_refs()
     out_head = model.get_output_embeddings() if head else None
@@ -404,12 +410,7 @@ def quantize_streamed(
     last tensor arrives: only one block's fp weights are ever held. The other parameters
     (embeddings, norms) are stored in `dtype`. Returns the model, as `quantize` leaves it."""
     f = _check_format(fmt, group)
-    adapter = get_adapter(model)
-    if not isinstance(adapter, LlamaAdapter):
-        raise ValueError(
-            f"quantize supports the gated-FFN families ({', '.join(LlamaAdapter.families)}), "
-            f"not {model.config.model_type!r}"
-        )
+    adapter = _gated_adapter(model)
     act = adapter.activation()
     names = {m: n for n, m in model.named_modules()}
     units: dict[str, Callable[[], None]] = {}  # module name -> swaps it for its quantised form
