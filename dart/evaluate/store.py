@@ -288,6 +288,16 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): obj}
 
 
+def mismatch_listing(diff: list[str], limit: int = 20) -> str:
+    """The tail of a refusal to resume: the first ``limit`` differences, one a line, how many
+    more there are, and what to do instead."""
+    more = f"\n  ... and {len(diff) - limit} more" if len(diff) > limit else ""
+    return (
+        "\n  " + "\n  ".join(diff[:limit]) + more
+        + "\npass another --out to start a new folder (or delete this one)"
+    )  # fmt: skip
+
+
 def fingerprint_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """``key: on disk X, now Y`` for every leaf that differs."""
     a, b = _flatten(old), _flatten(new)
@@ -321,9 +331,8 @@ def claim_arm(folder: Path, arm: str, config: dict[str, Any] | None) -> None:
         diff = fingerprint_diff({"config": arms[arm]}, {"config": config})
         raise FingerprintMismatchError(
             f"results folder {folder}: arm {arm} was run under another configuration (a changed "
-            "default or setting); resuming would mix its records:\n  " + "\n  ".join(diff[:20])
-            + "\npass another --out to start a new folder (or delete this one)"
-        )  # fmt: skip
+            "default or setting); resuming would mix its records:" + mismatch_listing(diff)
+        )
     if arm not in arms:
         write_json(path, {**arms, arm: config})
 
@@ -406,10 +415,7 @@ class RunStore:
             if diff:
                 raise FingerprintMismatchError(
                     f"results folder {self.folder} holds records of another configuration, "
-                    "model or data; resuming would mix them:\n  "
-                    + "\n  ".join(diff[:20])
-                    + (f"\n  ... and {len(diff) - 20} more" if len(diff) > 20 else "")
-                    + "\npass another --out to start a new folder (or delete this one)"
+                    "model or data; resuming would mix them:" + mismatch_listing(diff)
                 )
         elif self.records.files():
             raise FingerprintMismatchError(

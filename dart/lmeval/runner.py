@@ -43,6 +43,7 @@ from ..evaluate.store import (
     digest,
     fingerprint_diff,
     folder_log,
+    mismatch_listing,
     model_identity,
     run_fingerprint,
 )
@@ -197,10 +198,8 @@ def claim_tasks(folder: Path, identities: dict[str, dict[str, Any]]) -> None:
     if diff:
         raise FingerprintMismatchError(
             f"results folder {folder}: tasks were run on other definitions or data (another "
-            "--tasks-dir or changed task files); resuming would mix their records:\n  "
-            + "\n  ".join(diff[:20])
-            + (f"\n  ... and {len(diff) - 20} more" if len(diff) > 20 else "")
-            + "\npass another --out to start a new folder (or delete this one)"
+            "--tasks-dir or changed task files); resuming would mix their records:"
+            + mismatch_listing(diff)
         )
     if any(name not in known for name in identities):
         write_json(path, {**known, **identities})
