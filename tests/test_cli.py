@@ -219,7 +219,14 @@ def test_end_to_end_mmlu_summarize_drift(tiny_folder, tmp_path):
         == 0
     )
     names = {m["metric"] for m in load_metrics(tmp_path / "s") if m["method"] == "dart"}
-    assert {"rouge1", "rouge2", "rougeL", "rougeLsum", "rougeL_vs_dense"} <= names
+    assert {
+        "rouge1",
+        "rouge2",
+        "rougeL",
+        "rougeLsum",
+        "rougeL_vs_dense",
+        "retraces_per_document",
+    } <= names
     assert (
         main(
             [

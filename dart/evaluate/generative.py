@@ -16,12 +16,13 @@ from typing import Any
 import torch
 
 from ..assets.data import (
+    SUMMARIZATION_SOURCES,
     format_summarization_prompt,
     load_drift_prompts,
-    load_summarization,
     rouge_scores,
 )
 from ..core.api import DARTHandle
+from ..core.config import ConfigError
 from ..runtime.fast import FastGenerator
 from ..runtime.generation import encode_prompts
 
@@ -40,12 +41,22 @@ def summarization_items(
     seed: int = 0,
     max_prompt_tokens: int = 768,
     split: str = "eval",
+    source: str = "wiki",
 ) -> list[dict[str, Any]]:
-    """Summarisation stand-in prompts (instruction kept, document truncated) as token ids."""
+    """Summarisation prompts of a source of :data:`SUMMARIZATION_SOURCES` (the Wikipedia
+    stand-in or XSum; instruction kept, document truncated) as token ids."""
+    if source not in SUMMARIZATION_SOURCES:
+        raise ConfigError(f"source {source!r} is not one of {', '.join(SUMMARIZATION_SOURCES)}")
+    src = SUMMARIZATION_SOURCES[source]
+    if split not in src.splits:
+        raise ConfigError(f"--split {split!r}: source {source!r} has only {', '.join(src.splits)}")
     items = []
-    for s in load_summarization(limit, seed, split):
-        ids = format_summarization_prompt(s.document, tokenizer, max_prompt_tokens, return_ids=True)
-        items.append({"id": f"sum{s.id}", "prompt": list(ids), "reference": s.reference})
+    for s in src.load(limit, seed, split):
+        ids = format_summarization_prompt(
+            s.document, tokenizer, max_prompt_tokens, src.instruction, return_ids=True
+        )
+        items.append({"id": f"{src.item_prefix}{s.id}", "prompt": list(ids),
+                      "reference": s.reference})  # fmt: skip
     return items
 
 
@@ -149,6 +160,7 @@ def aggregate_summarization(
     out["samples"] = len(records)
     out["effective_sparsity"] = _mean([r["effective_sparsity"] for r in records])
     out["new_tokens"] = _mean([len(r["new_tokens"]) for r in records])
+    out["retraces_per_document"] = _mean([len(r.get("events", [])) for r in records])
     return out
 
 

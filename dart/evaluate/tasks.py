@@ -17,7 +17,13 @@ from typing import Any, Literal
 
 import torch
 
-from ..assets.data import TEXT_CORPORA, load_drift_prompts, load_text, load_text_file
+from ..assets.data import (
+    SUMMARIZATION_SOURCES,
+    TEXT_CORPORA,
+    load_drift_prompts,
+    load_text,
+    load_text_file,
+)
 from ..core.api import DARTHandle
 from ..runtime.fast import FastGenerator
 from ..runtime.generation import encode_prompts
@@ -163,8 +169,14 @@ class SummarizeOptions(GenerationOptions):
         default=None, metadata={"min": 1, "help": "cap on documents (seeded)"}
     )
     split: Literal["eval", "calibration"] = field(
-        default="eval", metadata={"help": "part of the Wikipedia stand-in"}
+        default="eval", metadata={"help": "part of the Wikipedia stand-in (XSum: eval only)"}
     )
+    source: str = field(
+        default="wiki",
+        metadata={"help": "documents and references: " + "; ".join(
+            f"{s.name}: {s.help}" for s in SUMMARIZATION_SOURCES.values()),
+            "choices": tuple(SUMMARIZATION_SOURCES)},
+    )  # fmt: skip
 
 
 @dataclass
@@ -323,7 +335,12 @@ def _mmlu_items(tokenizer: Any, o: MMLUOptions, seed: int) -> list[dict[str, Any
 
 def _summarize_items(tokenizer: Any, o: SummarizeOptions, seed: int) -> list[dict[str, Any]]:
     return summarization_items(
-        tokenizer, limit=o.limit, seed=seed, max_prompt_tokens=o.max_prompt_tokens, split=o.split
+        tokenizer,
+        limit=o.limit,
+        seed=seed,
+        max_prompt_tokens=o.max_prompt_tokens,
+        split=o.split,
+        source=o.source,
     )
 
 
