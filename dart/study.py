@@ -255,9 +255,7 @@ def report(out: Path, figures: Path) -> str:
 
 # -- command line ------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> StudyOptions:
-    ap = argparse.ArgumentParser(
-        prog="python -m dart.study", description=__doc__.split("\n\n")[0]
-    )
+    ap = argparse.ArgumentParser(prog="python -m dart.study", description=__doc__.split("\n\n")[0])
     add_options(ap, StudyOptions, config=False)
     (opts,) = resolve_options(vars(ap.parse_args(argv)), StudyOptions)
     return opts

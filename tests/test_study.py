@@ -48,7 +48,11 @@ def test_flags_parse_as_before():
     assert opts.only == ["dense", "griffin"] and opts.switch and len(opts.extra) == 2
     extra = grid.parse_extra(opts.extra, opts.prunes)
     assert [(p.name, p.method, p.total_prune) for p in extra] == [
-        ("a", "dart", 0.5), ("a", "dart", 0.7), ("b", "griffin", 0.5), ("b", "griffin", 0.7)]
+        ("a", "dart", 0.5),
+        ("a", "dart", 0.7),
+        ("b", "griffin", 0.5),
+        ("b", "griffin", 0.7),
+    ]
     with pytest.raises(SystemExit, match="unknown grid points"):
         study.main(["--only", "nope", "--out", "unused"])
     with pytest.raises(SystemExit, match="expected NAME=JSON"):
