@@ -271,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                             stream=sys.stdout)  # fmt: skip
+        # one Trainer per point: its start-up lines (devices, tips) would bury the progress
+        logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
         points = build_points(opts)
         for p in points:
             p.config(opts.backend, opts.seed)  # a bad setting fails before the model loads
