@@ -41,7 +41,7 @@ from .options import options_dict
 from .results import atomic_write_text
 from .runtime.loading import load_model
 
-__all__ = ["RunOptions", "run_experiment"]
+__all__ = ["RunOptions", "run_arm", "run_experiment"]
 
 log = logging.getLogger("dart.experiment")
 
@@ -159,34 +159,58 @@ def _run_locked(
     log.info("%d samples x %d arms -> %s", len(items), len(arms), store.folder)
     main_rank = process_rank() == 0
     for arm in arms:
-        key = f"{arm.label}@{arm.total_prune}"
-        if main_rank:
-            claim_arm(store.folder, key, configs[arm] and configs[arm].to_dict())
-        data.skip = store.done_ids(arm.key)
-        pending = len(data.pending())
-        if not pending:
-            log.info("arm %s: all %d samples done", key, len(data.skip))
-            continue
-        log.info("arm %s: %d pending (%d done)", key, pending, len(data.skip))
-        module = dl.DARTModule(
-            model, task, options, configs[arm], arm.to_dict(), calibration, tokenizer
-        )
-        writer = dl.RecordWriter(str(store.folder), stop_after=run.stop_after)
-        # the stats go first: a batch whose records are written is always counted
-        stats = arm_stats_callback(store, key)
-        trainer = dl.make_trainer(
-            [stats, writer], run.accelerator, run.devices, run.strategy, progress=not run.quiet
-        )
-        start = time.perf_counter()
-        trainer.predict(module, datamodule=data, return_predictions=False)
-        seconds = time.perf_counter() - start
-        trainer.strategy.barrier()  # every rank's records are on disk
-        main_rank = trainer.global_rank == 0
-        if main_rank:
-            _record_arm(store, key, seconds, pending)
+        main_rank = run_arm(store, task, options, arm, configs[arm], model, tokenizer,
+                            calibration, data, run, claim=main_rank)  # fmt: skip
     if not main_rank:
         return []  # multi-process runs: rank 0 writes the summaries
     return _summarise(task, store, tokenizer, arms, {it["id"] for it in items})
+
+
+def run_arm(
+    store: RunStore,
+    task: Task,
+    options: Any,
+    arm: Arm,
+    config: DARTConfig | None,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    calibration: torch.Tensor | None,
+    data: Any,
+    run: RunOptions,
+    claim: bool = True,
+) -> bool:
+    """Run the pending items of ``data`` (an :class:`~dart.lightning.ItemsDataModule` of the
+    task's items) under one arm into ``store`` (claimed): the arm is bound to its resolved
+    ``config`` in ``arms.json`` (``claim``: this process is rank 0), the items it has on disk are
+    skipped, the rest run through Lightning with their records, ``stats.json`` and
+    ``timings.json`` written as they finish. Returns whether this process is rank 0 (it writes
+    the summaries)."""
+    from . import lightning as dl
+
+    key = f"{arm.label}@{arm.total_prune}"
+    if claim:
+        claim_arm(store.folder, key, config and config.to_dict())
+    data.skip = store.done_ids(arm.key)
+    pending = len(data.pending())
+    if not pending:
+        log.info("arm %s: all %d samples done", key, len(data.skip))
+        return claim
+    log.info("arm %s: %d pending (%d done)", key, pending, len(data.skip))
+    module = dl.DARTModule(model, task, options, config, arm.to_dict(), calibration, tokenizer)
+    writer = dl.RecordWriter(str(store.folder), stop_after=run.stop_after)
+    # the stats go first: a batch whose records are written is always counted
+    stats = arm_stats_callback(store, key)
+    trainer = dl.make_trainer(
+        [stats, writer], run.accelerator, run.devices, run.strategy, progress=not run.quiet
+    )
+    start = time.perf_counter()
+    trainer.predict(module, datamodule=data, return_predictions=False)
+    seconds = time.perf_counter() - start
+    trainer.strategy.barrier()  # every rank's records are on disk
+    main_rank = trainer.global_rank == 0
+    if main_rank:
+        _record_arm(store, key, seconds, pending)
+    return main_rank
 
 
 def _record_arm(store: RunStore, key: str, seconds: float, samples: int) -> None:

@@ -301,16 +301,6 @@ def test_drift_prompts():
         data.load_drift_prompts("three_topic")
 
 
-def test_rouge():
-    s = "The cat sat on the mat. It was happy."
-    assert data.rouge_scores(s, s) == pytest.approx(
-        {"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0, "rougeLsum": 1.0}
-    )
-    assert all(v == 0.0 for v in data.rouge_scores("alpha beta", "gamma delta").values())
-    partial = data.rouge_scores("the cat sat", "the cat ran away")
-    assert 0.0 < partial["rouge1"] < 1.0
-
-
 # --------------------------------------------------------------------------- tokenisation
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tiny_assets import tiny_tokenizer
 from tiny_models import random_ids, tiny_model
@@ -55,3 +56,17 @@ def test_generate_batch_in_the_fast_loop_equals_hf_generate():
         # similarities agree up to float rounding (static vs dynamic KV cache attention)
         flat = [torch.tensor(rec["trace"], dtype=torch.float64) for rec in (f, r)]
         torch.testing.assert_close(*flat, rtol=0, atol=1e-5)
+
+
+def test_min_new_tokens_suppresses_eos_and_is_refused_by_the_compiled_loop():
+    model = tiny_model("llama", seed=0).eval()
+    item = {"id": "a", "prompt": random_ids(1, 6, 3)[0].tolist()}
+    # EOS = the token greedy decoding writes first: unsuppressed, the row ends there
+    first = generate_batch(model, [item], 1, pad_token_id=0, eos_token_id=None)[0]["new_tokens"]
+    eos = first[0]
+    plain = generate_batch(model, [item], 5, pad_token_id=0, eos_token_id=eos)[0]["new_tokens"]
+    assert plain == [eos]
+    held = generate_batch(model, [item], 5, pad_token_id=0, eos_token_id=eos, min_new_tokens=5)
+    assert len(held[0]["new_tokens"]) == 5 and eos not in held[0]["new_tokens"]
+    with pytest.raises(ValueError, match="min_new_tokens is not supported by the compiled"):
+        generate_batch(model, [item], 5, 0, eos, fast=object(), min_new_tokens=5)

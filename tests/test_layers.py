@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "dart.options",
             "dart.experiment",
+            "dart.study",
             "dart.lightning",
             "dart.report",
             "dart.cli",

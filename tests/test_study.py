@@ -1,32 +1,23 @@
-"""scripts/study.py: the grid of issue 12's study, one fingerprinted folder per point, resuming,
-and a changed setting never reusing records."""
+"""The tuning study in the package (dart.evaluate.study, dart.study): its grid, one fingerprinted
+folder per point run through the driver's per-arm function, resuming (also folders written by
+the former scripts/study.py), and a changed setting never reusing records."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from tiny_assets import save_tiny
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _study():
-    spec = importlib.util.spec_from_file_location("study", ROOT / "scripts" / "study.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["study"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-study = _study()
+from dart import study
+from dart.evaluate import study as grid
+from dart.evaluate.metrics import rouge_scores
+from dart.evaluate.store import RecordStore
 
 
 def test_grid_points_are_unique_and_griffin_is_not_duplicated():
-    points = study.study_grid([0.5, 0.7], max_ranking_prune=0.7)
+    points = grid.study_grid([0.5, 0.7], max_ranking_prune=0.7)
     keys = [(p.name, p.total_prune) for p in points]
     assert len(keys) == len(set(keys))
     names = {p.name for p in points}
@@ -36,7 +27,8 @@ def test_grid_points_are_unique_and_griffin_is_not_duplicated():
     cap = next(p for p in points if p.name == "dart-l2-cap10")
     config = cap.config("masked", 0)
     assert config.budget.cap_margin == 0.1 and config.statistic == "l2"
-    stream = study.stream_grid([0.5], {"statistic": "normalized_l2"}, [0, 32], [1, 2])
+    assert cap.arm.label == "dart-l2-cap10" and cap.arm.method == "dart"  # records' name
+    stream = grid.stream_grid([0.5], {"statistic": "normalized_l2"}, [0, 32], [1, 2])
     drift = {p.name: p.config("masked", 0) for p in stream if p.name.startswith("dart-R")}
     assert set(drift) == {"dart-R0-p1", "dart-R0-p2", "dart-R32-p1", "dart-R32-p2"}
     assert drift["dart-R32-p2"].drift.retrace_tokens == 32
@@ -44,6 +36,29 @@ def test_grid_points_are_unique_and_griffin_is_not_duplicated():
     assert drift["dart-R32-p2"].statistic == "normalized_l2"
     nodrift = next(p for p in stream if p.name == "dart-nodrift").config("masked", 0)
     assert nodrift.drift.enabled is False and nodrift.statistic == "normalized_l2"
+
+
+def test_flags_parse_as_before():
+    opts = study.parse_args(["--task", "stream", "--corpora", "wiki,c4", "--prunes", "0.5,0.7",
+                             "--retrace", "0,16", "--pressure", "2", "--only", "dense,griffin",
+                             "--extra", 'a={"budget": {"cap_margin": 0.1}}', "--extra",
+                             'b={"method": "griffin"}', "--switch"])  # fmt: skip
+    assert (opts.corpora, opts.prunes, opts.retrace, opts.pressure) == (
+        ["wiki", "c4"], [0.5, 0.7], [0, 16], [2])  # fmt: skip
+    assert opts.only == ["dense", "griffin"] and opts.switch and len(opts.extra) == 2
+    extra = grid.parse_extra(opts.extra, opts.prunes)
+    assert [(p.name, p.method, p.total_prune) for p in extra] == [
+        ("a", "dart", 0.5),
+        ("a", "dart", 0.7),
+        ("b", "griffin", 0.5),
+        ("b", "griffin", 0.7),
+    ]
+    with pytest.raises(SystemExit, match="unknown grid points"):
+        study.main(["--only", "nope", "--out", "unused"])
+    with pytest.raises(SystemExit, match="expected NAME=JSON"):
+        study.main(["--extra", "nojson", "--out", "unused"])
+    with pytest.raises(SystemExit, match="--base: not JSON"):
+        study.main(["--task", "stream", "--base", "{", "--out", "unused"])
 
 
 @pytest.fixture(scope="module")
@@ -59,19 +74,40 @@ def _run(folder, out, *extra):
     return json.loads((out / "ppl_calibration.json").read_text())
 
 
+def _scores(summaries):
+    return [{k: v for k, v in s.items() if k != "seconds"} for s in summaries]
+
+
 def test_ppl_grid_resumes_and_a_changed_setting_gets_its_own_folder(tiny_folder, tmp_path):
     out = tmp_path / "study"
-    only = ["--only", "dense,griffin,dart-l2-auto,dart-nl2-auto"]
+    only = ["--only", "dense,griffin,static,dart-l2-auto,dart-nl2-auto"]
     first = _run(tiny_folder, out, *only)
-    assert [s["name"] for s in first] == ["dense", "griffin", "dart-l2-auto", "dart-nl2-auto"]
+    names = ["dense", "griffin", "static", "dart-l2-auto", "dart-nl2-auto"]
+    assert [s["name"] for s in first] == names
     folders = {s["name"]: Path(s["folder"]) for s in first}
-    assert len({f.name.rsplit("-", 1)[1] for f in folders.values()}) == 4  # four fingerprints
-    assert first[2]["perplexity"] != first[3]["perplexity"]
+    assert len({f.name.rsplit("-", 1)[1] for f in folders.values()}) == 5  # five fingerprints
+    assert first[3]["perplexity"] != first[4]["perplexity"]
+    assert first[1]["nominal_sparsity"] == pytest.approx(0.5, abs=0.02)
     lines = {n: (f / "samples.jsonl").read_text() for n, f in folders.items()}
     assert all(len(v.splitlines()) == 3 for v in lines.values())  # 64 tokens: 3 windows
+    # the records are the driver's: the point's name labels the arm, bound in arms.json
+    rec = json.loads(lines["dart-l2-auto"].splitlines()[0])
+    assert (rec["method"], rec["base_method"]) == ("dart-l2-auto", "dart")
+    arms = json.loads((folders["dart-l2-auto"] / "arms.json").read_text())
+    assert arms["dart-l2-auto@0.5"]["statistic"] == "l2"
+
     again = _run(tiny_folder, out, *only)
-    assert again == first  # nothing rescored
+    assert _scores(again) == _scores(first)  # nothing rescored
     assert {n: (f / "samples.jsonl").read_text() for n, f in folders.items()} == lines
+
+    # an interrupted point (its last window lost) resumes with that window alone
+    torn = folders["dart-nl2-auto"] / "samples.jsonl"
+    torn.write_text("".join(lines["dart-nl2-auto"].splitlines(keepends=True)[:2]))
+    resumed = _run(tiny_folder, out, "--only", "dart-nl2-auto")
+    assert _scores(resumed) == _scores(first[4:])
+    assert torn.read_text().splitlines()[:2] == lines["dart-nl2-auto"].splitlines()[:2]
+    assert len(torn.read_text().splitlines()) == 3
+
     # the same name with another setting: a new folder, scored afresh
     a = _run(tiny_folder, out, "--only", "x", "--extra", 'x={"budget": {"cap_margin": 0.05}}')
     b = _run(tiny_folder, out, "--only", "x", "--extra", 'x={"budget": {"cap_margin": 0.3}}')
@@ -79,17 +115,29 @@ def test_ppl_grid_resumes_and_a_changed_setting_gets_its_own_folder(tiny_folder,
     assert len((Path(b[0]["folder"]) / "samples.jsonl").read_text().splitlines()) == 3
 
 
-def test_generation_metrics():
-    assert study.lcs_f1([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
-    assert study.lcs_f1([1, 2, 3, 4], [5, 6, 7, 8]) == 0.0
-    assert study.lcs_f1([1, 9, 2, 3], [1, 2, 3, 7]) == pytest.approx(2 * 3 / 8)
-    assert study.lcs_f1([], [1]) == 0.0
-    assert study.repeated_ngrams([1, 2, 3, 4, 5, 6]) == 0.0
-    assert study.repeated_ngrams([1, 2, 3, 4] * 3) == pytest.approx(1 - 4 / 9)
-    assert study.repeated_ngrams([1, 2]) == 0.0
+def test_folders_of_the_former_script_resume_unchanged(tiny_folder, tmp_path):
+    """Records written by scripts/study.py before the move (no arm fields but method and
+    total_prune, a ``seconds`` each, no arms.json) are reused: nothing rescored, same values."""
+    out = tmp_path / "study"
+    only = ["--only", "dense,dart-l2-auto"]
+    first = _run(tiny_folder, out, *only)
+    for s in first:
+        folder = Path(s["folder"])
+        old = []
+        for r in RecordStore(folder):
+            keep = {k: r[k] for k in ("id", "method", "total_prune", "nll", "tokens")}
+            old.append({**keep, "nominal_sparsity": r["nominal_sparsity"], "seconds": 0.25})
+        (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+        for name in ("arms.json", "timings.json", "stats.json", "summary.json"):
+            (folder / name).unlink(missing_ok=True)
+    before = {s["name"]: (Path(s["folder"]) / "samples.jsonl").read_text() for s in first}
+    again = _run(tiny_folder, out, *only)
+    assert [s["folder"] for s in again] == [s["folder"] for s in first]
+    assert _scores(again) == _scores(first)
+    assert {s["name"]: (Path(s["folder"]) / "samples.jsonl").read_text() for s in again} == before
 
 
-def test_gen_task_compares_each_arm_with_the_dense_text_and_resumes(tiny_folder, tmp_path):
+def test_gen_task_compares_each_point_with_the_dense_text_and_resumes(tiny_folder, tmp_path):
     out = tmp_path / "study"
     argv = ["--task", "gen", "--model", str(tiny_folder), "--corpora", "tiny", "--documents", "2",
             "--prompt-tokens", "12", "--gen-tokens", "6", "--prunes", "0.5", "--backend",
@@ -101,10 +149,16 @@ def test_gen_task_compares_each_arm_with_the_dense_text_and_resumes(tiny_folder,
     assert all(len(t) == 6 for s in first for t in s["item_new_tokens"])  # EOS suppressed
     for s in (griffin, dart):
         pairs = zip(s["item_new_tokens"], dense["item_new_tokens"], strict=True)
-        exp = [study.lcs_f1(a, b) for a, b in pairs]
-        assert s["item_rouge_l"] == pytest.approx(exp)
+        exp = [rouge_scores(a, b)["rougeL"] for a, b in pairs]  # the one ROUGE, on token ids
+        assert s["item_rouge_l"] == exp
         assert s["nominal_sparsity"] == pytest.approx(0.5, abs=0.02)
+        assert s["dense_nll"] > 0 and len(s["item_nll"]) == 2
     assert study.main(argv) == 0  # resumes: nothing regenerated
-    assert json.loads((out / "gen_calibration.json").read_text()) == first
+    assert _scores(json.loads((out / "gen_calibration.json").read_text())) == _scores(first)
     with pytest.raises(SystemExit, match="dense point must run first"):
         study.main([*argv[:-4], "--only", "griffin", "--out", str(out)])
+    report = tmp_path / "figures"
+    assert study.main(["--report", str(report), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "Greedy generation (calibration split" in text and "| dart-nl2-sblend50 |" in text
+    assert (report / "study-gen-calibration.png").stat().st_size > 0

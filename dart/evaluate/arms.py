@@ -20,11 +20,14 @@ __all__ = ["Arm", "arm_config", "attach_arm", "parse_arms"]
 
 @dataclass(frozen=True)
 class Arm:
-    """One arm: ``label`` names it in records (``dart``, ``dart-r200``, ``dart-nodrift``...)."""
+    """One arm: ``label`` names it in records (``dart``, ``dart-r200``, ``dart-nodrift``...).
+    ``name``, when given, is the label (a grid point of the tuning study: one method under
+    several DARTConfig overrides, each its own arm)."""
 
     method: str
     total_prune: float = 0.0
     release_step: int | None = None
+    name: str | None = None
 
     @classmethod
     def reference(cls) -> Arm:
@@ -45,6 +48,8 @@ class Arm:
 
     @property
     def label(self) -> str:
+        if self.name is not None:
+            return self.name
         return self.method if self.release_step is None else f"{self.method}-r{self.release_step}"
 
     @property

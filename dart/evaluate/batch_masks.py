@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-from ..assets.data import rouge_scores
 from ..core.api import attach
 from ..core.config import DARTConfig
 from .generative import generate_batch
+from .metrics import rouge_scores
 from .stream import paired_difference
 
 __all__ = ["BATCH_POLICY_METRICS", "compare_policies", "dense_judge", "policy_records"]

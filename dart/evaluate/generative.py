@@ -19,12 +19,12 @@ from ..assets.data import (
     SUMMARIZATION_SOURCES,
     format_summarization_prompt,
     load_drift_prompts,
-    rouge_scores,
 )
 from ..core.api import DARTHandle
 from ..core.config import ConfigError
 from ..runtime.fast import FastGenerator
 from ..runtime.generation import encode_prompts
+from .metrics import rouge_scores
 
 __all__ = [
     "aggregate_drift",
@@ -81,13 +81,17 @@ def generate_batch(
     handle: DARTHandle | None = None,
     decode=None,
     fast: FastGenerator | None = None,
+    min_new_tokens: int | None = None,
 ) -> list[dict[str, Any]]:
     """Greedy generation for a batch of prompt-id items; one record per item (without arm).
 
     With `fast` (a :class:`~dart.runtime.fast.FastGenerator` over `model` and `handle`) the batch
-    runs
-    in the compiled static-cache loop instead of HF `generate`; the tokens are the same.
+    runs in the compiled static-cache loop instead of HF `generate`; the tokens are the same.
+    `min_new_tokens` (HF `generate` only) suppresses EOS until that many tokens are written, so
+    that every arm writes as many (the tuning study's continuations).
     """
+    if min_new_tokens is not None and fast is not None:
+        raise ValueError("generate_batch: min_new_tokens is not supported by the compiled loop")
     device = next(model.parameters()).device
     width = max(len(it["prompt"]) for it in items)
     ids = torch.full((len(items), width), pad_token_id, dtype=torch.long)
@@ -109,6 +113,7 @@ def generate_batch(
             do_sample=False,
             pad_token_id=pad_token_id,
             eos_token_id=eos_token_id,
+            **({} if min_new_tokens is None else {"min_new_tokens": min_new_tokens}),
         )[:, width:]
     seconds = time.perf_counter() - start
     stats = handle.stats() if handle is not None else {}
