@@ -6,7 +6,7 @@ The convention (every command of `dart` follows it)::
     @dataclass
     class ExportOptions:
         out: str = field(metadata={"help": "output folder"})
-        max_len: int = field(default=512, metadata={"help": "static cache length"})
+        max_len: int = dataclasses.field(default=512, metadata={"help": "static cache length"})
 
 A field's type hint gives the flag's parsing (``int``, ``float``, ``str``, ``bool``, ``X | None``,
 ``list[X]``/``tuple[X, ...]`` as a comma list, ``Literal[...]`` as choices, ``dict`` as YAML
@@ -54,7 +54,7 @@ import re
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -346,17 +346,17 @@ def options_dict(*instances: Any) -> dict[str, Any]:
 class ModelOptions:
     """The model and how its arms run: shared by every command (one set of defaults)."""
 
-    model: str = field(
+    model: str = dataclasses.field(
         default="smollm2-135m", metadata={"help": "packaged model name or a local HF folder"}
     )
-    weights: Weights = field(
+    weights: Weights = dataclasses.field(
         default="fp",
         metadata={"help": "fp (the model's own weights) or quantised q8, q4, q4m (dart.quantize)"},
     )
-    backend: str = field(
+    backend: str = dataclasses.field(
         default="gathered", metadata={"help": "sparse FFN backend", "choices": BACKENDS}
     )
-    seed: int = field(
+    seed: int = dataclasses.field(
         default=0, metadata={"help": "seed of torch, of sampling and of the random method"}
     )
 
@@ -365,11 +365,11 @@ class ModelOptions:
 class ArmOptions(ModelOptions):
     """:class:`ModelOptions` and the arms compared: every method at every sparsity."""
 
-    methods: list[str] = field(
+    methods: list[str] = dataclasses.field(
         default_factory=lambda: ["dense", "static", "griffin", "dart"],
         metadata={"help": "comma list of methods", "choices": tuple(METHODS)},
     )
-    total_prune: list[float] = field(
+    total_prune: list[float] = dataclasses.field(
         default_factory=lambda: [0.5],
         metadata={"help": "FFN sparsity: one value or a comma list (one arm per value)"},
     )
@@ -391,7 +391,7 @@ _OWNER_FLAG = {
 def dart_field(owned: tuple[str, ...] = ARM_OWNED) -> Any:
     """The ``dart`` field of an option class: the ``--dart.*`` flags and the YAML ``dart:``
     mapping of DARTConfig settings, except the fields in ``owned`` (set by other options)."""
-    return field(
+    return dataclasses.field(
         default=None,
         metadata={
             "help": "DARTConfig settings of every arm (flags --dart.<field>, "
@@ -478,8 +478,9 @@ _HELP = {
     "layer_topk": "per-layer keep spec: comma list of target:value (target all|i|a-b; value a "
     "keep fraction in (0,1], a neuron count, dense or auto)",
     "total_prune": "sparsity of the auto budget (none: 0.5; only with auto items in layer_topk)",
-    "masking_step": "decode passes traced densely before the first mask (0: the prompt alone)",
-    "release_step": "decode step after which the masks are released (dense again); none: never",
+    "masking_step": "forward passes traced densely before a mask is built (0 or 1: the prompt "
+    "pass alone)",
+    "release_step": "forward pass after which every row runs dense again; none: never",
     "ema_decay": "an EMA over tokens with this decay instead of the L2; none: the L2",
     "statistic": "per-token transform of the FFN activations before accumulation (l2: none; "
     "normalized_l2: GRIFFIN's, each token over its L2 norm)",
@@ -488,7 +489,7 @@ _HELP = {
     "method": "the method (a name of dart.core.methods.METHODS)",
     "backend": "sparse FFN backend",
     "batch_policy": "one mask per sequence of a batch, or one shared by the batch",
-    "proxy_source": "the token embedding the drift proxy reads",
+    "proxy_source": "vocabulary matrix the neurons' output proxies are computed from",
     "seed": "seed of the random method",
     "telemetry_every": "measure the mask's recall on every N-th decode pass (a diagnostic that "
     "also computes every FFN densely); 0: off",
@@ -639,7 +640,8 @@ def dart_overrides(
     flags = {k[len(DART) + 1 :]: v for k, v in given.items() if k.startswith(f"{DART}.")}
     unknown = sorted(set(flags) - set(leaves))
     if unknown:
-        raise ConfigError(f"unknown DARTConfig settings {', '.join(f'--{DART}.' + u for u in unknown)}")
+        names = ", ".join(f"--{DART}.{u}" for u in unknown)
+        raise ConfigError(f"unknown DARTConfig settings {names}")
     if yaml is not None:
         _check_mapping(yaml, owned, source)
     for path in flags:
