@@ -533,9 +533,14 @@ def _doc_help(owner: type, name: str) -> str:
     return ""
 
 
-def _leaf_help(leaf: _Leaf) -> str:
+def _setting_help(leaf: _Leaf) -> str:
+    """The help of a setting: its metadata, the table, its docstring clause, or its path."""
     text = leaf.field.metadata.get("help") or _HELP.get(leaf.path)
-    text = text or _doc_help(leaf.owner, leaf.field.name) or leaf.path
+    return text or _doc_help(leaf.owner, leaf.field.name) or leaf.path
+
+
+def _leaf_help(leaf: _Leaf) -> str:
+    text = _setting_help(leaf)
     default = leaf.field.default
     if leaf.field.default_factory is not dataclasses.MISSING:
         default = leaf.field.default_factory()
