@@ -165,8 +165,8 @@ def test_nested_flags_reach_every_arms_config(command):
 def test_nested_flags_reach_dart_export():
     from dart.cli import export_config
 
-    (options,) = _cli(["export", "--out", "pkg", "--dart.method", "griffin", "--backend",
-                       "compact", "--dart.total_prune", "0.7", "--dart.budget.prune_max", "0.8"])  # fmt: skip
+    argv = ["export", "--out", "pkg", "--dart.method", "griffin", "--backend", "compact"]
+    (options,) = _cli([*argv, "--dart.total_prune", "0.7", "--dart.budget.prune_max", "0.8"])
     config = export_config(options)
     assert (config.method, config.total_prune, config.backend) == ("griffin", 0.7, "compact")
     assert config.budget.prune_max == 0.8 and config.drift.enabled is False  # no drift in export
