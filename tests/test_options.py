@@ -316,3 +316,12 @@ def test_the_api_for_commands_with_their_own_parser():
         parser.parse_args(["--dart.total_prune", "0.5"])
     with pytest.raises(ConfigError, match=re.escape("--dart.drift.window: 0 is below")):
         dart_config_from(parser.parse_args(["--dart.drift.window", "0"]), method="dart")
+
+
+def test_a_setting_without_help_gets_its_docstring_clause():
+    from dart.core.config import BudgetConfig, DriftConfig
+    from dart.options import _doc_help
+
+    assert _doc_help(BudgetConfig, "cap_margin").startswith("cap_margin: no layer prunes more")
+    assert _doc_help(DriftConfig, "num_buckets").startswith("num_buckets is the number of log")
+    assert _doc_help(DriftConfig, "no_such_field") == ""
