@@ -6,7 +6,7 @@ The convention (every command of `dart` follows it)::
     @dataclass
     class ExportOptions:
         out: str = field(metadata={"help": "output folder"})
-        max_len: int = dataclasses.field(default=512, metadata={"help": "static cache length"})
+        max_len: int = field(default=512, metadata={"help": "static cache length"})
 
 A field's type hint gives the flag's parsing (``int``, ``float``, ``str``, ``bool``, ``X | None``,
 ``list[X]``/``tuple[X, ...]`` as a comma list, ``Literal[...]`` as choices, ``dict`` as YAML
