@@ -37,6 +37,10 @@ per generated token.
     python bench/decode.py --model qwen2.5-coder-1.5b --dtypes fp32 --threads 2 \
         --arms llamacpp,hf_static_compiled,dense_compiled,dart_gathered_compiled
     python bench/decode.py --dtypes bf16,q8,q4 --new-tokens 32   # quantised weights (q8, q4)
+    python bench/decode.py --batch 4 --dart.batch_policy shared --dart.layer_topk all:auto
+
+DART's settings are the `--dart.*` flags every `dart` command takes (`--help` lists them); the
+bench sets the method, the backend (per arm) and total_prune (`--sparsity`) itself.
 """
 
 from __future__ import annotations
@@ -56,8 +60,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dart  # noqa: E402
 from dart.assets.data import load_drift_prompts  # noqa: E402
+from dart.core.config import ConfigError  # noqa: E402
 from dart.llamacpp import bench as llamacpp_bench  # noqa: E402
 from dart.llamacpp import ensure_llamacpp, packaged_gguf  # noqa: E402
+from dart.options import add_dart_flags, dart_config_from  # noqa: E402
 from dart.results import write_json  # noqa: E402
 from dart.runtime.fast import FastGenerator  # noqa: E402
 from dart.runtime.generation import encode_prompts  # noqa: E402
@@ -168,12 +174,9 @@ def _ffn_tensors(ffn):
 
 
 def _config(args, sparsity: float, backend: str) -> dart.DARTConfig:
-    return dart.DARTConfig(
-        total_prune=sparsity,
-        layer_topk=args.layer_topk,
-        backend=backend,
-        batch_policy=args.batch_policy,
-    )
+    """The DARTConfig of a DART arm: the `--dart.*` settings, the setting's sparsity and the
+    arm's backend."""
+    return dart_config_from(vars(args), total_prune=sparsity, backend=backend)
 
 
 class _TokenClock(StoppingCriteria):
@@ -475,7 +478,14 @@ def setup_llamacpp(args) -> None:
     args.llamacpp_threads = args.threads or torch.get_num_threads()
 
 
-def main() -> None:
+# DARTConfig fields the bench sets itself: the arms' method and backend, the --sparsity sweep.
+BENCH_OWNED = ("method", "total_prune", "backend")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The bench's flags: its own sweep axes and arms, and the `--dart.*` DARTConfig settings
+    every command takes (dart.options.add_dart_flags; e.g. `--dart.layer_topk`,
+    `--dart.batch_policy shared`, `--dart.drift.retrace_tokens 32`)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
         "--model",
@@ -490,12 +500,6 @@ def main() -> None:
     p.add_argument("--batch", default="1")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--layer-topk", default="all:auto")
-    p.add_argument(
-        "--batch-policy",
-        default="per_sequence",
-        help="per_sequence, shared, or both as a comma list (batches > 1)",
-    )
     p.add_argument(
         "--arms",
         default=",".join(ARMS),
@@ -509,7 +513,17 @@ def main() -> None:
         help="fp32, 70%% sparsity, the four main arms, 48 tokens, 2 rounds (< 5 min)",
     )
     p.add_argument("--json", default=None, help="write the records to this path")
-    args = p.parse_args()
+    add_dart_flags(p, exclude=BENCH_OWNED)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
+    args = p.parse_args(argv)
+    try:  # a bad setting fails here, naming its flag, before any model loads
+        args.batch_policy = _config(args, 0.5, "gathered").batch_policy
+    except ConfigError as err:
+        p.error(str(err))
     if args.quick:
         args.dtypes, args.sparsity, args.new_tokens, args.rounds = "float32", "0.7", 48, 2
         args.arms = ",".join(a for a in ARMS if a != "dart_compact_compiled")
@@ -517,10 +531,6 @@ def main() -> None:
     for arm in args.arms:
         if arm not in (*ARMS, LLAMACPP):
             raise SystemExit(f"--arms {arm!r}: use {', '.join((*ARMS, LLAMACPP))}")
-    policies_all = args.batch_policy.split(",")
-    for policy in policies_all:
-        if policy not in ("per_sequence", "shared"):
-            raise SystemExit(f"--batch-policy {policy!r}: use per_sequence and/or shared")
     if args.threads:
         torch.set_num_threads(args.threads)
     if LLAMACPP in args.arms:
@@ -537,16 +547,12 @@ def main() -> None:
         if weights != "fp":
             dtype = weights  # the records' "dtype" column names the weights
         for batch in (int(b) for b in args.batch.split(",")):
-            policies = policies_all if batch > 1 else policies_all[:1]
-            for policy in policies:
-                args.batch_policy = policy
-                for i, sparsity in enumerate(float(s) for s in args.sparsity.split(",")):
-                    print(
-                        f"[{dtype_name} batch {batch} {policy} sparsity {sparsity}]",
-                        file=sys.stderr,
-                    )
-                    first = i == 0 and policy == policies[0]
-                    records += bench_setting(model, tok, dtype, batch, sparsity, args, first)
+            for i, sparsity in enumerate(float(s) for s in args.sparsity.split(",")):
+                print(
+                    f"[{dtype_name} batch {batch} {args.batch_policy} sparsity {sparsity}]",
+                    file=sys.stderr,
+                )
+                records += bench_setting(model, tok, dtype, batch, sparsity, args, i == 0)
     add_hf_ratios(records)
     add_llamacpp_ratios(records)
     print_table(records)

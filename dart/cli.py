@@ -11,18 +11,18 @@ import argparse
 import sys
 import textwrap
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 from .assets.models import PACKAGED_MODELS, PackagedModel
-from .core.config import BACKENDS, ConfigError
-from .core.quant import Weights
+from .core.config import ConfigError, DARTConfig
+from .core.methods import get_method
 from .evaluate.store import RecordStore
 from .evaluate.tasks import TASKS, GenerateOptions, Task, prompt_texts
 from .experiment import RunOptions, run_experiment
-from .options import add_options, resolve_options
+from .options import ModelOptions, add_options, dart_field, resolve_options
 from .results import unique_folder
 
-__all__ = ["build_parser", "main"]
+__all__ = ["DemoOptions", "ExportOptions", "build_parser", "export_config", "main"]
 
 # Keys of a saved config.yaml that are not options (so a results folder's config reruns it).
 SAVED_KEYS = ("task", "command")
@@ -68,11 +68,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 DEMO_METHODS = ["dense", "static", "griffin", "dart"]
 
 
-@dataclass
-class DemoOptions:
-    model: str = field(
-        default="smollm2-135m", metadata={"help": "packaged model name or a local HF folder"}
-    )
+@dataclass(kw_only=True)
+class DemoOptions(ModelOptions):
+    """Options of `dart demo`: the shared model options, one prompt and one sparsity (the arms
+    are :data:`DEMO_METHODS`)."""
+
     prompt: str | None = field(
         default=None, metadata={"help": "the prompt (default: the first packaged drift prompt)"}
     )
@@ -81,20 +81,13 @@ class DemoOptions:
         metadata={"help": "FFN sparsity of the pruned arms (default: the packaged model's demo "
                   "sparsity, 0.3 for smollm2-135m, 0.5 for qwen2.5-coder-1.5b; else 0.3)"},
     )  # fmt: skip
-    backend: str = field(
-        default="gathered", metadata={"help": "sparse FFN backend", "choices": BACKENDS}
-    )
-    weights: Weights = field(
-        default="fp",
-        metadata={"help": "fp (the model's own weights) or quantised q8, q4, q4m (dart.quantize)"},
-    )
     max_new_tokens: int = field(default=160, metadata={"min": 1, "help": "greedy tokens generated"})
-    seed: int = field(default=0, metadata={"help": "torch seed"})
     threads: int | None = field(default=None, metadata={"min": 1, "help": "torch CPU threads"})
     width: int = field(default=36, metadata={"min": 1, "help": "column width of the side-by-side"})
     out: str | None = field(
         default=None, metadata={"help": "results folder (default results/demo-<time>)"}
     )
+    dart: dict[str, Any] | None = dart_field()
 
 
 def _side_by_side(columns: dict[str, str], width: int) -> str:
@@ -130,6 +123,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         backend=demo.backend,
         threads=demo.threads,
         weights=demo.weights,
+        dart=demo.dart,
     )
     run = _default_out(run, "demo")
     prompts = [demo.prompt] if demo.prompt else []
@@ -167,11 +161,86 @@ def cmd_lm_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass(kw_only=True)
+class ExportOptions(ModelOptions):
+    """Options of `dart export`: the shared model options, the static shapes of the programs and
+    the one DARTConfig exported (``--dart.method``, ``--dart.total_prune``, ``--dart.layer_topk``
+    ...; drift detection is off in an export)."""
+
+    out: str = field(metadata={"help": "output folder (the package: programs + manifest.json)"})
+    batch: int = field(default=1, metadata={"min": 1, "help": "fixed batch size of the programs"})
+    max_len: int = field(default=512, metadata={"min": 2, "help": "static KV cache length"})
+    prompt_len: int | None = field(
+        default=None,
+        metadata={"min": 1, "help": "fixed prompt length (default: dynamic, 1..max_len-1)"},
+    )
+    prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "calibration prompt of an auto budget (the keep counts are allocated from "
+            "it at export time); default: the first packaged drift prompt"
+        },
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32", metadata={"help": "weight dtype of the exported model"}
+    )
+    no_compile: bool = field(
+        default=False, metadata={"help": "torch.export only (no AOTInductor packages)"}
+    )
+    # method, total_prune, layer_topk, ... of the export; backend and seed are the shared ones
+    dart: dict[str, Any] | None = dart_field(owned=("backend", "seed"))
+
+
+def export_config(options: ExportOptions) -> DARTConfig:
+    """The DARTConfig `dart export` packages: the ``--dart.*`` settings (an ``auto`` budget
+    at the default sparsity unless ``--dart.total_prune`` says otherwise), the shared backend and
+    seed, drift detection off."""
+    data = dict(options.dart or {})
+    data.update(backend=options.backend, seed=options.seed)
+    data["drift"] = {**(data.get("drift") or {}), "enabled": False}
+    config = DARTConfig.from_dict(data)
+    if config.total_prune is None and config.prune_target is not None:
+        config.total_prune = config.prune_target  # recorded in the manifest as it runs
+    return config
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    from .runtime.export import ExportOptions, export_command
+    """`dart export`: load the model and export it into ``--out``."""
+    from .runtime.export import export_decode
+    from .runtime.loading import load_model
 
     (options,) = resolve_options(_given(args), ExportOptions)
-    return export_command(options)
+    config = export_config(options)
+    print(f"loading {options.model} ...", flush=True)
+    model, tokenizer = load_model(options.model, dtype=options.dtype, weights=options.weights)
+    calibration = None
+    method = get_method(config.method)
+    if config.has_auto and method.prunes and not method.uniform_budget:
+        text = options.prompt
+        if text is None:
+            from .assets.data import load_drift_prompts
+
+            text = load_drift_prompts("two_topic")[0].prompt
+        calibration = tokenizer(text, return_tensors="pt")["input_ids"][:, : options.max_len]
+    print("exporting ...", flush=True)
+    manifest = export_decode(
+        model,
+        options.out,
+        options.batch,
+        options.max_len,
+        config=config,
+        calibration_ids=calibration,
+        prompt_len=options.prompt_len,
+        compile=not options.no_compile,
+    )
+    kept = sum(manifest["keep_counts"]) / sum(manifest["widths"])
+    print(
+        f"wrote {options.out}: keep {kept:.1%} of FFN neurons, export "
+        f"{manifest['export_seconds']:.1f}s, AOTInductor {manifest['compile_seconds']:.1f}s\n"
+        f"run: python scripts/run_exported.py {options.out} --prompt-ids 1,2,3 "
+        "--max-new-tokens 32"
+    )
+    return 0
 
 
 # -- the parser ----------------------------------------------------------------------------------
@@ -182,8 +251,6 @@ def _task_parser(sub: Any, name: str, task: Task, help_text: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .runtime.export import ExportOptions
-
     parser = argparse.ArgumentParser(prog="dart", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--debug",

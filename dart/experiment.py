@@ -22,9 +22,7 @@ from typing import Any
 import torch
 
 from .assets.data import TEXT_CORPORA, load_text
-from .core.config import BACKENDS, DARTConfig
-from .core.methods import METHODS
-from .core.quant import Weights
+from .core.config import DARTConfig
 from .evaluate.arms import Arm, arm_config
 from .evaluate.perplexity import tokenize_prefix
 from .evaluate.store import (
@@ -37,7 +35,7 @@ from .evaluate.store import (
     run_fingerprint,
 )
 from .evaluate.tasks import Task, compute_metrics, get_task
-from .options import options_dict
+from .options import ArmOptions, dart_field, options_dict
 from .results import atomic_write_text
 from .runtime.loading import load_model
 
@@ -46,32 +44,14 @@ __all__ = ["RunOptions", "run_arm", "run_experiment"]
 log = logging.getLogger("dart.experiment")
 
 
-@dataclass
-class RunOptions:
-    """Options every task shares: the model, the arms, the runtime and the results folder."""
+@dataclass(kw_only=True)
+class RunOptions(ArmOptions):
+    """Options every task shares: the model and the arms (:class:`~dart.options.ArmOptions`,
+    shared with every command), the DARTConfig settings, the runtime and the results folder."""
 
-    model: str = field(
-        default="smollm2-135m", metadata={"help": "packaged model name or a local HF folder"}
-    )
-    weights: Weights = field(
-        default="fp",
-        metadata={"help": "fp (the model's own weights) or quantised q8, q4, q4m (dart.quantize)"},
-    )
-    methods: list[str] = field(
-        default_factory=lambda: ["dense", "static", "griffin", "dart"],
-        metadata={"help": "comma list of methods", "choices": tuple(METHODS)},
-    )
-    total_prune: list[float] = field(
-        default_factory=lambda: [0.5],
-        metadata={"help": "FFN sparsity: one value or a comma list (one arm per value)"},
-    )
-    seed: int = field(default=0, metadata={"help": "seed of sampling and of the random method"})
     out: str | None = field(
         default=None,
         metadata={"help": "results folder, rerunning resumes it (default results/<task>-<time>)"},
-    )
-    backend: str = field(
-        default="gathered", metadata={"help": "sparse FFN backend", "choices": BACKENDS}
     )
     calibration: str = field(
         default="wiki",
@@ -94,10 +74,8 @@ class RunOptions:
         default=None,
         metadata={"min": 1, "help": "stop after N records (tests resuming)", "hidden": True},
     )
-    dart: dict[str, Any] | None = field(
-        default=None,
-        metadata={"help": "DARTConfig fields of every arm, e.g. {drift: {window: 8}} (YAML only)"},
-    )
+    # the --dart.* flags and the YAML `dart:` mapping: settings of every arm
+    dart: dict[str, Any] | None = dart_field()
 
 
 def _calibration_ids(run: RunOptions, tokenizer: Any, arms: list[Arm]) -> torch.Tensor | None:

@@ -28,7 +28,9 @@ import torch.nn.functional as F
 import dart
 from dart.assets.data import load_text
 from dart.core import api
+from dart.core.config import ConfigError
 from dart.evaluate.perplexity import llamacpp_windows, tokenize_prefix
+from dart.options import add_dart_flags, dart_config_from
 from dart.results import atomic_write_text
 
 # (arm, method, total_prune, allocation); dense first, DART (traces its own prompt) last
@@ -49,9 +51,15 @@ ARMS = [
 ]
 
 
-def _config(method: str, total_prune: float, allocation: str | None) -> dart.DARTConfig:
+# DARTConfig fields an arm sets; every other field is a --dart.* flag (dart.options).
+ARM_FIELDS = ("method", "total_prune", "backend", "per_token_allocation")
+
+
+def _config(
+    args: argparse.Namespace, method: str, total_prune: float, allocation: str | None
+) -> dart.DARTConfig:
     extra = {"per_token_allocation": allocation} if allocation else {}
-    return dart.DARTConfig(method=method, total_prune=total_prune, backend="masked", **extra)
+    return dart_config_from(args, method=method, total_prune=total_prune, backend="masked", **extra)
 
 
 def main() -> None:
@@ -64,7 +72,15 @@ def main() -> None:
     ap.add_argument("--arms", default=",".join(a[0] for a in ARMS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--curve-tokens", type=int, default=64, help="tokens of the error curves")
+    # the DARTConfig settings of every arm (a changed setting needs a new --out: records and
+    # thresholds resume by arm name)
+    add_dart_flags(ap, exclude=ARM_FIELDS)
     args = ap.parse_args()
+    try:
+        for _, method, p, alloc in ARMS:  # a bad setting fails before the model loads
+            _config(args, method, p, alloc)
+    except ConfigError as err:
+        ap.error(str(err))
     torch.set_num_threads(args.threads)
     try:
         import dart_ext  # noqa: F401
@@ -90,7 +106,7 @@ def main() -> None:
         nonlocal captured
         if name in states:
             return states[name]
-        h = dart.attach(model, _config(method, p, alloc))
+        h = dart.attach(model, _config(args, method, p, alloc))
         start = time.perf_counter()
         with torch.no_grad():
             if captured is None:
@@ -127,7 +143,11 @@ def main() -> None:
             for name, method, p, alloc in todo:
                 t0 = time.perf_counter()
                 state = calibrated(name, method, p, alloc) if alloc is not None else None
-                h = None if method == "dense" else dart.attach(model, _config(method, p, alloc))
+                h = (
+                    None
+                    if method == "dense"
+                    else dart.attach(model, _config(args, method, p, alloc))
+                )
                 if state is not None:
                     h.load_per_token_state(state)
                 if h is not None and h.method.selects_from_prompt:

@@ -45,11 +45,27 @@ def test_decode_bench_rejects_unknown_inputs():
     bench = str(ROOT / "bench" / "decode.py")
     for args, message in (
         (["--model", "random:nope"], "shapes are"),
-        (["--batch-policy", "rows"], "--batch-policy 'rows'"),
+        (["--dart.batch_policy", "rows"], "--dart.batch_policy: invalid choice: 'rows'"),
+        (["--dart.drift.window", "0"], "--dart.drift.window: 0 is below the minimum 1"),
+        (["--dart.budget.prune_min", "0.95"], "--dart.budget.prune_min: 0.95 is greater"),
         (["--model", "random:tiny", "--dtype", "fp16"], "--dtypes 'fp16': use fp32"),
     ):
         run = subprocess.run([sys.executable, bench, *args], capture_output=True, text=True)
         assert run.returncode != 0 and message in run.stderr, run.stderr[-2000:]
+
+
+def test_decode_bench_takes_the_dart_flags_of_every_command():
+    decode = _decode_module()
+    args = decode.build_parser().parse_args(
+        ["--dart.layer_topk", "all:auto", "--dart.drift.retrace_tokens", "32",
+         "--dart.batch_policy", "shared", "--dart.budget.uniform_blend", "0.25"]
+    )  # fmt: skip
+    config = decode._config(args, 0.7, "compact")
+    assert (config.total_prune, config.backend, config.batch_policy) == (0.7, "compact", "shared")
+    assert config.drift.retrace_tokens == 32 and config.budget.uniform_blend == 0.25
+    text = decode.build_parser().format_help()
+    assert "--dart.drift.retrace_tokens" in text and "--dart.budget.uniform_blend" in text
+    assert "--dart.total_prune" not in text and "--dart.backend" not in text  # the bench's own
 
 
 def _decode_module():

@@ -278,10 +278,10 @@ def test_the_manifest_is_replaced_atomically(uncompiled_package, tmp_path, monke
 
 
 def test_dart_export_writes_a_manifest(tmp_path):
-    """`dart export` (flags from ExportOptions) -> export_command."""
+    """`dart export` (flags from cli.ExportOptions, the DARTConfig as --dart.* flags)."""
     folder = save_tiny(tmp_path / "model")
     argv = ["export", "--model", str(folder), "--out", str(tmp_path / "pkg"), "--max-len", "64"]
-    argv += ["--total-prune", "0.5", "--prompt", "The quick brown fox.", "--no-compile"]
+    argv += ["--dart.total_prune", "0.5", "--prompt", "The quick brown fox.", "--no-compile"]
     assert main(argv) == 0
     manifest = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
     assert manifest["max_len"] == 64 and manifest["prompt_len"] is None

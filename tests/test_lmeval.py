@@ -285,14 +285,18 @@ def test_runner_refuses_an_arm_run_under_other_defaults(tiny, tasks_dir, tmp_pat
 def test_options_map_to_flags():
     import argparse
 
-    from dart.options import add_options, resolve_options
+    from dart.lmeval.runner import RUN_ONLY
+    from dart.options import ArmOptions, add_options, resolve_options
 
     parser = argparse.ArgumentParser()
     add_options(parser, LMEvalOptions)
-    ns = parser.parse_args(["--tasks", "boolq", "--total-prune", "0.5,0.7", "--limit", "3"])
+    ns = parser.parse_args(["--tasks", "boolq", "--total-prune", "0.5,0.7", "--limit", "3",
+                            "--dart.drift.retrace_tokens", "16"])  # fmt: skip
     (opts,) = resolve_options(vars(ns), LMEvalOptions)
     assert (opts.tasks, opts.total_prune, opts.limit, opts.methods) == (
-        ["boolq"], [0.5, 0.7], 3, ["dense", "griffin", "dart"])  # fmt: skip
+        ["boolq"], [0.5, 0.7], 3, ArmOptions().methods)  # fmt: skip
+    assert opts.dart == {"drift": {"retrace_tokens": 16}}  # the arms' DARTConfig settings
+    assert "dart" in RUN_ONLY  # bound per arm in arms.json, as resolved
     for bad in (["run", "--no-such-flag"], ["run", "--methods", "nope"],
                 ["protocol", "p.yaml", "--limit", "x"]):  # fmt: skip
         with pytest.raises(SystemExit):

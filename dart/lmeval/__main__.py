@@ -2,7 +2,8 @@
 own command line with ``dart`` registered.
 
 * ``python -m dart.lmeval run --tasks ... --methods ... --total-prune ...`` runs the comparison
-  (:func:`dart.lmeval.runner.run_lm_eval`; the same as ``dart eval lm-eval``);
+  (:func:`dart.lmeval.runner.run_lm_eval`; the same as ``dart eval lm-eval``), with the
+  ``--dart.*`` DARTConfig flags of every command (or a ``dart:`` mapping in ``--config``);
 * ``python -m dart.lmeval protocol CONFIG`` the runs of a protocol config;
 * ``python -m dart.lmeval report FOLDER`` shows a folder's arms side by side;
 * anything else is lm-eval's own command line (``lm_eval.__main__.cli_evaluate``) after

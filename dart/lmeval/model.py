@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -57,6 +58,7 @@ from ..evaluate.arms import Arm, arm_config, attach_arm
 from ..evaluate.perplexity import accepts_logits_to_keep, tokenize_prefix
 from ..evaluate.store import RecordStore
 from ..evaluate.stream import weight_bytes
+from ..options import ArmOptions
 from ..runtime.loading import load_model
 from .registration import MODEL_NAME
 from .report import SPARSITY_KEYS
@@ -70,6 +72,9 @@ log = logging.getLogger("dart.lmeval")
 # computation, GRIFFIN's "class mode": one forward, but the first continuation token is then
 # predicted by the dense model, so single-token answers score as dense).
 CONTEXT_PHASES = ("masked", "dense")
+# The defaults of the model arguments are those every command shares (dart.options).
+_SHARED = ArmOptions()
+_DEFAULT_METHOD = next(f.default for f in dataclasses.fields(DARTConfig) if f.name == "method")
 _DENSE = dict.fromkeys(SPARSITY_KEYS, 0.0)
 
 
@@ -86,25 +91,27 @@ class DARTLM(HFLM):
     """HFLM with a DART arm attached: ``method`` (dense, static, griffin, random, dart,
     dart-nodrift) at ``total_prune``; ``pretrained`` is a :func:`dart.load_model` name or folder
     (or a loaded model, with ``tokenizer``). ``dart_config``: a DARTConfig YAML/JSON file (or
-    its dict) whose fields override the defaults (the arm's method and sparsity win).
+    its dict) whose fields override the defaults (the arm's method and sparsity win). The
+    defaults of the model, sparsity, backend, weights and seed are the options every command
+    shares (:class:`dart.options.ArmOptions`).
     ``answers``: a ``.jsonl`` file of answered requests with their sparsity, read first and
     appended to as requests are answered (see the module docstring)."""
 
     def __init__(
         self,
-        pretrained: str | torch.nn.Module = "smollm2-135m",
-        method: str = "dart",
-        total_prune: float = 0.5,
-        backend: str = "gathered",
+        pretrained: str | torch.nn.Module = _SHARED.model,
+        method: str = _DEFAULT_METHOD,
+        total_prune: float = _SHARED.total_prune[0],
+        backend: str = _SHARED.backend,
         dtype: str = "float32",
         device: str = "cpu",
         tokenizer: Any = None,
-        weights: str = "fp",
+        weights: str = _SHARED.weights,
         dart_config: str | dict | None = None,
         release_step: int | None = None,
         calibration: str = "wiki",
         calibration_tokens: int = 512,
-        seed: int = 0,
+        seed: int = _SHARED.seed,
         batch_size: int | str = 1,
         context: str = "masked",
         answers: str | os.PathLike | None = None,

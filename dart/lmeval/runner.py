@@ -31,9 +31,6 @@ from typing import Any
 
 import torch
 
-from ..core.config import BACKENDS, DARTConfig
-from ..core.methods import METHODS
-from ..core.quant import Weights
 from ..evaluate.arms import Arm, arm_config, parse_arms
 from ..evaluate.store import (
     FingerprintMismatchError,
@@ -47,6 +44,7 @@ from ..evaluate.store import (
     model_identity,
     run_fingerprint,
 )
+from ..options import ArmOptions, dart_field
 from ..results import CorruptFileError, atomic_write_text, read_json, write_json
 from ..runtime.loading import load_model
 from .model import CONTEXT_PHASES, DARTLM, SPARSITY_KEYS, request_key
@@ -72,36 +70,25 @@ ZERO_SHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_c
 TASKS_FILE = "tasks.json"  # each task's identity (see claim_tasks)
 ANSWERS_STEM = "answers"  # answers.jsonl: every answered request with its sparsity
 # Options that pick what runs or where, not what a sample's value is: a resume may change
-# them (tasks and documents key the records; dart_config's content is bound per arm in
-# arms.json and tasks_dir's per task in tasks.json).
+# them (tasks and documents key the records; the DARTConfig settings (`dart`) are bound per
+# arm in arms.json, as resolved, and tasks_dir's per task in tasks.json).
 RUN_ONLY = frozenset({"out", "threads", "methods", "total_prune", "tasks", "limit", "tasks_dir",
-                      "dart_config"})  # fmt: skip
+                      "dart"})  # fmt: skip
 
 
-@dataclass
-class LMEvalOptions:
+@dataclass(kw_only=True)
+class LMEvalOptions(ArmOptions):
     """Options of ``dart eval lm-eval`` / ``python -m dart.lmeval run`` (flags and YAML keys
-    derived by :mod:`dart.options`)."""
+    derived by :mod:`dart.options`): the shared model and arm options, lm-eval's, and the
+    DARTConfig settings of every arm (``--dart.*``, YAML ``dart:``)."""
 
     tasks: list[str] = field(
         default_factory=lambda: list(ZERO_SHOT_TASKS),
         metadata={"help": "offline tasks or groups (boolq, rte, hellaswag, winogrande, "
                   "arc_easy, arc_challenge, openbookqa, piqa, sciq, xsum, mmlu)"},
     )  # fmt: skip
-    methods: list[str] = field(
-        default_factory=lambda: ["dense", "griffin", "dart"],
-        metadata={"help": "arms", "choices": tuple(METHODS)},
-    )
-    total_prune: list[float] = field(
-        default_factory=lambda: [0.5], metadata={"help": "FFN sparsities of the pruned arms"}
-    )
-    model: str = field(default="smollm2-135m", metadata={"help": "dart.load_model name/folder"})
     dtype: str = field(
         default="float32", metadata={"help": "model dtype", "choices": ("float32", "bfloat16")}
-    )
-    weights: Weights = field(
-        default="fp",
-        metadata={"help": "fp (the model's own weights) or quantised q8, q4, q4m (dart.quantize)"},
     )
     limit: int | None = field(
         default=None, metadata={"help": "per task: score its first N documents (all arms alike)"}
@@ -110,30 +97,24 @@ class LMEvalOptions:
         default=None, metadata={"help": "shots (default: each task's own, 0 for most)"}
     )
     batch_size: int = field(default=1, metadata={"help": "contexts per batch (per-seq masks)"})
-    backend: str = field(
-        default="gathered", metadata={"help": "sparse FFN backend", "choices": BACKENDS}
-    )
     context: str = field(
         default="masked",
         metadata={"help": "a pruned arm computes each context under its masks (masked) or "
                   "dense, as traced (GRIFFIN's class mode; single-token answers score as "
                   "dense)", "choices": CONTEXT_PHASES},
     )  # fmt: skip
-    seed: int = field(default=0, metadata={"help": "seed of lm-eval and DART"})
     out: str | None = field(
         default=None, metadata={"help": "results folder (default runs/lmeval-<time>)"}
     )
     tasks_dir: str | None = field(
         default=None, metadata={"help": "offline task YAMLs (default: written to the cache)"}
     )
-    dart_config: str | None = field(
-        default=None, metadata={"help": "DARTConfig YAML whose fields override the defaults"}
-    )
     calibration_tokens: int = field(default=512, metadata={"help": "static: calibration size"})
     max_gen_toks: int | None = field(
         default=None, metadata={"help": "generation tasks: cap on new tokens"}
     )
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
+    dart: dict[str, Any] | None = dart_field()
 
 
 # -- identities -----------------------------------------------------------------------------------
@@ -226,9 +207,8 @@ def run_lm_eval(opts: LMEvalOptions) -> list[dict[str, Any]]:
         torch.set_num_threads(opts.threads)
     out = Path(opts.out or time.strftime("runs/lmeval-%Y%m%d-%H%M%S"))
     arms = parse_arms(opts.methods, opts.total_prune)
-    overrides = DARTConfig.load(opts.dart_config).to_dict() if opts.dart_config else None
     # every arm's config is checked before anything loads: a bad setting fails at once
-    configs = {a: arm_config(a, dict(overrides or {}), backend=opts.backend, seed=opts.seed)
+    configs = {a: arm_config(a, opts.dart, backend=opts.backend, seed=opts.seed)
                for a in arms}  # fmt: skip
     with RunStore.open(out) as store, folder_log(store.folder, log):
         tasks_dir = ensure_tasks(opts.tasks_dir or default_tasks_dir(), opts.tasks)

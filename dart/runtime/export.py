@@ -53,17 +53,17 @@ import shutil
 import time
 import warnings
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..core.api import DARTHandle, attach, load_ops
 from ..core.config import DARTConfig
-from ..core.methods import METHODS, Method, get_method
-from ..core.quant import Weights, quantized_spec, splitting
+from ..core.methods import METHODS, Method
+from ..core.quant import quantized_spec, splitting
 from ..core.scoring import rank_scores, shared_scores
 from ..results import (
     fsync_folder,
@@ -77,8 +77,6 @@ from .runner import FORMAT, MANIFEST, OPS_LIBRARY, file_sha256, greedy_generate
 
 __all__ = [
     "DARTExportModule",
-    "ExportOptions",
-    "export_command",
     "export_decode",
     "export_programs",
     "resolve_export_counts",
@@ -585,87 +583,3 @@ def _swap_into_place(stage: Path, out: Path) -> None:
         raise
     fsync_folder(out.parent)
     shutil.rmtree(aside, ignore_errors=True)
-
-
-# ------------------------------------------------------------------------------------------------
-# `dart export` (cli.py builds the flags from ExportOptions' fields)
-
-
-@dataclass
-class ExportOptions:
-    """Options of `dart export`: one field per flag (`--max-len` for `max_len`)."""
-
-    out: str = field(metadata={"help": "output folder (the package: programs + manifest.json)"})
-    model: str = field(
-        default="smollm2-135m", metadata={"help": "packaged model name or HF model folder"}
-    )
-    batch: int = field(default=1, metadata={"min": 1, "help": "fixed batch size of the programs"})
-    max_len: int = field(default=512, metadata={"min": 2, "help": "static KV cache length"})
-    prompt_len: int | None = field(
-        default=None,
-        metadata={"min": 1, "help": "fixed prompt length (default: dynamic, 1..max_len-1)"},
-    )
-    total_prune: float = field(default=0.5, metadata={"help": "fraction of FFN neurons pruned"})
-    layer_topk: str | None = field(
-        default=None, metadata={"help": "per-layer keep spec (default all:auto)"}
-    )
-    method: Literal["dart", "griffin", "dense"] = field(
-        default="dart", metadata={"help": "prompt-selected masks (dart, griffin) or none"}
-    )
-    prompt: str | None = field(
-        default=None,
-        metadata={
-            "help": "calibration prompt of an auto budget (the keep counts are allocated from "
-            "it at export time); default: the first packaged drift prompt"
-        },
-    )
-    dtype: Literal["float32", "bfloat16", "float16"] = field(
-        default="float32", metadata={"help": "weight dtype of the exported model"}
-    )
-    weights: Weights = field(
-        default="fp",
-        metadata={"help": "fp (the model's own weights) or quantised: q8, q4, q4m (dart.quantize)"},
-    )
-    no_compile: bool = field(
-        default=False, metadata={"help": "torch.export only (no AOTInductor packages)"}
-    )
-
-
-def export_command(options: ExportOptions) -> int:
-    """`dart export`: load the model and export it into `options.out` (exit status 0)."""
-    from .loading import load_model
-
-    print(f"loading {options.model} ...", flush=True)
-    model, tokenizer = load_model(options.model, dtype=options.dtype, weights=options.weights)
-    cfg = {"method": options.method, "total_prune": options.total_prune, "backend": "gathered"}
-    if options.layer_topk:
-        cfg["layer_topk"] = options.layer_topk
-    config = DARTConfig(**cfg, drift={"enabled": False})
-    calibration = None
-    method = get_method(config.method)
-    if config.has_auto and method.prunes and not method.uniform_budget:
-        text = options.prompt
-        if text is None:
-            from ..assets.data import load_drift_prompts
-
-            text = load_drift_prompts("two_topic")[0].prompt
-        calibration = tokenizer(text, return_tensors="pt")["input_ids"][:, : options.max_len]
-    print("exporting ...", flush=True)
-    manifest = export_decode(
-        model,
-        options.out,
-        options.batch,
-        options.max_len,
-        config=config,
-        calibration_ids=calibration,
-        prompt_len=options.prompt_len,
-        compile=not options.no_compile,
-    )
-    kept = sum(manifest["keep_counts"]) / sum(manifest["widths"])
-    print(
-        f"wrote {options.out}: keep {kept:.1%} of FFN neurons, export "
-        f"{manifest['export_seconds']:.1f}s, AOTInductor {manifest['compile_seconds']:.1f}s\n"
-        f"run: python scripts/run_exported.py {options.out} --prompt-ids 1,2,3 "
-        "--max-new-tokens 32"
-    )
-    return 0
