@@ -28,12 +28,17 @@ def test_grid_points_are_unique_and_griffin_is_not_duplicated():
     config = cap.config("masked", 0)
     assert config.budget.cap_margin == 0.1 and config.statistic == "l2"
     assert cap.arm.label == "dart-l2-cap10" and cap.arm.method == "dart"  # records' name
-    stream = grid.stream_grid([0.5], {"statistic": "normalized_l2"}, [0, 32], [1, 2])
+    base = {"statistic": "normalized_l2", "drift": {"window": 3}}
+    stream = grid.with_base(grid.stream_grid([0.5], [0, 32], [1, 2]), base)
     drift = {p.name: p.config("masked", 0) for p in stream if p.name.startswith("dart-R")}
     assert set(drift) == {"dart-R0-p1", "dart-R0-p2", "dart-R32-p1", "dart-R32-p2"}
     assert drift["dart-R32-p2"].drift.retrace_tokens == 32
     assert drift["dart-R32-p2"].drift.pressure_trigger == 2
     assert drift["dart-R32-p2"].statistic == "normalized_l2"
+    assert drift["dart-R32-p2"].drift.window == 3  # the point's drift keys over the base's
+    griffin = next(p for p in stream if p.name == "griffin").config("masked", 0)
+    assert griffin.statistic != "normalized_l2" or griffin.method == "griffin"
+    assert next(p for p in stream if p.name == "griffin").overrides == {}  # baselines keep theirs
     nodrift = next(p for p in stream if p.name == "dart-nodrift").config("masked", 0)
     assert nodrift.drift.enabled is False and nodrift.statistic == "normalized_l2"
 
@@ -57,8 +62,11 @@ def test_flags_parse_as_before():
         study.main(["--only", "nope", "--out", "unused"])
     with pytest.raises(SystemExit, match="expected NAME=JSON"):
         study.main(["--extra", "nojson", "--out", "unused"])
-    with pytest.raises(SystemExit, match="--base: not JSON"):
-        study.main(["--task", "stream", "--base", "{", "--out", "unused"])
+    with pytest.raises(SystemExit, match="--dart.drift.window"):
+        study.main(["--task", "stream", "--dart.drift.window", "0", "--out", "unused"])
+    opts = study.parse_args(["--task", "stream", "--dart.statistic", "normalized_l2",
+                             "--dart.budget.uniform_blend", "0.5"])  # fmt: skip
+    assert opts.dart == {"statistic": "normalized_l2", "budget": {"uniform_blend": 0.5}}
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,8 @@ import torch
 
 from ..assets.data import TEXT_CORPORA, load_text
 from ..core.config import ConfigError, DARTConfig
+from ..core.methods import get_method
+from ..options import dart_field
 from ..results import atomic_write_text, read_json, write_json
 from .arms import Arm, arm_config
 from .generative import generate_batch
@@ -125,9 +127,9 @@ class StudyOptions:
         default=False,
         metadata={"help": "stream: continuations from other documents of the corpus (a switch)"},
     )
-    base: str = field(
-        default="{}", metadata={"help": "stream: JSON DARTConfig overrides of every DART point"}
-    )
+    # under every DART point's own settings (the stream grid: the budget and statistic chosen
+    # on perplexity); the baselines keep theirs
+    dart: dict[str, Any] | None = dart_field()
     retrace: list[int] = field(
         default_factory=lambda: [0, 16, 32, 64, 128],
         metadata={"help": "stream: retrace_tokens values"},
@@ -235,24 +237,43 @@ def parse_extra(specs: list[str], prunes: list[float]) -> list[GridPoint]:
     return out
 
 
-def stream_grid(
-    prunes: list[float], base: dict[str, Any], retrace: list[int], pressure: list[int]
-) -> list[GridPoint]:
+def stream_grid(prunes: list[float], retrace: list[int], pressure: list[int]) -> list[GridPoint]:
     """The drift study: dense, GRIFFIN, DART without drift and DART at every look-back
-    ``retrace_tokens`` x ``pressure_trigger``, all with the ``base`` DART overrides (the
-    budget and statistic chosen on perplexity)."""
+    ``retrace_tokens`` x ``pressure_trigger``."""
     points = [GridPoint("dense", "dense", 0.0)]
     for p in prunes:
         points += [
             GridPoint("griffin", "griffin", p),
             GridPoint("static", "static", p, {"budget": SPEC_BUDGET}),
-            GridPoint("dart-nodrift", "dart-nodrift", p, base),
+            GridPoint("dart-nodrift", "dart-nodrift", p),
         ]
         for r in retrace:
             for k in pressure:
-                drift = {**base.get("drift", {}), "retrace_tokens": r, "pressure_trigger": k}
-                points.append(GridPoint(f"dart-R{r}-p{k}", "dart", p, {**base, "drift": drift}))
+                drift = {"retrace_tokens": r, "pressure_trigger": k}
+                points.append(GridPoint(f"dart-R{r}-p{k}", "dart", p, {"drift": drift}))
     return points
+
+
+def _under(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` over ``base`` section by section (a point's drift keys over the base's)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            value = {**out[key], **value}
+        out[key] = value
+    return out
+
+
+def with_base(points: list[GridPoint], base: dict[str, Any] | None) -> list[GridPoint]:
+    """The ``--dart.*`` settings under every DART point's own (the baselines keep theirs)."""
+    if not base:
+        return points
+    return [
+        GridPoint(p.name, p.method, p.total_prune, _under(base, p.overrides))
+        if get_method(p.method).uses_ema and not get_method(p.method).shared_mask
+        else p
+        for p in points
+    ]
 
 
 def build_points(opts: StudyOptions) -> list[GridPoint]:
@@ -261,14 +282,8 @@ def build_points(opts: StudyOptions) -> list[GridPoint]:
         max_prune = opts.max_ranking_prune if opts.max_ranking_prune >= 0 else None
         points = study_grid(opts.prunes, max_prune)
     else:
-        try:
-            base = json.loads(opts.base)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--base: not JSON ({e})") from None
-        if not isinstance(base, dict):
-            raise ConfigError("--base: expected a JSON object of DARTConfig overrides")
-        points = stream_grid(opts.prunes, base, opts.retrace, opts.pressure)
-    points += parse_extra(opts.extra, opts.prunes)
+        points = stream_grid(opts.prunes, opts.retrace, opts.pressure)
+    points = with_base(points, opts.dart) + parse_extra(opts.extra, opts.prunes)
     if opts.only:
         order = [n.strip() for n in opts.only if n.strip()]
         unknown = set(order) - {p.name for p in points}
