@@ -185,6 +185,7 @@ class Controller:
 
     @property
     def num_layers(self) -> int:
+        """FFN layers of the model."""
         return self._num_layers
 
     @property
