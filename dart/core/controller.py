@@ -62,7 +62,7 @@ from .config import DARTConfig
 from .drift import make_monitor
 from .ffn import DARTFFN, DENSE, TRACE
 from .methods import Method, get_method
-from .per_token import allocate_keeps, calibrate_layer_curves, layer_thresholds, model_fingerprint
+from .per_token import model_fingerprint
 from .schedule import Phase, Schedule
 from .selection import Selection
 from .telemetry import MaskProbe
@@ -622,45 +622,9 @@ class Controller:
         missing = [i for i in range(self._num_layers) if i not in captured]
         if missing:
             raise ValueError(f"captured: no calibration data for layers {missing}")
-        keeps: list[float | None] = []
-        for keep, n in zip(self.selection.keeps, self._widths, strict=True):
-            value = {"dense": 1.0, "fraction": keep.value, "auto": None}.get(keep.kind)
-            keeps.append(keep.value / n if keep.kind == "count" else value)
-        auto = [i for i, k in enumerate(keeps) if k is None]
-        if auto:
-            sizes = [3.0 * p.width * p.w_up.shape[1] for p in self._parts_of(auto)]
-            fixed = [i for i in range(self._num_layers) if i not in auto]
-            all_sizes = [3.0 * p.width * p.w_up.shape[1] for p in self._parts_of(range(len(keeps)))]
-            # the auto layers read what the target leaves after the fixed layers' reads
-            budget = (1.0 - cfg.prune_target) * sum(all_sizes) - sum(
-                all_sizes[i] * mode.read_fraction([keeps[i]] * len(mode.knobs)) for i in fixed
-            )
-            read = budget / sum(sizes)
-            curves = {int(k): v for k, v in (curves or {}).items()}
-            if cfg.per_token_allocation == "greedy":
-                for i in auto:
-                    if i in curves:
-                        continue
-                    x, r = captured[i]
-                    pick = torch.linspace(0, x.shape[0] - 1, min(curve_tokens, x.shape[0]))
-                    pick = pick.round().long().to(x.device)
-                    layer = self._layers[i]
-                    curves[i] = calibrate_layer_curves(
-                        mode, layer.parts, x[pick], r[pick], layer.pt_scale
-                    )
-            chosen = allocate_keeps(
-                mode,
-                [curves.get(i, [0.0]) for i in auto],
-                sizes,
-                read,
-                cfg.per_token_allocation,
-            )
-            for i, k in zip(auto, chosen, strict=True):
-                keeps[i] = k
-        thresholds = []
-        for i, layer in enumerate(self._layers):
-            x, _ = captured[i]
-            thresholds.append(layer_thresholds(mode, layer.parts, x, keeps[i], layer.pt_scale))
+        keeps, thresholds, curves, auto = self.selection.per_token_thresholds(
+            mode, self._layers, captured, curve_tokens, curves
+        )
         state = {
             "method": self._method.name,
             "fingerprint": self.fingerprint,
@@ -669,7 +633,7 @@ class Controller:
             "keeps": keeps,
             "thresholds": thresholds,
             "calibration_tokens": int(captured[0][0].shape[0]),
-            "error_curves": {str(i): c for i, c in (curves or {}).items()} if auto else {},
+            "error_curves": {str(i): c for i, c in curves.items()} if auto else {},
         }
         self.load_per_token_state(state)
         return state

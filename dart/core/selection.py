@@ -18,6 +18,7 @@ from .budget import BudgetAllocation, allocate_budget, allocate_budgets, max_kee
 from .config import DARTConfig, resolve_keep_counts
 from .ffn import DARTFFN
 from .methods import Method
+from .per_token import PerTokenMode, allocate_keeps, calibrate_layer_curves, layer_thresholds
 from .scoring import (
     ActivationAccumulator,
     SensitivityAccumulator,
@@ -183,6 +184,62 @@ class Selection:
             k = layer.keep if self.cfg.strategy == "auto" else k
             idx = select_topk(scores, k, self.topk_fn)
         return idx[0] if shared else idx
+
+    @torch.no_grad()
+    def per_token_thresholds(
+        self,
+        mode: PerTokenMode,
+        layers: list[DARTFFN],
+        captured: dict[int, tuple[torch.Tensor, torch.Tensor]],
+        curve_tokens: int,
+        curves: dict[int, list[float]] | None,
+    ) -> tuple[list[float], list[list[float]], dict[int, list[float]], list[int]]:
+        """A per-token method's per-layer keeps and thresholds from the calibration data
+        ``captured`` (layer -> ``(x, r)``, see ``Controller.capturing``): ``auto`` layers share
+        the byte budget ``total_prune`` by ``per_token_allocation`` (the greedy one measures each
+        layer's error curve on ``curve_tokens`` evenly spaced tokens, unless ``curves`` has it),
+        fraction/count layers keep that share of every knob, dense layers keep all. Returns
+        ``(keeps, thresholds, curves, auto layers)``."""
+        keeps: list[float | None] = []
+        for keep, n in zip(self.keeps, self.widths, strict=True):
+            value = {"dense": 1.0, "fraction": keep.value, "auto": None}.get(keep.kind)
+            keeps.append(keep.value / n if keep.kind == "count" else value)
+        auto = [i for i, k in enumerate(keeps) if k is None]
+        if auto:
+            all_sizes = [3.0 * f.parts.width * f.parts.w_up.shape[1] for f in layers]
+            sizes = [all_sizes[i] for i in auto]
+            fixed = [i for i in range(len(layers)) if i not in auto]
+            # the auto layers read what the target leaves after the fixed layers' reads
+            budget = (1.0 - self.cfg.prune_target) * sum(all_sizes) - sum(
+                all_sizes[i] * mode.read_fraction([keeps[i]] * len(mode.knobs)) for i in fixed
+            )
+            read = budget / sum(sizes)
+            curves = {int(k): v for k, v in (curves or {}).items()}
+            if self.cfg.per_token_allocation == "greedy":
+                for i in auto:
+                    if i in curves:
+                        continue
+                    x, r = captured[i]
+                    pick = torch.linspace(0, x.shape[0] - 1, min(curve_tokens, x.shape[0]))
+                    pick = pick.round().long().to(x.device)
+                    layer = layers[i]
+                    curves[i] = calibrate_layer_curves(
+                        mode, layer.parts, x[pick], r[pick], layer.pt_scale
+                    )
+            chosen = allocate_keeps(
+                mode,
+                [curves.get(i, [0.0]) for i in auto],
+                sizes,
+                read,
+                self.cfg.per_token_allocation,
+            )
+            for i, k in zip(auto, chosen, strict=True):
+                keeps[i] = k
+        thresholds = []
+        for i, layer in enumerate(layers):
+            x, _ = captured[i]
+            thresholds.append(layer_thresholds(mode, layer.parts, x, keeps[i], layer.pt_scale))
+        return keeps, thresholds, curves if auto else {}, auto
 
     def kept_neurons(self) -> float:
         """Neurons kept per token over all layers (per-row budgets: a row's mean)."""
