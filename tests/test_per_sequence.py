@@ -17,8 +17,8 @@ import dart
 from dart import DARTConfig
 from dart.core.budget import allocate_budget, max_keep_counts
 from dart.core.config import BACKENDS
-from dart.core.controller import _top_per_row
 from dart.core.scoring import select_topk
+from dart.core.selection import top_per_row
 from dart.runtime.fast import FastGenerator
 
 STEPS = 10
@@ -92,14 +92,14 @@ def test_per_sequence_budget_is_the_rows_own(backend, method):
     assert stats["keep_counts"] == [round(sum(c) / PROMPTS) for c in zip(*rows, strict=True)]
 
 
-def test_top_per_row_keeps_what_each_row_keeps_alone():
+def testtop_per_row_keeps_what_each_row_keeps_alone():
     """Row b's first lengths[b] entries are select_topk(row b, lengths[b]) (ties to the lower
     index, NaN as -inf), the padding is 0, whatever the other rows hold."""
     g = torch.Generator().manual_seed(3)
     scores = torch.randint(-3, 3, (5, 40), generator=g).float()  # many ties
     scores[1, ::3] = float("nan")
     lengths = torch.tensor([0, 1, 17, 30, 30])
-    idx = _top_per_row(scores, 30, lengths)
+    idx = top_per_row(scores, 30, lengths)
     assert idx.shape == (5, 30) and idx.dtype == torch.int64
     for b, n in enumerate(lengths.tolist()):
         if n:

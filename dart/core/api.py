@@ -13,7 +13,7 @@ from torch import nn
 from .adapters import Adapter, FFNParts, LayerRefs, get_adapter
 from .config import DARTConfig
 from .controller import Controller
-from .drift import resolve_watch_layers
+from .drift import get_signal, resolve_watch_layers
 from .methods import get_method
 from .retrace import padding_mask, restore_rows, rewind, save_rows
 from .scoring import ProxyCache, output_proxy, weight_fingerprint
@@ -228,18 +228,16 @@ class DARTHandle:
         setattr(parent, name, module)
 
     def _attention_hook(self, layer: int, watched: list[int]):
-        signal = self.config.drift.signal
+        signal = get_signal(self.config.drift.signal)
         pending: dict[int, torch.Tensor] = {}
 
         def hook(_module, args, kwargs, output):
-            value = output[0] if signal == "attn_output" else output[1]
+            value = signal.capture(output, args, kwargs)
             if value is None:
                 raise RuntimeError(
-                    f"drift signal {signal!r} needs attention weights: load the model with "
-                    "attn_implementation='eager'"
+                    f"drift signal {signal.name!r} needs attention weights: load the model "
+                    "with attn_implementation='eager'"
                 )
-            if signal == "attn_content":  # plus the attention input the keys come from
-                value = (value, args[0] if args else kwargs["hidden_states"])
             pending[layer] = value
             if len(pending) == len(watched):
                 self.controller.observe_attention([pending.pop(i) for i in watched])

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from torch import Tensor
@@ -36,12 +38,15 @@ from torch import Tensor
 from .config import DriftConfig
 
 __all__ = [
+    "SIGNALS",
     "AttnContentMonitor",
     "AttnOutputMonitor",
     "AttnProbsMonitor",
     "DriftMonitor",
     "NullMonitor",
+    "Signal",
     "distance_bucket_features",
+    "get_signal",
     "js_similarity",
     "make_monitor",
     "resolve_watch_layers",
@@ -517,16 +522,76 @@ class NullMonitor(DriftMonitor):
         self.tracing &= ~r
 
 
+@dataclass(frozen=True)
+class Signal:
+    """One drift signal (``DriftConfig.signal``): its monitor class and what the attention
+    hook of a watched layer hands it. ``capture(output, args, kwargs)`` takes the attention
+    module's output tuple and call arguments and returns the monitor's feature input for that
+    layer (None: the model did not return it); ``needs_weights``: it reads the attention
+    weights (eager attention)."""
+
+    name: str
+    description: str
+    monitor: type[DriftMonitor]
+    needs_weights: bool
+    capture: Callable[[tuple, tuple, dict], object]
+
+
+def _attn_output(output: tuple, args: tuple, kwargs: dict) -> object:
+    return output[0]
+
+
+def _attn_weights(output: tuple, args: tuple, kwargs: dict) -> object:
+    return output[1]
+
+
+def _attn_weights_and_input(output: tuple, args: tuple, kwargs: dict) -> object:
+    # the attention input the keys come from, beside the weights
+    if output[1] is None:
+        return None
+    return output[1], args[0] if args else kwargs["hidden_states"]
+
+
+_SIGNALS = (
+    Signal(
+        "attn_output",
+        "the attention block output of the watched layers (cosine to the baseline)",
+        AttnOutputMonitor,
+        needs_weights=False,
+        capture=_attn_output,
+    ),
+    Signal(
+        "attn_probs",
+        "the attention mass per relative-distance bucket (1 - JS to the baseline)",
+        AttnProbsMonitor,
+        needs_weights=True,
+        capture=_attn_weights,
+    ),
+    Signal(
+        "attn_content",
+        "the attention mass per content cluster of the keys (1 - JS to the baseline)",
+        AttnContentMonitor,
+        needs_weights=True,
+        capture=_attn_weights_and_input,
+    ),
+)
+
+SIGNALS: Mapping[str, Signal] = MappingProxyType({sig.name: sig for sig in _SIGNALS})
+
+
+def get_signal(name: str) -> Signal:
+    """The registered drift signal called ``name``; a ValueError listing the names otherwise."""
+    try:
+        return SIGNALS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"DriftConfig.signal: {name!r} is not one of {', '.join(SIGNALS)}"
+        ) from None
+
+
 def make_monitor(cfg: DriftConfig, **kwargs: int) -> DriftMonitor:
-    """The monitor for ``cfg.signal`` (a :class:`NullMonitor` when ``cfg.enabled`` is false)."""
+    """The monitor of the signal ``cfg.signal`` (:data:`SIGNALS`; a :class:`NullMonitor` when
+    ``cfg.enabled`` is false)."""
     if not cfg.enabled:
         return NullMonitor(cfg, **kwargs)
-    if cfg.signal == "attn_output":
-        return AttnOutputMonitor(cfg, **kwargs)
-    if cfg.signal == "attn_probs":
-        return AttnProbsMonitor(cfg, **kwargs)
-    if cfg.signal == "attn_content":
-        return AttnContentMonitor(cfg, **kwargs)
-    raise ValueError(
-        f"DriftConfig.signal: {cfg.signal!r} is not one of attn_output, attn_probs, attn_content"
-    )
+    return get_signal(cfg.signal).monitor(cfg, **kwargs)

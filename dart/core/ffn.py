@@ -1,6 +1,7 @@
 """The FFN module DART puts in place of a model's MLP.
 
-Three ways to run a pruned FFN, chosen by the `backend` setting:
+Three ways to run a pruned FFN, chosen by the `backend` setting (one `Backend` object each, in
+the registry `BACKENDS`; `get_backend(name)`):
 - `masked`: the reference simulation: full hidden vector times a 0/1 mask (no saving).
 - `gathered`: `torch.ops.dart.gathered_glu_ffn` / `gathered_mlp` read only the kept neurons'
   rows of the original weights (no extra memory).
@@ -21,9 +22,10 @@ imports nothing of the controller.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Protocol
 
 import torch
@@ -32,7 +34,16 @@ from torch import nn
 from .adapters import FFNParts
 from .per_token import PerTokenMode, weighted_scale
 
-__all__ = ["DARTFFN", "DENSE", "SPARSE", "TRACE", "StatsRecorder"]
+__all__ = [
+    "BACKENDS",
+    "DARTFFN",
+    "DENSE",
+    "SPARSE",
+    "TRACE",
+    "Backend",
+    "StatsRecorder",
+    "get_backend",
+]
 
 # Mode of one forward, set by the controller before each pass.
 DENSE = "dense"  # original module, nothing recorded
@@ -68,16 +79,17 @@ class _Routing:
     selected: bool
 
 
-def _kernel_act(backend: str, act: str) -> str | None:
+def _kernel_act(backend: Backend, act: str) -> str | None:
     """The kernels' name of an HF activation (their alias table is the one in `dart_ext`);
-    None for the masked backend, which computes with the model's own functions."""
-    if backend == "masked":
+    None for a backend without kernels (masked), which computes with the model's own
+    functions."""
+    if not backend.kernels:
         return None
     from dart_ext.reference import ACT_ALIASES
 
     if act not in ACT_ALIASES:
         raise ValueError(
-            f"backend {backend!r} has no kernel for activation {act!r}; "
+            f"backend {backend.name!r} has no kernel for activation {act!r}; "
             "use backend='masked' for this model"
         )
     return ACT_ALIASES[act]
@@ -97,12 +109,13 @@ class DARTFFN(nn.Module):
         self.layer_index = layer_index
         self.width = parts.width
         self.kind = parts.kind
-        self.backend = backend
-        self.kernel_act = _kernel_act(backend, parts.act)
-        if parts.quant is not None and backend == "compact":
+        self._backend = get_backend(backend)
+        self.kernel_act = _kernel_act(self._backend, parts.act)
+        if parts.quant is not None and not self._backend.quantised:
+            able = [b.name for b in BACKENDS.values() if b.quantised and b.kernels]
             raise ValueError(
-                "backend 'compact' slices fp weight rows, and this model is quantised "
-                "(dart.quantize): attach with backend='gathered' (or 'masked')"
+                f"backend {backend!r} {self._backend.why_not_quantised}, and this model is "
+                f"quantised (dart.quantize): attach with backend={able[0]!r} (or 'masked')"
             )
         # Plain attributes (not submodules / buffers): views of the original parameters.
         self._parts = parts
@@ -190,8 +203,17 @@ class DARTFFN(nn.Module):
         if row_keeps_all is not None:
             mask[row_keeps_all] = 1.0
         self._assign("mask", mask)
-        if self.backend == "compact":
+        if self._backend.keeps_copies:
             self._reslice()
+
+    @property
+    def backend(self) -> str:
+        """The name of the backend of sparse passes (:data:`BACKENDS`)."""
+        return self._backend.name
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self._backend = get_backend(name)
 
     @property
     def parts(self) -> FFNParts:
@@ -311,10 +333,7 @@ class DARTFFN(nn.Module):
 
     def _per_token(self, x: torch.Tensor) -> torch.Tensor:
         p, mode = self._parts, self.per_token
-        if self.backend == "masked":
-            y, read = mode.masked(p, x, self.pt_thresholds, self.pt_scale)
-        else:
-            y, read = mode.gathered(p, x, self.pt_thresholds, self.pt_scale, self.kernel_act)
+        y, read = self._backend.per_token(self, mode, p, x)
         self.pt_read.add_(read.sum(dtype=torch.float64))
         self.pt_dense.add_(float(read.numel() * self.dense_entries))
         return y
@@ -324,28 +343,9 @@ class DARTFFN(nn.Module):
         if self.probe is not None:  # a measured pass: the dense h, plain torch, no kernels
             with torch.no_grad():
                 self.probe.record(self.layer_index, p.hidden(x), self.mask)
-        if self.backend == "masked":
-            return p.down(p.hidden(x) * self.mask)
-        if self.backend == "gathered":
-            if p.quant is not None:  # quantised rows (dart.core.quant.QuantGLU)
-                return p.quant.sparse(x, self.idx, self.kernel_act, self.lengths)
-            if self.kind == "glu":
-                return torch.ops.dart.gathered_glu_ffn(
-                    x,
-                    p.w_gate,
-                    p.w_up,
-                    p.w_down_t,
-                    self.idx,
-                    self.kernel_act,
-                    self.lengths,
-                    b_gate=p.b_gate,
-                    b_up=p.b_in,
-                    b_down=p.b_out,
-                )
-            return torch.ops.dart.gathered_mlp(
-                x, p.w_up, p.b_in, p.w_down_t, p.b_out, self.idx, self.kernel_act, self.lengths
-            )
-        return self._compact_forward(x)
+        if p.quant is not None:  # quantised rows (dart.core.quant.QuantGLU)
+            return self._backend.sparse_quantised(self, x)
+        return self._backend.sparse(self, x)
 
     def _compact_forward(self, x: torch.Tensor) -> torch.Tensor:
         from dart_ext.ops import compact_glu_ffn, compact_mlp  # built kernels: non-masked only
@@ -387,3 +387,119 @@ def _dynamic_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
     recompiling."""
     torch._dynamo.maybe_mark_dynamic(t, dim % t.dim())
     return t
+
+
+# ------------------------------------------------------------------------------------------
+# The backends of sparse passes
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way to run a sparse FFN pass (the ``backend`` setting).
+
+    ``kernels``: runs the compiled ``dart_ext`` kernels (the activation needs a kernel name);
+    ``keeps_copies``: slices the kept rows into compact buffers at every selection;
+    ``quantised``: runs FFNs quantised by ``dart.quantize`` (``why_not_quantised`` says why
+    not otherwise). :meth:`sparse` / :meth:`sparse_quantised` run a sparse pass of a
+    `DARTFFN` on its current selection (fp / quantised weights), :meth:`per_token` a pass of
+    a per-token method (``(y, entries read per token)``).
+    """
+
+    name: str
+    description: str
+    kernels: bool = True
+    keeps_copies: bool = False
+    quantised: bool = True
+    why_not_quantised: str = ""
+
+    def sparse(self, ffn: DARTFFN, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"backend {self.name!r} defines no sparse pass")
+
+    def sparse_quantised(self, ffn: DARTFFN, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"backend {self.name!r} {self.why_not_quantised}")
+
+    def per_token(
+        self, ffn: DARTFFN, mode: PerTokenMode, p: FFNParts, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise ValueError(f"backend {self.name!r} cannot run per-token methods")
+
+
+@dataclass(frozen=True)
+class _Masked(Backend):
+    def sparse(self, ffn: DARTFFN, x: torch.Tensor) -> torch.Tensor:
+        p = ffn.parts
+        return p.down(p.hidden(x) * ffn.mask)
+
+    def sparse_quantised(self, ffn: DARTFFN, x: torch.Tensor) -> torch.Tensor:
+        return self.sparse(ffn, x)  # the quantised parts compute hidden and down themselves
+
+    def per_token(
+        self, ffn: DARTFFN, mode: PerTokenMode, p: FFNParts, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return mode.masked(p, x, ffn.pt_thresholds, ffn.pt_scale)
+
+
+@dataclass(frozen=True)
+class _Gathered(Backend):
+    def sparse(self, ffn: DARTFFN, x: torch.Tensor) -> torch.Tensor:
+        p = ffn.parts
+        if ffn.kind == "glu":
+            return torch.ops.dart.gathered_glu_ffn(
+                x,
+                p.w_gate,
+                p.w_up,
+                p.w_down_t,
+                ffn.idx,
+                ffn.kernel_act,
+                ffn.lengths,
+                b_gate=p.b_gate,
+                b_up=p.b_in,
+                b_down=p.b_out,
+            )
+        return torch.ops.dart.gathered_mlp(
+            x, p.w_up, p.b_in, p.w_down_t, p.b_out, ffn.idx, ffn.kernel_act, ffn.lengths
+        )
+
+    def sparse_quantised(self, ffn: DARTFFN, x: torch.Tensor) -> torch.Tensor:
+        return ffn.parts.quant.sparse(x, ffn.idx, ffn.kernel_act, ffn.lengths)
+
+    def per_token(
+        self, ffn: DARTFFN, mode: PerTokenMode, p: FFNParts, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return mode.gathered(p, x, ffn.pt_thresholds, ffn.pt_scale, ffn.kernel_act)
+
+
+@dataclass(frozen=True)
+class _Compact(Backend):
+    def sparse(self, ffn: DARTFFN, x: torch.Tensor) -> torch.Tensor:
+        return ffn._compact_forward(x)
+
+
+_BACKENDS = (
+    _Masked(
+        "masked",
+        "the reference simulation: the full hidden vector times a 0/1 mask (no saving)",
+        kernels=False,
+    ),
+    _Gathered(
+        "gathered",
+        "kernels that read only the kept neurons' rows of the original weights (no copy)",
+    ),
+    _Compact(
+        "compact",
+        "the kept rows sliced into compact buffers at each selection, dense GEMMs on them",
+        keeps_copies=True,
+        quantised=False,
+        why_not_quantised="slices fp weight rows",
+    ),
+)
+
+BACKENDS: Mapping[str, Backend] = MappingProxyType({b.name: b for b in _BACKENDS})
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend called ``name``; a ValueError listing the names otherwise."""
+    try:
+        return BACKENDS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"backend {name!r} is not one of {', '.join(BACKENDS)}") from None

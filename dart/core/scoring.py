@@ -12,19 +12,24 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 
-from .config import RANKINGS, SENSITIVITIES
+from .config import SENSITIVITIES
 
 __all__ = [
+    "RANKINGS",
     "ActivationAccumulator",
     "ProxyCache",
+    "Ranking",
     "SensitivityAccumulator",
+    "get_ranking",
     "output_proxy",
     "rank_scores",
     "select_threshold",
@@ -245,31 +250,63 @@ class ProxyCache:
 # Ranking and selection
 
 
+@dataclass(frozen=True)
+class Ranking:
+    """One way to score neurons from their magnitudes ``m [B, N]`` (fp32) and the output
+    proxies ``(Pmax, Pmean)`` (each ``[N]``): ``score(m, pmax, pmean)``; ``needs`` names the
+    proxies it reads (``pmax``, ``pmean``), checked by :func:`rank_scores`."""
+
+    name: str
+    description: str
+    needs: tuple[str, ...]
+    score: Callable[[Tensor, Tensor | None, Tensor | None], Tensor]
+
+
+_RANKINGS = (
+    Ranking("magnitude", "the magnitude m", (), lambda m, pmax, pmean: m),
+    Ranking("max", "Pmax m", ("pmax",), lambda m, pmax, pmean: pmax.float() * m),
+    Ranking("mean", "Pmean m", ("pmean",), lambda m, pmax, pmean: pmean.float() * m),
+    Ranking(
+        "combined",
+        "(Pmax + Pmean) m",
+        ("pmax", "pmean"),
+        lambda m, pmax, pmean: (pmax.float() + pmean.float()) * m,
+    ),
+    Ranking(
+        "product",
+        "Pmax Pmean m^2",
+        ("pmax", "pmean"),
+        lambda m, pmax, pmean: pmax.float() * pmean.float() * m.square(),
+    ),
+)
+
+RANKINGS: Mapping[str, Ranking] = MappingProxyType({r.name: r for r in _RANKINGS})
+
+
+def get_ranking(name: str) -> Ranking:
+    """The registered ranking called ``name``; a ValueError listing the names otherwise."""
+    try:
+        return RANKINGS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"ranking: {name!r} is not one of {', '.join(RANKINGS)}") from None
+
+
 def rank_scores(
     method: str, m: Tensor, pmax: Tensor | None = None, pmean: Tensor | None = None
 ) -> Tensor:
-    """Neuron scores ``[B, N]`` (spec table): magnitude ``m``; max ``Pmax m``; mean ``Pmean m``;
-    combined ``(Pmax + Pmean) m``; product ``Pmax Pmean m^2``."""
-    if method not in RANKINGS:
-        raise ValueError(f"ranking: {method!r} is not one of {', '.join(RANKINGS)}")
+    """Neuron scores ``[B, N]`` by the ranking called ``method`` (:data:`RANKINGS`, spec
+    table): magnitude ``m``; max ``Pmax m``; mean ``Pmean m``; combined ``(Pmax + Pmean) m``;
+    product ``Pmax Pmean m^2``."""
+    ranking = get_ranking(method)
     m = m.float()
-    if method == "magnitude":
-        return m
-    need = {"max": ("pmax",), "mean": ("pmean",)}.get(method, ("pmax", "pmean"))
     given = {"pmax": pmax, "pmean": pmean}
-    for name in need:
+    for name in ranking.needs:
         p = given[name]
         if p is None:
             raise ValueError(f"ranking {method!r} needs {name} (the output proxy)")
         if p.shape != (m.shape[-1],):
             raise ValueError(f"{name}: shape {tuple(p.shape)} is not [N] = [{m.shape[-1]}]")
-    if method == "max":
-        return pmax.float() * m
-    if method == "mean":
-        return pmean.float() * m
-    if method == "combined":
-        return (pmax.float() + pmean.float()) * m
-    return pmax.float() * pmean.float() * m.square()
+    return ranking.score(m, pmax, pmean)
 
 
 def _nan_to_neginf(scores: Tensor) -> Tensor:

@@ -31,7 +31,6 @@ import torch.nn.functional as F
 
 from ..assets.data import load_documents, load_file_documents, split_documents
 from ..core.api import DARTHandle
-from ..core.controller import Phase
 from .perplexity import tokenize_prefix
 
 __all__ = [
@@ -164,7 +163,8 @@ def weight_bytes(model: torch.nn.Module, handle: DARTHandle | None) -> tuple[flo
 def _sparse_now(handle: DARTHandle | None) -> bool:
     if handle is None or not handle.method.prunes:
         return False
-    return bool(handle.controller.phase) and handle.controller.phase[0] == Phase.SPARSE
+    rows = handle.controller.sparse_rows
+    return bool(rows) and rows[0]
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ per-token host sync.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -223,16 +223,12 @@ class FastGenerator:
         """While the loop runs: the controller is stepped by the loop, not by its hooks, and
         dynamo may keep more compiled variants of the step; both restored on exit."""
         c = self.handle.controller if self.handle is not None else None
-        auto_step = c.auto_step if c is not None else None
         limit = max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT)
-        try:
+        with ExitStack() as stack:
             if c is not None:
-                c.auto_step = False
-            with torch._dynamo.config.patch(recompile_limit=limit):
-                yield c
-        finally:
-            if c is not None:
-                c.auto_step = auto_step
+                stack.enter_context(c.driven())
+            stack.enter_context(torch._dynamo.config.patch(recompile_limit=limit))
+            yield c
 
     @torch.no_grad()
     def generate(
@@ -316,7 +312,7 @@ class FastGenerator:
         out[:, 0] = token
         prefill = time.perf_counter() - start
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        window = c.cfg.drift.window if c is not None else 16
+        window = c.config.drift.window if c is not None else 16
         start = time.perf_counter()
         steps = trace_steps = 0
         trace_seconds = 0.0
