@@ -142,6 +142,12 @@ class DARTFFN(nn.Module):
         self.register_buffer("pt_read", zero.clone(), persistent=False)
         self.register_buffer("pt_dense", zero.clone(), persistent=False)
         self.dense_entries = 3 * n * d
+        # weight copies in the layout the mode's fused kernel reads (the input mode's input-major
+        # gate / up on CPU), buffers so a compiled step reads them as inputs
+        layout = mode.kernel_layout(p, self.backend)
+        for i, t in enumerate(layout):
+            self.register_buffer(f"pt_layout{i}", t, persistent=False)
+        self.pt_layout_count = len(layout)
 
     def set_thresholds(self, thresholds: torch.Tensor) -> None:
         """Install this layer's per-token thresholds (`[2]`, one per knob, unused ones 0) in
@@ -278,6 +284,7 @@ class DARTFFN(nn.Module):
         tensors = [self.idx, self.lengths, self.mask, *(self.compact or ())]
         if self.per_token is not None:
             tensors += [self.pt_thresholds, self.pt_scale, self.pt_read, self.pt_dense]
+            tensors += [getattr(self, f"pt_layout{i}") for i in range(self.pt_layout_count)]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     # -- forward ------------------------------------------------------------------------------
@@ -314,7 +321,10 @@ class DARTFFN(nn.Module):
         if self.backend == "masked":
             y, read = mode.masked(p, x, self.pt_thresholds, self.pt_scale)
         else:
-            y, read = mode.gathered(p, x, self.pt_thresholds, self.pt_scale, self.kernel_act)
+            layout = [getattr(self, f"pt_layout{i}") for i in range(self.pt_layout_count)]
+            y, read = mode.gathered(
+                p, x, self.pt_thresholds, self.pt_scale, self.kernel_act, *layout
+            )
         self.pt_read.add_(read.sum(dtype=torch.float64))
         self.pt_dense.add_(float(read.numel() * self.dense_entries))
         return y
