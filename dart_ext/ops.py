@@ -425,7 +425,12 @@ def _input_sparse_glu_ffn_fake(
             _fail(op, f"{name} must be neuron-major or input-major, got strides {w.stride()}")
         majors.append(not row_major)
     if majors[0] != majors[1]:
-        _fail(op, "w_gate and w_up must be stored alike (both neuron-major or both input-major)")
+        kinds = ["input-major" if m else "neuron-major" for m in majors]
+        _fail(
+            op,
+            f"w_gate is {kinds[0]} but w_up is {kinds[1]} (store both alike: the column-sparse "
+            "loop reads them together)",
+        )
     _check_weight(op, "w_down_t", w_down_t, x, d)
     n = _check_pt_n(
         op, (("w_gate", w_gate.shape[0]), ("w_up", w_up.shape[0]), ("w_down_t", w_down_t.shape[0]))

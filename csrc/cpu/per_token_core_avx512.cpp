@@ -2,6 +2,11 @@
 // kernel_core.inc), 16-lane vectors; chosen at run time with core_kernels()'s avx512 variant.
 #include "per_token_core.h"
 
+// kernel_core.inc's own entry points (ffn_neurons, qdot_rows, ...) are compiled again in this
+// unit for the helpers they come with; only the per-token loops are exported, so GCC would warn
+// that those entry points are unused.
+#pragma GCC diagnostic ignored "-Wunused-function"
+
 #if DART_CPU_DISPATCH
 #include <immintrin.h>
 
