@@ -43,6 +43,7 @@ SHAPES = {
     "smollm2-135m": (576, 1536),
     "qwen2.5-1.5b": (1536, 8960),
     "llama-3.1-8b": (4096, 14336),
+    "tiny": (64, 256),  # smoke tests
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 QFORMATS = ("q8", "q4")

@@ -368,3 +368,27 @@ def test_each_instruction_set_variant_matches_reference(cap):
         timeout=600,
     )
     assert p.returncode == 0 and "checked" in p.stdout, p.stdout + p.stderr
+
+
+def test_bench_ops_per_token_smoke(tmp_path):
+    """bench/ops_per_token.py on a tiny shape: every arm timed, the reads it promises."""
+    import importlib.util
+    import json
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "bench_ops_per_token", os.path.join(root, "bench", "ops_per_token.py")
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "r.json"
+    argv = ["--shapes", "tiny", "--tokens", "1", "2", "--reads", "0.5", "--quant", "q4"]
+    argv += ["--layers", "2", "--budget", "0.01", "--max-reps", "3", "--json", str(out)]
+    assert bench.main(argv) == 0
+    records = json.loads(out.read_text())
+    assert [(r["T"], r["policy"]) for r in records] == [(1, "token"), (2, "token"), (2, "union")]
+    for r in records:
+        for arm in ("dense", "dart", "gate", "input", "input_rows", "dense_q4", "gate_q4"):
+            assert r[f"{arm}_us"] > 0
+        assert r["dense_read"] == 1.0 and r["dart_read"] == pytest.approx(0.5, abs=0.01)
+        assert 0.3 < r["input_read"] < 0.8 and r["input_read"] == r["input_rows_read"]

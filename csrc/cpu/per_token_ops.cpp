@@ -11,9 +11,11 @@
 // Each returns (y, read): read [...] fp32 = weight entries the token read.
 //
 // Batches (policy): "token" chooses for every token of x on its own (a per-sequence choice at
-// decode, one token per sequence); "union" chooses one set for all tokens of the call (the union
-// of their choices), computed for every token, so the weights are streamed once per call and
-// every token reports the call's reads.
+// decode, one token per sequence): each token's y is its own choice's and its read counts its
+// own choice; "union" chooses one set for all tokens of the call (the union of their choices),
+// computed for every token, and every token reports the call's reads. Either way the kernels
+// stream the union of the tokens' rows once per call (under "token" with zero coefficients for
+// the tokens that did not keep a row), so a batch step reads each weight byte at most once.
 //
 // Threads: the candidate gate rows, the neurons of g / u and the columns of y are split across
 // threads (each output computed whole by one thread); the kept neurons of the gate-first stream
@@ -165,37 +167,38 @@ void gate_first_run(const at::Tensor& xf, const QAct* xa, const PtWeights& w, in
     else
       pk.gate_acts(x, M, d, w, cp, b, e, A.data(), nc);
   });
-  // 2. the kept neurons of each group of tokens (one token, or all of them under "union"), then
-  // their up and down rows, once for the group
-  const int64_t group = unite ? M : 1;
-  std::vector<int64_t> nid;
-  std::vector<float> coef;
-  for (int64_t t0 = 0; t0 < M; t0 += group) {
-    nid.clear();
-    for (int64_t j = 0; j < nc; ++j) {
-      const int64_t n = cp ? cp[j] : j;
-      bool keep = false;
-      for (int64_t t = t0; t < t0 + group && !keep; ++t)
-        keep = std::fabs(A[t * nc + j]) * scale[n] >= thr;
-      if (keep) nid.push_back(j);
+  // 2. the neurons any token keeps, their up and down rows streamed once for all M tokens.
+  // "token": a token's coefficient is 0 where it did not keep the neuron (its y is its own
+  // choice's; the zeros cost flops, not bytes); "union": every token over the whole set.
+  std::vector<uint8_t> kept(M * nc);
+  std::vector<int64_t> nid, own(M, 0);
+  for (int64_t j = 0; j < nc; ++j) {
+    const float s = scale[cp ? cp[j] : j];
+    bool any = false;
+    for (int64_t t = 0; t < M; ++t) {
+      const bool k = std::fabs(A[t * nc + j]) * s >= thr;
+      kept[t * nc + j] = k;
+      own[t] += k;
+      any = any || k;
     }
-    const int64_t nk = static_cast<int64_t>(nid.size());
-    coef.resize(group * nk);
-    for (int64_t t = 0; t < group; ++t)
-      for (int64_t i = 0; i < nk; ++i) coef[t * nk + i] = A[(t0 + t) * nc + nid[i]];
-    for (int64_t i = 0; i < nk; ++i) nid[i] = cp ? cp[nid[i]] : nid[i];
-    for (int64_t t = t0; t < t0 + group; ++t)
-      read[t] = static_cast<float>(nc * d + 2 * nk * d);
-    chunked(nk, group, d, 2 * d, y + t0 * d, [&](int64_t j0, int64_t j1, float* yc) {
-      if (xa) {
-        const int64_t nb = d / kQBlock;
-        const QAct xt{xa->q + t0 * d, xa->scale + t0 * nb, xa->sum + t0 * nb};
-        pk.qup_down(xt, group, d, w, nid.data(), coef.data(), nk, j0, j1, yc);
-      } else {
-        pk.up_down(x + t0 * d, group, d, w, nid.data(), coef.data(), nk, j0, j1, yc);
-      }
-    });
+    if (any) nid.push_back(j);
   }
+  const int64_t nk = static_cast<int64_t>(nid.size());
+  std::vector<float> coef(M * nk);
+  for (int64_t t = 0; t < M; ++t) {
+    for (int64_t i = 0; i < nk; ++i) {
+      const int64_t j = nid[i];
+      coef[t * nk + i] = unite || kept[t * nc + j] ? A[t * nc + j] : 0.0f;
+    }
+    read[t] = static_cast<float>(nc * d + 2 * (unite ? nk : own[t]) * d);
+  }
+  for (int64_t i = 0; i < nk; ++i) nid[i] = cp ? cp[nid[i]] : nid[i];
+  chunked(nk, M, d, 2 * d, y, [&](int64_t j0, int64_t j1, float* yc) {
+    if (xa)
+      pk.qup_down(*xa, M, d, w, nid.data(), coef.data(), nk, j0, j1, yc);
+    else
+      pk.up_down(x, M, d, w, nid.data(), coef.data(), nk, j0, j1, yc);
+  });
 }
 
 constexpr const char* kGateOp = "gate_first_glu_ffn";
@@ -373,49 +376,61 @@ std::tuple<at::Tensor, at::Tensor> input_sparse_glu_ffn_cpu(
   const float* xp = xf.data_ptr<float>();
   float* yp = yf.data_ptr<float>();
   float* rp = read.data_ptr<float>();
-  const int64_t group = unite ? M : 1;
-  std::vector<int64_t> cols, rows;
-  std::vector<float> xv, g, u, hv;
-  for (int64_t t0 = 0; t0 < M && d > 0; t0 += group) {
-    // 1. the kept columns of the group (any of its tokens) and the tokens' values there
-    cols.clear();
+  // The columns (then rows) any token keeps are streamed once for all M tokens; under "token"
+  // a token's value is 0 where it did not keep the column (row), so its result is its own
+  // choice's (the zeros cost flops, not bytes); under "union" every token uses the whole set.
+  if (M > 0 && d > 0) {
+    // 1. the kept columns and the tokens' values there
+    std::vector<int64_t> cols, rows, own(M, 0), own_h(M, 0);
     for (int64_t j = 0; j < d; ++j) {
-      bool keep = false;
-      for (int64_t t = t0; t < t0 + group && !keep; ++t) keep = std::fabs(xp[t * d + j]) >= tx;
-      if (keep) cols.push_back(j);
+      bool any = false;
+      for (int64_t t = 0; t < M; ++t) {
+        const bool k = std::fabs(xp[t * d + j]) >= tx;
+        own[t] += k;
+        any = any || k;
+      }
+      if (any) cols.push_back(j);
     }
     const int64_t nk = static_cast<int64_t>(cols.size());
-    xv.resize(group * nk);
-    for (int64_t t = 0; t < group; ++t)
-      for (int64_t c = 0; c < nk; ++c) xv[t * nk + c] = xp[(t0 + t) * d + cols[c]];
-    // 2. g, u [group, N] over the kept columns; h = act(g) * u in g
-    g.assign(group * N, 0.0f);
-    u.assign(group * N, 0.0f);
-    split(N, std::max<int64_t>(64, 65536 / std::max<int64_t>(nk * group, 1)),
+    std::vector<float> xv(M * nk);
+    for (int64_t t = 0; t < M; ++t)
+      for (int64_t c = 0; c < nk; ++c) {
+        const float v = xp[t * d + cols[c]];
+        xv[t * nk + c] = unite || std::fabs(v) >= tx ? v : 0.0f;
+      }
+    // 2. g, u [M, N] over the kept columns; h = act(g) * u in g
+    std::vector<float> g(M * N, 0.0f), u(M * N, 0.0f);
+    split(N, std::max<int64_t>(64, 65536 / std::max<int64_t>(nk * M, 1)),
           [&](int64_t b, int64_t e) {
             if (gate_t)
-              pk.colsparse_t(xv.data(), group, cols.data(), nk, w, b, e, g.data(), u.data(), N);
+              pk.colsparse_t(xv.data(), M, cols.data(), nk, w, b, e, g.data(), u.data(), N);
             else
-              pk.colsparse_rows(xv.data(), group, cols.data(), nk, w, b, e, g.data(), u.data(),
-                                N);
+              pk.colsparse_rows(xv.data(), M, cols.data(), nk, w, b, e, g.data(), u.data(), N);
           });
-    for (int64_t i = 0; i < group * N; ++i) g[i] = apply_act(act, g[i]) * u[i];
-    // 3. the kept rows of h (any token of the group), then y over them, split by columns of y
-    rows.clear();
+    for (int64_t i = 0; i < M * N; ++i) g[i] = apply_act(act, g[i]) * u[i];
+    // 3. the kept rows of h, then y over them, split by columns of y
     for (int64_t n = 0; n < N; ++n) {
-      bool keep = false;
-      for (int64_t t = 0; t < group && !keep; ++t) keep = std::fabs(g[t * N + n]) >= th;
-      if (keep) rows.push_back(n);
+      bool any = false;
+      for (int64_t t = 0; t < M; ++t) {
+        const bool k = std::fabs(g[t * N + n]) >= th;
+        own_h[t] += k;
+        any = any || k;
+      }
+      if (any) rows.push_back(n);
     }
     const int64_t nr = static_cast<int64_t>(rows.size());
-    hv.resize(group * nr);
-    for (int64_t t = 0; t < group; ++t)
-      for (int64_t r = 0; r < nr; ++r) hv[t * nr + r] = g[t * N + rows[r]];
-    split(d, std::max<int64_t>(64, 65536 / std::max<int64_t>(nr * group, 1)),
+    std::vector<float> hv(M * nr);
+    for (int64_t t = 0; t < M; ++t)
+      for (int64_t r = 0; r < nr; ++r) {
+        const float v = g[t * N + rows[r]];
+        hv[t * nr + r] = unite || std::fabs(v) >= th ? v : 0.0f;
+      }
+    split(d, std::max<int64_t>(64, 65536 / std::max<int64_t>(nr * M, 1)),
           [&](int64_t b, int64_t e) {
-            pk.rows_axpy(hv.data(), group, rows.data(), nr, w, b, e, yp + t0 * d, d);
+            pk.rows_axpy(hv.data(), M, rows.data(), nr, w, b, e, yp, d);
           });
-    for (int64_t t = t0; t < t0 + group; ++t) rp[t] = static_cast<float>(2 * N * nk + d * nr);
+    for (int64_t t = 0; t < M; ++t)
+      rp[t] = static_cast<float>(unite ? 2 * N * nk + d * nr : 2 * N * own[t] + d * own_h[t]);
   }
   return {yf.to(x.scalar_type()).reshape(x.sizes()), read.reshape(x.sizes().slice(0, x.dim() - 1))};
 }
