@@ -391,4 +391,4 @@ def test_bench_ops_per_token_smoke(tmp_path):
         for arm in ("dense", "dart", "gate", "input", "input_rows", "dense_q4", "gate_q4"):
             assert r[f"{arm}_us"] > 0
         assert r["dense_read"] == 1.0 and r["dart_read"] == pytest.approx(0.5, abs=0.01)
-        assert 0.3 < r["input_read"] < 0.8 and r["input_read"] == r["input_rows_read"]
+        assert 0.3 < r["input_read"] <= 1.0 and r["input_read"] == r["input_rows_read"]
