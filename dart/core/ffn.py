@@ -138,7 +138,9 @@ class DARTFFN(nn.Module):
         self.register_buffer("pt_thresholds", torch.zeros(2, device=dev), persistent=False)
         scale = weighted_scale(p) if mode.weighted else torch.ones(n, device=dev)
         self.register_buffer("pt_scale", scale, persistent=False)
-        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        # [1], not 0-dim: inductor (torch 2.x, CPU) drops the in-place adds of a compiled step
+        # to a 0-dim float64 buffer, and the meters would read 0 under FastGenerator
+        zero = torch.zeros(1, dtype=torch.float64, device=dev)
         self.register_buffer("pt_read", zero.clone(), persistent=False)
         self.register_buffer("pt_dense", zero.clone(), persistent=False)
         self.dense_entries = 3 * n * d
