@@ -8,6 +8,12 @@ Arms (same prompts, same number of new tokens):
   dart_masked             HF `generate` with DART's masked backend (the paper's simulation)
   dart_gathered_compiled  the compiled loop with DART's gathered kernels
   dart_compact_compiled   the compiled loop with DART's compact (slice-on-reselect) buffers
+  pertoken_<mode>[_compiled]
+                          a per-token method (issue 26: gate, gate-weighted, input; opt-in, e.g.
+                          `--arms dense_compiled,pertoken_input_compiled`) on the gathered
+                          backend, whose CPU steps run the fused per-token kernels; thresholds
+                          calibrated on the bench prompts at the setting's sparsity (the share of
+                          FFN bytes left unread); `rd` is the share it really read per token
   llamacpp                llama.cpp's `llama-bench` on the packaged model's own GGUF file (opt-in:
                           `--arms llamacpp,...`; batch 1, CPU, same threads, `-p 0 -n new_tokens`;
                           built once from the pinned source by `dart.llamacpp`, see `make
@@ -92,6 +98,10 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 # and embeddings in fp32). The compact backend slices fp rows: its arm is skipped for them.
 QUANT = {"q8": "q8", "q4": "q4", "q4m": "q4m"}
 DENSE_ARMS = ("hf_dense", "hf_static_compiled", "dense_compiled")
+# Opt-in per-token arms: pertoken_<mode> (HF generate) and pertoken_<mode>_compiled
+PER_TOKEN_ARMS = tuple(
+    f"pertoken_{m}{s}" for m in ("gate", "gate-weighted", "input") for s in ("", "_compiled")
+)
 LLAMACPP = "llamacpp"  # opt-in: needs a packaged GGUF and builds llama.cpp on first use
 BASELINE_ARMS = (*DENSE_ARMS, LLAMACPP)  # measured once per dtype and batch, not per sparsity
 SPIN_NOTE = (
@@ -194,13 +204,18 @@ class _TokenClock(StoppingCriteria):
 class Arm:
     """One arm: its own copy of the model (DART patches a model in place), set up once."""
 
-    def __init__(self, name: str, base, args, sparsity: float, max_len: int):
+    def __init__(self, name: str, base, args, sparsity: float, max_len: int, calib_ids=None):
         self.name = name
         self.model = base if name in DENSE_ARMS else copy.deepcopy(base)
         self.handle = None
         if name.startswith("dart_"):
             backend = name.split("_")[1]
             self.handle = dart.attach(self.model, _config(args, sparsity, backend))
+        elif name.startswith("pertoken_"):
+            mode = name.removeprefix("pertoken_").removesuffix("_compiled")
+            cfg = dart.DARTConfig(method=mode, total_prune=sparsity, backend="gathered")
+            self.handle = dart.attach(self.model, cfg)
+            self.handle.calibrate(calib_ids)
         self.fast = None
         if name.endswith("_compiled"):
             self.fast = FastGenerator(self.model, self.handle, max_len)
@@ -247,6 +262,8 @@ class Arm:
         if self.handle is not None:
             stats = self.handle.stats()
             rec["effective_sparsity"] = stats["effective_sparsity"]
+            if "ffn_bytes_read_fraction" in stats:  # per-token methods: measured per token
+                rec["ffn_bytes_read_fraction"] = stats["ffn_bytes_read_fraction"]
             if "dense_token_computations_per_token" in stats:
                 rec["dense_token_computations_per_token"] = stats[
                     "dense_token_computations_per_token"
@@ -311,10 +328,10 @@ class LlamaCppArm:
         pass
 
 
-def make_arm(name: str, base, args, sparsity: float, max_len: int):
+def make_arm(name: str, base, args, sparsity: float, max_len: int, calib_ids=None):
     if name == LLAMACPP:
         return LlamaCppArm(args.llamacpp_gguf, args.llamacpp_tools, args.llamacpp_threads)
-    return Arm(name, base, args, sparsity, max_len)
+    return Arm(name, base, args, sparsity, max_len, calib_ids)
 
 
 # A measured run that compiled (a graph first met after the warm-up round, e.g. a re-trace's) is
@@ -356,7 +373,8 @@ def bench_setting(base, tok, dtype, batch, sparsity, args, with_dense: bool) -> 
     if "dense_compiled" not in names:
         names.append("dense_compiled")  # the baseline of every ratio
     torch._dynamo.reset()  # each setting compiles its own steps
-    arms = [make_arm(n, base, args, sparsity, max_len) for n in names]
+    calib = ids[:1, mask[0].bool()]  # per-token thresholds: the first prompt, unpadded
+    arms = [make_arm(n, base, args, sparsity, max_len, calib) for n in names]
     samples: dict[str, list[dict]] = {a.name: [] for a in arms}
     for rnd in range(args.rounds + 1):  # round 0 warms up (compiles)
         for arm in arms:
@@ -396,6 +414,7 @@ def bench_setting(base, tok, dtype, batch, sparsity, args, with_dense: bool) -> 
             "selection_ms_per_token",
             "trace_ms_per_token",
             "dense_token_computations_per_token",
+            "ffn_bytes_read_fraction",
             "threads",
         ):
             vals = [s[key] for s in samples[name] if key in s]
@@ -445,6 +464,7 @@ def print_table(records: list[dict]) -> None:
         ("prefill ms", 11, lambda r: _fmt(r, "prefill_seconds", 1000.0)),
         ("mem MB", 8, lambda r: _fmt(r, "memory_mb", 1.0, 0)),
         ("eff.sp", 7, lambda r: _fmt(r, "effective_sparsity", 1.0, 2)),
+        ("rd", 5, lambda r: _fmt(r, "ffn_bytes_read_fraction", 1.0, 2)),
         ("retraces", 9, lambda r: r.get("retraces", "-")),
         ("sel ms", 7, lambda r: _fmt(r, "selection_ms", 1.0)),
         ("sel/tok", 8, lambda r: _fmt(r, "selection_ms_per_token", 1.0, 2)),
@@ -503,7 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--arms",
         default=",".join(ARMS),
-        help=f"comma list of {', '.join((*ARMS, LLAMACPP))} ({LLAMACPP} is opt-in)",
+        help=f"comma list of {', '.join((*ARMS, *PER_TOKEN_ARMS, LLAMACPP))} ({LLAMACPP} and "
+        "the pertoken_* arms are opt-in)",
     )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -529,8 +550,8 @@ def main(argv: list[str] | None = None) -> None:
         args.arms = ",".join(a for a in ARMS if a != "dart_compact_compiled")
     args.arms = args.arms.split(",")
     for arm in args.arms:
-        if arm not in (*ARMS, LLAMACPP):
-            raise SystemExit(f"--arms {arm!r}: use {', '.join((*ARMS, LLAMACPP))}")
+        if arm not in (*ARMS, *PER_TOKEN_ARMS, LLAMACPP):
+            raise SystemExit(f"--arms {arm!r}: use {', '.join((*ARMS, *PER_TOKEN_ARMS, LLAMACPP))}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if LLAMACPP in args.arms:
@@ -542,7 +563,13 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--dtypes {dtype_name!r}: use {', '.join([*DTYPES, *QUANT])}")
         weights = QUANT.get(dtype_name, "fp")
         dtype = DTYPES.get(dtype_name, torch.float32)
-        args.arms = [a for a in all_arms if weights == "fp" or a != "dart_compact_compiled"]
+        # quantised weights: no compact (fp rows) and no per-token arm (its fused q kernel,
+        # gate_first_glu_ffn_q, is not wired into the quantised FFN modules yet)
+        args.arms = [
+            a
+            for a in all_arms
+            if weights == "fp" or (a != "dart_compact_compiled" and not a.startswith("pertoken_"))
+        ]
         model, tok = load_bench_model(args.model, dtype, args.device, weights)
         if weights != "fp":
             dtype = weights  # the records' "dtype" column names the weights

@@ -49,6 +49,20 @@ TORCH_LIBRARY(dart, m) {
       "gathered_mlp_q(Tensor x, Tensor[] w_in, Tensor? b_in, Tensor[] w_out_t, Tensor? b_out, "
       "str fmt, int group, Tensor idx, str act, Tensor? lengths=None) -> Tensor");
   m.def("linear_q(Tensor x, Tensor[] w, str fmt, int group, Tensor? bias=None) -> Tensor");
+  // Per-token FFNs (issue 26; references and contracts in dart_ext/per_token.py): each returns
+  // (y, read), read [...] fp32 = weight entries each token read. policy: 'token' (every token its
+  // own choice) or 'union' (one choice for all tokens of the call).
+  m.def(
+      "gate_first_glu_ffn(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down_t, "
+      "Tensor threshold, Tensor scale, str act, Tensor? idx=None, str policy='token') "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "gate_first_glu_ffn_q(Tensor x, Tensor[] gate, Tensor[] up, Tensor[] down_t, str fmt, "
+      "int group, Tensor threshold, Tensor scale, str act, Tensor? idx=None, "
+      "str policy='token') -> (Tensor, Tensor)");
+  m.def(
+      "input_sparse_glu_ffn(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down_t, "
+      "Tensor x_threshold, Tensor h_threshold, str act, str policy='token') -> (Tensor, Tensor)");
   m.def("gather_neurons_(Tensor(a!) out, Tensor[] srcs, Tensor idx, Tensor? lengths=None) -> ()");
   // Settings of the CPU kernels as this process runs them (csrc/cpu/config.cpp parses the
   // environment once; Python reads them here instead of parsing the variables again).
@@ -67,4 +81,7 @@ TORCH_LIBRARY_IMPL(dart, Autograd, m) {
   m.impl("gathered_glu_ffn_q", torch::CppFunction::makeFallthrough());
   m.impl("gathered_mlp_q", torch::CppFunction::makeFallthrough());
   m.impl("linear_q", torch::CppFunction::makeFallthrough());
+  m.impl("gate_first_glu_ffn", torch::CppFunction::makeFallthrough());
+  m.impl("gate_first_glu_ffn_q", torch::CppFunction::makeFallthrough());
+  m.impl("input_sparse_glu_ffn", torch::CppFunction::makeFallthrough());
 }

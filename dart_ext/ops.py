@@ -332,6 +332,113 @@ def _gather_neurons_fake(out, srcs, idx, lengths=None):
     return None
 
 
+# Per-token FFNs (contracts and references: dart_ext.per_token; typed wrappers there too)
+
+
+def _check_pt_scalar(op, name, t, x):
+    if t.device != x.device:
+        _fail(op, f"{name} is on {t.device} but x is on {x.device}")
+    if not t.dtype.is_floating_point:
+        _fail(op, f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.dim() != 0:
+        _fail(op, f"{name} must be a 0-dim tensor, got shape {tuple(t.shape)}")
+
+
+def _check_pt_common(op, x, n, act, policy, scalars, scale=None, idx=None):
+    _check_act(op, act)
+    if policy not in ("token", "union"):
+        _fail(op, f"policy must be 'token' or 'union', got '{policy}'")
+    for name, t in scalars:
+        _check_pt_scalar(op, name, t, x)
+    if scale is not None:
+        if scale.device != x.device:
+            _fail(op, f"scale is on {scale.device} but x is on {x.device}")
+        if not scale.dtype.is_floating_point:
+            _fail(op, f"scale must be a float tensor, got {scale.dtype}")
+        if scale.dim() != 1 or scale.shape[0] != n:
+            _fail(op, f"scale must be 1-D [N] = [{n}], got shape {tuple(scale.shape)}")
+    if idx is not None:
+        if idx.dim() != 1:
+            _fail(op, f"idx (the candidate neurons) must be 1-D [k], got shape {tuple(idx.shape)}")
+        _check_idx(op, idx, x, n)
+    return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+def _check_pt_n(op, names_ns):
+    (first, n), *rest = names_ns
+    for name, m in rest:
+        if m != n:
+            _fail(op, f"{name} has N = {m} rows but {first} has N = {n}")
+    return n
+
+
+@torch.library.register_fake("dart::gate_first_glu_ffn")
+def _gate_first_glu_ffn_fake(
+    x, w_gate, w_up, w_down_t, threshold, scale, act, idx=None, policy="token"
+):
+    op = "gate_first_glu_ffn"
+    _check_x(op, x)
+    d = x.shape[-1]
+    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down_t", w_down_t)):
+        _check_weight(op, name, w, x, d)
+    n = _check_pt_n(
+        op, (("w_gate", w_gate.shape[0]), ("w_up", w_up.shape[0]), ("w_down_t", w_down_t.shape[0]))
+    )
+    return _check_pt_common(op, x, n, act, policy, (("threshold", threshold),), scale, idx)
+
+
+@torch.library.register_fake("dart::gate_first_glu_ffn_q")
+def _gate_first_glu_ffn_q_fake(
+    x, gate, up, down_t, fmt, group, threshold, scale, act, idx=None, policy="token"
+):
+    op = "gate_first_glu_ffn_q"
+    _check_x(op, x)
+    d = x.shape[-1]
+    _check_qformat(op, fmt, group, d)
+    n = _check_pt_n(
+        op,
+        [
+            (name, _check_qmat(op, name, t, fmt, group, d, x))
+            for name, t in (("gate", gate), ("up", up), ("down_t", down_t))
+        ],
+    )
+    return _check_pt_common(op, x, n, act, policy, (("threshold", threshold),), scale, idx)
+
+
+@torch.library.register_fake("dart::input_sparse_glu_ffn")
+def _input_sparse_glu_ffn_fake(
+    x, w_gate, w_up, w_down_t, x_threshold, h_threshold, act, policy="token"
+):
+    op = "input_sparse_glu_ffn"
+    _check_x(op, x)
+    d = x.shape[-1]
+    majors = []
+    for name, w in (("w_gate", w_gate), ("w_up", w_up)):
+        if w.device != x.device:
+            _fail(op, f"{name} is on {w.device} but x is on {x.device}")
+        if w.dtype != x.dtype:
+            _fail(op, f"{name} has dtype {w.dtype} but x has dtype {x.dtype}")
+        if w.dim() != 2 or w.shape[1] != d:
+            _fail(op, f"{name} must be [N, d] with d = {d} (x's last dim), got {tuple(w.shape)}")
+        row_major = w.shape[1] <= 1 or w.stride(1) == 1
+        if not row_major and w.shape[0] > 1 and w.stride(0) != 1:
+            _fail(op, f"{name} must be neuron-major or input-major, got strides {w.stride()}")
+        majors.append(not row_major)
+    if majors[0] != majors[1]:
+        kinds = ["input-major" if m else "neuron-major" for m in majors]
+        _fail(
+            op,
+            f"w_gate is {kinds[0]} but w_up is {kinds[1]} (store both alike: the column-sparse "
+            "loop reads them together)",
+        )
+    _check_weight(op, "w_down_t", w_down_t, x, d)
+    n = _check_pt_n(
+        op, (("w_gate", w_gate.shape[0]), ("w_up", w_up.shape[0]), ("w_down_t", w_down_t.shape[0]))
+    )
+    scalars = (("x_threshold", x_threshold), ("h_threshold", h_threshold))
+    return _check_pt_common(op, x, n, act, policy, scalars)
+
+
 # ------------------------------------------------------------------------------------------------
 # Typed wrappers
 

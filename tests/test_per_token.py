@@ -137,7 +137,9 @@ def test_reference_ops_refuse_bad_input():
         input_sparse_glu_ffn(x, wg, wu, wd, torch.tensor(0.0), torch.tensor(0.0), "tanh")
 
 
-@pytest.mark.parametrize("method,backend", [("gate", "gathered"), ("input", "masked")])
+@pytest.mark.parametrize(
+    "method,backend", [("gate", "gathered"), ("input", "gathered"), ("input", "masked")]
+)
 def test_compiled_step_equals_eager(method, backend):
     model = tiny_model("llama")
     ids = random_ids(2, 10)
@@ -159,6 +161,50 @@ def test_compiled_step_equals_eager(method, backend):
     assert counter.frame_count == 1
     fraction = got.stats["ffn_bytes_read_fraction"]
     assert 0.4 < fraction < 0.9  # the meter counts inside the compiled step too
+    handle.detach()
+
+
+@pytest.mark.parametrize("method", MODES)
+def test_gathered_cpu_steps_run_the_fused_kernels(method):
+    """On CPU the gathered backend's per-token steps are the fused ops (dart::*), not the
+    reference ops (dart_per_token::*); the input mode reads its input-major gate / up copies,
+    which the handle counts as extra state."""
+    model = tiny_model("llama")
+    ids = random_ids(1, 10)
+    handle = _calibrated(model, method, "gathered", total_prune=0.4)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        _logits(model, ids)
+    names = {e.name for e in prof.events()}
+    fused = "dart::input_sparse_glu_ffn" if method == "input" else "dart::gate_first_glu_ffn"
+    assert fused in names and not any(n.startswith("dart_per_token::") for n in names)
+    layout = [getattr(f, "pt_layout0", None) for f in handle.ffns]
+    if method == "input":
+        n, d = handle.ffns[0].parts.w_up.shape
+        assert all(t is not None and t.shape == (n, d) and t.stride() == (1, n) for t in layout)
+        extra = handle.stats()["extra_state_bytes_total"]
+        assert extra >= sum(2 * t.numel() * t.element_size() for t in layout)
+    else:
+        assert all(t is None for t in layout)
+    handle.detach()
+
+
+def test_inductor_compiled_step_equals_eager_and_keeps_the_meter():
+    """FastGenerator's own compile (inductor) over the fused input kernel: the same tokens and
+    the same measured bytes as eager (the meters are buffers a compiled step adds to)."""
+    model = tiny_model("llama")
+    ids = random_ids(1, 10)
+    handle = _calibrated(model, "input", "gathered", total_prune=0.4)
+    results = []
+    for compile in (False, True):
+        torch._dynamo.reset()
+        fast = FastGenerator(model, handle, max_len=32, compile=compile)
+        handle.reset()
+        results.append(fast.generate(ids, max_new_tokens=6))
+    eager, compiled = results
+    assert torch.equal(compiled.tokens, eager.tokens)
+    fraction = eager.stats["ffn_bytes_read_fraction"]
+    assert 0.4 < fraction < 0.9
+    assert compiled.stats["ffn_bytes_read_fraction"] == pytest.approx(fraction, abs=1e-9)
     handle.detach()
 
 

@@ -151,10 +151,18 @@ class DARTFFN(nn.Module):
         self.register_buffer("pt_thresholds", torch.zeros(2, device=dev), persistent=False)
         scale = weighted_scale(p) if mode.weighted else torch.ones(n, device=dev)
         self.register_buffer("pt_scale", scale, persistent=False)
-        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        # [1], not 0-dim: inductor (torch 2.x, CPU) drops the in-place adds of a compiled step
+        # to a 0-dim float64 buffer, and the meters would read 0 under FastGenerator
+        zero = torch.zeros(1, dtype=torch.float64, device=dev)
         self.register_buffer("pt_read", zero.clone(), persistent=False)
         self.register_buffer("pt_dense", zero.clone(), persistent=False)
         self.dense_entries = 3 * n * d
+        # weight copies in the layout the mode's fused kernel reads (the input mode's input-major
+        # gate / up on CPU), buffers so a compiled step reads them as inputs
+        layout = mode.kernel_layout(p, self.backend)
+        for i, t in enumerate(layout):
+            self.register_buffer(f"pt_layout{i}", t, persistent=False)
+        self.pt_layout_count = len(layout)
 
     def set_thresholds(self, thresholds: torch.Tensor) -> None:
         """Install this layer's per-token thresholds (`[2]`, one per knob, unused ones 0) in
@@ -300,6 +308,7 @@ class DARTFFN(nn.Module):
         tensors = [self.idx, self.lengths, self.mask, *(self.compact or ())]
         if self.per_token is not None:
             tensors += [self.pt_thresholds, self.pt_scale, self.pt_read, self.pt_dense]
+            tensors += [getattr(self, f"pt_layout{i}") for i in range(self.pt_layout_count)]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     # -- forward ------------------------------------------------------------------------------
@@ -466,7 +475,8 @@ class _Gathered(Backend):
     def per_token(
         self, ffn: DARTFFN, mode: PerTokenMode, p: FFNParts, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return mode.gathered(p, x, ffn.pt_thresholds, ffn.pt_scale, ffn.kernel_act)
+        layout = [getattr(ffn, f"pt_layout{i}") for i in range(ffn.pt_layout_count)]
+        return mode.gathered(p, x, ffn.pt_thresholds, ffn.pt_scale, ffn.kernel_act, *layout)
 
 
 @dataclass(frozen=True)

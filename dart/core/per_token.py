@@ -87,16 +87,38 @@ def _input_masked(parts: FFNParts, x: Tensor, thr: Tensor, scale: Tensor | None)
     return parts.down(h * keep_h), read
 
 
-def _gate_gathered(parts: FFNParts, x: Tensor, thr: Tensor, scale: Tensor, act: str) -> tuple:
+def _gate_gathered(
+    parts: FFNParts, x: Tensor, thr: Tensor, scale: Tensor, act: str, *layout: Tensor
+) -> tuple:
+    if x.device.type == "cpu":  # the fused kernel (csrc/cpu/per_token_ops.cpp)
+        return torch.ops.dart.gate_first_glu_ffn(
+            x, parts.w_gate, parts.w_up, parts.w_down_t, thr[0], scale, act
+        )
     from dart_ext.per_token import gate_first_glu_ffn
 
     return gate_first_glu_ffn(x, parts.w_gate, parts.w_up, parts.w_down_t, thr[0], scale, act)
 
 
-def _input_gathered(parts: FFNParts, x: Tensor, thr: Tensor, scale: Tensor, act: str) -> tuple:
+def _input_gathered(
+    parts: FFNParts, x: Tensor, thr: Tensor, scale: Tensor, act: str, *layout: Tensor
+) -> tuple:
+    if x.device.type == "cpu":  # the fused kernel over the input-major copies of gate and up
+        w_gate, w_up = layout if layout else (parts.w_gate, parts.w_up)
+        return torch.ops.dart.input_sparse_glu_ffn(
+            x, w_gate, w_up, parts.w_down_t, thr[0], thr[1], act
+        )
     from dart_ext.per_token import input_sparse_glu_ffn
 
     return input_sparse_glu_ffn(x, parts.w_gate, parts.w_up, parts.w_down_t, thr[0], thr[1], act)
+
+
+def _input_layout(parts: FFNParts) -> tuple[Tensor, ...]:
+    """Gate and up stored input-major (``[N, d]`` views of contiguous ``[d, N]`` copies): the
+    input-sparse kernel then reads each kept input column as one contiguous row. The cost: one
+    more copy of gate and up (2 N d entries a layer, 2/3 of the FFN's weights) while attached."""
+    from dart_ext.per_token import input_major
+
+    return (input_major(parts.w_gate), input_major(parts.w_up))
 
 
 def _gate_scores(parts: FFNParts, x: Tensor, scale: Tensor | None) -> Tensor:
@@ -112,8 +134,11 @@ class PerTokenMode:
     FFN bytes read whatever the thresholds (the gate of ``gate``); ``knob_read``: each knob's
     share at keep 1; ``weighted``: scores scaled by :func:`weighted_scale`; ``masked(parts, x,
     thresholds, scale) -> (y, read)``: the exact emulation (full products times 0/1 masks);
-    ``gathered(parts, x, thresholds, scale, act) -> (y, read)``: the reference ops of
-    :mod:`dart_ext.per_token` (reads only what is kept); ``read`` is weight entries per token.
+    ``gathered(parts, x, thresholds, scale, act, *layout) -> (y, read)``: the fused CPU kernels
+    (``torch.ops.dart``) for CPU tensors, the reference ops of :mod:`dart_ext.per_token`
+    elsewhere (both read only what is kept); ``read`` is weight entries per token.
+    ``layout(parts)``: the extra weight copies the fused CPU kernel reads (``layout`` above),
+    made once at attach, or None.
     """
 
     name: str
@@ -123,6 +148,14 @@ class PerTokenMode:
     weighted: bool
     masked: Callable[..., tuple[Tensor, Tensor]]
     gathered: Callable[..., tuple[Tensor, Tensor]]
+    layout: Callable[[FFNParts], tuple[Tensor, ...]] | None = None
+
+    def kernel_layout(self, parts: FFNParts, backend: str) -> tuple[Tensor, ...]:
+        """The extra weight copies the fused kernel of ``backend`` reads for ``parts`` (the
+        input mode's input-major gate and up on CPU), made once at attach; () if none."""
+        if self.layout is None or backend == "masked" or parts.w_up.device.type != "cpu":
+            return ()
+        return self.layout(parts)
 
     def read_fraction(self, keeps: Sequence[float]) -> float:
         """Share of the FFN's weight bytes a token reads at these knob keeps."""
@@ -163,6 +196,7 @@ PER_TOKEN_MODES = MappingProxyType(
             False,
             _input_masked,
             _input_gathered,
+            _input_layout,
         ),
     }
 )
