@@ -582,10 +582,15 @@ inline QPlan plan_q_decode(QFmt f, int G, int Mc, int64_t d, int64_t k, int num_
   plan.vb = qdown_vb_of(f, plan.maxt);
   const int64_t rb = f == QFmt::kQ8 ? d : d / 2;
   plan.ntiles = static_cast<int>(ceil_div(rb, static_cast<int64_t>(kWarp) * plan.vb));
-  // enough CTAs for two waves of 2 resident CTAs per SM, at least kQMinChunk neurons a split
+  // enough CTAs for two waves of 2 resident CTAs per SM, at least kQMinChunk neurons a split,
+  // and the partials' traffic (written and read back, fp32 [Mc, d] per split; mostly L2) at most
+  // a quarter of the down rows' bytes
   const int64_t slots = 4LL * num_sms;
   const int64_t per_split = static_cast<int64_t>(plan.ntiles) * G;
-  q_plan_set_splits(plan, G, Mc, k, ceil_div(slots, per_split));
+  int64_t splits = ceil_div(slots, per_split);
+  const int64_t by_traffic = k * rb / (32LL * Mc * d);
+  if (splits > by_traffic) splits = by_traffic;
+  q_plan_set_splits(plan, G, Mc, k, splits);
   return plan;
 }
 
