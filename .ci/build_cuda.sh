@@ -107,6 +107,9 @@ template cudaError_t launch_q_decode<__nv_bfloat16, QMode::kMlp>(QParams, QFmt, 
 template cudaError_t launch_q_decode<__half, QMode::kLinear>(QParams, QFmt, const QPlan&, int, cudaStream_t);
 template cudaError_t launch_q_dequant_rows<__nv_bfloat16>(const QGatherParams<__nv_bfloat16>&, int, cudaStream_t);
 template cudaError_t launch_q_round_x<float>(const float*, float*, int64_t, int, cudaStream_t);
+template cudaError_t launch_pt_gate_first<__nv_bfloat16>(const PtFfnArgs&, void*, int, cudaStream_t);
+template cudaError_t launch_pt_input_sparse<__half>(const PtFfnArgs&, void*, int, cudaStream_t);
+template cudaError_t launch_pt_gate_first<float>(const PtFfnArgs&, void*, int, cudaStream_t);
 }}
 EOF
 } >"$CHECK"
