@@ -208,3 +208,10 @@ def test_more_tokens_than_a_launch_takes_is_refused():
     with pytest.raises(emu.EmulationError) as e:
         run(c, make_inputs(replace(c, tokens=9)))
     assert e.value.code == 1  # cudaErrorInvalidValue: the glue splits tokens into chunks
+
+
+def test_gate_first_refuses_tokens_whose_x_overflows_shared_memory():
+    c = Case(tokens=8, d=8192, n=16, dtype="float32")  # 8 x 8192 fp32 = 256 KB > the opt-in
+    with pytest.raises(emu.EmulationError) as e:
+        run(c, make_inputs(c))
+    assert e.value.code == 1

@@ -399,8 +399,16 @@ template <typename T, int MAXT, int VE>
 cudaError_t launch_pt_gate_impl(const PtGateParams& p, int num_sms, cudaStream_t stream) {
   auto k1 = pt_gate_kernel<T, MAXT, VE>;
   const size_t smem = static_cast<size_t>(p.M) * p.d * sizeof(float);
+  int device = 0, optin = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) {
+    err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  }
+  if (err != cudaSuccess) return err;
+  const size_t cap = optin < (200 << 10) ? static_cast<size_t>(optin) : (200u << 10);
+  if (smem > cap) return cudaErrorInvalidValue;  // the glue runs fewer tokens per launch
   int occ = 0;
-  cudaError_t err = cached_occupancy(k1, smem, 200u << 10, &occ);
+  err = cached_occupancy(k1, smem, cap, &occ);
   if (err != cudaSuccess) return err;
   int64_t gx = static_cast<int64_t>(num_sms) * occ;
   const int64_t gmax = ceil_div(p.N, kPtWarps);
@@ -414,7 +422,6 @@ cudaError_t launch_pt_gate_impl(const PtGateParams& p, int num_sms, cudaStream_t
 template <typename T>
 cudaError_t launch_pt_gate(const PtGateParams& p, bool vec_ok, int num_sms, cudaStream_t stream) {
   if (p.M < 1 || p.M > kPtMaxTokens || p.d < 1) return cudaErrorInvalidValue;
-  if (static_cast<size_t>(p.M) * p.d * sizeof(float) > (200u << 10)) return cudaErrorInvalidValue;
   constexpr int V = static_cast<int>(16 / sizeof(T));
   const int maxt = p.M <= 1 ? 1 : p.M <= 2 ? 2 : p.M <= 4 ? 4 : 8;
   if (!vec_ok) {
