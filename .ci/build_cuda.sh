@@ -102,6 +102,14 @@ template cudaError_t launch_ffn_decode<__nv_bfloat16, true>(FfnParams, const Ffn
 template cudaError_t launch_ffn_decode<__nv_bfloat16, false>(FfnParams, const FfnPlan&, int, cudaStream_t);
 template cudaError_t launch_glu_act_mul<__nv_bfloat16>(const __nv_bfloat16*, int64_t, __nv_bfloat16*, int64_t, int64_t, Act, const GluBias<__nv_bfloat16>&, int, cudaStream_t);
 template cudaError_t launch_mlp_bias_act<__nv_bfloat16>(__nv_bfloat16*, int64_t, int64_t, const __nv_bfloat16*, const int64_t*, int64_t, const int64_t*, int64_t, int64_t, Act, int, cudaStream_t);
+template cudaError_t launch_q_decode<__nv_bfloat16, QMode::kGlu>(QParams, QFmt, const QPlan&, int, cudaStream_t);
+template cudaError_t launch_q_decode<__nv_bfloat16, QMode::kMlp>(QParams, QFmt, const QPlan&, int, cudaStream_t);
+template cudaError_t launch_q_decode<__half, QMode::kLinear>(QParams, QFmt, const QPlan&, int, cudaStream_t);
+template cudaError_t launch_q_dequant_rows<__nv_bfloat16>(const QGatherParams<__nv_bfloat16>&, int, cudaStream_t);
+template cudaError_t launch_q_round_x<float>(const float*, float*, int64_t, int, cudaStream_t);
+template cudaError_t launch_pt_gate_first<__nv_bfloat16>(const PtFfnArgs&, void*, int, cudaStream_t);
+template cudaError_t launch_pt_input_sparse<__half>(const PtFfnArgs&, void*, int, cudaStream_t);
+template cudaError_t launch_pt_gate_first<float>(const PtFfnArgs&, void*, int, cudaStream_t);
 }}
 EOF
 } >"$CHECK"
@@ -124,7 +132,8 @@ log "built $SO ($(du -h "$SO" | cut -f1))"
 SYMS="$(nm -C "$SO")"
 missing=0
 for kern in topk_indices_kernel gather_rows_kernel ffn_phase1_kernel ffn_phase2_kernel \
-  glu_act_mul_kernel mlp_bias_act_kernel; do
+  glu_act_mul_kernel mlp_bias_act_kernel qdot_kernel qdown_kernel q_dequant_rows_kernel \
+  q_round_x_kernel; do
   if grep -q "dart::kernels::$kern" <<<"$SYMS"; then
     echo "  ok: $kern"
   else
@@ -132,7 +141,8 @@ for kern in topk_indices_kernel gather_rows_kernel ffn_phase1_kernel ffn_phase2_
     missing=1
   fi
 done
-for impl in topk_indices_cuda gather_neurons_cuda gathered_glu_ffn_cuda gathered_mlp_cuda; do
+for impl in topk_indices_cuda gather_neurons_cuda gathered_glu_ffn_cuda gathered_mlp_cuda \
+  gathered_glu_ffn_q_cuda gathered_mlp_q_cuda linear_q_cuda; do
   if grep -q "dart::cuda::.*$impl" <<<"$SYMS"; then echo "  ok: $impl"; else
     echo "  MISSING: $impl" >&2
     missing=1

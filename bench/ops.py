@@ -21,6 +21,11 @@ gather + cuBLAS route depends on DART_CUDA_GEMM_MIN_TOKENS (default 8): run once
 with it set to 17 to measure both sides of the crossover.
 
     python bench/ops.py --device cuda --shapes llama-3.1-8b --tokens 1 4 8 16 --dtypes bf16
+
+--quant: the gathered GLU FFN over bf16 rows against the q8 / q4 / q4m formats (dart_ext.quant):
+on CPU beside a streaming read, on CUDA beside a device copy of the q4 arm's bytes, e.g.
+
+    python bench/ops.py --quant --device cuda --tokens 1 --keeps 1.0 0.5 0.3
 """
 
 from __future__ import annotations
@@ -494,6 +499,105 @@ def run_cuda(args):
     return records
 
 
+def run_quant_cuda(args):
+    """CUDA: the gathered GLU FFN over bf16 rows (dart_ext.gathered_glu_ffn) and over each
+    quantised format (gathered_glu_ffn_q), each arm one CUDA graph of --calls calls cycling over
+    --layers weight copies, side by side with a device-to-device copy of the q4 arm's bytes (the
+    100% line). Per arm: us per call, weight bytes read per second (kept rows + their scales /
+    mins) and that bandwidth as a fraction of the copy's (bytes read + written per second)."""
+    from dart_ext import quant
+
+    device = torch.device(args.device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    fmts = list(QUANT_FORMATS)
+    print(
+        f"device={torch.cuda.get_device_name(device)} layers={args.layers} calls={args.calls} "
+        f"group={args.group} (us per call, medians; GB/s: kept-row bytes read per second; "
+        "%cp: fraction of copy bandwidth)"
+    )
+    hdr = (
+        f"{'shape':<13} {'T':>3} {'keep':>4} "
+        + " ".join(f"{c:>7}" for c in ["bf16", *fmts, "copy"])
+        + " "
+        + " ".join(f"{c + '/bf':>7}" for c in fmts)
+        + " "
+        + " ".join(f"{c + ' %cp':>8}" for c in ["bf16", *fmts])
+    )
+    print(hdr)
+    print("-" * len(hdr))
+    records = []
+    for shape in args.shapes:
+        d, n = SHAPES[shape]
+        layers = []
+        for _ in range(args.layers):
+            ws = [(torch.randn(n, d, device=device, generator=gen) * d**-0.5) for _ in range(3)]
+            layer = {"bf16": [w.bfloat16() for w in ws]}
+            for f in fmts:
+                layer[f] = [quant.quantize_rows(w, f, args.group) for w in ws]
+            layers.append(layer)
+            del ws
+        for T in args.tokens:
+            x = torch.randn(T, d, device=device, generator=gen).bfloat16()
+            for keep in args.keeps:
+                k = max(1, round(keep * n))
+                per_value = {f: quant.FORMATS[f].bytes_per_value(args.group) for f in fmts}
+                per_value["bf16"] = 2.0
+                kept_bytes = {a: 3 * k * d * b for a, b in per_value.items()}
+                arm_sets = []
+                for layer in layers:
+                    idx = torch.randperm(n, device=device, generator=gen)[:k].sort().values
+                    arms = {
+                        "bf16": lambda w=layer["bf16"], idx=idx, x=x: dart_ext.gathered_glu_ffn(
+                            x, *w, idx, "silu"
+                        )
+                    }
+                    for f in fmts:
+                        arms[f] = lambda w=layer[f], idx=idx, x=x: dart_ext.ops.gathered_glu_ffn_q(
+                            x, *w, idx
+                        )
+                    src = torch.ones(int(kept_bytes["q4"]), device=device, dtype=torch.uint8)
+                    dst = torch.empty_like(src)
+                    arms["copy"] = lambda dst=dst, src=src: dst.copy_(src)
+                    arm_sets.append(arms)
+                t, modes = bench_arms_cuda(arm_sets, args.budget, args.max_reps, args.calls)
+                copy_bw = 2 * kept_bytes["q4"] / (t["copy"] * 1e-6)
+                bw = {a: kept_bytes[a] / (t[a] * 1e-6) for a in ["bf16", *fmts]}
+                rec = {
+                    "shape": shape,
+                    "d": d,
+                    "N": n,
+                    "T": T,
+                    "keep": keep,
+                    "k": k,
+                    "group": args.group,
+                    "device": torch.cuda.get_device_name(device),
+                    "layers": args.layers,
+                    "calls": args.calls,
+                    "timing": modes,
+                    **{f"{a}_us": v for a, v in t.items()},
+                    **{f"{a}_bytes": v for a, v in kept_bytes.items()},
+                    **{f"{a}_GBps": v / 1e9 for a, v in bw.items()},
+                    "copy_GBps": copy_bw / 1e9,
+                    **{f"frac_copy_{a}": v / copy_bw for a, v in bw.items()},
+                    **{f"ratio_{f}_bf16": t[f] / t["bf16"] for f in fmts},
+                }
+                records.append(rec)
+                print(
+                    f"{shape:<13} {T:>3} {keep:>4.2f} "
+                    + " ".join(f"{t[a]:>7.1f}" for a in ["bf16", *fmts, "copy"])
+                    + " "
+                    + " ".join(f"{t[f] / t['bf16']:>7.2f}" for f in fmts)
+                    + " "
+                    + " ".join(f"{bw[a] / copy_bw:>8.0%}" for a in ["bf16", *fmts]),
+                    flush=True,
+                )
+                del arm_sets
+        del layers
+        gc.collect()
+        torch.cuda.empty_cache()
+    return records
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer reps and shapes (< 2 min)")
@@ -511,7 +615,8 @@ def main(argv=None):
     p.add_argument(
         "--quant",
         action="store_true",
-        help="CPU: gathered GLU FFN over bf16 vs q8 / q4 / q4m rows and a streaming read",
+        help="gathered GLU FFN over bf16 vs q8 / q4 / q4m rows and a streaming read (CPU) or a "
+        "device copy (CUDA)",
     )
     p.add_argument("--group", type=int, default=32, help="--quant: values per scale (32, 64)")
     args = p.parse_args(argv)
@@ -522,14 +627,14 @@ def main(argv=None):
         p.error("--calls and --layers must be >= 1")
     q = args.quick
     if args.quant:
-        if cuda:
-            p.error("--quant runs on CPU only")
-        args.shapes = args.shapes or ["qwen2.5-1.5b"]
+        if args.group not in (32, 64):
+            p.error(f"--group must be 32 or 64, got {args.group}")
+        args.shapes = args.shapes or (["llama-3.1-8b"] if cuda else ["qwen2.5-1.5b"])
         args.tokens = args.tokens or [1]
-        args.keeps = args.keeps or [1.0, 0.3]
+        args.keeps = args.keeps or ([1.0, 0.5, 0.3] if cuda else [1.0, 0.3])
         args.budget = args.budget or (0.5 if q else 2.0)
         args.max_reps = args.max_reps or (20 if q else 100)
-        records = run_quant(args)
+        records = run_quant_cuda(args) if cuda else run_quant(args)
     else:
         if cuda:
             args.shapes = args.shapes or ["llama-3.1-8b"]

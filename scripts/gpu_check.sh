@@ -10,8 +10,9 @@
 # Steps:
 #   build     GPU facts; dart_ext built in place with CUDA (sm_90); the CUDA ops registered;
 #   tests     the CUDA op tests (tests/test_ops_cuda.py: kernel vs reference, opcheck, graphs,
-#             torch.compile, bad input), JUnit XML; then the FFN ones again with the decode
-#             kernels taking every token count they support (DART_CUDA_GEMM_MIN_TOKENS=17);
+#             torch.compile, bad input; tests/test_ops_cuda_quant.py: the quantised ops), JUnit
+#             XML; then the FFN ones again with the decode kernels taking every token count
+#             they support (DART_CUDA_GEMM_MIN_TOKENS=17);
 #   sanitize  a subset of op calls (every kernel: decode with and without split-K, vector and
 #             fallback paths, int32 and per-sequence idx, the chunked per-sequence GEMM path,
 #             topk, gather) checked against the reference, then under compute-sanitizer
@@ -19,6 +20,9 @@
 #   ops       bench/ops.py on Llama-3.1-8B shapes, bf16, T 1/4/8/16, keep 0.3-1.0: each arm as
 #             a CUDA graph, the fraction of copy bandwidth; then the decode kernels forced at
 #             every T (DART_CUDA_GEMM_MIN_TOKENS=17): the two tables give the crossover;
+#   opsq      bench/ops.py --quant on Llama-3.1-8B shapes, T 1 and 4, keep 1.0/0.5/0.3: the
+#             gathered GLU FFN over bf16, q8, q4 and q4m rows (issue 21), each beside a device
+#             copy of the q4 bytes (the fraction of copy bandwidth per format);
 #   decode1   bench/decode.py, random Llama-3.1-8B, bf16, batch 1, 50% sparsity;
 #   decode8   the same at batch 8 (per-sequence indices).
 # Every step has its own time limit (STEP_TIMEOUT seconds, default 470), writes its log (and JSON
@@ -33,7 +37,7 @@ mkdir -p "$OUT"
 STEP_TIMEOUT="${STEP_TIMEOUT:-470}"
 PY="${PYTHON:-python}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-ALL_STEPS=(build tests sanitize ops decode1 decode8)
+ALL_STEPS=(build tests sanitize ops opsq decode1 decode8)
 status=0
 
 # run_logged LOG LIMIT CMD...: CMD's output to LOG (and its tail here), CMD's exit status back
@@ -60,7 +64,8 @@ step_build() {
 import torch
 import dart_ext
 
-for op in ("topk_indices", "gathered_glu_ffn", "gathered_mlp", "gather_neurons_"):
+for op in ("topk_indices", "gathered_glu_ffn", "gathered_mlp", "gather_neurons_",
+           "gathered_glu_ffn_q", "gathered_mlp_q", "linear_q"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dart::{op}", "CUDA"), op
 print("dart_ext", dart_ext.__file__, "has CUDA kernels")
 EOF
@@ -69,7 +74,8 @@ EOF
 
 step_tests() {
   local rc=0
-  run_logged "$OUT/tests.log" 300 "$PY" -m pytest -q -m cuda tests/test_ops_cuda.py \
+  run_logged "$OUT/tests.log" 360 "$PY" -m pytest -q -m cuda tests/test_ops_cuda.py \
+    tests/test_ops_cuda_quant.py \
     -p no:cacheprovider --durations=15 --junitxml="$OUT/tests.xml" || rc=1
   # the decode kernels at 8 to 16 tokens too (by default those take the GEMM route)
   DART_CUDA_GEMM_MIN_TOKENS=17 run_logged "$OUT/tests_decode_kernels.log" 160 "$PY" -m pytest \
@@ -87,6 +93,7 @@ import sys
 import torch
 
 import dart_ext
+from dart_ext import quant
 from dart_ext import reference as ref
 
 quick = "--quick" in sys.argv  # racecheck / synccheck: the decode kernels only
@@ -135,13 +142,52 @@ def mlp(name, tokens, batch=None, dtype=torch.float16, n=2048, d=512, keep=0.5):
     close(name, y, ref.gathered_mlp(x, w_in, b_in, w_out_t, b_out, idx, "gelu_tanh"), dtype)
 
 
+
+
+def qmats(n, d, fmt, group, count):
+    g = torch.Generator(device=dev).manual_seed(n + d)
+    return [
+        quant.quantize_rows(torch.randn(n, d, device=dev, generator=g) * d**-0.5, fmt, group)
+        for _ in range(count)
+    ]
+
+
+def gluq(name, tokens, fmt, batch=None, n=4096, d=1024, keep=0.4, group=32, padded=False):
+    qs = qmats(n, d, fmt, group, 3)
+    idx = idx_for(n, int(keep * n), batch, int32=padded)
+    lens = None
+    if padded:  # second row half as long, its padding out of range
+        lens = torch.full((batch,), idx.shape[1], device=dev, dtype=torch.int32)
+        lens[1] = idx.shape[1] // 2
+        idx[1, idx.shape[1] // 2 :] = -1
+    shape = (batch, tokens, d) if batch else (tokens, d)
+    x = torch.randn(*shape, device=dev, generator=gen).to(torch.bfloat16)
+    args = (x, *(q.tensors() for q in qs), fmt, group, idx, "silu", lens)
+    y = torch.ops.dart.gathered_glu_ffn_q(*args)
+    close(name, y, ref.gathered_glu_ffn_q(*args), torch.bfloat16)
+
+
+def linq(name, tokens, fmt, n=1000, d=2048, dtype=torch.float16):
+    (w,) = qmats(n, d, fmt, 64, 1)
+    x = torch.randn(tokens, d, device=dev, generator=gen).to(dtype)
+    bias = torch.randn(n, device=dev, generator=gen).to(dtype)
+    args = (x, w.tensors(), fmt, 64, bias)
+    close(name, torch.ops.dart.linear_q(*args), ref.linear_q(*args), dtype)
+
+
 glu("glu T=1 split-K", 1)
+gluq("glu_q q4 T=1 split-K", 1, "q4")
+gluq("glu_q q8 T=3 per-sequence padded int32", 3, "q8", batch=2, padded=True)
+gluq("glu_q q4m T=8 group 64", 8, "q4m", group=64, keep=0.1)
+linq("linear_q q4 T=1", 1, "q4")
 glu("glu T=3 per-sequence int32", 3, batch=3, int32=True)
 glu("glu T=7 fp32 fallback (odd row stride)", 7, dtype=torch.float32, pad=1, n=1024, d=256)
 mlp("mlp T=2 biases", 2)
 glu("glu T=1 k=1 no split", 1, n=64, d=256, keep=1 / 64)
 if not quick:
     glu("glu T=20 GEMM path", 20)
+    gluq("glu_q q4 T=12 per-sequence GEMM path", 12, "q4", batch=2)
+    linq("linear_q q8 T=20 GEMM path", 20, "q8")
     if large:  # two chunks of the per-sequence GEMM path (176 MB of gathered rows each)
         glu("glu T=9 per-sequence chunked GEMM path", 9, batch=2, n=14336, d=4096, keep=0.5)
     mlp("mlp T=12 per-sequence GEMM path", 12, batch=2)
@@ -188,6 +234,12 @@ step_ops() {
     --device cuda --shapes llama-3.1-8b --tokens 4 8 16 --dtypes bf16 --keeps 0.7 0.5 0.3 \
     --budget 0.5 --max-reps 30 --json "$OUT/ops_decode_kernels.json" || rc=1
   return $rc
+}
+
+step_opsq() {
+  run_logged "$OUT/opsq.log" 300 "$PY" bench/ops.py --quant --device cuda \
+    --shapes llama-3.1-8b --tokens 1 4 --keeps 1.0 0.5 0.3 --budget 0.5 --max-reps 30 \
+    --json "$OUT/opsq.json"
 }
 
 decode_bench() {

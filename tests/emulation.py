@@ -57,7 +57,12 @@ CONFIG_FLAGS = {
     ],
 }
 # Modules whose tests run on the emulation; the sanitizer run replays all of them.
-EMULATED_TEST_MODULES = ["tests/test_cuda_emulation.py", "tests/test_cuda_emulation_ffn.py"]
+EMULATED_TEST_MODULES = [
+    "tests/test_cuda_emulation.py",
+    "tests/test_cuda_emulation_ffn.py",
+    "tests/test_cuda_emulation_quant.py",
+    "tests/test_cuda_emulation_per_token.py",
+]
 
 DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
 

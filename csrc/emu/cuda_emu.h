@@ -448,6 +448,32 @@ inline unsigned __umulhi(unsigned a, unsigned b) {
   return static_cast<unsigned>((static_cast<unsigned long long>(a) * b) >> 32);
 }
 
+// Four-way byte dot product with accumulate (dp4a.s32.s32 / dp4a.u32.u32): bytes of a and b as
+// signed (int overload) or unsigned (unsigned overload) 8-bit values, products summed into c
+// with 32-bit wraparound.
+inline int __dp4a(int a, int b, int c) {
+  uint32_t acc = static_cast<uint32_t>(c);
+  for (int i = 0; i < 4; ++i) {
+    const int8_t ai = static_cast<int8_t>(static_cast<uint32_t>(a) >> (8 * i));
+    const int8_t bi = static_cast<int8_t>(static_cast<uint32_t>(b) >> (8 * i));
+    acc += static_cast<uint32_t>(static_cast<int32_t>(ai) * static_cast<int32_t>(bi));
+  }
+  return static_cast<int>(acc);
+}
+inline unsigned __dp4a(unsigned a, unsigned b, unsigned c) {
+  for (int i = 0; i < 4; ++i) c += ((a >> (8 * i)) & 0xFFu) * ((b >> (8 * i)) & 0xFFu);
+  return c;
+}
+
+// cvt.rni.s32.f32: round to nearest even; NaN -> 0; out of range saturates.
+inline int __float2int_rn(float v) {
+  if (v != v) return 0;
+  if (v >= 2147483648.0f) return 2147483647;
+  if (v <= -2147483648.0f) return -2147483647 - 1;
+  const float r = std::nearbyint(v);  // the default rounding mode: to nearest even
+  return static_cast<int>(r);
+}
+
 #define DART_EMU_MINMAX(T)                           \
   inline T min(T a, T b) { return a < b ? a : b; }   \
   inline T max(T a, T b) { return a > b ? a : b; }
