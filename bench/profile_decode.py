@@ -63,7 +63,9 @@ def profile_arm(fast: FastGenerator, handle, ids, mask, new: int, repeats: int, 
     step_ms = statistics.median(walls)
     if handle is not None:
         handle.reset()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True
+    ) as prof:
         r = fast.generate(ids, mask, max_new_tokens=new)
     prof_step_ms = 1000.0 * r.decode_seconds / r.decode_steps
     per = defaultdict(float)
@@ -100,13 +102,17 @@ def main(argv=None) -> int:
     ids, mask = enc["input_ids"], enc["attention_mask"]
     max_len = ids.shape[1] + args.new_tokens + 8
     cats = ["ffn", "attn_linears", "lm_head", "attention", "dart_other", "other_ops", "rest"]
-    print(f"model={args.model} weights={args.weights} new_tokens={args.new_tokens} "
-          f"(ms per generated token; step = median of {args.repeats} unprofiled runs)")
+    print(
+        f"model={args.model} weights={args.weights} new_tokens={args.new_tokens} "
+        f"(ms per generated token; step = median of {args.repeats} unprofiled runs)"
+    )
     print(f"{'arm':<8} {'thr':>3} {'step':>7} " + " ".join(f"{c:>12}" for c in cats))
     for arm in args.arms.split(","):
         handle = None
         if arm == "dart":
-            handle = dart.attach(model, dart.DARTConfig(total_prune=args.sparsity, backend="gathered"))
+            handle = dart.attach(
+                model, dart.DARTConfig(total_prune=args.sparsity, backend="gathered")
+            )
         fast = FastGenerator(model, handle, max_len)
         for thr in args.threads:
             torch.set_num_threads(thr)
@@ -114,8 +120,12 @@ def main(argv=None) -> int:
             step, _, split, walls = profile_arm(
                 fast, handle, ids, mask, args.new_tokens, args.repeats, lm_rows
             )
-            print(f"{arm:<8} {thr:>3} {step:>7.2f} " + " ".join(f"{split.get(c, 0.0):>12.2f}" for c in cats)
-                  + f"   runs {', '.join(f'{w:.1f}' for w in walls)}", flush=True)
+            print(
+                f"{arm:<8} {thr:>3} {step:>7.2f} "
+                + " ".join(f"{split.get(c, 0.0):>12.2f}" for c in cats)
+                + f"   runs {', '.join(f'{w:.1f}' for w in walls)}",
+                flush=True,
+            )
     return 0
 
 
