@@ -46,6 +46,10 @@ def _classify(name: str, shapes, lm_rows: int) -> str | None:
         w = shapes[1] if len(shapes) > 1 else None
         rows = w[0][0] if w and isinstance(w[0], list) and w[0] else None
         return "lm_head" if rows == lm_rows else "attn_linears"
+    if name in ("aten::linear", "aten::mm", "aten::matmul") and any(
+        isinstance(s, list) and s[:1] == [lm_rows] for s in shapes[1:2]
+    ):
+        return "lm_head"  # an LM head left in floating point (e.g. tied to the embeddings)
     if "scaled_dot_product" in name or name in ("aten::bmm", "aten::baddbmm", "aten::softmax"):
         return "attention"
     if name.startswith("dart::"):
@@ -70,11 +74,19 @@ def profile_arm(fast: FastGenerator, handle, ids, mask, new: int, repeats: int, 
     prof_step_ms = 1000.0 * r.decode_seconds / r.decode_steps
     per = defaultdict(float)
     for ev in prof.events():
-        # self time of top-level ops only: nested aten calls inside an op are part of it
-        if ev.cpu_parent is not None and not ev.cpu_parent.name.startswith("Torch-Compiled"):
-            continue
-        if ev.name.startswith(("Torch-Compiled", "CompiledFunction", "## ")):
-            continue
+        # dart ops never nest in each other; other ops count only at the top of an op stack
+        # (an aten op called inside another op or a dart op is part of that op's time)
+        if not ev.name.startswith("dart::"):
+            if not ev.name.startswith("aten::"):
+                continue
+            parent, nested = ev.cpu_parent, False
+            while parent is not None:
+                if parent.name.startswith(("aten::", "dart::")):
+                    nested = True
+                    break
+                parent = parent.cpu_parent
+            if nested:
+                continue
         cat = _classify(ev.name, ev.input_shapes, lm_rows)
         if cat is not None:
             per[cat] += ev.cpu_time_total / 1000.0
