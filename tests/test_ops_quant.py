@@ -186,6 +186,20 @@ def test_linear_matches_reference(fmt, group, tokens):
         check(LINQ, (x[None], w.tensors(), fmt, group, None), f"{fmt}/{group}/T{tokens}/3-D")
 
 
+@pytest.mark.parametrize("fmt,group", FMT_GROUPS)
+def test_long_rows_match_reference(fmt, group):
+    """Rows of 22 blocks: the SIMD loops take the scales 8 blocks at a time (two full chunks and a
+    tail of 6); neuron tiles of 4 with a tail (k = 7, 37), and 4-row dense tiles with a tail."""
+    n, d = 37, 704
+    qs = qweights(n, d, fmt, group, seed=13)
+    idx = torch.tensor([36, 0, 5, 21, 8, 8, 30])
+    for tokens in (1, 2, 5):
+        x = rand((tokens, d), seed=14 + tokens)
+        for name, ix in (("k=7", idx), ("k=N", torch.arange(n))):
+            check(GLUQ, _glu_args(x, qs, ix, "silu"), f"{fmt}/{group}/T{tokens}/{name}")
+        check(LINQ, (x, qs[0].tensors(), fmt, group, None), f"{fmt}/{group}/T{tokens}/linear")
+
+
 def test_typed_wrappers():
     n, d = 30, 64
     gate, up, down = qweights(n, d, "q4m", 32)
