@@ -39,6 +39,7 @@ from .drift import make_monitor
 from .ffn import DARTFFN, DENSE, SPARSE, TRACE
 from .methods import get_method
 from .per_token import allocate_keeps, calibrate_layer_curves, layer_thresholds, model_fingerprint
+from .retrace import FFNInputRing, hidden_fraction, rebuild_statistics
 from .scoring import (
     ActivationAccumulator,
     SensitivityAccumulator,
@@ -70,8 +71,10 @@ class _Counters:
     drift_events: list[tuple[int, int]] = field(default_factory=list)  # (pass, row)
     sequences: int = 0
     selection_seconds: float = 0.0  # wall time of mask builds (scoring, top-k, re-slicing)
-    dense_tokens: int = 0  # decode tokens whose FFN ran dense, recomputed ones included
-    retraced_tokens: int = 0  # tokens traced by look-back re-traces (<= R per event)
+    # decode tokens whose FFN ran dense, recomputed ones included; an ffn_inputs re-trace adds
+    # its hidden-only work in dense-token units (a fraction per token)
+    dense_tokens: float = 0
+    retraced_tokens: int = 0  # tokens traced by re-traces (<= R per event)
 
 
 class Controller:
@@ -122,7 +125,12 @@ class Controller:
         self.step = 0
         self.phase: list[int] = []
         self.trace_start: list[int] = []
-        self.retrace_tokens = config.drift.retrace_tokens if self.monitor is not None else 0
+        lookback = self.monitor is not None and config.drift.retrace == "lookback"
+        self.retrace_tokens = config.drift.retrace_tokens if lookback else 0
+        # the ffn_inputs re-trace: each layer's FFN inputs of the last R tokens per row
+        self.ring: FFNInputRing | None = None
+        if self.monitor is not None and config.drift.retrace == "ffn_inputs":
+            self.ring = FFNInputRing(config.drift.retrace_tokens, len(parts))
         self._retrace_due: list[int] = []  # rows whose drift fired: the next pass re-traces
         self._retracing: list[int] = []  # rows re-traced by the current pass
         self._blend_old: list[torch.Tensor] | None = None  # per-token stats of the old masks
@@ -197,6 +205,8 @@ class Controller:
                 layer.clear_selection()
             if self.monitor is not None:
                 self.monitor.begin_trace(batch_size, self.device)
+            if self.ring is not None:
+                self.ring.reset(batch_size)
         self._set_modes()
 
     def before_forward(self, valid: torch.Tensor | None) -> None:
@@ -246,6 +256,15 @@ class Controller:
             rows = self._record_rows[:, None].expand(b, t)
             valid = rows if valid is None else valid & rows
         self.acc.update(layer, self.method.statistic(h), valid)
+
+    @property
+    def records_inputs(self) -> bool:
+        # the monitor is None inside `paused`: those forwards are not the sequence's tokens
+        return self.ring is not None and self.monitor is not None
+
+    @torch.no_grad()
+    def record_ffn_input(self, layer: int, x: torch.Tensor) -> None:
+        self.ring.record(layer, x, self.valid)
 
     def capture_residual(self, layer: int, r: torch.Tensor) -> None:
         if self._capture is not None:
@@ -423,12 +442,38 @@ class Controller:
             self.trace_start[b] = s + 1
         self.counters.refreshes += len(rows)
         rows_mask = self._row_mask(rows)
-        if self.retrace_tokens:
-            self._retrace_due = rows
+        if self.retrace_tokens or self.ring is not None:
+            self._retrace_due = rows if self.retrace_tokens else []
             if self.cfg.drift.retrace_blend > 0:
                 self._blend_old = [self.acc.per_token(i) for i in range(self.num_layers)]
         self.acc.reset_rows(rows_mask)
         self.monitor.begin_trace(self.batch_size, self.device, rows=rows_mask)
+        if self.ring is not None:
+            self._rebuild_from_inputs(s, rows)
+
+    def _rebuild_from_inputs(self, s: int, rows: list[int]) -> None:
+        """The `ffn_inputs` re-trace, right at the event: the rows' statistics from the FFN
+        hidden activations of their buffered inputs, then their new masks (used from the next
+        pass); the drift baseline is rebuilt from the windows that follow (pending)."""
+
+        def update(layer: int, h: torch.Tensor, valid: torch.Tensor) -> None:
+            self.acc.update(layer, self.method.statistic(h), valid)
+
+        hidden = [layer._parts.hidden for layer in self.layers]
+        used = rebuild_statistics(self.ring, rows, hidden, update, self.batch_size)
+        c = self.counters
+        c.retraced_tokens += sum(used)
+        if not c.layer_neurons:
+            c.layer_neurons = [0.0] * self.num_layers
+        total = 0.0
+        for i, (layer, n) in enumerate(zip(self.layers, self.widths, strict=True)):
+            work = sum(used) * n * hidden_fraction(layer.kind)  # gate/up rows, no down
+            c.layer_neurons[i] += work
+            total += work
+        c.decode_neurons += total
+        c.dense_tokens += total / sum(self.widths)
+        self._retracing = rows
+        self._maybe_build(s)
 
     def _row_keep_counts(self) -> list[list[int]]:
         """Each row's per-layer keep counts under its current selection (its own budget)."""
@@ -772,6 +817,7 @@ class Controller:
             "selections": sum(layer.extra_bytes() for layer in self.layers),
             "proxies": sum(a.numel() * a.element_size() * 2 for a, _ in self.proxies or []),
             "drift_monitor": self.monitor.state_bytes() if self.monitor else 0,
+            "retrace_inputs": self.ring.state_bytes() if self.ring is not None else 0,
         }
         telemetry = self.telemetry.stats() if self.telemetry is not None else {}
         return {
