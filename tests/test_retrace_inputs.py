@@ -122,6 +122,42 @@ def test_event_rebuilds_the_mask_from_the_last_r_ffn_inputs():
     handle.detach()
 
 
+@pytest.mark.parametrize("family", ["opt", "gpt2"])
+def test_plain_mlp_families_rebuild_from_their_inputs(family):
+    """Two-matrix FFNs (OPT flattens tokens to [B*T, d] before its FFN): the statistics are
+    those of the last R inputs, and the work counted is half an FFN per token."""
+    model = tiny_model(family)
+    r = 5
+    cfg = DARTConfig(
+        layer_topk="all:0.5",
+        backend="masked",
+        statistic="l2",
+        drift={"window": 2, "retrace_tokens": r, "retrace": "ffn_inputs"},
+    )
+    handle = dart.attach(model, cfg)
+    c = handle.controller
+    force_drift(c, {7: [0]})
+    seen, hooks = _capture_inputs(handle)
+    prompt, stream = random_ids(2, 6, seed=3), random_ids(2, 8, seed=4)
+    with torch.no_grad():
+        cache = model(prompt, use_cache=True).past_key_values
+        for t in range(stream.shape[1]):
+            model(stream[:, t : t + 1], past_key_values=cache, use_cache=True)
+            if c.step == 8:
+                mags = [c.acc.magnitudes(i).clone() for i in range(c.num_layers)]
+                break
+    for hook in hooks:
+        hook.remove()
+    for i, layer in enumerate(c.layers):
+        x = torch.cat([s.view(2, -1, s.shape[-1]) for s in seen[i]], 1)[0, -r:]
+        h = layer._parts.hidden(x)
+        torch.testing.assert_close(mags[i][0], h.float().square().sum(0).sqrt())
+    stats = handle.stats()
+    assert stats["retraced_tokens"] == r
+    assert stats["dense_token_computations"] == pytest.approx(r / 2)
+    handle.detach()
+
+
 def test_ring_memory_is_bounded_and_the_baseline_rearms():
     model = tiny_model("llama")
     cfg = DARTConfig(

@@ -298,10 +298,11 @@ class DARTFFN(nn.Module):
             return self.original(x)
         if x.dim() == 2:  # OPT flattens tokens to [B*T, d] before its FFN
             batch = self._recorder.batch_size
-            return self.forward(x.view(batch, -1, x.shape[-1])).view(x.shape)
-        if self.mode == TRACE:
-            return self._trace(x)
-        return self._sparse(x)
+            return self._masked(x.view(batch, -1, x.shape[-1])).view(x.shape)
+        return self._masked(x)
+
+    def _masked(self, x: torch.Tensor) -> torch.Tensor:
+        return self._trace(x) if self.mode == TRACE else self._sparse(x)
 
     def _trace(self, x: torch.Tensor) -> torch.Tensor:
         p = self._parts
