@@ -41,13 +41,17 @@ from dart.evaluate.stream import aggregate_stream, paired_difference, score_stre
 
 
 def _arms(
-    lookback: list[int], ffn: list[int], griffin: bool
+    lookback: list[int], ffn: list[str], griffin: bool
 ) -> dict[str, tuple[str, dict[str, Any]]]:
     """Arms in the order each document runs them (the cheap ones and the candidates first, so
     a run cut short mid-document still pairs them)."""
     arms: dict[str, tuple[str, dict[str, Any]]] = {"nodrift": ("dart-nodrift", {})}
-    for r in ffn:
-        arms[f"ffn-R{r}"] = ("dart", {"drift": {"retrace": "ffn_inputs", "retrace_tokens": r}})
+    for spec in ffn:  # "R" or "RbB": R tokens, retrace_blend B
+        r, _, blend = spec.partition("b")
+        drift = {"retrace": "ffn_inputs", "retrace_tokens": int(r)}
+        if blend:
+            drift["retrace_blend"] = float(blend)
+        arms[f"ffn-R{spec}"] = ("dart", {"drift": drift})
     for r in lookback:
         arms[f"lookback-R{r}"] = ("dart", {"drift": {"retrace": "lookback", "retrace_tokens": r}})
     if griffin:
@@ -166,7 +170,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--continuation-tokens", type=int, default=192)
     ap.add_argument("--lookback", default="64", help="look-back R values")
-    ap.add_argument("--ffn", default="8,16", help="ffn_inputs R values")
+    ap.add_argument(
+        "--ffn", default="8,16", help="ffn_inputs arms: R, or RbB for retrace_blend B (16b0.5)"
+    )
+    ap.add_argument(
+        "--skip-nodrift",
+        action="store_true",
+        help="do not run the no-drift arm (its records come from another run in --out)",
+    )
+    ap.add_argument(
+        "--summarise-only", action="store_true", help="rewrite the table from --out's records"
+    )
     ap.add_argument("--no-griffin", action="store_true", help="leave the GRIFFIN arm out")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", required=True)
@@ -174,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     prunes = [float(x) for x in args.prunes.split(",")]
-    arms = _arms(_ints(args.lookback), _ints(args.ffn), not args.no_griffin)
+    ffn = [x.strip() for x in args.ffn.split(",") if x.strip()]
+    arms = _arms(_ints(args.lookback), ffn, not args.no_griffin)
     # what decides a record (arms and prunes only select which records are made)
     keys = ("model", "dtype", "documents", "prompt_tokens", "continuation_tokens")
     options = {k: getattr(args, k) for k in keys}
@@ -184,16 +199,21 @@ def main(argv: list[str] | None = None) -> None:
     done = _load(path, options)
     if not path.exists():
         path.write_text(json.dumps({"options": options}) + "\n")
+    lookback = next((a for a in arms if a.startswith("lookback")), None)
+    if args.summarise_only:
+        print(_write(out, list(done.values()), list(arms), prunes, lookback)[1])
+        return
+    run = [a for a in arms if not (args.skip_nodrift and a == "nodrift")]
     model, tok = load_model(args.model, dtype=args.dtype)
     items = stream_items(
         tok, args.prompt_tokens, args.continuation_tokens, args.documents, corpus="wiki",
         split="eval", switch_corpus="wiki",
     )  # fmt: skip
     start = time.perf_counter()
-    lookback = next((a for a in arms if a.startswith("lookback")), None)
     for p in prunes:  # one sparsity complete before the next: partial runs stay comparable
         for i, item in enumerate(items):
-            for name, (method, overrides) in arms.items():
+            for name in run:
+                method, overrides = arms[name]
                 if (name, p, i) in done:
                     continue
                 handle = attach_arm(model, arm_config(Arm(method, p), overrides))
