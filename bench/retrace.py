@@ -100,20 +100,24 @@ def summarise(records: list[dict], arms: list[str], prunes: list[float]) -> dict
     out: dict[str, Any] = {}
     for p in prunes:
         by_arm = {a: [r for r in records if r["arm"] == a and r["prune"] == p] for a in arms}
+        by_arm = {a: recs for a, recs in by_arm.items() if recs}
+        # only the documents every arm has scored: each column averages the same documents
+        common = set.intersection(*({r["id"] for r in recs} for recs in by_arm.values()))
+        by_arm = {a: [r for r in recs if r["id"] in common] for a, recs in by_arm.items()}
         first_lookback = next((a for a in arms if a.startswith("lookback")), None)
         rows = {}
         for a, recs in by_arm.items():
             if not recs:
                 continue
             agg = aggregate_stream(recs)
-            base_s = sum(r["seconds"] for r in by_arm["nodrift"])
+            base_s = sum(r["seconds"] for r in by_arm.get("nodrift", []))
             rows[a] = {
                 **agg,
                 "ffn_neuron_sparsity": sum(r["effective_sparsity"] for r in recs) / len(recs),
                 "nominal_sparsity": sum(r["nominal_sparsity"] for r in recs) / len(recs),
                 "seconds": sum(r["seconds"] for r in recs),
                 "wall_over_nodrift": sum(r["seconds"] for r in recs) / base_s if base_s else None,
-                "minus_nodrift": _pair(recs, by_arm["nodrift"]),
+                "minus_nodrift": _pair(recs, by_arm.get("nodrift", [])),
                 "minus_griffin": _pair(recs, by_arm.get("griffin", [])),
                 "minus_lookback": (
                     _pair(recs, by_arm[first_lookback]) if first_lookback not in (None, a) else None
@@ -154,8 +158,8 @@ def _write(
     have = [p for p in prunes if any(r["prune"] == p and r["arm"] == "nodrift" for r in records)]
     summary = summarise(records, arms, have)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
-    docs = {p: len({r["id"] for r in records if r["prune"] == p}) for p in have}
-    text = table(summary, lookback) + f"documents per prune: {docs}; load average: "
+    docs = {p: int(next(iter(summary[str(p)].values()))["samples"]) for p in have}
+    text = table(summary, lookback) + f"documents (every arm) per prune: {docs}; load average: "
     text += f"{os.getloadavg()}\n"
     (out / "table.md").write_text(text)
     return summary, text
