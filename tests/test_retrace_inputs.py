@@ -87,6 +87,12 @@ def test_event_rebuilds_the_mask_from_the_last_r_ffn_inputs():
     assert c.retrace_tokens == 0 and c.ring is not None  # no look-back forward wrapper
     force_drift(c, {9: [1]})
     seen, hooks = _capture_inputs(handle)
+    attn: list[torch.Tensor] = []  # the drift signal: the last layer's attention output
+    hooks.append(
+        model.model.layers[-1].self_attn.register_forward_hook(
+            lambda m, a, out: attn.append(out[0].detach().clone())
+        )
+    )
     prompt, stream = random_ids(2, 8, seed=3), random_ids(2, 12, seed=4)
     with torch.no_grad():
         cache = model(prompt, use_cache=True).past_key_values
@@ -99,7 +105,10 @@ def test_event_rebuilds_the_mask_from_the_last_r_ffn_inputs():
             if c.step == 10:  # the poll after pass 9 fired and rebuilt row 1
                 mags = [c.acc.magnitudes(i).clone() for i in range(c.num_layers)]
                 after = [layer.idx.clone() for layer in c.layers]
-                assert bool(c.monitor.pending[1]) and not bool(c.monitor.pending[0])
+                # the new baseline: the mean signal of the same R tokens (R / w = 3 windows)
+                assert not c.monitor.pending.any() and not bool(c.monitor.tracing[1])
+                expect = torch.cat(attn, 1)[1, -r:].float().mean(0)
+                torch.testing.assert_close(c.monitor.baseline[1, 0], expect)
                 break
     for hook in hooks:
         hook.remove()
@@ -118,7 +127,8 @@ def test_event_rebuilds_the_mask_from_the_last_r_ffn_inputs():
     # decode passes 1..9 of 2 rows at 32 of 64 neurons, plus the event's R x 2/3 x 64
     decode_neurons = 9 * 2 * 3 * 32 + r * 3 * 64 * 2 / 3
     assert stats["effective_sparsity"] == pytest.approx(1 - decode_neurons / (9 * 2 * 3 * 64))
-    assert stats["extra_state_bytes"]["retrace_inputs"] == 3 * (2 * (r + 1) * 32 * 4 + 2 * 8)
+    # FFN inputs of 3 layers and the signal of 1 watched layer, [B, R + 1, d] fp32 + counts
+    assert stats["extra_state_bytes"]["retrace_inputs"] == 4 * (2 * (r + 1) * 32 * 4 + 2 * 8)
     handle.detach()
 
 
@@ -168,6 +178,7 @@ def test_ring_memory_is_bounded_and_the_baseline_rearms():
     model.generate(random_ids(1, 10), max_new_tokens=30, do_sample=False, pad_token_id=0)
     c = handle.controller
     assert c.ring.state_bytes() == 3 * (1 * 5 * 32 * 4 + 8)  # R + 1 slots, whatever the length
+    assert c.signal_ring.state_bytes() == 1 * 5 * 32 * 4 + 8
     assert [e["step"] for e in handle.stats()["drift_events"]] == [11]
     assert not c.monitor.pending.any() and bool(c.monitor.armed[0])  # re-armed from new windows
     handle.detach()

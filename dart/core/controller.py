@@ -35,11 +35,11 @@ from torch import nn
 from .adapters import FFNParts
 from .budget import BudgetAllocation, allocate_budget, allocate_budgets, max_keep_counts
 from .config import DARTConfig, resolve_keep_counts
-from .drift import make_monitor
+from .drift import make_monitor, resolve_watch_layers
 from .ffn import DARTFFN, DENSE, SPARSE, TRACE
 from .methods import get_method
 from .per_token import allocate_keeps, calibrate_layer_curves, layer_thresholds, model_fingerprint
-from .retrace import FFNInputRing, hidden_fraction, rebuild_statistics
+from .retrace import FFNInputRing, hidden_fraction, rebuild_statistics, replay_signal
 from .scoring import (
     ActivationAccumulator,
     SensitivityAccumulator,
@@ -129,8 +129,12 @@ class Controller:
         self.retrace_tokens = config.drift.retrace_tokens if lookback else 0
         # the ffn_inputs re-trace: each layer's FFN inputs of the last R tokens per row
         self.ring: FFNInputRing | None = None
+        self.signal_ring: FFNInputRing | None = None  # the drift signal of the same tokens
         if self.monitor is not None and config.drift.retrace == "ffn_inputs":
             self.ring = FFNInputRing(config.drift.retrace_tokens, len(parts))
+            if config.drift.signal == "attn_output":
+                watched = len(resolve_watch_layers(config.drift.layers, len(parts)))
+                self.signal_ring = FFNInputRing(config.drift.retrace_tokens, watched)
         self._retrace_due: list[int] = []  # rows whose drift fired: the next pass re-traces
         self._retracing: list[int] = []  # rows re-traced by the current pass
         self._blend_old: list[torch.Tensor] | None = None  # per-token stats of the old masks
@@ -207,6 +211,8 @@ class Controller:
                 self.monitor.begin_trace(batch_size, self.device)
             if self.ring is not None:
                 self.ring.reset(batch_size)
+            if self.signal_ring is not None:
+                self.signal_ring.reset(batch_size)
         self._set_modes()
 
     def before_forward(self, valid: torch.Tensor | None) -> None:
@@ -285,6 +291,9 @@ class Controller:
     def observe_attention(self, signal: list[torch.Tensor]) -> None:
         if self.monitor is not None and self.batch_size:
             self.monitor.observe(signal, self.valid)
+            if self.signal_ring is not None:
+                for i, x in enumerate(signal):
+                    self.signal_ring.record(i, x, self.valid)
 
     # -- transitions --------------------------------------------------------------------------
     def _set_modes(self) -> None:
@@ -454,7 +463,8 @@ class Controller:
     def _rebuild_from_inputs(self, s: int, rows: list[int]) -> None:
         """The `ffn_inputs` re-trace, right at the event: the rows' statistics from the FFN
         hidden activations of their buffered inputs, then their new masks (used from the next
-        pass); the drift baseline is rebuilt from the windows that follow (pending)."""
+        pass); the drift baseline from the buffered signal of the same tokens (`attn_output`),
+        else from the windows that follow (pending)."""
 
         def update(layer: int, h: torch.Tensor, valid: torch.Tensor) -> None:
             self.acc.update(layer, self.method.statistic(h), valid)
@@ -472,6 +482,8 @@ class Controller:
             total += work
         c.decode_neurons += total
         c.dense_tokens += total / sum(self.widths)
+        if self.signal_ring is not None:
+            replay_signal(self.signal_ring, rows, self.monitor, self.batch_size)
         self._retracing = rows
         self._maybe_build(s)
 
@@ -817,7 +829,9 @@ class Controller:
             "selections": sum(layer.extra_bytes() for layer in self.layers),
             "proxies": sum(a.numel() * a.element_size() * 2 for a, _ in self.proxies or []),
             "drift_monitor": self.monitor.state_bytes() if self.monitor else 0,
-            "retrace_inputs": self.ring.state_bytes() if self.ring is not None else 0,
+            "retrace_inputs": sum(
+                r.state_bytes() for r in (self.ring, self.signal_ring) if r is not None
+            ),
         }
         telemetry = self.telemetry.stats() if self.telemetry is not None else {}
         return {

@@ -12,9 +12,12 @@ The `ffn_inputs` re-trace (`DriftConfig.retrace = "ffn_inputs"`) needs none of t
 runs inside a compiled decode step), and at a drift event :func:`rebuild_statistics` computes
 only the FFN hidden activations of those inputs (the gate and up projections of a gated FFN, the
 input projection of a plain MLP; no attention, no down projection, no cache rewind) into the
-row's fresh statistics. The mask built from them is used from the very next pass. The inputs are
-the ones the model actually saw (computed under the row's old mask), not a dense recompute: that
-is the one difference to the statistic a look-back re-trace collects.
+row's fresh statistics. The mask built from them is used from the very next pass. With the
+`attn_output` drift signal a second ring keeps the watched layers' attention outputs of the same
+tokens, and :func:`replay_signal` traces the row's new drift baseline from them, as a look-back
+re-trace does from its recompute. The inputs are the ones the model actually saw (computed
+under the row's old mask), not a dense recompute: that is the one difference to what a
+look-back re-trace collects.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ __all__ = [
     "hidden_fraction",
     "padding_mask",
     "rebuild_statistics",
+    "replay_signal",
     "restore_rows",
     "rewind",
     "save_rows",
@@ -212,3 +216,22 @@ def rebuild_statistics(
         if layer == 0:
             used = v.sum(1).tolist()
     return used
+
+
+@torch.no_grad()
+def replay_signal(ring: FFNInputRing, rows: Sequence[int], monitor, batch_size: int) -> None:
+    """Trace `rows`' drift baseline from the signal of their last tokens (one ring "layer" per
+    watched layer, `attn_output` only): the monitor observes those tokens again for `rows`
+    alone, and its step count is rewound so each token still counts once."""
+    device = next(t.device for t in ring._count if t is not None)
+    index = torch.tensor(list(rows), dtype=torch.long, device=device)
+    signal = []
+    for layer in range(ring.num_layers):
+        x, v = ring.window(layer, index)
+        full = x.new_zeros(batch_size, *x.shape[1:])
+        full[index] = x
+        signal.append(full)
+    valid = torch.zeros(batch_size, v.shape[1], dtype=torch.bool, device=v.device)
+    valid[index] = v
+    monitor.observe(signal, valid)
+    monitor.rewind(valid.sum(1))
