@@ -41,7 +41,7 @@ from dart.evaluate.stream import aggregate_stream, paired_difference, score_stre
 
 
 def _arms(
-    lookback: list[int], ffn: list[str], griffin: bool
+    lookback: list[int], ffn: list[str], griffin: bool, label: str = "ffn"
 ) -> dict[str, tuple[str, dict[str, Any]]]:
     """Arms in the order each document runs them (the cheap ones and the candidates first, so
     a run cut short mid-document still pairs them)."""
@@ -51,7 +51,7 @@ def _arms(
         drift = {"retrace": "ffn_inputs", "retrace_tokens": int(r)}
         if blend:
             drift["retrace_blend"] = float(blend)
-        arms[f"ffn-R{spec}"] = ("dart", {"drift": drift})
+        arms[f"{label}-R{spec}"] = ("dart", {"drift": drift})
     for r in lookback:
         arms[f"lookback-R{r}"] = ("dart", {"drift": {"retrace": "lookback", "retrace_tokens": r}})
     if griffin:
@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> None:
         "--ffn", default="8,16", help="ffn_inputs arms: R, or RbB for retrace_blend B (16b0.5)"
     )
     ap.add_argument(
+        "--ffn-label", default="ffn", help="name of the ffn_inputs arms (versions of the code)"
+    )
+    ap.add_argument(
         "--skip-nodrift",
         action="store_true",
         help="do not run the no-drift arm (its records come from another run in --out)",
@@ -193,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     prunes = [float(x) for x in args.prunes.split(",")]
     ffn = [x.strip() for x in args.ffn.split(",") if x.strip()]
-    arms = _arms(_ints(args.lookback), ffn, not args.no_griffin)
+    arms = _arms(_ints(args.lookback), ffn, not args.no_griffin, args.ffn_label)
     # what decides a record (arms and prunes only select which records are made)
     keys = ("model", "dtype", "documents", "prompt_tokens", "continuation_tokens")
     options = {k: getattr(args, k) for k in keys}
