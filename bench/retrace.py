@@ -207,8 +207,10 @@ def main(argv: list[str] | None = None) -> None:
     if not path.exists():
         path.write_text(json.dumps({"options": options}) + "\n")
     lookback = next((a for a in arms if a.startswith("lookback")), None)
-    if args.summarise_only:
-        print(_write(out, list(done.values()), list(arms), prunes, lookback)[1])
+    if args.summarise_only:  # every arm the records hold
+        names = list(dict.fromkeys(r["arm"] for r in done.values()))
+        names.sort(key=lambda a: (a != "nodrift", a.startswith("lookback"), a))
+        print(_write(out, list(done.values()), names, prunes, lookback)[1])
         return
     run = [a for a in arms if not (args.skip_nodrift and a == "nodrift")]
     model, tok = load_model(args.model, dtype=args.dtype)
