@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--summarise-only", action="store_true", help="rewrite the table from --out's records"
     )
+    ap.add_argument("--only", default="", help="with --summarise-only: these arms (a,b,...)")
     ap.add_argument("--no-griffin", action="store_true", help="leave the GRIFFIN arm out")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", required=True)
@@ -209,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     lookback = next((a for a in arms if a.startswith("lookback")), None)
     if args.summarise_only:  # every arm the records hold
         names = list(dict.fromkeys(r["arm"] for r in done.values()))
+        if args.only:
+            names = [a for a in names if a in args.only.split(",")]
         names.sort(key=lambda a: (a != "nodrift", a.startswith("lookback"), a))
         print(_write(out, list(done.values()), names, prunes, lookback)[1])
         return
