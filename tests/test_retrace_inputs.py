@@ -184,6 +184,27 @@ def test_ring_memory_is_bounded_and_the_baseline_rearms():
     handle.detach()
 
 
+def test_other_signals_rebuild_their_baseline_from_the_following_windows():
+    """`attn_probs` features depend on the cache they were computed with, so they are not
+    ringed: after the event the row's baseline is pending until it has min_windows."""
+    model = tiny_model("llama")
+    cfg = DARTConfig(
+        layer_topk="all:0.5",
+        drift={"window": 2, "retrace_tokens": 4, "retrace": "ffn_inputs", "signal": "attn_probs"},
+    )
+    handle = dart.attach(model, cfg)
+    c = handle.controller
+    assert c.ring is not None and c.signal_ring is None
+    force_drift(c, {9: [0]})
+    cache = model(random_ids(1, 8), use_cache=True).past_key_values
+    for t in range(16):  # the event after pass 9, two 2-token windows after it by pass 14
+        model(torch.full((1, 1), 5 + t), past_key_values=cache, use_cache=True)
+        if c.step == 10:  # right after the event: new masks, baseline still to come
+            assert c.phase == [Phase.SPARSE] and bool(c.monitor.pending[0])
+    assert not c.monitor.pending.any() and handle.stats()["retraced_tokens"] == 4
+    handle.detach()
+
+
 @pytest.mark.parametrize("backend", ["gathered", "masked"])
 def test_compiled_loop_matches_hf_generate(backend):
     """Events on one row, both rows, the other row (left padding in row 1): the compiled
