@@ -27,8 +27,10 @@ class Counters:
     drift_events: list[tuple[int, int]] = field(default_factory=list)  # (pass, row)
     sequences: int = 0
     selection_seconds: float = 0.0  # wall time of mask builds (scoring, top-k, re-slicing)
-    dense_tokens: int = 0  # decode tokens whose FFN ran dense, recomputed ones included
-    retraced_tokens: int = 0  # tokens traced by look-back re-traces (<= R per event)
+    # decode tokens whose FFN ran dense, recomputed ones included; an ffn_inputs re-trace adds
+    # its hidden-only work in dense-token units (a fraction per token)
+    dense_tokens: float = 0
+    retraced_tokens: int = 0  # tokens traced by re-traces (<= R per event)
 
 
 class Accounting:
@@ -78,6 +80,19 @@ class Accounting:
             for i, (k, n) in enumerate(zip(row_counts[b], self.widths, strict=True)):
                 layers[i] += tokens * (n if dense[b] else k)
                 c.decode_neurons += tokens * (n if dense[b] else k)
+
+    def rebuilt_from_inputs(self, tokens: int, layer_work: list[float]) -> None:
+        """An ``ffn_inputs`` re-trace over ``tokens`` buffered tokens: ``layer_work[i]`` neurons'
+        worth of hidden-only work in layer i (gate/up rows, no down). It adds to the work of the
+        decode tokens, in dense-token units to ``dense_tokens``."""
+        c = self.counters
+        c.retraced_tokens += tokens
+        layers = self._layers()
+        for i, work in enumerate(layer_work):
+            layers[i] += work
+        total = float(sum(layer_work))
+        c.decode_neurons += total
+        c.dense_tokens += total / sum(self.widths)
 
     def mask_builds(self, rows: int) -> None:
         self.counters.mask_builds += rows

@@ -59,6 +59,7 @@ BATCH_POLICIES = ("per_sequence", "shared")
 PROXY_SOURCES = ("embedding", "lm_head")
 SENSITIVITIES = ("residual", "raw")
 DRIFT_SIGNALS = ("attn_output", "attn_probs", "attn_content")
+RETRACE_MODES = ("lookback", "ffn_inputs")
 DEFAULT_TOTAL_PRUNE = 0.5
 
 
@@ -208,6 +209,14 @@ class DriftConfig(_Section):
     (the row traces the next ``max(masking_step, 1)`` passes, the old behaviour).
     ``retrace_blend`` in [0, 1) mixes the statistics the old mask was built from into the new
     ones (``blend * old + (1 - blend) * recomputed``, per token; 0: the R tokens alone).
+
+    ``retrace`` is how a drift event rebuilds the row's mask: ``lookback`` recomputes the
+    last R positions through the whole model as above (cache rewound, attention and FFN
+    dense); ``ffn_inputs`` keeps each layer's FFN inputs of the row's last R tokens in a ring
+    buffer and at the event computes only the FFN hidden activations of those inputs (no
+    attention, no cache rewind, no down projection) to rebuild the statistics, and the new
+    mask is used from the very next pass; its drift baseline is rebuilt from the windows that
+    follow (see :mod:`dart.core.retrace`). ``ffn_inputs`` needs R >= 1.
     """
 
     enabled: bool = True
@@ -222,6 +231,7 @@ class DriftConfig(_Section):
     retrace_tokens: int | None = 64
     retrace_blend: float = 0.0
     content_bits: int = 4
+    retrace: str = "lookback"
 
     def __post_init__(self) -> None:
         o = "DriftConfig"
@@ -249,6 +259,12 @@ class DriftConfig(_Section):
             self.retrace_tokens = 0
         _int_at_least(o, "retrace_tokens", self.retrace_tokens, 0)
         _real_in(o, "retrace_blend", self.retrace_blend, 0.0, 1.0, low_open=False, high_open=True)
+        _choice(o, "retrace", self.retrace, RETRACE_MODES)
+        if self.retrace == "ffn_inputs" and self.retrace_tokens < 1:
+            raise ConfigError(
+                f"{o}.retrace_tokens: {self.retrace_tokens} with retrace 'ffn_inputs' is not >= 1 "
+                "(the number of recent tokens whose FFN inputs rebuild the mask)"
+            )
         _int_at_least(o, "content_bits", self.content_bits, 1)
         if self.content_bits > 12:
             raise ConfigError(f"{o}.content_bits: {self.content_bits} is not <= 12 (4096 clusters)")

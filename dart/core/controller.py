@@ -59,10 +59,11 @@ from torch import nn
 from .accounting import Accounting, Counters
 from .adapters import FFNParts
 from .config import DARTConfig
-from .drift import make_monitor
+from .drift import make_monitor, resolve_watch_layers
 from .ffn import DARTFFN, DENSE, TRACE
 from .methods import Method, get_method
 from .per_token import model_fingerprint
+from .retrace import FFNInputRing, hidden_fraction, rebuild_statistics, replay_signal
 from .schedule import Phase, Schedule
 from .selection import Selection
 from .telemetry import MaskProbe
@@ -111,7 +112,14 @@ DRIVER_INTERFACE = frozenset(
 )
 # What the patching code's hooks call besides (dart.core.api, the DARTFFN modules).
 HOOK_INTERFACE = frozenset(
-    {"capture_residual", "observe_attention", "record_activations", "record_ffn_output"}
+    {
+        "capture_residual",
+        "observe_attention",
+        "record_activations",
+        "record_ffn_output",
+        "records_inputs",
+        "record_ffn_input",
+    }
 )
 
 
@@ -149,7 +157,16 @@ class Controller:
         self.valid: torch.Tensor | None = None
         self._batch_size = 0
         self.device = torch.device("cpu")
-        self._retrace_tokens = config.drift.retrace_tokens if self.monitor is not None else 0
+        lookback = self.monitor is not None and config.drift.retrace == "lookback"
+        self._retrace_tokens = config.drift.retrace_tokens if lookback else 0
+        # the ffn_inputs re-trace: each layer's FFN inputs of the last R tokens per row
+        self.ring: FFNInputRing | None = None
+        self.signal_ring: FFNInputRing | None = None  # the drift signal of the same tokens
+        if self.monitor is not None and config.drift.retrace == "ffn_inputs":
+            self.ring = FFNInputRing(config.drift.retrace_tokens, len(parts))
+            if config.drift.signal == "attn_output":
+                watched = len(resolve_watch_layers(config.drift.layers, len(parts)))
+                self.signal_ring = FFNInputRing(config.drift.retrace_tokens, watched)
         self._retrace_due: list[int] = []  # rows whose drift fired: the next pass re-traces
         self._retracing: list[int] = []  # rows re-traced by the current pass
         self._blend_old: list[torch.Tensor] | None = None  # per-token stats of the old masks
@@ -330,6 +347,10 @@ class Controller:
                 layer.clear_selection()
             if self.monitor is not None:
                 self.monitor.begin_trace(batch_size, self.device)
+            if self.ring is not None:
+                self.ring.reset(batch_size)
+            if self.signal_ring is not None:
+                self.signal_ring.reset(batch_size)
         self._set_modes()
 
     def before_forward(self, valid: torch.Tensor | None) -> None:
@@ -380,6 +401,15 @@ class Controller:
             valid = rows if valid is None else valid & rows
         self.selection.acc.update(layer, self._method.statistic(h), valid)
 
+    @property
+    def records_inputs(self) -> bool:
+        # the monitor is None inside `paused`: those forwards are not the sequence's tokens
+        return self.ring is not None and self.monitor is not None
+
+    @torch.no_grad()
+    def record_ffn_input(self, layer: int, x: torch.Tensor) -> None:
+        self.ring.record(layer, x, self.valid)
+
     def capture_residual(self, layer: int, r: torch.Tensor) -> None:
         if self._capture is not None:
             self._capture[layer] = r.detach()
@@ -399,6 +429,9 @@ class Controller:
     def observe_attention(self, signal: list[torch.Tensor]) -> None:
         if self.monitor is not None and self._batch_size:
             self.monitor.observe(signal, self.valid)
+            if self.signal_ring is not None:
+                for i, x in enumerate(signal):
+                    self.signal_ring.record(i, x, self.valid)
 
     # -- transitions --------------------------------------------------------------------------
     def _set_modes(self) -> None:
@@ -466,13 +499,37 @@ class Controller:
         self.accounting.drift_events(s, rows)
         self.schedule.retrace(rows, s)
         rows_mask = self._row_mask(rows)
-        if self._retrace_tokens:
-            self._retrace_due = rows
+        if self._retrace_tokens or self.ring is not None:
+            self._retrace_due = rows if self._retrace_tokens else []
             if self.cfg.drift.retrace_blend > 0:
                 acc = self.selection.acc
                 self._blend_old = [acc.per_token(i) for i in range(self._num_layers)]
         self.selection.acc.reset_rows(rows_mask)
         self.monitor.begin_trace(self._batch_size, self.device, rows=rows_mask)
+        if self.ring is not None:
+            self._rebuild_from_inputs(s, rows)
+
+    def _rebuild_from_inputs(self, s: int, rows: list[int]) -> None:
+        """The `ffn_inputs` re-trace, right at the event: the rows' statistics from the FFN
+        hidden activations of their buffered inputs, then their new masks (used from the next
+        pass); the drift baseline from the buffered signal of the same tokens (`attn_output`),
+        else from the windows that follow (pending)."""
+        acc, statistic = self.selection.acc, self._method.statistic
+
+        def update(layer: int, h: torch.Tensor, valid: torch.Tensor) -> None:
+            acc.update(layer, statistic(h), valid)
+
+        hidden = [layer._parts.hidden for layer in self._layers]
+        used = sum(rebuild_statistics(self.ring, rows, hidden, update, self._batch_size))
+        work = [  # gate/up rows of every buffered token, no down
+            used * n * hidden_fraction(layer.kind)
+            for layer, n in zip(self._layers, self._widths, strict=True)
+        ]
+        self.accounting.rebuilt_from_inputs(used, work)
+        if self.signal_ring is not None:
+            replay_signal(self.signal_ring, rows, self.monitor, self._batch_size)
+        self._retracing = rows
+        self._maybe_build(s)
 
     def _row_keep_counts(self) -> list[list[int]]:
         """Each row's per-layer keep counts under its current selection (its own budget)."""
@@ -733,6 +790,9 @@ class Controller:
             "selections": sum(layer.extra_bytes() for layer in self._layers),
             "proxies": sum(a.numel() * a.element_size() * 2 for a, _ in sel.proxies or []),
             "drift_monitor": self.monitor.state_bytes() if self.monitor else 0,
+            "retrace_inputs": sum(
+                r.state_bytes() for r in (self.ring, self.signal_ring) if r is not None
+            ),
         }
         telemetry = self.telemetry.stats() if self.telemetry is not None else {}
         return {

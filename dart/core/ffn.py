@@ -64,6 +64,13 @@ class StatsRecorder(Protocol):
     def record_ffn_output(self, layer: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """The FFN input `x` and output `y` (`[B, T, d]`) of a tracing pass."""
 
+    @property
+    def records_inputs(self) -> bool:
+        """Whether every non-dense pass reports its FFN inputs (an `ffn_inputs` re-trace)."""
+
+    def record_ffn_input(self, layer: int, x: torch.Tensor) -> None:
+        """The FFN input `x [B, T, d]` of any pass that is not dense for good."""
+
 
 @dataclass(frozen=True)
 class _Routing:
@@ -315,14 +322,18 @@ class DARTFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.per_token is not None:  # the prompt (any non-sparse pass) runs dense
             return self._per_token(x) if self.mode == SPARSE and self.prunes else self.original(x)
+        if self.mode != DENSE and self._recorder.records_inputs:  # the ffn_inputs re-trace
+            batch = self._recorder.batch_size
+            self._recorder.record_ffn_input(self.layer_index, x.view(batch, -1, x.shape[-1]))
         if self.mode == DENSE or self.mode == SPARSE and not self.prunes:
             return self.original(x)
         if x.dim() == 2:  # OPT flattens tokens to [B*T, d] before its FFN
             batch = self._recorder.batch_size
-            return self.forward(x.view(batch, -1, x.shape[-1])).view(x.shape)
-        if self.mode == TRACE:
-            return self._trace(x)
-        return self._sparse(x)
+            return self._masked(x.view(batch, -1, x.shape[-1])).view(x.shape)
+        return self._masked(x)
+
+    def _masked(self, x: torch.Tensor) -> torch.Tensor:
+        return self._trace(x) if self.mode == TRACE else self._sparse(x)
 
     def _trace(self, x: torch.Tensor) -> torch.Tensor:
         p = self._parts
