@@ -20,6 +20,19 @@ def test_config_names_are_the_registries():
     assert tuple(SIGNALS) == config.DRIFT_SIGNALS
     per_token = tuple(n for n, b in BACKENDS.items() if type(b).per_token is not Backend.per_token)
     assert per_token == config.PER_TOKEN_BACKENDS
+    # read from the registries, not copied: the config holds no tuple of these names
+    assert not {"RANKINGS", "BACKENDS", "DRIFT_SIGNALS", "PER_TOKEN_BACKENDS"} & set(vars(config))
+
+
+def test_a_registered_ranking_is_accepted_by_the_config(monkeypatch):
+    from dart.core import scoring
+
+    with pytest.raises(config.ConfigError, match="ranking: 'newest'"):
+        config.DARTConfig(ranking="newest")
+    extended = {**scoring.RANKINGS, "newest": scoring.RANKINGS["max"]}
+    monkeypatch.setattr(scoring, "RANKINGS", extended)
+    assert config.DARTConfig(ranking="newest").ranking == "newest"
+    assert "newest" in config.RANKINGS
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ Per-layer spec grammar (``DARTConfig.layer_topk``): comma-separated ``target:val
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -30,9 +31,8 @@ from .methods import METHODS, get_method
 from .methods import STATISTICS as _STATISTIC_TRANSFORMS
 
 __all__ = [
-    "BACKENDS",
     "DEFAULT_TOTAL_PRUNE",
-    "RANKINGS",
+    "registry_names",
     "STATISTICS",
     "BudgetConfig",
     "ConfigError",
@@ -51,16 +51,40 @@ class ConfigError(ValueError):
 
 
 STATISTICS = tuple(_STATISTIC_TRANSFORMS)  # the registry in dart.core.methods
-RANKINGS = ("magnitude", "max", "mean", "combined", "product")
 STRATEGIES = ("topk", "auto")
-BACKENDS = ("masked", "gathered", "compact")
-PER_TOKEN_BACKENDS = ("masked", "gathered")  # compact slices one fixed selection
 BATCH_POLICIES = ("per_sequence", "shared")
 PROXY_SOURCES = ("embedding", "lm_head")
 SENSITIVITIES = ("residual", "raw")
-DRIFT_SIGNALS = ("attn_output", "attn_probs", "attn_content")
 RETRACE_MODES = ("lookback", "ffn_inputs")
 DEFAULT_TOTAL_PRUNE = 0.5
+
+# Names of registries in modules that import this one (rankings in scoring, sparse backends in
+# ffn, drift signals in drift): read from the registries on use, never copied here. Module
+# attributes (``config.RANKINGS``, ``from dart.core.config import BACKENDS``) and the
+# validators below go through :func:`registry_names`.
+_REGISTRIES = {
+    "RANKINGS": (".scoring", "RANKINGS"),
+    "BACKENDS": (".ffn", "BACKENDS"),
+    "DRIFT_SIGNALS": (".drift", "SIGNALS"),
+}
+
+
+def registry_names(name: str) -> tuple[str, ...]:
+    """The registered names of ``RANKINGS``, ``BACKENDS``, ``DRIFT_SIGNALS`` or
+    ``PER_TOKEN_BACKENDS`` (the backends that define a per-token pass: compact slices one
+    fixed selection, which a per-token method does not have)."""
+    if name == "PER_TOKEN_BACKENDS":
+        from .ffn import BACKENDS, Backend
+
+        return tuple(n for n, b in BACKENDS.items() if type(b).per_token is not Backend.per_token)
+    module, attr = _REGISTRIES[name]
+    return tuple(getattr(importlib.import_module(module, __package__), attr))
+
+
+def __getattr__(name: str) -> tuple[str, ...]:
+    if name in _REGISTRIES or name == "PER_TOKEN_BACKENDS":
+        return registry_names(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _choice(owner: str, name: str, value: Any, accepted: tuple[str, ...]) -> None:
@@ -237,7 +261,7 @@ class DriftConfig(_Section):
         o = "DriftConfig"
         if not isinstance(self.enabled, bool):
             raise ConfigError(f"{o}.enabled: {self.enabled!r} is not a bool (true or false)")
-        _choice(o, "signal", self.signal, DRIFT_SIGNALS)
+        _choice(o, "signal", self.signal, registry_names("DRIFT_SIGNALS"))
         _int_at_least(o, "window", self.window, 1)
         if isinstance(self.layers, int) and not isinstance(self.layers, bool):
             self.layers = (self.layers,)
@@ -485,9 +509,9 @@ class DARTConfig:
         if self.ema_decay is not None:
             _real_in(o, "ema_decay", self.ema_decay, 0.0, 1.0, low_open=True, high_open=True)
         _choice(o, "statistic", self.statistic, STATISTICS)
-        _choice(o, "ranking", self.ranking, RANKINGS)
+        _choice(o, "ranking", self.ranking, registry_names("RANKINGS"))
         _choice(o, "strategy", self.strategy, STRATEGIES)
-        _choice(o, "backend", self.backend, BACKENDS)
+        _choice(o, "backend", self.backend, registry_names("BACKENDS"))
         _choice(o, "batch_policy", self.batch_policy, BATCH_POLICIES)
         _choice(o, "proxy_source", self.proxy_source, PROXY_SOURCES)
         _choice(o, "per_token_allocation", self.per_token_allocation, ("greedy", "uniform"))
@@ -501,10 +525,11 @@ class DARTConfig:
         if mode is None:
             return
         o = "DARTConfig"
-        if self.backend not in PER_TOKEN_BACKENDS:
+        per_token_backends = registry_names("PER_TOKEN_BACKENDS")
+        if self.backend not in per_token_backends:
             raise ConfigError(
                 f"{o}.backend: {self.backend!r} cannot run method {self.method!r} (a per-token "
-                f"selection has no fixed rows to slice); use one of {', '.join(PER_TOKEN_BACKENDS)}"
+                f"selection has no fixed rows to slice); use one of {', '.join(per_token_backends)}"
             )
         target = self.prune_target
         if target is not None and 1.0 - target < mode.min_read - 1e-9:
