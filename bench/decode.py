@@ -9,7 +9,7 @@ Arms (same prompts, same number of new tokens):
   dart_gathered_compiled  the compiled loop with DART's gathered kernels
   dart_compact_compiled   the compiled loop with DART's compact (slice-on-reselect) buffers
   pertoken_<mode>[_compiled]
-                          a per-token method (issue 26: gate, gate-weighted, input; opt-in, e.g.
+                          a per-token method (gate, gate-weighted, input; opt-in, e.g.
                           `--arms dense_compiled,pertoken_input_compiled`) on the gathered
                           backend, whose CPU steps run the fused per-token kernels; thresholds
                           calibrated on the bench prompts at the setting's sparsity (the share of

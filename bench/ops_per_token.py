@@ -1,4 +1,4 @@
-"""Op-level benchmark of the fused CPU per-token FFN ops (issue 26) against the dense op, side by
+"""Op-level benchmark of the fused CPU per-token FFN ops against the dense op, side by
 side in one process: us per call and the share of the FFN's weight bytes each arm read.
 
 Arms (each cycles over --layers copies of its weights, more than the last-level cache holds, as a

@@ -1,4 +1,4 @@
-"""Which drift signal tells a topic switch from a plain continuation? (issue 12)
+"""Which drift signal tells a topic switch from a plain continuation?
 
 Streams: a prompt of P tokens from document A, then C tokens from A (no switch) or from the
 same offset of another document B (switch). The model runs dense and teacher-forced (one

@@ -1,4 +1,4 @@
-"""Quality per byte (issue 26): perplexity against the share of FFN weight bytes read per token.
+"""Quality per byte: perplexity against the share of FFN weight bytes read per token.
 
 llama.cpp's protocol (`llama-perplexity -c CTX`): disjoint chunks of the packaged Wikipedia
 text's EVAL split, the first half of each chunk the prompt (dense), the second half scored on

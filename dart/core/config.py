@@ -479,7 +479,7 @@ class DARTConfig:
     proxy_source: str = "embedding"
     seed: int = 0
     telemetry_every: int = 0
-    per_token_allocation: str = "uniform"  # issue 26: it beat greedy for input, the best mode
+    per_token_allocation: str = "uniform"  # it beat greedy for input, the best mode
 
     def __post_init__(self) -> None:
         o = "DARTConfig"

@@ -120,7 +120,7 @@ class Method:
     uses_proxies: bool = False
     shared_mask: bool = False
     uniform_budget: bool = False
-    # the default config's (DARTConfig.statistic = normalized_l2 since issue 12's study)
+    # the default config's (DARTConfig.statistic = normalized_l2 since the tuning study)
     statistic: Callable[[Tensor], Tensor] = per_token_l2_normalised
     own_statistic: str | None = None
     score: Callable[[Tensor, torch.Generator], Tensor] | None = None

@@ -1,4 +1,4 @@
-"""Per-token neuron selection (issue 26): what each per-token mode reads, its masked emulation,
+"""Per-token neuron selection: what each per-token mode reads, its masked emulation,
 its threshold calibration and the per-layer allocation of a byte budget.
 
 A per-token mode chooses, for every decoded token on its own, which FFN weights to read, by
