@@ -64,7 +64,7 @@ class _Arm:
                 cache = DynamicCache()
                 self.model(input_ids=torch.tensor([self.prompt]), past_key_values=cache)
                 # up to the first poll of the block: the block starts right after a poll
-                while (c.step + 1) % c.cfg.drift.window:
+                while (c.step + 1) % c.config.drift.window:
                     self._feed(cache)
                 self._feed(cache)
                 self.fire = fire

@@ -452,6 +452,7 @@ def _choices_of(path: str) -> tuple | None:
         "proxy_source": _config.PROXY_SOURCES,
         "per_token_allocation": ("greedy", "uniform"),
         "drift.signal": _config.DRIFT_SIGNALS,
+        "drift.retrace": _config.RETRACE_MODES,
         "budget.sensitivity": _config.SENSITIVITIES,
         "budget.normalize": tuple(NORMALIZATIONS),
         "budget.blend_toward": tuple(BLEND_TARGETS),
@@ -498,6 +499,8 @@ _HELP = {
     "drift.enabled": "drift detection on (the method may turn it off)",
     "drift.signal": "the attention feature drift is measured on",
     "drift.window": "tokens per trace window",
+    "drift.retrace": "how a drift event rebuilds masks: lookback (recompute the last "
+    "retrace_tokens positions densely) or ffn_inputs (from a ring of their FFN inputs)",
     "drift.layers": "decoder layers whose attention is watched (negative: from the end)",
     "drift.sigma_scale": "threshold tau = mu - max(sigma_scale * sigma, threshold_floor)",
     "drift.threshold_floor": "smallest margin of the threshold below the baseline mean",

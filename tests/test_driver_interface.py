@@ -28,8 +28,12 @@ SCANNED = sorted(
         *(ROOT / "scripts").glob("*.py"),
     ]
 )
-# The patching code also calls the hook methods it installs.
-ALLOWED = {ROOT / "dart" / "core" / "api.py": DRIVER_INTERFACE | HOOK_INTERFACE}
+# The patching code also calls the hook methods it installs; the re-trace cost bench times one
+# drift event by firing the monitor's poll itself, at a known step (instrumentation, not driving).
+ALLOWED = {
+    ROOT / "dart" / "core" / "api.py": DRIVER_INTERFACE | HOOK_INTERFACE,
+    ROOT / "bench" / "retrace_cost.py": DRIVER_INTERFACE | {"monitor", "step"},
+}
 
 
 def _is_controller(node: ast.AST) -> bool:
@@ -134,7 +138,8 @@ def test_every_interface_name_exists_and_is_documented():
         doc = (member.fget if isinstance(member, property) else member).__doc__
         assert doc, f"Controller.{name}: no docstring"
     for name in HOOK_INTERFACE:
-        assert callable(getattr(Controller, name)), name
+        member = getattr(Controller, name)
+        assert callable(member) or isinstance(member, property), name
 
 
 # every state the interface publishes is a property without a setter
