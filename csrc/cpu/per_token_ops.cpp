@@ -108,6 +108,30 @@ bool check_in_weight(const at::Tensor& w, const at::Tensor& x, const char* op, c
   return true;
 }
 
+// The entries of v [M, L] that some token keeps (|v| >= threshold), in order, into *kept; own[t]
+// += how many token t keeps itself. Returns the tokens' values there [M, kept]: a token's own
+// choice ("token": 0 where it did not keep the entry) or every kept value (unite).
+std::vector<float> kept_entries(const float* v, int64_t M, int64_t L, float threshold, bool unite,
+                                std::vector<int64_t>* kept, int64_t* own) {
+  for (int64_t j = 0; j < L; ++j) {
+    bool any = false;
+    for (int64_t t = 0; t < M; ++t) {
+      const bool k = std::fabs(v[t * L + j]) >= threshold;
+      own[t] += k;
+      any = any || k;
+    }
+    if (any) kept->push_back(j);
+  }
+  const int64_t nk = static_cast<int64_t>(kept->size());
+  std::vector<float> out(M * nk);
+  for (int64_t t = 0; t < M; ++t)
+    for (int64_t c = 0; c < nk; ++c) {
+      const float x = v[t * L + (*kept)[c]];
+      out[t * nk + c] = unite || std::fabs(x) >= threshold ? x : 0.0f;
+    }
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Threading helpers
 
@@ -329,22 +353,8 @@ std::tuple<at::Tensor, at::Tensor> input_sparse_glu_ffn_cpu(
   if (M > 0 && d > 0) {
     // 1. the kept columns and the tokens' values there
     std::vector<int64_t> cols, rows, own(M, 0), own_h(M, 0);
-    for (int64_t j = 0; j < d; ++j) {
-      bool any = false;
-      for (int64_t t = 0; t < M; ++t) {
-        const bool k = std::fabs(xp[t * d + j]) >= tx;
-        own[t] += k;
-        any = any || k;
-      }
-      if (any) cols.push_back(j);
-    }
+    const std::vector<float> xv = kept_entries(xp, M, d, tx, unite, &cols, own.data());
     const int64_t nk = static_cast<int64_t>(cols.size());
-    std::vector<float> xv(M * nk);
-    for (int64_t t = 0; t < M; ++t)
-      for (int64_t c = 0; c < nk; ++c) {
-        const float v = xp[t * d + cols[c]];
-        xv[t * nk + c] = unite || std::fabs(v) >= tx ? v : 0.0f;
-      }
     // 2. g, u [M, N] over the kept columns; h = act(g) * u in g
     std::vector<float> g(M * N, 0.0f), u(M * N, 0.0f);
     split(N, std::max<int64_t>(64, 65536 / std::max<int64_t>(nk * M, 1)),
@@ -356,22 +366,8 @@ std::tuple<at::Tensor, at::Tensor> input_sparse_glu_ffn_cpu(
           });
     for (int64_t i = 0; i < M * N; ++i) g[i] = apply_act(act, g[i]) * u[i];
     // 3. the kept rows of h, then y over them, split by columns of y
-    for (int64_t n = 0; n < N; ++n) {
-      bool any = false;
-      for (int64_t t = 0; t < M; ++t) {
-        const bool k = std::fabs(g[t * N + n]) >= th;
-        own_h[t] += k;
-        any = any || k;
-      }
-      if (any) rows.push_back(n);
-    }
+    const std::vector<float> hv = kept_entries(g.data(), M, N, th, unite, &rows, own_h.data());
     const int64_t nr = static_cast<int64_t>(rows.size());
-    std::vector<float> hv(M * nr);
-    for (int64_t t = 0; t < M; ++t)
-      for (int64_t r = 0; r < nr; ++r) {
-        const float v = g[t * N + rows[r]];
-        hv[t * nr + r] = unite || std::fabs(v) >= th ? v : 0.0f;
-      }
     split(d, std::max<int64_t>(64, 65536 / std::max<int64_t>(nr * M, 1)),
           [&](int64_t b, int64_t e) {
             pk.rows_axpy(hv.data(), M, rows.data(), nr, w, b, e, yp, d);
