@@ -156,12 +156,12 @@ def _gate_gathered(
     from dart_ext import per_token as ops
 
     q = parts.quant
-    if q is not None:  # quantised rows: the fused kernel on CPU, its reference elsewhere
+    if q is not None:  # quantised rows: the fused kernel where built, else its reference
         rows = (q.gate_proj.rows(), q.up_proj.rows(), q.down_proj.rows())
-        cpu = x.device.type == "cpu"
-        run = ops.fused_gate_first_glu_ffn_q if cpu else ops.gate_first_glu_ffn_q_reference
+        fused = x.device.type in ops.FUSED_DEVICES["gate_first_glu_ffn_q"]
+        run = ops.fused_gate_first_glu_ffn_q if fused else ops.gate_first_glu_ffn_q_reference
         return run(x, *rows, thr[0], scale, act, None, policy)
-    if x.device.type == "cpu":  # the fused kernel (csrc/cpu/per_token_ops.cpp)
+    if x.device.type in ops.FUSED_DEVICES["gate_first_glu_ffn"]:  # csrc/cpu, csrc/cuda
         return torch.ops.dart.gate_first_glu_ffn(
             x, parts.w_gate, parts.w_up, parts.w_down_t, thr[0], scale, act, None, policy
         )
@@ -179,14 +179,14 @@ def _input_gathered(
     *layout: Tensor,
     policy: str = "token",
 ) -> tuple:
-    if x.device.type == "cpu":  # the fused kernel over the input-major copies of gate and up
+    from dart_ext import per_token as ops
+
+    if x.device.type in ops.FUSED_DEVICES["input_sparse_glu_ffn"]:  # over the input-major copies
         w_gate, w_up = layout if layout else (parts.w_gate, parts.w_up)
         return torch.ops.dart.input_sparse_glu_ffn(
             x, w_gate, w_up, parts.w_down_t, thr[0], thr[1], act, policy
         )
-    from dart_ext.per_token import input_sparse_glu_ffn
-
-    return input_sparse_glu_ffn(
+    return ops.input_sparse_glu_ffn(
         x, parts.w_gate, parts.w_up, parts.w_down_t, thr[0], thr[1], act, policy
     )
 
@@ -212,12 +212,17 @@ class PerTokenMode:
     ``knobs``: names of its selections (one threshold each); ``fixed_read``: the share of the
     FFN bytes read whatever the thresholds (the gate of ``gate``); ``knob_read``: each knob's
     share at keep 1; ``weighted``: scores scaled by :func:`weighted_scale`; ``masked(parts, x,
-    thresholds, scale) -> (y, read)``: the exact emulation (full products times 0/1 masks);
-    ``gathered(parts, x, thresholds, scale, act, *layout) -> (y, read)``: the fused CPU kernels
-    (``torch.ops.dart``) for CPU tensors, the reference ops of :mod:`dart_ext.per_token`
-    elsewhere (both read only what is kept); ``read`` is weight entries per token.
-    ``layout(parts)``: the extra weight copies the fused CPU kernel reads (``layout`` above),
-    made once at attach, or None.
+    thresholds, scale, policy) -> (y, read)``: the exact emulation (full products times 0/1
+    masks); ``gathered(parts, x, thresholds, scale, act, *layout, policy=) -> (y, read)``: the
+    fused kernels (``torch.ops.dart``) on the device types that have them (CPU; CUDA in a CUDA
+    build: ``dart_ext.per_token.FUSED_DEVICES``), the reference ops of
+    :mod:`dart_ext.per_token` elsewhere (both read only what is kept); ``read`` is weight
+    entries per token; ``policy``: ``token`` (each token its own choice) or ``union`` (one kept
+    set for all tokens of the call). ``layout(parts)``: the extra weight copies the fused
+    kernel reads (``layout`` above), made once at attach, or None. ``quantised``: runs on
+    models quantised by ``dart.quantize`` (gate-first reads whole quantised rows; the input
+    mode would need a block-level input selection, since dropping single entries of x skips
+    no part of a 32-value block).
     """
 
     name: str
@@ -233,10 +238,12 @@ class PerTokenMode:
     def kernel_layout(self, parts: FFNParts, backend: str) -> tuple[Tensor, ...]:
         """The extra weight copies the fused kernel of ``backend`` reads for ``parts`` (the
         input mode's input-major gate and up on CPU), made once at attach; () if none."""
+        from dart_ext.per_token import FUSED_DEVICES
+
         if self.layout is None or backend == "masked" or parts.quant is not None:
             return ()
-        if parts.w_up.device.type != "cpu":
-            return ()
+        if parts.w_up.device.type not in FUSED_DEVICES["input_sparse_glu_ffn"]:
+            return ()  # the reference ops read the neuron-major weights
         return self.layout(parts)
 
     def read_fraction(self, keeps: Sequence[float]) -> float:
