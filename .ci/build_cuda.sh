@@ -133,7 +133,7 @@ SYMS="$(nm -C "$SO")"
 missing=0
 for kern in topk_indices_kernel gather_rows_kernel ffn_phase1_kernel ffn_phase2_kernel \
   glu_act_mul_kernel mlp_bias_act_kernel qdot_kernel qdown_kernel q_dequant_rows_kernel \
-  q_round_x_kernel; do
+  q_round_x_kernel pt_gate_kernel pt_mask_kernel pt_rows_kernel pt_count_kernel; do
   if grep -q "dart::kernels::$kern" <<<"$SYMS"; then
     echo "  ok: $kern"
   else
@@ -142,7 +142,8 @@ for kern in topk_indices_kernel gather_rows_kernel ffn_phase1_kernel ffn_phase2_
   fi
 done
 for impl in topk_indices_cuda gather_neurons_cuda gathered_glu_ffn_cuda gathered_mlp_cuda \
-  gathered_glu_ffn_q_cuda gathered_mlp_q_cuda linear_q_cuda; do
+  gathered_glu_ffn_q_cuda gathered_mlp_q_cuda linear_q_cuda gate_first_glu_ffn_cuda \
+  input_sparse_glu_ffn_cuda; do
   if grep -q "dart::cuda::.*$impl" <<<"$SYMS"; then echo "  ok: $impl"; else
     echo "  MISSING: $impl" >&2
     missing=1

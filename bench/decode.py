@@ -13,7 +13,12 @@ Arms (same prompts, same number of new tokens):
                           `--arms dense_compiled,pertoken_input_compiled`) on the gathered
                           backend, whose CPU steps run the fused per-token kernels; thresholds
                           calibrated on the bench prompts at the setting's sparsity (the share of
-                          FFN bytes left unread); `rd` is the share it really read per token
+                          FFN bytes left unread; a sparsity the mode cannot reach skips the arm,
+                          noted on stderr); `rd` is the share it really read per token and
+                          `FFN MB/tok` those bytes (in the weights' own format: q4's 18 bytes per
+                          32 values); `--dart.batch_policy shared` runs the union policy at batch
+                          > 1. On quantised weights (`--dtypes q4`) the gate modes run the fused
+                          quantised kernel; the input mode cannot (skipped, noted on stderr)
   llamacpp                llama.cpp's `llama-bench` on the packaged model's own GGUF file (opt-in:
                           `--arms llamacpp,...`; batch 1, CPU, same threads, `-p 0 -n new_tokens`;
                           built once from the pinned source by `dart.llamacpp`, see `make
@@ -67,6 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dart  # noqa: E402
 from dart.assets.data import load_drift_prompts  # noqa: E402
 from dart.core.config import ConfigError  # noqa: E402
+from dart.core.per_token import PER_TOKEN_MODES  # noqa: E402
 from dart.llamacpp import bench as llamacpp_bench  # noqa: E402
 from dart.llamacpp import ensure_llamacpp, packaged_gguf  # noqa: E402
 from dart.options import add_dart_flags, dart_config_from  # noqa: E402
@@ -212,10 +218,10 @@ class Arm:
             backend = name.split("_")[1]
             self.handle = dart.attach(self.model, _config(args, sparsity, backend))
         elif name.startswith("pertoken_"):
-            mode = name.removeprefix("pertoken_").removesuffix("_compiled")
-            cfg = dart.DARTConfig(method=mode, total_prune=sparsity, backend="gathered")
-            self.handle = dart.attach(self.model, cfg)
+            self.handle = dart.attach(self.model, _per_token_config(name, args, sparsity))
             self.handle.calibrate(calib_ids)
+            # the bytes meter's dense FFN bytes per token (the weights' own format)
+            self.ffn_bytes = sum(f.dense_entries * f.entry_bytes for f in self.handle.ffns)
         self.fast = None
         if name.endswith("_compiled"):
             self.fast = FastGenerator(self.model, self.handle, max_len)
@@ -264,6 +270,8 @@ class Arm:
             rec["effective_sparsity"] = stats["effective_sparsity"]
             if "ffn_bytes_read_fraction" in stats:  # per-token methods: measured per token
                 rec["ffn_bytes_read_fraction"] = stats["ffn_bytes_read_fraction"]
+                fraction = stats["ffn_bytes_read_fraction"]
+                rec["ffn_mb_read_per_token"] = fraction * self.ffn_bytes / 2**20
             if "dense_token_computations_per_token" in stats:
                 rec["dense_token_computations_per_token"] = stats[
                     "dense_token_computations_per_token"
@@ -328,6 +336,33 @@ class LlamaCppArm:
         pass
 
 
+def _per_token_config(name: str, args, sparsity: float) -> dart.DARTConfig:
+    """A per-token arm's config: its mode, the setting's sparsity, the gathered (fused) kernels
+    and the bench's batch policy (``shared``: the union policy)."""
+    mode = name.removeprefix("pertoken_").removesuffix("_compiled")
+    return dart.DARTConfig(
+        method=mode, total_prune=sparsity, backend="gathered", batch_policy=args.batch_policy
+    )
+
+
+def _runnable(name: str, args, sparsity: float, weights: str) -> bool:
+    """Whether an arm runs in this setting; a per-token mode that cannot (a sparsity out of its
+    reach, the input mode on quantised weights) is skipped with the reason on stderr."""
+    if not name.startswith("pertoken_"):
+        return True
+    mode = name.removeprefix("pertoken_").removesuffix("_compiled")
+    if weights != "fp" and not PER_TOKEN_MODES[mode].quantised:
+        print(f"  {name}: skipped on {weights} weights (a quantised block cannot skip single "
+              "input entries)", file=sys.stderr)  # fmt: skip
+        return False
+    try:
+        _per_token_config(name, args, sparsity)
+    except ConfigError as err:
+        print(f"  {name}: skipped at sparsity {sparsity} ({err})", file=sys.stderr)
+        return False
+    return True
+
+
 def make_arm(name: str, base, args, sparsity: float, max_len: int, calib_ids=None):
     if name == LLAMACPP:
         return LlamaCppArm(args.llamacpp_gguf, args.llamacpp_tools, args.llamacpp_threads)
@@ -366,7 +401,9 @@ def bench_setting(base, tok, dtype, batch, sparsity, args, with_dense: bool) -> 
     device = next(base.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
     max_len = ids.shape[1] + args.new_tokens + 8
+    weights = dtype if isinstance(dtype, str) else "fp"  # quantised: the format's name
     names = [a for a in args.arms if with_dense or a not in BASELINE_ARMS]
+    names = [a for a in names if _runnable(a, args, sparsity, weights)]
     if LLAMACPP in names and batch != 1:
         print(f"  {LLAMACPP}: skipped at batch {batch} (it decodes one sequence)", file=sys.stderr)
         names.remove(LLAMACPP)
@@ -415,6 +452,7 @@ def bench_setting(base, tok, dtype, batch, sparsity, args, with_dense: bool) -> 
             "trace_ms_per_token",
             "dense_token_computations_per_token",
             "ffn_bytes_read_fraction",
+            "ffn_mb_read_per_token",
             "threads",
         ):
             vals = [s[key] for s in samples[name] if key in s]
@@ -465,6 +503,7 @@ def print_table(records: list[dict]) -> None:
         ("mem MB", 8, lambda r: _fmt(r, "memory_mb", 1.0, 0)),
         ("eff.sp", 7, lambda r: _fmt(r, "effective_sparsity", 1.0, 2)),
         ("rd", 5, lambda r: _fmt(r, "ffn_bytes_read_fraction", 1.0, 2)),
+        ("FFN MB/tok", 11, lambda r: _fmt(r, "ffn_mb_read_per_token", 1.0, 3)),
         ("retraces", 9, lambda r: r.get("retraces", "-")),
         ("sel ms", 7, lambda r: _fmt(r, "selection_ms", 1.0)),
         ("sel/tok", 8, lambda r: _fmt(r, "selection_ms_per_token", 1.0, 2)),
@@ -563,13 +602,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--dtypes {dtype_name!r}: use {', '.join([*DTYPES, *QUANT])}")
         weights = QUANT.get(dtype_name, "fp")
         dtype = DTYPES.get(dtype_name, torch.float32)
-        # quantised weights: no compact (fp rows) and no per-token arm (its fused q kernel,
-        # gate_first_glu_ffn_q, is not wired into the quantised FFN modules yet)
-        args.arms = [
-            a
-            for a in all_arms
-            if weights == "fp" or (a != "dart_compact_compiled" and not a.startswith("pertoken_"))
-        ]
+        # quantised weights: no compact (it slices fp rows); per-token arms: see _runnable
+        args.arms = [a for a in all_arms if weights == "fp" or a != "dart_compact_compiled"]
         model, tok = load_bench_model(args.model, dtype, args.device, weights)
         if weights != "fp":
             dtype = weights  # the records' "dtype" column names the weights

@@ -34,9 +34,12 @@ over the kept set, its own values unmasked; every token's ``read`` is then the c
 (per sequence at decode) choice.
 
 The fused CPU kernels (``torch.ops.dart.gate_first_glu_ffn``, ``gate_first_glu_ffn_q``,
-``input_sparse_glu_ffn``; ``csrc/cpu/per_token_ops.cpp``) implement these contracts and really
-skip the unread bytes; their typed wrappers are :func:`fused_gate_first_glu_ffn`,
-:func:`fused_gate_first_glu_ffn_q` and :func:`fused_input_sparse_glu_ffn`. The input-sparse
+``input_sparse_glu_ffn``; ``csrc/cpu/per_token_ops.cpp``) and the CUDA kernels of
+``gate_first_glu_ffn`` and ``input_sparse_glu_ffn`` (``csrc/cuda/per_token_ops.cu``, when the
+extension is built with CUDA; :data:`FUSED_DEVICES` says which device types have them)
+implement these contracts and really skip the unread bytes; their typed wrappers are
+:func:`fused_gate_first_glu_ffn`, :func:`fused_gate_first_glu_ffn_q` and
+:func:`fused_input_sparse_glu_ffn`. The input-sparse
 kernel reads gate and up column-sparse at full speed only when they are stored input-major
 (:func:`input_major`: the ``[N, d]`` view of a contiguous ``[d, N]`` copy); neuron-major
 ``[N, d]`` weights work too (a gather inside each row, which touches whole cache lines).
@@ -52,6 +55,7 @@ from .quant import QuantRows, dequantize_rows, quantize_activations
 from .reference import apply_act, canonical_act
 
 __all__ = [
+    "FUSED_DEVICES",
     "POLICIES",
     "fused_gate_first_glu_ffn",
     "fused_gate_first_glu_ffn_q",
@@ -63,6 +67,20 @@ __all__ = [
 ]
 
 POLICIES = ("token", "union")
+
+
+def _fused_devices(op: str) -> frozenset[str]:
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return frozenset(key.lower() for key in ("CPU", "CUDA") if has(f"dart::{op}", key))
+
+
+# op name -> the device types ("cpu", "cuda") for which the built extension has a fused kernel of
+# torch.ops.dart.<op> (CUDA ones only in a build with CUDA); fixed at import, so a compiled step
+# reads it as a constant
+FUSED_DEVICES = {
+    op: _fused_devices(op)
+    for op in ("gate_first_glu_ffn", "gate_first_glu_ffn_q", "input_sparse_glu_ffn")
+}
 
 
 def _check(x, w_gate, w_up, w_down_t, act, **scalars) -> None:

@@ -13,6 +13,8 @@
 #             torch.compile, bad input; tests/test_ops_cuda_quant.py: the quantised ops), JUnit
 #             XML; then the FFN ones again with the decode kernels taking every token count
 #             they support (DART_CUDA_GEMM_MIN_TOKENS=17);
+#   pertoken  the per-token ops' CUDA tests (tests/test_ops_cuda_per_token.py: gate-first and
+#             input-sparse vs reference, both policies, chunks, graphs, a tiny model's steps);
 #   sanitize  a subset of op calls (every kernel: decode with and without split-K, vector and
 #             fallback paths, int32 and per-sequence idx, the chunked per-sequence GEMM path,
 #             topk, gather) checked against the reference, then under compute-sanitizer
@@ -37,7 +39,7 @@ mkdir -p "$OUT"
 STEP_TIMEOUT="${STEP_TIMEOUT:-470}"
 PY="${PYTHON:-python}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-ALL_STEPS=(build tests sanitize ops opsq decode1 decode8)
+ALL_STEPS=(build tests pertoken sanitize ops opsq decode1 decode8)
 status=0
 
 # run_logged LOG LIMIT CMD...: CMD's output to LOG (and its tail here), CMD's exit status back
@@ -65,7 +67,8 @@ import torch
 import dart_ext
 
 for op in ("topk_indices", "gathered_glu_ffn", "gathered_mlp", "gather_neurons_",
-           "gathered_glu_ffn_q", "gathered_mlp_q", "linear_q"):
+           "gathered_glu_ffn_q", "gathered_mlp_q", "linear_q", "gate_first_glu_ffn",
+           "input_sparse_glu_ffn"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dart::{op}", "CUDA"), op
 print("dart_ext", dart_ext.__file__, "has CUDA kernels")
 EOF
@@ -82,6 +85,12 @@ step_tests() {
     -q -m cuda tests/test_ops_cuda.py -p no:cacheprovider -k "glu or mlp or graph or compile" \
     --junitxml="$OUT/tests_decode_kernels.xml" || rc=1
   return $rc
+}
+
+step_pertoken() {
+  run_logged "$OUT/tests_per_token.log" 300 "$PY" -m pytest -q -m cuda \
+    tests/test_ops_cuda_per_token.py -p no:cacheprovider --durations=10 \
+    --junitxml="$OUT/tests_per_token.xml"
 }
 
 # The sanitizer subset: every CUDA kernel of dart on shapes that keep it short, each result
@@ -144,6 +153,23 @@ def mlp(name, tokens, batch=None, dtype=torch.float16, n=2048, d=512, keep=0.5):
 
 
 
+def per_token(name, tokens, dtype=torch.bfloat16, n=2048, d=512, policy="token"):
+    from dart_ext import per_token as pt
+
+    wg, wu, wd = weights(n, d, dtype)
+    x = torch.randn(tokens, d, device=dev, generator=gen).to(dtype)
+    scale = torch.ones(n, device=dev)
+    t = torch.tensor(0.1, device=dev)
+    args = (x, wg, wu, wd, t, scale, "silu", None, policy)
+    got = torch.ops.dart.gate_first_glu_ffn(*args)
+    want = pt.gate_first_glu_ffn(*args)
+    close(name + " gate-first", got[0], want[0], dtype)
+    iargs = (x, pt.input_major(wg), pt.input_major(wu), wd, t, t * 0.1, "silu", policy)
+    got = torch.ops.dart.input_sparse_glu_ffn(*iargs)
+    want = pt.input_sparse_glu_ffn(x, wg, wu, wd, t, t * 0.1, "silu", policy)
+    close(name + " input-sparse", got[0], want[0], dtype)
+
+
 def qmats(n, d, fmt, group, count):
     g = torch.Generator(device=dev).manual_seed(n + d)
     return [
@@ -184,6 +210,8 @@ glu("glu T=3 per-sequence int32", 3, batch=3, int32=True)
 glu("glu T=7 fp32 fallback (odd row stride)", 7, dtype=torch.float32, pad=1, n=1024, d=256)
 mlp("mlp T=2 biases", 2)
 glu("glu T=1 k=1 no split", 1, n=64, d=256, keep=1 / 64)
+per_token("per-token T=1", 1)
+per_token("per-token T=5 union fp32", 5, dtype=torch.float32, policy="union")
 if not quick:
     glu("glu T=20 GEMM path", 20)
     gluq("glu_q q4 T=12 per-sequence GEMM path", 12, "q4", batch=2)

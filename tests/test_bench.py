@@ -95,3 +95,24 @@ def test_measured_runs_that_compiled_are_run_again(monkeypatch, compiling_runs, 
     rec = decode.measure(arm, None, None, 4, 0)
     assert arm.runs == runs and rec["tokens_per_s"] == runs
     assert rec["compiled_graphs"] == flagged
+
+
+def test_decode_bench_per_token_arms_follow_the_weights_and_the_policy(capsys):
+    """Per-token arms: the gate modes run on q4 weights, the input mode is skipped there (and
+    a sparsity out of a mode's reach is skipped), each with its reason on stderr; the bench's
+    batch policy reaches the arm's config (shared: the union policy)."""
+    decode = _decode_module()
+    args = decode.build_parser().parse_args(["--dart.batch_policy", "shared"])
+    args.batch_policy = "shared"
+    assert decode._runnable("pertoken_gate_compiled", args, 0.4, "q4")
+    assert decode._runnable("pertoken_input", args, 0.4, "fp")
+    assert not decode._runnable("pertoken_input_compiled", args, 0.4, "q4")
+    assert not decode._runnable("pertoken_gate", args, 0.7, "fp")  # the gate alone is 1/3
+    err = capsys.readouterr().err
+    assert "skipped on q4 weights" in err and "total_prune" in err
+    config = decode._per_token_config("pertoken_gate-weighted_compiled", args, 0.4)
+    assert (config.method, config.backend, config.batch_policy) == (
+        "gate-weighted",
+        "gathered",
+        "shared",
+    )

@@ -3,7 +3,8 @@ the whole launch sequence of each) run on the CPU emulation of the CUDA executio
 (tests/emulation.py) against the pure-PyTorch reference ops of dart_ext/per_token.py: outputs
 within the dtype's tolerance and the per-token `read` counts exactly equal, over dtypes, 1 to 8
 tokens, every activation, thresholds that keep everything / part / nothing, split-K on and off,
-the 16-byte vector path and the element-wise fallback, and bitwise determinism across schedules.
+the 16-byte vector path and the element-wise fallback, both policies (token, union), thresholds
+by value and from device memory, and bitwise determinism across schedules.
 
 Thresholds are put in the middle of a wide gap between the reference's own scores, so that the
 kernels' other summation order cannot move a neuron across the threshold (a token's kept set is
@@ -51,6 +52,8 @@ class Case:
     splits: int = 0
     num_sms: int = 2
     seed: int = 0
+    policy: str = "token"  # or "union": one kept set for all the call's tokens
+    thr_ptr: bool = False  # thresholds read by the kernels from memory (the CUDA glue's way)
 
 
 def _gap_threshold(scores: torch.Tensor, keep: float) -> float:
@@ -116,6 +119,8 @@ def run(c: Case, inp: dict) -> tuple[torch.Tensor, torch.Tensor]:
         int(c.vec),
         c.num_sms,
         C(c.splits),
+        int(c.policy == "union"),
+        int(c.thr_ptr),
         VP(y.data_ptr()),
         VP(read.data_ptr()),
     )
@@ -128,9 +133,9 @@ def reference(c: Case, inp: dict) -> tuple[torch.Tensor, torch.Tensor]:
     x = inp["x"].float()  # the same values; fp32 output
     thr = torch.tensor(inp["thr"], dtype=torch.float32)
     if c.op == "gate":
-        return pt.gate_first_glu_ffn(x, wg, wu, wd, thr, inp["scale"], c.act)
+        return pt.gate_first_glu_ffn(x, wg, wu, wd, thr, inp["scale"], c.act, None, c.policy)
     h_thr = torch.tensor(inp["h_thr"], dtype=torch.float32)
-    return pt.input_sparse_glu_ffn(x, wg, wu, wd, thr, h_thr, c.act)
+    return pt.input_sparse_glu_ffn(x, wg, wu, wd, thr, h_thr, c.act, c.policy)
 
 
 def check(c: Case) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,6 +174,40 @@ def test_matches_reference(op, tokens, keep):
             seed=i,
         )
     )
+
+
+@pytest.mark.parametrize("op", ["gate", "input"])
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+@pytest.mark.parametrize("keep", [0.5, 0.15])
+def test_union_policy_matches_reference(op, tokens, keep):
+    i = tokens + int(keep * 20) + (op == "input")
+    c = Case(
+        op=op,
+        policy="union",
+        dtype=DTYPES[i % 3],
+        tokens=tokens,
+        keep=keep,
+        h_keep=keep,
+        act=list(ACTS)[i % 4],
+        splits=(1, 3)[i % 2],
+        thr_ptr=bool(i % 2),
+        seed=100 + i,
+    )
+    y, read = check(c)
+    assert torch.equal(read, read[:1].expand_as(read))  # every token reports the call's reads
+    if tokens > 1:  # the union keeps more than any one token: a token-policy result differs
+        _, own = check(replace(c, policy="token"))
+        assert (read >= own).all() and (read > own).any()
+
+
+@pytest.mark.parametrize("op", ["gate", "input"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_thresholds_from_memory_match_thresholds_by_value(op, dtype):
+    c = Case(op=op, dtype=dtype, tokens=3, keep=0.4, seed=11)
+    inp = make_inputs(c)
+    by_value = run(c, inp)
+    from_memory = run(replace(c, thr_ptr=True), inp)
+    assert torch.equal(by_value[0], from_memory[0]) and torch.equal(by_value[1], from_memory[1])
 
 
 @pytest.mark.parametrize("op", ["gate", "input"])

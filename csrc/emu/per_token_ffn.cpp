@@ -10,13 +10,15 @@ extern "C" {
 
 // Runs the op on M tokens. gate-first: w_gate / w_up [N, d], scale [N] fp32, threshold;
 // input-sparse: w_gate / w_up given INPUT-major [d, N], threshold = x threshold, h_threshold.
+// unite: the policy "union"; thr_ptr: non-zero passes the thresholds by pointer (the CUDA glue's
+// way) instead of by value.
 // The workspace (pt_layout's bytes) is allocated here, filled with 0xff (reads before writes see
 // NaN / -1). Returns the cudaError_t of the launches.
 int dart_emu_pt_ffn(int dtype, int input_sparse, const void* x, const void* w_gate,
                     const void* w_up, long long w_stride, const void* w_down_t,
                     long long wd_stride, const float* scale, float threshold, float h_threshold,
                     long long N, long long d, int M, int act, int vec, int num_sms,
-                    long long splits, void* y, float* read) {
+                    long long splits, int unite, int thr_ptr, void* y, float* read) {
   dart::kernels::PtFfnArgs a{};
   a.x = x;
   a.w_gate = w_gate;
@@ -27,6 +29,10 @@ int dart_emu_pt_ffn(int dtype, int input_sparse, const void* x, const void* w_ga
   a.scale = scale;
   a.threshold = threshold;
   a.h_threshold = h_threshold;
+  // the emulation's "device memory" is host memory: the kernels read these locals
+  a.threshold_ptr = thr_ptr ? &threshold : nullptr;
+  a.h_threshold_ptr = thr_ptr ? &h_threshold : nullptr;
+  a.unite = unite != 0;
   a.N = N;
   a.d = d;
   a.M = M;

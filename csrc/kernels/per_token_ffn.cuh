@@ -20,6 +20,10 @@
 // A row flagged for one token is read once for all the call's tokens; tokens that did not keep it
 // add an exact 0 (their coefficient is 0), so each token's result equals its own computation.
 // `read` counts each token's own entries, as the reference does.
+// `unite` (the ops' policy "union"): one kept set for all the call's tokens, the union of their
+// choices; every token is computed over it with its own values (no zero coefficients) and counts
+// the union's entries. Thresholds are floats, or (threshold_ptr non-null) read from device
+// memory by the kernels, so the glue never syncs to read a threshold tensor.
 #pragma once
 
 #include "gathered_ffn.cuh"
@@ -42,6 +46,8 @@ struct PtGateParams {
   int64_t w_stride;
   const float* scale;  // [N] fp32
   float threshold;
+  const float* threshold_ptr;  // non-null: the threshold is *threshold_ptr (device memory)
+  bool unite;  // policy union: every token over the union of the tokens' kept neurons
   int64_t N, d;
   int M;
   Act act;
@@ -94,12 +100,13 @@ __global__ void __launch_bounds__(kPtThreads) pt_gate_kernel(PtGateParams p) {
     bool keep[MAXT];
     bool any = false;
     const float sc = p.scale[i];
+    const float thr = p.threshold_ptr != nullptr ? *p.threshold_ptr : p.threshold;
 #pragma unroll
     for (int t = 0; t < MAXT; ++t) {
       keep[t] = false;
       if (t >= M) break;  // M is uniform: every lane reaches the shuffles
       a[t] = act_apply(p.act, warp_allreduce_sum(a[t]));
-      keep[t] = fabsf(a[t]) * sc >= p.threshold;  // NaN scores are never kept (as the reference)
+      keep[t] = fabsf(a[t]) * sc >= thr;  // NaN scores are never kept (as the reference)
       any = any || keep[t];
     }
     float u[MAXT];
@@ -117,8 +124,9 @@ __global__ void __launch_bounds__(kPtThreads) pt_gate_kernel(PtGateParams p) {
 #pragma unroll
       for (int t = 0; t < MAXT; ++t) {
         if (t >= M) break;
-        p.h[t * p.N + i] = keep[t] ? a[t] * u[t] : 0.0f;
-        p.kept[t * p.N + i] = keep[t] ? 1 : 0;
+        const bool k = p.unite ? any : keep[t];
+        p.h[t * p.N + i] = k ? a[t] * u[t] : 0.0f;
+        p.kept[t * p.N + i] = k ? 1 : 0;
       }
       p.flag[i] = any ? 1 : 0;
     }
@@ -134,6 +142,8 @@ struct PtMaskParams {
   const float* g;  // mode 1: [M, R]
   const float* u;
   float threshold;
+  const float* threshold_ptr;  // non-null: the threshold is *threshold_ptr (device memory)
+  bool unite;  // policy union: every token keeps the columns any token keeps
   int64_t R;
   int M;
   Act act;
@@ -149,17 +159,23 @@ __global__ void pt_mask_kernel(PtMaskParams p) {
   if (blockIdx.x == 0 && p.zero_counters != nullptr) {
     for (int i = threadIdx.x; i < p.nzero; i += blockDim.x) p.zero_counters[i] = 0;
   }
+  const float thr = p.threshold_ptr != nullptr ? *p.threshold_ptr : p.threshold;
   for (int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; j < p.R;
        j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    bool any = false;
-    for (int t = 0; t < p.M; ++t) {
-      float v;
+    auto value = [&](int t) -> float {
       if constexpr (MODE == 0) {
-        v = to_float<T>(static_cast<const T*>(p.x)[t * p.R + j]);
+        return to_float<T>(static_cast<const T*>(p.x)[t * p.R + j]);
       } else {
-        v = act_apply(p.act, p.g[t * p.R + j]) * p.u[t * p.R + j];
+        return act_apply(p.act, p.g[t * p.R + j]) * p.u[t * p.R + j];
       }
-      const bool keep = fabsf(v) >= p.threshold;
+    };
+    bool any = false;
+    if (p.unite) {
+      for (int t = 0; t < p.M && !any; ++t) any = fabsf(value(t)) >= thr;
+    }
+    for (int t = 0; t < p.M; ++t) {
+      const float v = value(t);
+      const bool keep = p.unite ? any : fabsf(v) >= thr;
       p.coef[t * p.R + j] = keep ? v : 0.0f;
       p.kept[t * p.R + j] = keep ? 1 : 0;
       any = any || keep;
@@ -466,6 +482,10 @@ struct PtFfnArgs {
   const float* scale;  // gate-first: [N] fp32
   float threshold;  // gate-first: score threshold; input-sparse: x threshold
   float h_threshold;  // input-sparse
+  // non-null: the thresholds are read from these device floats instead (no host sync)
+  const float* threshold_ptr;
+  const float* h_threshold_ptr;
+  bool unite;  // policy union (see the top of this file)
   int64_t N, d;
   int M;
   Act act;
@@ -560,6 +580,8 @@ cudaError_t launch_pt_gate_first(const PtFfnArgs& a, void* ws, int num_sms, cuda
   g.w_stride = a.w_stride;
   g.scale = a.scale;
   g.threshold = a.threshold;
+  g.threshold_ptr = a.threshold_ptr;
+  g.unite = a.unite;
   g.N = a.N;
   g.d = a.d;
   g.M = a.M;
@@ -596,6 +618,8 @@ cudaError_t launch_pt_input_sparse(const PtFfnArgs& a, void* ws, int num_sms,
   PtMaskParams mx{};
   mx.x = a.x;
   mx.threshold = a.threshold;
+  mx.threshold_ptr = a.threshold_ptr;
+  mx.unite = a.unite;
   mx.R = a.d;
   mx.M = a.M;
   mx.act = a.act;
@@ -619,6 +643,8 @@ cudaError_t launch_pt_input_sparse(const PtFfnArgs& a, void* ws, int num_sms,
   mh.g = g;
   mh.u = u;
   mh.threshold = a.h_threshold;
+  mh.threshold_ptr = a.h_threshold_ptr;
+  mh.unite = a.unite;
   mh.R = a.N;
   mh.M = a.M;
   mh.act = a.act;

@@ -460,7 +460,12 @@ class DARTConfig:
     over the ``auto`` layers by ``per_token_allocation`` (``greedy``: TEAL's allocation by the
     layers' error curves on the calibration text; ``uniform``: the same keep everywhere); a
     fraction item of ``layer_topk`` is the layer's keep of every knob (neurons, or input columns
-    and neurons).
+    and neurons). ``batch_policy`` chooses how a batch of sequences selects at each decode step:
+    ``per_sequence`` (default) lets every sequence's token keep its own neurons (the fused
+    kernels' ``token`` policy: each output is its own choice's); ``shared`` keeps one set for
+    the whole step, the union of the sequences' choices, and computes every sequence over it
+    (the ``union`` policy: at least as many neurons for everyone, and ``read`` counts the
+    union). Either way a batch step streams each kept weight row once.
     """
 
     layer_topk: str = "all:auto"

@@ -175,8 +175,12 @@ class Controller:
         self.telemetry = MaskProbe(self._num_layers) if config.telemetry_every else None
         backend = config.backend if self._method.prunes else "masked"  # dense: no kernels
         self.per_token = self._method.per_token
+        # a per-token method's batch policy: every sequence its own choice, or one kept set (the
+        # union of the sequences' choices) for the whole batch step
+        policy = "union" if config.batch_policy == "shared" else "token"
         self._layers = [
-            DARTFFN(p, i, backend, self, per_token=self.per_token) for i, p in enumerate(parts)
+            DARTFFN(p, i, backend, self, per_token=self.per_token, per_token_policy=policy)
+            for i, p in enumerate(parts)
         ]
         self._per_token_state: dict | None = None  # the calibrated thresholds and their model
         self._capture: dict[int, torch.Tensor] | None = None  # FFN inputs while calibrating
@@ -695,9 +699,6 @@ class Controller:
         self.load_per_token_state(state)
         return state
 
-    def _parts_of(self, layers) -> list:
-        return [self._layers[i].parts for i in layers]
-
     def load_per_token_state(self, state: dict) -> None:
         """Install thresholds calibrated earlier (:meth:`calibrate_per_token`'s state); refused,
         nothing changed, when they were calibrated for another model or method."""
@@ -748,10 +749,7 @@ class Controller:
         if self.per_token is None or self._per_token_state is None:
             return {}
         mode, keeps = self.per_token, self._per_token_state["keeps"]
-        sizes = [
-            n * p.w_up.shape[1]
-            for n, p in zip(self._widths, self._parts_of(range(len(keeps))), strict=True)
-        ]
+        sizes = [layer.dense_entries * layer.entry_bytes for layer in self._layers]
         planned = sum(
             s * mode.read_fraction([k] * len(mode.knobs)) for s, k in zip(sizes, keeps, strict=True)
         ) / sum(sizes)

@@ -11,9 +11,13 @@ the registry `BACKENDS`; `get_backend(name)`):
 A per-token method (`per_token`, :mod:`dart.core.per_token`) has no selection: each token of a
 sparse pass picks its own neurons by the thresholds in the buffer `pt_thresholds` (calibrated,
 installed by the controller; buffers, so a compiled step reads them as inputs), through the
-mode's masked emulation (`masked`) or its reference ops in `dart_ext.per_token` (`gathered`).
-The buffers `pt_read` / `pt_dense` count the weight entries read and the dense count of the
-same tokens (the bytes meter of `handle.stats()["ffn_bytes_read_fraction"]`).
+mode's masked emulation (`masked`) or its fused kernels (`gathered`; over the quantised rows of
+a model quantised by `dart.quantize` for the gate-first modes). With a batch, `per_token_policy`
+"token" lets every token (sequence) choose alone, "union" keeps one set, the union of the
+tokens' choices, for the whole step (`DARTConfig.batch_policy` "per_sequence" / "shared").
+The buffers `pt_read` / `pt_dense` count the weight bytes read and the dense bytes of the same
+tokens (entries times the bytes an entry takes: element size, or the quantised format's bytes
+per value): the meter of `handle.stats()["ffn_bytes_read_fraction"]`.
 
 The module holds no schedule logic: its owner (the controller) sets `mode` and the selection,
 and receives the statistics through the small `StatsRecorder` interface, so this module
@@ -32,7 +36,7 @@ import torch
 from torch import nn
 
 from .adapters import FFNParts
-from .per_token import PerTokenMode, weighted_scale
+from .per_token import PerTokenMode, entry_bytes, ffn_shape, weighted_scale
 
 __all__ = [
     "BACKENDS",
@@ -110,6 +114,7 @@ class DARTFFN(nn.Module):
         backend: str,
         recorder: StatsRecorder,
         per_token: PerTokenMode | None = None,
+        per_token_policy: str = "token",
     ):
         super().__init__()
         self.original = parts.original  # child module: the dense path is its own forward
@@ -142,6 +147,8 @@ class DARTFFN(nn.Module):
         self.compact: tuple[torch.Tensor, ...] | None = None
         self.probe = None  # a `dart.core.telemetry.MaskProbe` on measured passes only
         self.per_token = per_token
+        # "token": every token (sequence) its own kept set; "union": one set for the batch step
+        self.per_token_policy = per_token_policy
         if per_token is not None:
             self._init_per_token(per_token)
 
@@ -152,8 +159,34 @@ class DARTFFN(nn.Module):
                 f"method per-token mode {mode.name!r} needs a gated FFN (gate, up, down); layer "
                 f"{self.layer_index} is a {self.kind!r} FFN"
             )
-        dev = p.w_up.device
-        n, d = p.w_up.shape
+        biased = [
+            name
+            for name, b in (("gate", p.b_gate), ("up", p.b_in), ("down", p.b_out))
+            if b is not None
+        ]
+        if p.quant is not None:
+            q = p.quant
+            biased = [
+                n
+                for n, m in zip(
+                    ("gate", "up", "down"), (q.gate_proj, q.up_proj, q.down_proj), strict=True
+                )
+                if m.bias is not None
+            ]
+            if not mode.quantised:
+                raise ValueError(
+                    f"method per-token mode {mode.name!r} cannot run on weights quantised to "
+                    f"{q.gate_proj.fmt!r} (dart.quantize): dropping single entries of x skips no "
+                    "part of a quantised 32-value block; use method 'gate' or 'gate-weighted', "
+                    "or the model's fp weights"
+                )
+        if biased:  # the per-token kernels and their emulation take no biases
+            raise ValueError(
+                f"method per-token mode {mode.name!r} runs FFNs without biases; layer "
+                f"{self.layer_index} has {', '.join(biased)} biases"
+            )
+        dev = p.original.all_idx.device if p.quant is not None else p.w_up.device
+        n, d = ffn_shape(p)
         # non-persistent: the model's state_dict stays the original's
         self.register_buffer("pt_thresholds", torch.zeros(2, device=dev), persistent=False)
         scale = weighted_scale(p) if mode.weighted else torch.ones(n, device=dev)
@@ -164,6 +197,9 @@ class DARTFFN(nn.Module):
         self.register_buffer("pt_read", zero.clone(), persistent=False)
         self.register_buffer("pt_dense", zero.clone(), persistent=False)
         self.dense_entries = 3 * n * d
+        # the meters count bytes: entries read times the bytes an entry takes where it is read
+        # (its element size, or a quantised format's bytes per value with its scales)
+        self.entry_bytes = entry_bytes(p)
         # weight copies in the layout the mode's fused kernel reads (the input mode's input-major
         # gate / up on CPU), buffers so a compiled step reads them as inputs
         layout = mode.kernel_layout(p, self.backend)
@@ -354,8 +390,8 @@ class DARTFFN(nn.Module):
     def _per_token(self, x: torch.Tensor) -> torch.Tensor:
         p, mode = self._parts, self.per_token
         y, read = self._backend.per_token(self, mode, p, x)
-        self.pt_read.add_(read.sum(dtype=torch.float64))
-        self.pt_dense.add_(float(read.numel() * self.dense_entries))
+        self.pt_read.add_(read.sum(dtype=torch.float64) * self.entry_bytes)
+        self.pt_dense.add_(float(read.numel() * self.dense_entries * self.entry_bytes))
         return y
 
     def _sparse(self, x: torch.Tensor) -> torch.Tensor:
@@ -456,7 +492,7 @@ class _Masked(Backend):
     def per_token(
         self, ffn: DARTFFN, mode: PerTokenMode, p: FFNParts, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return mode.masked(p, x, ffn.pt_thresholds, ffn.pt_scale)
+        return mode.masked(p, x, ffn.pt_thresholds, ffn.pt_scale, ffn.per_token_policy)
 
 
 @dataclass(frozen=True)
@@ -487,7 +523,15 @@ class _Gathered(Backend):
         self, ffn: DARTFFN, mode: PerTokenMode, p: FFNParts, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         layout = [getattr(ffn, f"pt_layout{i}") for i in range(ffn.pt_layout_count)]
-        return mode.gathered(p, x, ffn.pt_thresholds, ffn.pt_scale, ffn.kernel_act, *layout)
+        return mode.gathered(
+            p,
+            x,
+            ffn.pt_thresholds,
+            ffn.pt_scale,
+            ffn.kernel_act,
+            *layout,
+            policy=ffn.per_token_policy,
+        )
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,12 @@ then the hidden activations (down reads only those rows).
 The share of FFN weight bytes a token reads, for keep fractions ``k`` of its knobs:
 ``gate``: ``1/3 + 2/3 k``; ``input``: ``2/3 k_x + 1/3 k_h``.
 
+On a model quantised by ``dart.quantize`` the gate-first modes run the fused
+``gate_first_glu_ffn_q`` over the quantised rows; their calibration scores the gate with the
+quantised rows too (``linear_q``, x rounded to int8 per 32-value block exactly as the fused
+kernel rounds it), so a threshold compares what the kernel computes. The input mode is refused
+there: dropping single entries of x skips no part of a 32-value quantised block.
+
 Calibration (:func:`calibrate_layer_curves`, :func:`allocate_keeps`, :func:`layer_thresholds`):
 the FFN inputs ``x`` and residuals ``r`` of a dense pass over the calibration text are captured
 per layer; each layer's error curve ``E_l(k)`` = ``sum ||y_k - y||^2 / sum ||r + y||^2`` (the
@@ -42,6 +48,8 @@ __all__ = [
     "PerTokenMode",
     "allocate_keeps",
     "calibrate_layer_curves",
+    "entry_bytes",
+    "ffn_shape",
     "layer_thresholds",
     "model_fingerprint",
     "threshold_for_keep",
@@ -52,64 +60,135 @@ KEEP_GRID = tuple(round(1.0 - 0.05 * i, 6) for i in range(20))
 ALLOCATIONS = ("greedy", "uniform")
 
 
+def ffn_shape(parts: FFNParts) -> tuple[int, int]:
+    """``(N, d)`` of a gated FFN, fp or quantised (``parts.quant``: no fp weight views)."""
+    if parts.quant is not None:
+        return parts.width, parts.quant.gate_proj.in_features
+    n, d = parts.w_up.shape
+    return n, d
+
+
+def entry_bytes(parts: FFNParts) -> float:
+    """Bytes one weight entry of the FFN takes where the kernels read it: the element size of
+    fp weights; of quantised rows, their bytes (packed values, scales, mins) per entry (the
+    three matrices share one format). The meters turn entries read into bytes with it."""
+    if parts.quant is not None:
+        n, d = ffn_shape(parts)
+        return parts.quant.gate_proj.nbytes() / (n * d)
+    return float(parts.w_up.element_size())
+
+
+def _gate_pre(parts: FFNParts, x: Tensor) -> Tensor:
+    """``x W_gate^T``; over quantised rows ``linear_q``, which rounds x to int8 per block of 32
+    as the fused quantised kernel does, so calibrated thresholds compare what the kernel
+    compares."""
+    if parts.quant is not None:
+        return parts.quant.gate_proj(x)
+    return torch.nn.functional.linear(x, parts.w_gate)
+
+
+def _up(parts: FFNParts, x: Tensor) -> Tensor:
+    if parts.quant is not None:
+        return parts.quant.up_proj(x)
+    return torch.nn.functional.linear(x, parts.w_up)
+
+
 def _gate_act(parts: FFNParts, x: Tensor) -> Tensor:
     """``act(x W_gate^T)`` with the model's own activation function (HF's ``ACT2FN``)."""
     from transformers.activations import ACT2FN
 
-    return ACT2FN[parts.act](torch.nn.functional.linear(x, parts.w_gate))
+    return ACT2FN[parts.act](_gate_pre(parts, x))
 
 
 def weighted_scale(parts: FFNParts) -> Tensor:
     """``|w_up_i| * |w_down_i|`` per neuron (fp32): scales ``|act(gate)|`` towards the size of
-    the neuron's contribution to the output, without reading up or down per token."""
+    the neuron's contribution to the output, without reading up or down per token (quantised
+    rows: the norms of the dequantised rows, the values the kernel multiplies)."""
+    if parts.quant is not None:
+        up, down = parts.quant.up_proj.dequantized(), parts.quant.down_proj.dequantized()
+    else:
+        up, down = parts.w_up, parts.w_down_t
     return (
-        torch.linalg.vector_norm(parts.w_up.float(), dim=1)
-        * torch.linalg.vector_norm(parts.w_down_t.float(), dim=1)
-    ).to(parts.w_up.device)
+        torch.linalg.vector_norm(up.float(), dim=1) * torch.linalg.vector_norm(down.float(), dim=1)
+    ).to(up.device)
 
 
-def _gate_masked(parts: FFNParts, x: Tensor, thr: Tensor, scale: Tensor | None) -> tuple:
+def _united(keep: Tensor, policy: str) -> Tensor:
+    """``keep [..., L]`` per token, or (``union``) every token's row the union over the call's
+    tokens (one kept set for the whole batch step)."""
+    if policy != "union" or keep.numel() == 0:
+        return keep
+    return keep.reshape(-1, keep.shape[-1]).any(0).expand_as(keep)
+
+
+def _gate_masked(
+    parts: FFNParts, x: Tensor, thr: Tensor, scale: Tensor | None, policy: str = "token"
+) -> tuple:
     a = _gate_act(parts, x)
     score = a.abs() if scale is None else a.abs() * scale.to(a.dtype)
-    keep = score >= thr[0].to(a.dtype)
-    h = a * torch.nn.functional.linear(x, parts.w_up) * keep
-    n, d = parts.w_up.shape
+    keep = _united(score >= thr[0].to(a.dtype), policy)
+    h = a * _up(parts, x) * keep
+    n, d = ffn_shape(parts)
     read = n * d + 2 * d * keep.sum(-1, dtype=torch.float32)
     return parts.down(h), read
 
 
-def _input_masked(parts: FFNParts, x: Tensor, thr: Tensor, scale: Tensor | None) -> tuple:
-    keep_x = x.abs() >= thr[0].to(x.dtype)
+def _input_masked(
+    parts: FFNParts, x: Tensor, thr: Tensor, scale: Tensor | None, policy: str = "token"
+) -> tuple:
+    keep_x = _united(x.abs() >= thr[0].to(x.dtype), policy)
     h = parts.hidden(x * keep_x)
-    keep_h = h.abs() >= thr[1].to(h.dtype)
-    n, d = parts.w_up.shape
+    keep_h = _united(h.abs() >= thr[1].to(h.dtype), policy)
+    n, d = ffn_shape(parts)
     read = 2 * n * keep_x.sum(-1, dtype=torch.float32) + d * keep_h.sum(-1, dtype=torch.float32)
     return parts.down(h * keep_h), read
 
 
 def _gate_gathered(
-    parts: FFNParts, x: Tensor, thr: Tensor, scale: Tensor, act: str, *layout: Tensor
+    parts: FFNParts,
+    x: Tensor,
+    thr: Tensor,
+    scale: Tensor,
+    act: str,
+    *layout: Tensor,
+    policy: str = "token",
 ) -> tuple:
-    if x.device.type == "cpu":  # the fused kernel (csrc/cpu/per_token_ops.cpp)
-        return torch.ops.dart.gate_first_glu_ffn(
-            x, parts.w_gate, parts.w_up, parts.w_down_t, thr[0], scale, act
-        )
-    from dart_ext.per_token import gate_first_glu_ffn
+    from dart_ext import per_token as ops
 
-    return gate_first_glu_ffn(x, parts.w_gate, parts.w_up, parts.w_down_t, thr[0], scale, act)
+    q = parts.quant
+    if q is not None:  # quantised rows: the fused kernel where built, else its reference
+        rows = (q.gate_proj.rows(), q.up_proj.rows(), q.down_proj.rows())
+        fused = x.device.type in ops.FUSED_DEVICES["gate_first_glu_ffn_q"]
+        run = ops.fused_gate_first_glu_ffn_q if fused else ops.gate_first_glu_ffn_q_reference
+        return run(x, *rows, thr[0], scale, act, None, policy)
+    if x.device.type in ops.FUSED_DEVICES["gate_first_glu_ffn"]:  # csrc/cpu, csrc/cuda
+        return torch.ops.dart.gate_first_glu_ffn(
+            x, parts.w_gate, parts.w_up, parts.w_down_t, thr[0], scale, act, None, policy
+        )
+    return ops.gate_first_glu_ffn(
+        x, parts.w_gate, parts.w_up, parts.w_down_t, thr[0], scale, act, None, policy
+    )
 
 
 def _input_gathered(
-    parts: FFNParts, x: Tensor, thr: Tensor, scale: Tensor, act: str, *layout: Tensor
+    parts: FFNParts,
+    x: Tensor,
+    thr: Tensor,
+    scale: Tensor,
+    act: str,
+    *layout: Tensor,
+    policy: str = "token",
 ) -> tuple:
-    if x.device.type == "cpu":  # the fused kernel over the input-major copies of gate and up
+    from dart_ext import per_token as ops
+
+    if x.device.type in ops.FUSED_DEVICES["input_sparse_glu_ffn"]:  # over the input-major copies
         w_gate, w_up = layout if layout else (parts.w_gate, parts.w_up)
         return torch.ops.dart.input_sparse_glu_ffn(
-            x, w_gate, w_up, parts.w_down_t, thr[0], thr[1], act
+            x, w_gate, w_up, parts.w_down_t, thr[0], thr[1], act, policy
         )
-    from dart_ext.per_token import input_sparse_glu_ffn
-
-    return input_sparse_glu_ffn(x, parts.w_gate, parts.w_up, parts.w_down_t, thr[0], thr[1], act)
+    return ops.input_sparse_glu_ffn(
+        x, parts.w_gate, parts.w_up, parts.w_down_t, thr[0], thr[1], act, policy
+    )
 
 
 def _input_layout(parts: FFNParts) -> tuple[Tensor, ...]:
@@ -133,12 +212,17 @@ class PerTokenMode:
     ``knobs``: names of its selections (one threshold each); ``fixed_read``: the share of the
     FFN bytes read whatever the thresholds (the gate of ``gate``); ``knob_read``: each knob's
     share at keep 1; ``weighted``: scores scaled by :func:`weighted_scale`; ``masked(parts, x,
-    thresholds, scale) -> (y, read)``: the exact emulation (full products times 0/1 masks);
-    ``gathered(parts, x, thresholds, scale, act, *layout) -> (y, read)``: the fused CPU kernels
-    (``torch.ops.dart``) for CPU tensors, the reference ops of :mod:`dart_ext.per_token`
-    elsewhere (both read only what is kept); ``read`` is weight entries per token.
-    ``layout(parts)``: the extra weight copies the fused CPU kernel reads (``layout`` above),
-    made once at attach, or None.
+    thresholds, scale, policy) -> (y, read)``: the exact emulation (full products times 0/1
+    masks); ``gathered(parts, x, thresholds, scale, act, *layout, policy=) -> (y, read)``: the
+    fused kernels (``torch.ops.dart``) on the device types that have them (CPU; CUDA in a CUDA
+    build: ``dart_ext.per_token.FUSED_DEVICES``), the reference ops of
+    :mod:`dart_ext.per_token` elsewhere (both read only what is kept); ``read`` is weight
+    entries per token; ``policy``: ``token`` (each token its own choice) or ``union`` (one kept
+    set for all tokens of the call). ``layout(parts)``: the extra weight copies the fused
+    kernel reads (``layout`` above), made once at attach, or None. ``quantised``: runs on
+    models quantised by ``dart.quantize`` (gate-first reads whole quantised rows; the input
+    mode would need a block-level input selection, since dropping single entries of x skips
+    no part of a 32-value block).
     """
 
     name: str
@@ -149,12 +233,17 @@ class PerTokenMode:
     masked: Callable[..., tuple[Tensor, Tensor]]
     gathered: Callable[..., tuple[Tensor, Tensor]]
     layout: Callable[[FFNParts], tuple[Tensor, ...]] | None = None
+    quantised: bool = False
 
     def kernel_layout(self, parts: FFNParts, backend: str) -> tuple[Tensor, ...]:
         """The extra weight copies the fused kernel of ``backend`` reads for ``parts`` (the
         input mode's input-major gate and up on CPU), made once at attach; () if none."""
-        if self.layout is None or backend == "masked" or parts.w_up.device.type != "cpu":
+        from dart_ext.per_token import FUSED_DEVICES
+
+        if self.layout is None or backend == "masked" or parts.quant is not None:
             return ()
+        if parts.w_up.device.type not in FUSED_DEVICES["input_sparse_glu_ffn"]:
+            return ()  # the reference ops read the neuron-major weights
         return self.layout(parts)
 
     def read_fraction(self, keeps: Sequence[float]) -> float:
@@ -183,10 +272,24 @@ class PerTokenMode:
 PER_TOKEN_MODES = MappingProxyType(
     {
         "gate": PerTokenMode(
-            "gate", ("neurons",), 1 / 3, (2 / 3,), False, _gate_masked, _gate_gathered
+            "gate",
+            ("neurons",),
+            1 / 3,
+            (2 / 3,),
+            False,
+            _gate_masked,
+            _gate_gathered,
+            quantised=True,
         ),
         "gate-weighted": PerTokenMode(
-            "gate-weighted", ("neurons",), 1 / 3, (2 / 3,), True, _gate_masked, _gate_gathered
+            "gate-weighted",
+            ("neurons",),
+            1 / 3,
+            (2 / 3,),
+            True,
+            _gate_masked,
+            _gate_gathered,
+            quantised=True,
         ),
         "input": PerTokenMode(
             "input",
@@ -230,7 +333,7 @@ def calibrate_layer_curves(
     curve = []
     if mode.knobs == ("neurons",):  # gate and up do not depend on the keep: compute them once
         a = _gate_act(parts, x)
-        au = a * torch.nn.functional.linear(x, parts.w_up)
+        au = a * _up(parts, x)
         scores = _gate_scores(parts, x, scale)
         for keep in grid:
             ys = parts.down(au * (scores >= threshold_for_keep(scores, keep)))
@@ -308,7 +411,12 @@ def model_fingerprint(parts: Sequence[FFNParts]) -> str:
 
     h = hashlib.sha256()
     for p in parts:
-        for w in (p.w_gate, p.w_up, p.w_down_t):
+        if p.quant is not None:  # quantised rows: their packed values and scales
+            q = p.quant
+            ws = [t for m in (q.gate_proj, q.up_proj, q.down_proj) for t in (m.qdata, m.qscales)]
+        else:
+            ws = [p.w_gate, p.w_up, p.w_down_t]
+        for w in ws:
             if w is not None:
                 h.update(weight_fingerprint(w).encode())
     return h.hexdigest()[:16]

@@ -206,7 +206,7 @@ class Selection:
             keeps.append(keep.value / n if keep.kind == "count" else value)
         auto = [i for i, k in enumerate(keeps) if k is None]
         if auto:
-            all_sizes = [3.0 * f.parts.width * f.parts.w_up.shape[1] for f in layers]
+            all_sizes = [f.dense_entries * f.entry_bytes for f in layers]  # weight bytes
             sizes = [all_sizes[i] for i in auto]
             fixed = [i for i in range(len(layers)) if i not in auto]
             # the auto layers read what the target leaves after the fixed layers' reads
