@@ -214,6 +214,7 @@ class Arm:
         self.name = name
         self.model = base if name in DENSE_ARMS else copy.deepcopy(base)
         self.handle = None
+        self.ffn_bytes = None  # dense FFN bytes per token, where the bytes meter reads them
         if name.startswith("dart_"):
             backend = name.split("_")[1]
             self.handle = dart.attach(self.model, _config(args, sparsity, backend))
@@ -270,8 +271,10 @@ class Arm:
             rec["effective_sparsity"] = stats["effective_sparsity"]
             if "ffn_bytes_read_fraction" in stats:  # per-token methods: measured per token
                 rec["ffn_bytes_read_fraction"] = stats["ffn_bytes_read_fraction"]
-                fraction = stats["ffn_bytes_read_fraction"]
-                rec["ffn_mb_read_per_token"] = fraction * self.ffn_bytes / 2**20
+                if self.ffn_bytes is not None:
+                    rec["ffn_mb_read_per_token"] = (
+                        stats["ffn_bytes_read_fraction"] * self.ffn_bytes / 2**20
+                    )
             if "dense_token_computations_per_token" in stats:
                 rec["dense_token_computations_per_token"] = stats[
                     "dense_token_computations_per_token"
