@@ -200,6 +200,20 @@ def test_long_rows_match_reference(fmt, group):
         check(LINQ, (x, qs[0].tensors(), fmt, group, None), f"{fmt}/{group}/T{tokens}/linear")
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("blocks", [1, 3, 11])
+def test_odd_block_counts_match_reference(fmt, blocks):
+    """Rows of an odd number of 32-value blocks (group 32): AVX-512 dots two blocks per 512-bit
+    vector, so the last block of a row (and the only one at d = 32) takes the one-block loop."""
+    n, d = 9, 32 * blocks
+    qs = qweights(n, d, fmt, 32, seed=20 + blocks)
+    idx = torch.tensor([8, 0, 3, 5, 1])
+    for tokens in (1, 2, 5):
+        x = rand((tokens, d), seed=30 + tokens)
+        check(GLUQ, _glu_args(x, qs, idx, "silu"), f"{fmt}/{blocks} blocks/T{tokens}")
+        check(LINQ, (x, qs[0].tensors(), fmt, 32, None), f"{fmt}/{blocks} blocks/T{tokens}/linear")
+
+
 def test_typed_wrappers():
     n, d = 30, 64
     gate, up, down = qweights(n, d, "q4m", 32)
@@ -351,6 +365,9 @@ for fmt, group in t.FMT_GROUPS:
         t.test_glu_matches_reference(fmt, group, tokens)
     t.test_linear_matches_reference(fmt, group, 1)
     t.test_mlp_matches_reference(fmt, group)
+    t.test_long_rows_match_reference(fmt, group)
+for fmt in t.FORMATS:
+    t.test_odd_block_counts_match_reference(fmt, 3)
 print("checked")
 """
 

@@ -44,7 +44,8 @@ std::vector<const CoreKernels*> supported_kernels() {
   const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                     __builtin_cpu_supports("f16c");
   if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vnni"))  // (the quantised dots use dpbusd)
     out.push_back(&kCoreAvx512);
   if (avx2) out.push_back(&kCoreAvx2);
 #endif

@@ -1,5 +1,7 @@
-// AVX-512 (F, BW, VL, DQ) variant of the CPU hot loops (kernel_core.inc), 16-lane vectors; chosen
-// at run time on CPUs that have these (config.cpp), whatever the build machine had.
+// AVX-512 (F, BW, VL, DQ, VNNI) variant of the CPU hot loops (kernel_core.inc), 16-lane vectors;
+// chosen at run time on CPUs that have all of these (config.cpp), whatever the build machine had.
+// VNNI is required because the compiler may emit it anywhere under this target: an AVX-512 CPU
+// without it (Skylake-X) runs the AVX2 variant.
 #include "kernel_core.h"
 
 #if DART_CPU_DISPATCH
@@ -12,7 +14,7 @@
 // GCC 12's own _mm512_cvtph_ps trips -Wmaybe-uninitialized (its `__m512 __Y = __Y` idiom).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
 namespace dart {
 namespace cpu {
 namespace avx512 {
