@@ -1,4 +1,4 @@
-// AVX-512 (F, BW, VL, DQ) variant of the per-token hot loops (per_token_core.inc on
+// AVX-512 (F, BW, VL, DQ, VNNI) variant of the per-token hot loops (per_token_core.inc on
 // kernel_core.inc), 16-lane vectors; chosen at run time with core_kernels()'s avx512 variant.
 #include "per_token_core.h"
 
@@ -17,7 +17,7 @@
 // GCC 12's own _mm512_cvtph_ps trips -Wmaybe-uninitialized (its `__m512 __Y = __Y` idiom).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
 namespace dart {
 namespace cpu {
 namespace pt_avx512 {
