@@ -8,6 +8,7 @@
 #   scripts/budget_study.sh eval smollm2 b-keep67  # held out: dense, GRIFFIN, old default, chosen
 #   scripts/budget_study.sh eval qwen b-keep67
 #
+# ONLY (a comma list) runs those points instead, in its order.
 # OUT (default results/budget) holds the resumable run folders; rerunning resumes them.
 # PYTHON (default python) runs dart; Qwen runs q8 weights at one thread (a shared CPU).
 set -euo pipefail
@@ -35,21 +36,24 @@ declare -A points=(
   [b-keep67]="$(budget residual 0.5 sensitivity 0.9 0.6667)"
   [b-raw]="$(budget raw 0.5 sensitivity 0.9 null)"
 )
-order=(b-default b-uniform b-ublend50 b-keep67 b-max80 b-ublend75 b-sblend75 b-max85 b-raw)
+# most informative first (a study cut short still compares the first ones on both models);
+# b-uniform is GRIFFIN's budget under DART's statistic (the eval split has GRIFFIN itself)
+order=(b-default b-keep67 b-sblend75 b-ublend75 b-ublend50 b-uniform b-max80 b-max85 b-raw)
 
 case $model in
-  smollm2) args=(--model smollm2-135m --max-tokens 4096) ;;  # 15 windows of 512
-  qwen) args=(--model qwen2.5-coder-1.5b --weights q8 --max-tokens 1024) ;;  # 3 windows
+  smollm2) args=(--model smollm2-135m --max-tokens 2048) ;;  # 7 windows of 512
+  qwen) args=(--model qwen2.5-coder-1.5b --weights q8 --max-tokens 768) ;;  # 2 windows
   *) echo "model: smollm2 or qwen, not $model" >&2; exit 2 ;;
 esac
 case $split in
   calibration) only=(dense "${order[@]}") ;;
-  eval) only=(dense griffin b-default ${chosen:+"$chosen"}) ;;
+  eval) only=(dense griffin b-default ${chosen:+"$chosen"}) ;;  # the chosen point last
+
   *) echo "split: calibration or eval, not $split" >&2; exit 2 ;;
 esac
 
 extra=()
 for name in "${!points[@]}"; do extra+=(--extra "$name=${points[$name]}"); done
-only_csv=$(IFS=,; echo "${only[*]}")
+only_csv=${ONLY:-$(IFS=,; echo "${only[*]}")}
 exec "$python" -m dart.study --task ppl --corpora wiki --split "$split" --prunes 0.5,0.7 \
   --threads 1 "${args[@]}" "${extra[@]}" --only "$only_csv" --out "$out/$model-$split"
