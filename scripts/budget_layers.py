@@ -37,9 +37,11 @@ CANDIDATES: dict[str, dict] = {
     "b-uniform": {"uniform_blend": 1.0, "blend_toward": "uniform"},
     "b-ublend50": {"blend_toward": "uniform"},
     "b-keep67": {"min_keep_ratio": 0.6667},
+    "b-keep80": {"min_keep_ratio": 0.8},
     "b-max80": {"prune_max": 0.8},
     "b-ublend75": {"uniform_blend": 0.75, "blend_toward": "uniform"},
     "b-sblend75": {"uniform_blend": 0.75},
+    "b-sblend100": {"uniform_blend": 1.0},
     "b-max85": {"prune_max": 0.85},
     "b-raw": {"sensitivity": "raw"},
 }

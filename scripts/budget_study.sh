@@ -29,16 +29,19 @@ declare -A points=(
   [b-default]="$(budget residual 0.5 sensitivity 0.9 null)"
   [b-uniform]="$(budget residual 1.0 uniform 0.9 null)"
   [b-sblend75]="$(budget residual 0.75 sensitivity 0.9 null)"
+  [b-sblend100]="$(budget residual 1.0 sensitivity 0.9 null)"
   [b-ublend50]="$(budget residual 0.5 uniform 0.9 null)"
   [b-ublend75]="$(budget residual 0.75 uniform 0.9 null)"
   [b-max80]="$(budget residual 0.5 sensitivity 0.8 null)"
   [b-max85]="$(budget residual 0.5 sensitivity 0.85 null)"
   [b-keep67]="$(budget residual 0.5 sensitivity 0.9 0.6667)"
+  [b-keep80]="$(budget residual 0.5 sensitivity 0.9 0.8)"
   [b-raw]="$(budget raw 0.5 sensitivity 0.9 null)"
 )
 # most informative first (a study cut short still compares the first ones on both models);
 # b-uniform is GRIFFIN's budget under DART's statistic (the eval split has GRIFFIN itself)
-order=(b-default b-keep67 b-sblend75 b-ublend75 b-ublend50 b-uniform b-max80 b-max85 b-raw)
+order=(b-default b-keep67 b-sblend75 b-ublend75 b-ublend50 b-uniform b-max80 b-max85 b-raw
+       b-keep80 b-sblend100)
 
 case $model in
   smollm2) args=(--model smollm2-135m --max-tokens 2048) ;;  # 7 windows of 512
