@@ -43,6 +43,7 @@ CANDIDATES: dict[str, dict] = {
     "b-sblend75": {"uniform_blend": 0.75},
     "b-sblend100": {"uniform_blend": 1.0},
     "b-sblend75-keep67": {"uniform_blend": 0.75, "min_keep_ratio": 0.6667},
+    "b-sblend100-keep67": {"uniform_blend": 1.0, "min_keep_ratio": 0.6667},
     "b-max85": {"prune_max": 0.85},
     "b-raw": {"sensitivity": "raw"},
 }

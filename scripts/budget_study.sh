@@ -31,6 +31,7 @@ declare -A points=(
   [b-sblend75]="$(budget residual 0.75 sensitivity 0.9 null)"
   [b-sblend100]="$(budget residual 1.0 sensitivity 0.9 null)"
   [b-sblend75-keep67]="$(budget residual 0.75 sensitivity 0.9 0.6667)"
+  [b-sblend100-keep67]="$(budget residual 1.0 sensitivity 0.9 0.6667)"
   [b-ublend50]="$(budget residual 0.5 uniform 0.9 null)"
   [b-ublend75]="$(budget residual 0.75 uniform 0.9 null)"
   [b-max80]="$(budget residual 0.5 sensitivity 0.8 null)"
@@ -42,7 +43,7 @@ declare -A points=(
 # most informative first (a study cut short still compares the first ones on both models);
 # b-uniform is GRIFFIN's budget under DART's statistic (the eval split has GRIFFIN itself)
 order=(b-default b-keep67 b-sblend75 b-ublend75 b-ublend50 b-uniform b-max80 b-max85 b-raw
-       b-keep80 b-sblend100 b-sblend75-keep67)
+       b-keep80 b-sblend100 b-sblend75-keep67 b-sblend100-keep67)
 
 case $model in
   smollm2) args=(--model smollm2-135m --max-tokens 2048) ;;  # 7 windows of 512
