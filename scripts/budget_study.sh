@@ -8,7 +8,8 @@
 #   scripts/budget_study.sh eval smollm2 b-keep67  # held out: dense, GRIFFIN, old default, chosen
 #   scripts/budget_study.sh eval qwen b-keep67
 #
-# ONLY (a comma list) runs those points instead, in its order.
+# ONLY (a comma list) runs those points instead, in its order; EXTRA_ARGS (words) go last to
+# `python -m dart.study`, overriding the flags above (another corpus or length).
 # OUT (default results/budget) holds the resumable run folders; rerunning resumes them.
 # PYTHON (default python) runs dart; Qwen runs q8 weights at one thread (a shared CPU).
 set -euo pipefail
@@ -64,4 +65,5 @@ extra=()
 for name in "${!points[@]}"; do extra+=(--extra "$name=${points[$name]}"); done
 only_csv=${ONLY:-$(IFS=,; echo "${only[*]}")}
 exec "$python" -m dart.study --task ppl --corpora wiki --split "$split" --prunes 0.5,0.7 \
-  --threads 1 "${args[@]}" "${extra[@]}" --only "$only_csv" --out "$out/$model-$split"
+  --threads 1 "${args[@]}" "${extra[@]}" --only "$only_csv" --out "$out/$model-$split" \
+  ${EXTRA_ARGS:-}

@@ -51,16 +51,20 @@ def test_budget_met_bounds_respected_depth_protection(total):
     torch.manual_seed(0)
     L, n = 30, 1536
     s = torch.rand(L) * 0.1 + 0.5  # nearly uniform sensitivity
-    a = allocate_budget(s, [n] * L, total)
+    ramp = BudgetConfig(uniform_blend=0.0)  # the spec's budget: the depth ramp in full
+    a = allocate_budget(s, [n] * L, total, ramp)
     assert all(0.1 - 1e-12 <= p <= 0.9 + 1e-12 for p in a.prune_fractions)
     assert sum(p * n for p in a.prune_fractions) == pytest.approx(total * n * L, rel=1e-6)
     pruned = sum(n - k for k in a.keep_counts)
     assert abs(pruned - total * n * L) <= L  # rounding: at most half a neuron per layer (+)
     assert a.achieved_prune == pytest.approx(pruned / (n * L))
     # uniform S: depth protection prunes the first and last layers less than the middle
-    u = allocate_budget([1.0] * L, [n] * L, total)
+    u = allocate_budget([1.0] * L, [n] * L, total, ramp)
     mid = u.prune_fractions[L // 2]
     assert u.prune_fractions[0] < mid and u.prune_fractions[-1] < mid
+    # the default (no ramp): equal sensitivities, equal fractions
+    flat = allocate_budget([1.0] * L, [n] * L, total)
+    assert flat.prune_fractions == pytest.approx([total] * L)
 
 
 def test_more_sensitive_layers_pruned_less():
@@ -138,13 +142,14 @@ def test_budget_config_accepts_exactly_the_registry(field, registry):
 def test_minmax_budget_starves_the_middle_of_an_outlier_model():
     """The issue-12 failure the guards fix: min-max squashes every layer but 0 to R ~ 1, so the
     depth ramp alone decides and the middle layers lose ~86% of their neurons at 70%. The
-    default (half blend toward the sensitivity-only budget) keeps them near total_prune."""
+    default (the sensitivity-only budget, no ramp) keeps them near total_prune and layer 0 at
+    the lower bound."""
     a = allocate_budget(outlier_sensitivities(), [1536] * 30, 0.7, MINMAX)
     mid = a.prune_fractions[9:25]
     assert min(mid) > 0.85 and max(mid) - min(mid) < 0.01
     default = allocate_budget(outlier_sensitivities(), [1536] * 30, 0.7)
-    assert BudgetConfig().uniform_blend == 0.5 and BudgetConfig().blend_toward == "sensitivity"
-    assert max(default.prune_fractions[9:25]) < 0.8
+    assert BudgetConfig().uniform_blend == 1.0 and BudgetConfig().blend_toward == "sensitivity"
+    assert max(default.prune_fractions[1:]) < 0.73 and default.prune_fractions[0] == 0.1
 
 
 @pytest.mark.parametrize("normalize", ["rank", "winsorized"])

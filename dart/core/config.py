@@ -157,9 +157,10 @@ class BudgetConfig(_Section):
     :func:`dart.core.budget.depth_protection`); ``prune_min``/``prune_max``: bounds of any layer's
     prune fraction.
 
-    Guards against starving a layer (default: ``uniform_blend = 0.5`` toward ``sensitivity``,
-    chosen on the calibration splits by perplexity and greedy generation in the tuning study,
-    docs/history/RESULTS-2026-12.md; 0 with no cap is the spec's min-max budget):
+    Guards against starving a layer (default: ``uniform_blend = 1`` toward ``sensitivity``, the
+    budget from the sensitivities alone without the depth ramp, chosen by calibration perplexity
+    on SmolLM2-135M and Qwen2.5-Coder-1.5B together, docs/results/budget/README.md; 0 with no
+    cap is the spec's min-max budget):
     ``normalize``: how the sensitivities ``S`` become ``R`` in [0, 1] (``minmax``; ``rank``: by
     their ranks; ``winsorized``: ``S`` clipped to Tukey's fences ``[Q1 - 1.5 IQR, Q3 + 1.5 IQR]``
     first, so one outlier layer does not squash the others to ``R ~ 1``); ``cap_margin``: no
@@ -183,7 +184,9 @@ class BudgetConfig(_Section):
     normalize: str = "minmax"
     cap_margin: float | None = None
     min_keep_ratio: float | None = None
-    uniform_blend: float = 0.5  # tuning study: min-max alone starves middle layers
+    # the budget study on both models: the depth ramp starves the middle layers (80-83% at 70%
+    # on Qwen2.5-Coder-1.5B); R alone keeps the layers it protects and spreads the rest evenly
+    uniform_blend: float = 1.0
     blend_toward: str = "sensitivity"  # the generation check: "uniform" pruned layer 0
 
     def __post_init__(self) -> None:
