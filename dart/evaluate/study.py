@@ -174,6 +174,9 @@ BUDGETS: dict[str, dict[str, Any]] = {
     # blended toward the sensitivity-only budget: the depth ramp is halved, an outlier layer
     # that R protects stays protected
     "sblend50": {**SPEC_BUDGET, "uniform_blend": 0.5, "blend_toward": "sensitivity"},
+    # the sensitivity-only budget (no depth ramp): the default since the two-model budget
+    # study (docs/results/budget)
+    "sblend100": {**SPEC_BUDGET, "uniform_blend": 1.0, "blend_toward": "sensitivity"},
     "rank": {**SPEC_BUDGET, "normalize": "rank"},
     "wins": {**SPEC_BUDGET, "normalize": "winsorized"},
     "uniform": {**SPEC_BUDGET, "uniform_blend": 1.0},
