@@ -160,7 +160,7 @@ class StudyOptions:
 
 # -- the grid ----------------------------------------------------------------------------------
 # How an ``auto`` budget spreads total_prune over layers (BudgetConfig overrides). Every entry
-# spells out all three guards, so a point means the same whatever the library's defaults (the
+# spells out every guard, so a point means the same whatever the library's defaults (the
 # study chose them). ``uniform`` is the blend all the way to uniform: the same share of every
 # layer (GRIFFIN's budget).
 SPEC_BUDGET: dict[str, Any] = {"normalize": "minmax", "cap_margin": None, "min_keep_ratio": None,
