@@ -521,6 +521,8 @@ _HELP = {
     "budget.prune_max": "largest prune fraction of any layer",
     "budget.normalize": "how the layer sensitivities become R in [0, 1]",
     "budget.cap_margin": "no layer prunes more than total_prune + cap_margin; none: prune_max",
+    "budget.min_keep_ratio": "no layer keeps less than this share of the mean kept fraction "
+    "(1 - total_prune); none: no such cap",
     "budget.uniform_blend": "blend a in [0, 1] of the final fractions toward blend_toward",
     "budget.blend_toward": "the blend's target: total_prune everywhere (uniform) or the budget "
     "from the sensitivities alone",

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .assets.models import PACKAGED_MODELS
 from .core.config import ConfigError
 from .evaluate.store import RecordStore, RunStore, model_identity
 from .evaluate.study import (
@@ -103,8 +104,9 @@ def run_grid(
         raise ConfigError("--task gen: the dense point must run first (its text is the reference)")
     for p in points:
         p.config(opts.backend, opts.seed)  # a bad setting fails before anything runs
-    run = RunOptions(model=opts.model, seed=opts.seed, backend=opts.backend, out=opts.out,
-                     threads=opts.threads, accelerator=opts.accelerator, quiet=True)  # fmt: skip
+    run = RunOptions(model=opts.model, weights=opts.weights, seed=opts.seed, backend=opts.backend,
+                     out=opts.out, threads=opts.threads, accelerator=opts.accelerator,
+                     quiet=True)  # fmt: skip
     out = Path(opts.out)
     model_id = model_identity(model, opts.model)
     sources = {c: make_source(tokenizer, c, opts) for c in opts.corpora}
@@ -279,7 +281,11 @@ def main(argv: list[str] | None = None) -> int:
         if opts.threads:
             torch.set_num_threads(opts.threads)
         torch.manual_seed(opts.seed)
-        model, tokenizer = load_model(opts.model)
+        # quantised: a packaged model is read tensor by tensor (direct), so the fp32 model
+        # never sits in memory beside the quantised one; the weights' hash in the model
+        # identity keeps q8 points in folders of their own
+        direct = opts.weights != "fp" and opts.model.lower() in PACKAGED_MODELS
+        model, tokenizer = load_model(opts.model, weights=opts.weights, direct=direct or None)
         run_grid(opts, points, model, tokenizer)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -49,16 +51,20 @@ def test_budget_met_bounds_respected_depth_protection(total):
     torch.manual_seed(0)
     L, n = 30, 1536
     s = torch.rand(L) * 0.1 + 0.5  # nearly uniform sensitivity
-    a = allocate_budget(s, [n] * L, total)
+    ramp = BudgetConfig(uniform_blend=0.0)  # the spec's budget: the depth ramp in full
+    a = allocate_budget(s, [n] * L, total, ramp)
     assert all(0.1 - 1e-12 <= p <= 0.9 + 1e-12 for p in a.prune_fractions)
     assert sum(p * n for p in a.prune_fractions) == pytest.approx(total * n * L, rel=1e-6)
     pruned = sum(n - k for k in a.keep_counts)
     assert abs(pruned - total * n * L) <= L  # rounding: at most half a neuron per layer (+)
     assert a.achieved_prune == pytest.approx(pruned / (n * L))
     # uniform S: depth protection prunes the first and last layers less than the middle
-    u = allocate_budget([1.0] * L, [n] * L, total)
+    u = allocate_budget([1.0] * L, [n] * L, total, ramp)
     mid = u.prune_fractions[L // 2]
     assert u.prune_fractions[0] < mid and u.prune_fractions[-1] < mid
+    # the default (no ramp): equal sensitivities, equal fractions
+    flat = allocate_budget([1.0] * L, [n] * L, total)
+    assert flat.prune_fractions == pytest.approx([total] * L)
 
 
 def test_more_sensitive_layers_pruned_less():
@@ -136,13 +142,14 @@ def test_budget_config_accepts_exactly_the_registry(field, registry):
 def test_minmax_budget_starves_the_middle_of_an_outlier_model():
     """The issue-12 failure the guards fix: min-max squashes every layer but 0 to R ~ 1, so the
     depth ramp alone decides and the middle layers lose ~86% of their neurons at 70%. The
-    default (half blend toward the sensitivity-only budget) keeps them near total_prune."""
+    default (the sensitivity-only budget, no ramp) keeps them near total_prune and layer 0 at
+    the lower bound."""
     a = allocate_budget(outlier_sensitivities(), [1536] * 30, 0.7, MINMAX)
     mid = a.prune_fractions[9:25]
     assert min(mid) > 0.85 and max(mid) - min(mid) < 0.01
     default = allocate_budget(outlier_sensitivities(), [1536] * 30, 0.7)
-    assert BudgetConfig().uniform_blend == 0.5 and BudgetConfig().blend_toward == "sensitivity"
-    assert max(default.prune_fractions[9:25]) < 0.8
+    assert BudgetConfig().uniform_blend == 1.0 and BudgetConfig().blend_toward == "sensitivity"
+    assert max(default.prune_fractions[1:]) < 0.73 and default.prune_fractions[0] == 0.1
 
 
 @pytest.mark.parametrize("normalize", ["rank", "winsorized"])
@@ -188,6 +195,39 @@ def test_cap_margin_bounds_every_layer(total):
     assert z.prune_fractions == pytest.approx([total] * 30)
 
 
+@pytest.mark.parametrize("total", [0.5, 0.7])
+def test_min_keep_ratio_keeps_a_share_of_the_mean_in_every_layer(total):
+    """No layer keeps less than c (1 - total) of its neurons: the cap scales with the sparsity
+    (an absolute cap_margin does not), and the total is still met."""
+    s = outlier_sensitivities()
+    c = 0.9
+    a = allocate_budget(s, [1536] * 30, total, BudgetConfig(min_keep_ratio=c, uniform_blend=0.0))
+    free = allocate_budget(s, [1536] * 30, total, BudgetConfig(uniform_blend=0.0))
+    upper = min(0.9, 1 - c * (1 - total))
+    assert max(free.prune_fractions) > upper + 0.01  # the cap binds on this S
+    assert max(a.prune_fractions) == pytest.approx(upper)
+    assert sum(a.prune_fractions) == pytest.approx(30 * total)
+    # the floor on kept neurons, after rounding to whole neurons
+    assert min(a.keep_counts) >= math.floor(c * (1 - total) * 1536)
+    # a ratio of 1 is the uniform budget; of 0, no cap beyond prune_max
+    one = allocate_budget(s, [1536] * 30, total, BudgetConfig(min_keep_ratio=1.0))
+    assert one.prune_fractions == pytest.approx([total] * 30)
+    zero = allocate_budget(s, [1536] * 30, total, BudgetConfig(min_keep_ratio=0.0))
+    assert zero.prune_fractions == pytest.approx(
+        allocate_budget(s, [1536] * 30, total).prune_fractions
+    )
+
+
+def test_min_keep_ratio_and_cap_margin_take_the_tighter_bound():
+    s, widths = outlier_sensitivities(), [1536] * 30
+    both = BudgetConfig(min_keep_ratio=0.5, cap_margin=0.05, uniform_blend=0.0)
+    # at 50%: the margin caps at 0.55, the ratio at 0.75
+    assert max(allocate_budget(s, widths, 0.5, both).prune_fractions) == pytest.approx(0.55)
+    loose = BudgetConfig(min_keep_ratio=0.9, cap_margin=0.3, uniform_blend=0.0)
+    # at 50%: the ratio caps at 0.55, the margin at 0.8
+    assert max(allocate_budget(s, widths, 0.5, loose).prune_fractions) == pytest.approx(0.55)
+
+
 def test_uniform_blend_interpolates_toward_uniform():
     s, widths = outlier_sensitivities(), [1536] * 30
     auto = allocate_budget(s, widths, 0.7, MINMAX)
@@ -224,14 +264,22 @@ def test_blend_toward_sensitivity_keeps_protected_layers_protected():
 
 @pytest.mark.parametrize("normalize", ["minmax", "rank", "winsorized"])
 @pytest.mark.parametrize("toward", ["uniform", "sensitivity"])
-@pytest.mark.parametrize("cap_margin", [None, 0.05, 0.15])
+@pytest.mark.parametrize(
+    ("cap_margin", "min_keep_ratio"), [(None, None), (0.05, None), (0.15, None), (None, 0.6)]
+)
 @pytest.mark.parametrize("blend", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("total", [0.3, 0.5, 0.7])
-def test_guarded_budgets_meet_total_prune_in_neurons(normalize, toward, cap_margin, blend, total):
+def test_guarded_budgets_meet_total_prune_in_neurons(
+    normalize, toward, cap_margin, min_keep_ratio, blend, total
+):
     s = outlier_sensitivities(12, seed=3)
     widths = [64, 96, 128, 64, 256, 64, 100, 128, 64, 96, 200, 64]  # unequal widths
     cfg = BudgetConfig(
-        normalize=normalize, cap_margin=cap_margin, uniform_blend=blend, blend_toward=toward
+        normalize=normalize,
+        cap_margin=cap_margin,
+        min_keep_ratio=min_keep_ratio,
+        uniform_blend=blend,
+        blend_toward=toward,
     )
     a = allocate_budget(s, widths, total, cfg)
     pruned = sum(p * n for p, n in zip(a.prune_fractions, widths, strict=True))
@@ -239,6 +287,8 @@ def test_guarded_budgets_meet_total_prune_in_neurons(normalize, toward, cap_marg
     removed = sum(n - k for n, k in zip(widths, a.keep_counts, strict=True))
     assert abs(removed - total * sum(widths)) <= len(widths) / 2 + 1e-9
     upper = 0.9 if cap_margin is None else min(0.9, total + cap_margin)
+    if min_keep_ratio is not None:
+        upper = min(upper, 1 - min_keep_ratio * (1 - total))
     assert all(0.1 - 1e-12 <= p <= upper + 1e-12 for p in a.prune_fractions)
 
 
@@ -248,6 +298,8 @@ def test_guarded_budgets_meet_total_prune_in_neurons(normalize, toward, cap_marg
         ("normalize", "zscore"),
         ("cap_margin", -0.1),
         ("cap_margin", 2.0),
+        ("min_keep_ratio", -0.1),
+        ("min_keep_ratio", 1.5),
         ("uniform_blend", 1.5),
         ("blend_toward", "flat"),
     ],
@@ -263,6 +315,7 @@ def test_guard_settings_are_checked(field, value):
         BudgetConfig(),
         BudgetConfig(prune_min=0.0),
         BudgetConfig(prune_min=0.3, cap_margin=0.1),
+        BudgetConfig(prune_min=0.3, min_keep_ratio=0.8),
         BudgetConfig(uniform_blend=0.5, normalize="rank"),
         BudgetConfig(prune_min=0.6, prune_max=0.7),
     ],

@@ -30,7 +30,8 @@ def test_defaults():
     assert isinstance(c.drift, DriftConfig)
     assert c.drift.window == 5 and c.drift.layers == (-1,) and c.drift.pressure_trigger == 3
     assert c.drift.retrace_tokens == 64 and c.statistic == "normalized_l2"
-    assert c.budget.uniform_blend == 0.5 and c.budget.cap_margin is None
+    assert c.budget.uniform_blend == 1.0 and c.budget.cap_margin is None
+    assert c.budget.min_keep_ratio is None
     assert c.budget.blend_toward == "sensitivity"
     assert c.drift.sigma_scale == 0.1 and c.drift.threshold_floor == 0.1
 

@@ -170,3 +170,20 @@ def test_gen_task_compares_each_point_with_the_dense_text_and_resumes(tiny_folde
     text = (out / "report.md").read_text()
     assert "Greedy generation (calibration split" in text and "| dart-nl2-sblend50 |" in text
     assert (report / "study-gen-calibration.png").stat().st_size > 0
+
+
+def test_quantised_weights_score_into_folders_of_their_own(tiny_folder, tmp_path):
+    """--weights q8: the same point on quantised weights is another model (its weights' hash),
+    so it gets its own folder and its own scores, and resumes there."""
+    out = tmp_path / "study"
+    fp = _run(tiny_folder, out, "--only", "dense,dart-nl2-auto")
+    q8 = _run(tiny_folder, out, "--only", "dense,dart-nl2-auto", "--weights", "q8")
+    assert [s["name"] for s in q8] == ["dense", "dart-nl2-auto"]
+    for a, b in zip(fp, q8, strict=True):
+        assert a["folder"] != b["folder"]
+        assert a["perplexity"] != b["perplexity"]
+        assert b["perplexity"] == pytest.approx(a["perplexity"], rel=0.05)  # q8 is close
+    again = _run(tiny_folder, out, "--only", "dense,dart-nl2-auto", "--weights", "q8")
+    assert _scores(again) == _scores(q8)
+    with pytest.raises(SystemExit):
+        study.parse_args(["--weights", "q3"])

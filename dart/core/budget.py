@@ -7,11 +7,13 @@ Notes:
 * The settings (depth protection, bounds, guards against starving a layer) are a
   :class:`~dart.core.config.BudgetConfig`.
 * ``R = 1 - norm(S)`` with ``norm`` one of :data:`NORMALIZATIONS` (``BudgetConfig.normalize``).
-* Prune fractions are clipped to ``[prune_min, upper]`` with ``upper = prune_max``, or
-  ``min(prune_max, total_prune + cap_margin)`` when ``cap_margin`` is set; a ``total_prune``
-  outside that
-  range (or one that the clipped layers cannot absorb) is not reachable: the result is the
-  clipped allocation and :attr:`BudgetAllocation.achieved_prune` reports the real total.
+* Prune fractions are clipped to ``[prune_min, upper]`` with ``upper = prune_max``, lowered to
+  ``total_prune + cap_margin`` when ``cap_margin`` is set and to
+  ``1 - min_keep_ratio (1 - total_prune)`` when ``min_keep_ratio`` is set (no layer keeps less
+  than that share of the mean kept fraction; ``upper >= total_prune`` either way); a
+  ``total_prune`` outside that range (or one that the clipped layers cannot absorb) is not
+  reachable: the result is the clipped allocation and
+  :attr:`BudgetAllocation.achieved_prune` reports the real total.
 * Redistribution rounds spread the remaining difference over the layers that can still move in
   the needed direction (below ``prune_max`` when more must be pruned, above ``prune_min`` when
   less), in proportion to ``P`` (weighted by width); when all such layers have ``P = 0`` the
@@ -98,6 +100,10 @@ def depth_protection(num_layers: int, budget: BudgetConfig | None = None) -> Ten
 def _bounds(total_prune: float, b: BudgetConfig) -> tuple[float, float]:
     """``(lower, upper)``: the range every layer's prune fraction is clipped to."""
     upper = b.prune_max if b.cap_margin is None else min(b.prune_max, total_prune + b.cap_margin)
+    if b.min_keep_ratio is not None:
+        # relative to the mean kept share: an absolute margin that is mild at 50% (keep 40% of
+        # 50%) starves a layer at 70% (keep 20% of 30%); a ratio treats the two alike
+        upper = min(upper, 1.0 - b.min_keep_ratio * (1.0 - total_prune))
     return min(b.prune_min, upper), upper
 
 

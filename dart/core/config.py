@@ -157,13 +157,17 @@ class BudgetConfig(_Section):
     :func:`dart.core.budget.depth_protection`); ``prune_min``/``prune_max``: bounds of any layer's
     prune fraction.
 
-    Guards against starving a layer (default: ``uniform_blend = 0.5`` toward ``sensitivity``,
-    chosen on the calibration splits by perplexity and greedy generation in the tuning study,
-    docs/history/RESULTS-2026-12.md; 0 with no cap is the spec's min-max budget):
+    Guards against starving a layer (default: ``uniform_blend = 1`` toward ``sensitivity``, the
+    budget from the sensitivities alone without the depth ramp, chosen by calibration perplexity
+    on SmolLM2-135M and Qwen2.5-Coder-1.5B together, docs/results/budget/README.md; 0 with no
+    cap is the spec's min-max budget):
     ``normalize``: how the sensitivities ``S`` become ``R`` in [0, 1] (``minmax``; ``rank``: by
     their ranks; ``winsorized``: ``S`` clipped to Tukey's fences ``[Q1 - 1.5 IQR, Q3 + 1.5 IQR]``
     first, so one outlier layer does not squash the others to ``R ~ 1``); ``cap_margin``: no
     layer prunes more than ``min(prune_max, total_prune + cap_margin)`` (None: ``prune_max``);
+    ``min_keep_ratio`` ``c`` in [0, 1]: no layer keeps fewer than ``c (1 - total_prune)`` of its
+    neurons, ``c`` times the mean kept share, so the cap scales with the sparsity (at 70%,
+    ``c = 2/3`` keeps at least 20% of every layer; None: no such cap);
     ``uniform_blend`` in [0, 1]: the final fractions are ``(1 - a) p_auto + a t`` with ``t`` set
     by ``blend_toward``: ``uniform`` (``total_prune`` in every layer) or ``sensitivity`` (the
     budget from ``R`` alone, without the depth ramp: a layer the sensitivity protects, such as an
@@ -179,7 +183,10 @@ class BudgetConfig(_Section):
     prune_max: float = 0.9
     normalize: str = "minmax"
     cap_margin: float | None = None
-    uniform_blend: float = 0.5  # tuning study: min-max alone starves middle layers
+    min_keep_ratio: float | None = None
+    # the budget study on both models: the depth ramp starves the middle layers (80-83% at 70%
+    # on Qwen2.5-Coder-1.5B); R alone keeps the layers it protects and spreads the rest evenly
+    uniform_blend: float = 1.0
     blend_toward: str = "sensitivity"  # the generation check: "uniform" pruned layer 0
 
     def __post_init__(self) -> None:
@@ -192,6 +199,9 @@ class BudgetConfig(_Section):
         _choice(o, "blend_toward", self.blend_toward, tuple(BLEND_TARGETS))
         if self.cap_margin is not None:
             _real_in(o, "cap_margin", self.cap_margin, 0.0, 1.0, low_open=False, high_open=False)
+        if self.min_keep_ratio is not None:
+            _real_in(o, "min_keep_ratio", self.min_keep_ratio, 0.0, 1.0, low_open=False,
+                     high_open=False)  # fmt: skip
         _real_in(o, "uniform_blend", self.uniform_blend, 0.0, 1.0, low_open=False, high_open=False)
         for name in ("depth_early", "depth_late", "early_floor", "late_floor"):
             _real_in(o, name, getattr(self, name), 0.0, 1.0, low_open=False, high_open=False)

@@ -35,6 +35,7 @@ import torch
 from ..assets.data import TEXT_CORPORA, load_text
 from ..core.config import ConfigError, DARTConfig
 from ..core.methods import get_method
+from ..core.quant import Weights
 from ..options import dart_field
 from ..results import atomic_write_text, read_json, write_json
 from .arms import Arm, arm_config
@@ -85,6 +86,10 @@ class StudyOptions:
     )
     model: str = field(
         default="smollm2-135m", metadata={"help": "packaged model name or a local HF folder"}
+    )
+    weights: Weights = field(
+        default="fp",
+        metadata={"help": "fp (the model's own weights) or quantised q8, q4, q4m (dart.quantize)"},
     )
     corpora: list[str] = field(
         default_factory=lambda: ["wiki", "c4"],
@@ -155,11 +160,11 @@ class StudyOptions:
 
 # -- the grid ----------------------------------------------------------------------------------
 # How an ``auto`` budget spreads total_prune over layers (BudgetConfig overrides). Every entry
-# spells out all three guards, so a point means the same whatever the library's defaults (the
+# spells out every guard, so a point means the same whatever the library's defaults (the
 # study chose them). ``uniform`` is the blend all the way to uniform: the same share of every
 # layer (GRIFFIN's budget).
-SPEC_BUDGET: dict[str, Any] = {"normalize": "minmax", "cap_margin": None, "uniform_blend": 0.0,
-                               "blend_toward": "uniform"}  # fmt: skip
+SPEC_BUDGET: dict[str, Any] = {"normalize": "minmax", "cap_margin": None, "min_keep_ratio": None,
+                               "uniform_blend": 0.0, "blend_toward": "uniform"}  # fmt: skip
 BUDGETS: dict[str, dict[str, Any]] = {
     "auto": SPEC_BUDGET,
     "cap10": {**SPEC_BUDGET, "cap_margin": 0.1},
@@ -169,6 +174,9 @@ BUDGETS: dict[str, dict[str, Any]] = {
     # blended toward the sensitivity-only budget: the depth ramp is halved, an outlier layer
     # that R protects stays protected
     "sblend50": {**SPEC_BUDGET, "uniform_blend": 0.5, "blend_toward": "sensitivity"},
+    # the sensitivity-only budget (no depth ramp): the default since the two-model budget
+    # study (docs/results/budget)
+    "sblend100": {**SPEC_BUDGET, "uniform_blend": 1.0, "blend_toward": "sensitivity"},
     "rank": {**SPEC_BUDGET, "normalize": "rank"},
     "wins": {**SPEC_BUDGET, "normalize": "winsorized"},
     "uniform": {**SPEC_BUDGET, "uniform_blend": 1.0},
