@@ -33,6 +33,8 @@ SCANNED = sorted(
 ALLOWED = {
     ROOT / "dart" / "core" / "api.py": DRIVER_INTERFACE | HOOK_INTERFACE,
     ROOT / "bench" / "retrace_cost.py": DRIVER_INTERFACE | {"monitor", "step"},
+    # a study script that prints the layers' raw sensitivity scores beside the budget it built
+    ROOT / "scripts" / "budget_layers.py": DRIVER_INTERFACE | {"selection"},
 }
 
 
