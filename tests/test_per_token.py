@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import torch._dynamo.testing
-from tiny_models import random_ids, tiny_model
+from tiny_models import calibrated, prompt_step_logits, random_ids, tiny_model
 
 import dart
 from dart import DARTConfig
@@ -27,28 +27,16 @@ MODES = tuple(PER_TOKEN_MODES)
 BACKENDS = ("masked", "gathered")
 
 
-def _calibrated(model, method, backend="masked", **cfg):
-    handle = dart.attach(model, DARTConfig(method=method, backend=backend, **cfg))
-    handle.calibrate(random_ids(1, 40, seed=7))
-    return handle
-
-
-def _logits(model, ids):
-    out = model(ids, use_cache=True)
-    step = model(ids[:, -2:], past_key_values=out.past_key_values, use_cache=True)
-    return out.logits, step.logits
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", MODES)
 def test_threshold_zero_equals_dense(method, backend):
     model = tiny_model("llama")
     ids = random_ids(2, 12)
     with torch.no_grad():
-        ref = _logits(model, ids)
-        handle = _calibrated(model, method, backend, layer_topk="all:1")
+        ref = prompt_step_logits(model, ids)
+        handle = calibrated(model, method, backend, layer_topk="all:1")
         assert all(t == [0.0, 0.0] for t in handle.per_token_state()["thresholds"])
-        got = _logits(model, ids)
+        got = prompt_step_logits(model, ids)
     torch.testing.assert_close(got[0], ref[0])  # the prompt: dense
     torch.testing.assert_close(got[1], ref[1], rtol=1e-4, atol=1e-4)  # per token, all kept
     assert handle.stats()["ffn_bytes_read_fraction"] == pytest.approx(1.0)
@@ -62,8 +50,11 @@ def test_gathered_equals_masked_and_meters_agree(method):
     outs = {}
     with torch.no_grad():
         for backend in BACKENDS:
-            handle = _calibrated(model, method, backend, total_prune=0.4)
-            outs[backend] = (_logits(model, ids)[1], handle.stats()["ffn_bytes_read_fraction"])
+            handle = calibrated(model, method, backend, total_prune=0.4)
+            outs[backend] = (
+                prompt_step_logits(model, ids)[1],
+                handle.stats()["ffn_bytes_read_fraction"],
+            )
             handle.detach()
     torch.testing.assert_close(outs["gathered"][0], outs["masked"][0], rtol=1e-4, atol=1e-4)
     assert outs["gathered"][1] == pytest.approx(outs["masked"][1], abs=1e-6)
@@ -143,7 +134,7 @@ def test_reference_ops_refuse_bad_input():
 def test_compiled_step_equals_eager(method, backend):
     model = tiny_model("llama")
     ids = random_ids(2, 10)
-    handle = _calibrated(model, method, backend, total_prune=0.4)
+    handle = calibrated(model, method, backend, total_prune=0.4)
     state = handle.per_token_state()
     ref = FastGenerator(model, handle, max_len=32, compile=False).generate(ids, max_new_tokens=8)
     torch._dynamo.reset()
@@ -171,9 +162,9 @@ def test_gathered_cpu_steps_run_the_fused_kernels(method):
     which the handle counts as extra state."""
     model = tiny_model("llama")
     ids = random_ids(1, 10)
-    handle = _calibrated(model, method, "gathered", total_prune=0.4)
+    handle = calibrated(model, method, "gathered", total_prune=0.4)
     with torch.no_grad(), torch.profiler.profile() as prof:
-        _logits(model, ids)
+        prompt_step_logits(model, ids)
     names = {e.name for e in prof.events()}
     fused = "dart::input_sparse_glu_ffn" if method == "input" else "dart::gate_first_glu_ffn"
     assert fused in names and not any(n.startswith("dart_per_token::") for n in names)
@@ -193,7 +184,7 @@ def test_inductor_compiled_step_equals_eager_and_keeps_the_meter():
     the same measured bytes as eager (the meters are buffers a compiled step adds to)."""
     model = tiny_model("llama")
     ids = random_ids(1, 10)
-    handle = _calibrated(model, "input", "gathered", total_prune=0.4)
+    handle = calibrated(model, "input", "gathered", total_prune=0.4)
     results = []
     for compile in (False, True):
         torch._dynamo.reset()
@@ -212,7 +203,7 @@ def test_export_refuses_per_token_methods_clearly():
     from dart.runtime.export import DARTExportModule
 
     model = tiny_model("llama")
-    handle = _calibrated(model, "gate", "gathered", total_prune=0.3)
+    handle = calibrated(model, "gate", "gathered", total_prune=0.3)
     try:
         with pytest.raises(ValueError, match="not 'gate'"):
             DARTExportModule(handle, 1, 32, list(handle.controller.widths))
@@ -226,7 +217,7 @@ def test_calibration_is_deterministic_and_reaches_the_byte_target(method, alloca
     model = tiny_model("llama", layers=4)
     states = []
     for _ in range(2):
-        handle = _calibrated(model, method, total_prune=0.45, per_token_allocation=allocation)
+        handle = calibrated(model, method, total_prune=0.45, per_token_allocation=allocation)
         states.append(handle.per_token_state())
         handle.detach()
     assert states[0] == states[1]
@@ -240,14 +231,14 @@ def test_calibration_is_deterministic_and_reaches_the_byte_target(method, alloca
 def test_measured_bytes_follow_the_thresholds():
     model = tiny_model("llama", layers=2)
     ids = random_ids(1, 8)
-    handle = _calibrated(model, "gate", total_prune=0.3)
+    handle = calibrated(model, "gate", total_prune=0.3)
     state = handle.per_token_state()
     with torch.no_grad():
         for value, expected in ((0.0, 1.0), (1e9, 1 / 3)):  # all kept; only the gate read
             state["thresholds"] = [[value, 0.0]] * 2
             handle.load_per_token_state(state)
             handle.reset()
-            _logits(model, ids)
+            prompt_step_logits(model, ids)
             assert handle.stats()["ffn_bytes_read_fraction"] == pytest.approx(expected)
     handle.detach()
 
@@ -288,10 +279,10 @@ def test_bad_configs_are_refused_naming_the_option():
 
 def test_thresholds_of_another_model_are_refused():
     model, other = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
-    handle = _calibrated(model, "input", total_prune=0.4)
+    handle = calibrated(model, "input", total_prune=0.4)
     state = handle.per_token_state()
     handle.detach()
-    handle = _calibrated(other, "input", total_prune=0.4)
+    handle = calibrated(other, "input", total_prune=0.4)
     before = handle.per_token_state()
     with pytest.raises(ValueError, match="another model"):
         handle.load_per_token_state(state)

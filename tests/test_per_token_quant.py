@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo.testing
-from tiny_models import random_ids, tiny_model
+from tiny_models import calibrated, prompt_step_logits, random_ids, tiny_model
 
 import dart
 from dart import DARTConfig
@@ -30,18 +30,6 @@ def _quantised(fmt, seed=0, layers=2):
     return model
 
 
-def _calibrated(model, method, backend="gathered", **cfg):
-    handle = dart.attach(model, DARTConfig(method=method, backend=backend, **cfg))
-    handle.calibrate(random_ids(1, 40, seed=7))
-    return handle
-
-
-def _logits(model, ids):
-    out = model(ids, use_cache=True)
-    step = model(ids[:, -2:], past_key_values=out.past_key_values, use_cache=True)
-    return out.logits, step.logits
-
-
 @pytest.mark.parametrize("method", GATE_MODES)
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_quantised_gate_first_equals_its_reference(fmt, method):
@@ -52,8 +40,8 @@ def test_quantised_gate_first_equals_its_reference(fmt, method):
     outs = {}
     with torch.no_grad():
         for backend in ("masked", "gathered"):
-            handle = _calibrated(model, method, backend, total_prune=0.4)
-            outs[backend] = (_logits(model, ids)[1], handle.stats())
+            handle = calibrated(model, method, backend, total_prune=0.4)
+            outs[backend] = (prompt_step_logits(model, ids)[1], handle.stats())
             handle.detach()
     # fp32 sums in another order (measured ~1e-6 apart); a neuron kept by one path and not
     # the other moves the logits by ~1e-2
@@ -68,10 +56,10 @@ def test_quantised_threshold_zero_equals_the_dense_quantised_model(fmt):
     model = _quantised(fmt)
     ids = random_ids(2, 12)
     with torch.no_grad():
-        ref = _logits(model, ids)
-        handle = _calibrated(model, "gate", layer_topk="all:1")
+        ref = prompt_step_logits(model, ids)
+        handle = calibrated(model, "gate", "gathered", layer_topk="all:1")
         assert all(t == [0.0, 0.0] for t in handle.per_token_state()["thresholds"])
-        got = _logits(model, ids)
+        got = prompt_step_logits(model, ids)
     torch.testing.assert_close(got[0], ref[0])  # the prompt: dense
     torch.testing.assert_close(got[1], ref[1], rtol=1e-4, atol=1e-4)
     st = handle.stats()
@@ -84,9 +72,9 @@ def test_quantised_threshold_zero_equals_the_dense_quantised_model(fmt):
 
 def test_quantised_gate_steps_run_the_fused_quantised_kernel():
     model = _quantised("q4")
-    handle = _calibrated(model, "gate", total_prune=0.4)
+    handle = calibrated(model, "gate", "gathered", total_prune=0.4)
     with torch.no_grad(), torch.profiler.profile() as prof:
-        _logits(model, random_ids(1, 10))
+        prompt_step_logits(model, random_ids(1, 10))
     names = {e.name for e in prof.events()}
     assert "dart::gate_first_glu_ffn_q" in names
     assert not any(n.startswith("dart_per_token::") for n in names)
@@ -96,7 +84,7 @@ def test_quantised_gate_steps_run_the_fused_quantised_kernel():
 def test_quantised_gate_in_hf_generate_and_fast_generator_compiled_equals_eager():
     model = _quantised("q4")
     ids = random_ids(1, 10)
-    handle = _calibrated(model, "gate", total_prune=0.4)
+    handle = calibrated(model, "gate", "gathered", total_prune=0.4)
     with torch.no_grad():
         hf = model.generate(ids, max_new_tokens=6, do_sample=False)
     hf_fraction = handle.stats()["ffn_bytes_read_fraction"]
@@ -119,7 +107,7 @@ def test_quantised_gate_in_hf_generate_and_fast_generator_compiled_equals_eager(
 def test_quantised_thresholds_need_no_recompile():
     model = _quantised("q8")
     ids = random_ids(1, 10)
-    handle = _calibrated(model, "gate-weighted", total_prune=0.3)
+    handle = calibrated(model, "gate-weighted", "gathered", total_prune=0.3)
     counter = torch._dynamo.testing.CompileCounter()
     torch._dynamo.reset()
     fast = FastGenerator(model, handle, max_len=32, compile=False)
@@ -136,14 +124,14 @@ def test_quantised_thresholds_need_no_recompile():
 def test_quantised_thresholds_carry_the_quantised_fingerprint():
     """Thresholds of the fp model (or of another format) do not load on the quantised one."""
     fp = tiny_model("llama", layers=2)
-    fp_state = _calibrated(fp, "gate", total_prune=0.3).per_token_state()
+    fp_state = calibrated(fp, "gate", "gathered", total_prune=0.3).per_token_state()
     q4 = _quantised("q4")
-    handle = _calibrated(q4, "gate", total_prune=0.3)
+    handle = calibrated(q4, "gate", "gathered", total_prune=0.3)
     with pytest.raises(ValueError, match="another model"):
         handle.load_per_token_state(fp_state)
     handle.detach()
-    q8_state = _calibrated(_quantised("q8"), "gate", total_prune=0.3).per_token_state()
-    handle = _calibrated(q4, "gate", total_prune=0.3)
+    q8_state = calibrated(_quantised("q8"), "gate", "gathered", total_prune=0.3).per_token_state()
+    handle = calibrated(q4, "gate", "gathered", total_prune=0.3)
     with pytest.raises(ValueError, match="another model"):
         handle.load_per_token_state(q8_state)
     handle.detach()

@@ -104,6 +104,22 @@ def prefill_and_step(model, ids, attention_mask=None):
     return out.logits, step.logits
 
 
+def calibrated(model, method: str, backend: str = "masked", **cfg):
+    """``model`` with a per-token ``method`` attached and calibrated on fixed random ids."""
+    import dart
+
+    handle = dart.attach(model, dart.DARTConfig(method=method, backend=backend, **cfg))
+    handle.calibrate(random_ids(1, 40, seed=7))
+    return handle
+
+
+def prompt_step_logits(model, ids):
+    """Logits of the prompt's pass and of its last two tokens fed again through its cache."""
+    out = model(ids, use_cache=True)
+    step = model(ids[:, -2:], past_key_values=out.past_key_values, use_cache=True)
+    return out.logits, step.logits
+
+
 def drive(model, handle, ids, steps: int):
     """Prefill, then `steps` greedy single-token passes; the phases after each pass."""
     out = model(ids, use_cache=True)
