@@ -13,7 +13,13 @@ import math
 import pytest
 import torch
 import torch._dynamo.testing
-from tiny_models import calibrated, prompt_step_logits, random_ids, tiny_model
+from tiny_models import (
+    calibrated,
+    fast_eager_and_compiled,
+    prompt_step_logits,
+    random_ids,
+    tiny_model,
+)
 
 import dart
 from dart import DARTConfig
@@ -185,13 +191,7 @@ def test_inductor_compiled_step_equals_eager_and_keeps_the_meter():
     model = tiny_model("llama")
     ids = random_ids(1, 10)
     handle = calibrated(model, "input", "gathered", total_prune=0.4)
-    results = []
-    for compile in (False, True):
-        torch._dynamo.reset()
-        fast = FastGenerator(model, handle, max_len=32, compile=compile)
-        handle.reset()
-        results.append(fast.generate(ids, max_new_tokens=6))
-    eager, compiled = results
+    eager, compiled = fast_eager_and_compiled(model, handle, ids)
     assert torch.equal(compiled.tokens, eager.tokens)
     fraction = eager.stats["ffn_bytes_read_fraction"]
     assert 0.4 < fraction < 0.9

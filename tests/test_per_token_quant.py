@@ -12,7 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo.testing
-from tiny_models import calibrated, prompt_step_logits, random_ids, tiny_model
+from tiny_models import (
+    calibrated,
+    fast_eager_and_compiled,
+    prompt_step_logits,
+    random_ids,
+    tiny_model,
+)
 
 import dart
 from dart import DARTConfig
@@ -89,13 +95,7 @@ def test_quantised_gate_in_hf_generate_and_fast_generator_compiled_equals_eager(
         hf = model.generate(ids, max_new_tokens=6, do_sample=False)
     hf_fraction = handle.stats()["ffn_bytes_read_fraction"]
     assert 0.45 < hf_fraction < 0.8
-    results = []
-    for compile in (False, True):
-        torch._dynamo.reset()
-        fast = FastGenerator(model, handle, max_len=32, compile=compile)
-        handle.reset()
-        results.append(fast.generate(ids, max_new_tokens=6))
-    eager, compiled = results
+    eager, compiled = fast_eager_and_compiled(model, handle, ids)
     assert torch.equal(compiled.tokens, eager.tokens)
     assert torch.equal(eager.tokens[0], hf[0, ids.shape[1] :])
     fraction = eager.stats["ffn_bytes_read_fraction"]

@@ -120,6 +120,19 @@ def prompt_step_logits(model, ids):
     return out.logits, step.logits
 
 
+def fast_eager_and_compiled(model, handle, ids, max_new_tokens: int = 6, max_len: int = 32):
+    """FastGenerator's results without and with its compile, the handle reset before each."""
+    from dart.runtime.fast import FastGenerator
+
+    results = []
+    for compile in (False, True):
+        torch._dynamo.reset()
+        fast = FastGenerator(model, handle, max_len=max_len, compile=compile)
+        handle.reset()
+        results.append(fast.generate(ids, max_new_tokens=max_new_tokens))
+    return results
+
+
 def drive(model, handle, ids, steps: int):
     """Prefill, then `steps` greedy single-token passes; the phases after each pass."""
     out = model(ids, use_cache=True)

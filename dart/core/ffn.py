@@ -159,20 +159,14 @@ class DARTFFN(nn.Module):
                 f"method per-token mode {mode.name!r} needs a gated FFN (gate, up, down); layer "
                 f"{self.layer_index} is a {self.kind!r} FFN"
             )
-        biased = [
-            name
-            for name, b in (("gate", p.b_gate), ("up", p.b_in), ("down", p.b_out))
-            if b is not None
-        ]
+        biases = (("gate", p.b_gate), ("up", p.b_in), ("down", p.b_out))
         if p.quant is not None:
             q = p.quant
-            biased = [
-                n
-                for n, m in zip(
-                    ("gate", "up", "down"), (q.gate_proj, q.up_proj, q.down_proj), strict=True
-                )
-                if m.bias is not None
-            ]
+            biases = (
+                ("gate", q.gate_proj.bias),
+                ("up", q.up_proj.bias),
+                ("down", q.down_proj.bias),
+            )
             if not mode.quantised:
                 raise ValueError(
                     f"method per-token mode {mode.name!r} cannot run on weights quantised to "
@@ -180,6 +174,7 @@ class DARTFFN(nn.Module):
                     "part of a quantised 32-value block; use method 'gate' or 'gate-weighted', "
                     "or the model's fp weights"
                 )
+        biased = [name for name, b in biases if b is not None]
         if biased:  # the per-token kernels and their emulation take no biases
             raise ValueError(
                 f"method per-token mode {mode.name!r} runs FFNs without biases; layer "
