@@ -184,3 +184,59 @@ def test_bad_token_counts_and_a_detached_handle_are_refused():
     other = tiny_model("llama", seed=1)
     with pytest.raises(ValueError, match="handle is attached to another model"):
         FastGenerator(other, dart.attach(model, DARTConfig(backend="masked")), compile=False)
+
+
+def _eos_of_row0(model, cfg, ids, mask) -> tuple[int, int]:
+    """`(token, step)`: a token DART's row 0 first emits at `step` >= 2 and row 1 never emits
+    in 30 steps (with it as EOS, row 0 ends early and row 1 runs on)."""
+    handle = dart.attach(model, cfg)
+    force_drift(handle.controller, {})
+    tokens = FastGenerator(model, handle, max_len=64, compile=False).generate(ids, mask, 30).tokens
+    handle.detach()
+    row0, row1 = tokens.tolist()
+    for step in range(2, 8):
+        if row0[step] not in row0[:step] + row1:
+            return row0[step], step
+    pytest.skip("row 0 of this model emits no token of its own early")
+
+
+@pytest.mark.parametrize("loop", ["fast", "hf_generate"])
+def test_a_finished_row_never_drives_a_retrace(loop):
+    """Row 0 ends (EOS at an early step) while row 1 runs on: drift that fires on row 0 afterwards
+    is ignored (no re-trace of a finished row), row 1's is served."""
+    model = tiny_model("llama")
+    ids, mask = _batch()
+    cfg = DARTConfig(layer_topk="all:0.5", drift={"window": 4, "retrace_tokens": 8})
+    eos, end = _eos_of_row0(model, cfg, ids, mask)
+    handle = dart.attach(model, cfg)
+    force_drift(handle.controller, {11: [0, 1], 19: [0]})
+    if loop == "fast":
+        fast = FastGenerator(model, handle, max_len=64, compile=False)
+        tokens = fast.generate(ids, mask, 30, eos_token_id=eos).tokens
+    else:
+        model.generation_config.eos_token_id = eos
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=30, do_sample=False, pad_token_id=eos
+        )
+        tokens = out[:, ids.shape[1] :]
+    stats = handle.stats()
+    handle.detach()
+    assert int(tokens[0, end]) == eos and eos not in tokens[1].tolist()
+    assert stats["drift_events"] == [{"step": 11, "row": 1}]
+    assert stats["retraced_tokens"] == 8
+
+
+def test_finished_rows_are_checked_and_cleared_by_a_new_sequence():
+    model = tiny_model("llama")
+    handle = dart.attach(model, DARTConfig(layer_topk="all:0.5"))
+    c = handle.controller
+    c.begin(2, "cpu")
+    with pytest.raises(ValueError, match=r"rows: shape \(3,\) is not \[B\] = \[2\]"):
+        c.finish_rows(torch.zeros(3, dtype=torch.bool))
+    c.finish_rows(torch.tensor([True, False]))
+    c.before_forward(None, tokens=3)
+    assert c.valid.tolist() == [[False] * 3, [True] * 3]
+    c.begin(2, "cpu")
+    c.before_forward(None)
+    assert c.valid is None
+    handle.detach()

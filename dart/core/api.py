@@ -64,6 +64,7 @@ class DARTHandle:
         self._held = False
         self._forward_saved: tuple[bool, Any] | None = None
         self._recent_ids: torch.Tensor | None = None  # the last R - 1 input ids of each row
+        self._fed_eos: torch.Tensor | None = None  # [B] whether each row's last input was EOS
         # All or nothing: everything that can be refused is checked before the model is
         # touched, and any failure while patching undoes what was done (a half-patched model
         # would have no handle to detach it and would refuse every later attach).
@@ -258,16 +259,46 @@ class DARTHandle:
         past_len = 0 if past is None else int(past.get_seq_length())
         if past_len == 0:
             c.begin(batch, x.device)
-            self._recent_ids = None
+            self._recent_ids = self._fed_eos = None
         elif batch != c.batch_size:
             raise RuntimeError(
                 f"batch size changed mid-sequence ({c.batch_size} -> {batch}); start new "
                 "sequences with an empty cache"
             )
+        elif tokens == 1 and not x.is_floating_point():
+            self._mark_finished(x[:, 0])
         mask = kwargs.get("attention_mask")
         valid = mask[:, -tokens:].bool() if mask is not None and mask.dim() == 2 else None
-        c.before_forward(valid)
+        c.before_forward(valid, tokens)
         return None
+
+    def _mark_finished(self, ids: torch.Tensor) -> None:
+        """HF `generate` runs a batch on until its longest row ends: a finished row is fed its
+        EOS, then padding (the pad id or EOS again) every step. A row whose input was EOS and is
+        now EOS or padding is finished (`Controller.finish_rows`): it no longer traces or
+        drives re-traces. Two tokens, not one, so that teacher-forced text with an EOS inside
+        (a chat transcript fed token by token) keeps its drift detection."""
+        eos, pad = self._stop_ids
+        if eos is None:
+            return
+        eos, pad = eos.to(ids.device), pad.to(ids.device)
+        if self._fed_eos is not None:
+            self.controller.finish_rows(self._fed_eos & torch.isin(ids, pad))
+        self._fed_eos = torch.isin(ids, eos)
+
+    @functools.cached_property
+    def _stop_ids(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The model's EOS ids and those ids plus its pad id (None, None: no EOS known)."""
+        gen = getattr(self.model, "generation_config", None)
+        config = self.model.config
+        eos = getattr(gen, "eos_token_id", None) or getattr(config, "eos_token_id", None)
+        if eos is None:
+            return None, None
+        eos = [eos] if isinstance(eos, int) else list(eos)
+        pad = getattr(gen, "pad_token_id", None)
+        pad = getattr(config, "pad_token_id", None) if pad is None else pad
+        padding = eos + ([pad] if isinstance(pad, int) else [])
+        return torch.tensor(eos), torch.tensor(padding)
 
     def _post_forward(self, _module, _args, _kwargs, _output):
         if self.controller.auto_step and not self._held:

@@ -155,6 +155,7 @@ class Controller:
         self.frozen = False  # calibrated masks are built once and never rebuilt
         self._calibrating = False
         self.valid: torch.Tensor | None = None
+        self._finished: torch.Tensor | None = None  # [B] rows whose sequence has ended (EOS)
         self._batch_size = 0
         self.device = torch.device("cpu")
         lookback = self.monitor is not None and config.drift.retrace == "lookback"
@@ -323,6 +324,7 @@ class Controller:
         self._batch_size = batch_size
         self.device = torch.device(device)
         self.valid = None
+        self._finished = None
         self.counters.sequences += batch_size
         self._residual.clear()
         self._retrace_due, self._retracing, self._blend_old = [], [], None
@@ -357,10 +359,28 @@ class Controller:
                 self.signal_ring.reset(batch_size)
         self._set_modes()
 
-    def before_forward(self, valid: torch.Tensor | None) -> None:
-        """`valid` [B, T] marks real (non-padding) tokens of this pass; None = all real."""
+    def before_forward(self, valid: torch.Tensor | None, tokens: int = 1) -> None:
+        """`valid` [B, T] marks real (non-padding) tokens of this pass; None = all `tokens`
+        real. The tokens of rows marked finished (`finish_rows`) are never real."""
+        if self._finished is not None:
+            live = ~self._finished[:, None]
+            if valid is None:
+                valid = live.expand(self.batch_size, tokens)
+            else:
+                valid = valid.to(self.device, torch.bool) & live
         self.valid = valid
         self._install_probe(valid)
+
+    def finish_rows(self, rows: torch.Tensor) -> None:
+        """Rows `rows` [B] (bool) have ended their sequence (EOS) while the batch runs on for
+        its longest row: from the next pass on their tokens are padding, so they are not
+        traced and not watched for drift (a finished row never triggers a re-trace; the
+        kernels still run its row, and the accounting counts that work). Cumulative until
+        `begin`; no host synchronisation."""
+        rows = rows.to(device=self.device, dtype=torch.bool)
+        if rows.shape != (self.batch_size,):
+            raise ValueError(f"rows: shape {tuple(rows.shape)} is not [B] = [{self.batch_size}]")
+        self._finished = rows.clone() if self._finished is None else self._finished | rows
 
     def after_forward(self) -> None:
         """End of a pass: account for it, then run the schedule's transitions."""
@@ -494,6 +514,8 @@ class Controller:
 
     def _poll_drift(self, s: int) -> None:
         fired = self.monitor.poll()
+        if self._finished is not None:  # a row that ended before its window closed
+            fired = fired & ~self._finished
         sparse = self.sparse_rows
         rows = [b for b, f in enumerate(fired.tolist()) if f and sparse[b]]
         if not rows:
@@ -570,6 +592,8 @@ class Controller:
                 f"valid: shape {tuple(valid.shape)} is not [B, prior + new_tokens] = "
                 f"[{self.batch_size}, {width}]"
             )
+        if self._finished is not None:
+            valid = valid & ~self._finished[:, None]
         fired = self._row_mask(rows)
         cols = torch.arange(width, device=self.device)
         self.valid = valid & (fired[:, None] | (cols >= prior)[None])

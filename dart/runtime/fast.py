@@ -312,6 +312,10 @@ class FastGenerator:
         out[:, 0] = token
         prefill = time.perf_counter() - start
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        if eos is not None:
+            done |= token == eos  # the prompt pass's token may already end a row
+            if c is not None:
+                c.finish_rows(done)
         window = c.config.drift.window if c is not None else 16
         start = time.perf_counter()
         steps = trace_steps = 0
@@ -346,6 +350,8 @@ class FastGenerator:
             if eos is not None:
                 token = torch.where(done, eos, token)
                 done |= token == eos
+                if c is not None:  # a row past its EOS no longer traces or drives re-traces
+                    c.finish_rows(done)
             out[:, t] = token
             next_pos = next_pos + 1
             steps += 1
