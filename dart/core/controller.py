@@ -35,14 +35,15 @@ state: ``config``, ``method``, ``widths``, ``num_layers``, ``layers`` (the `DART
 in layer order), ``proxies``, ``batch_size``, ``phase`` (a copy, :class:`Phase` per row),
 ``sparse_rows``, ``fixed_counts``, ``counts``, ``row_counts`` (a copy), ``needs_sensitivity``,
 ``monitors_drift``, ``auto_step``, ``retrace_tokens``, ``retrace_rows``, ``per_token_state``,
-``counters`` (the live :class:`dart.core.accounting.Counters`, replaced by ``reset_stats``: read
-it, never write it). Stepping: ``begin``, ``before_forward``, ``after_forward``,
-``retrace_span``, ``begin_retrace`` and ``driven()`` (the caller steps the schedule; the model
-hooks stay inert). Selection: ``select_traced``, ``repeat_rows``. Forwards outside the schedule:
-``paused``, ``calibration``, ``capturing``. Per-token thresholds: ``calibrate_per_token``,
-``load_per_token_state``. Reports: ``stats``, ``reset_stats``, ``drift_history``. The hook
-methods ``capture_residual`` and ``observe_attention`` (``dart.core.api``'s hooks) and
-``record_activations`` / ``record_ffn_output`` / ``batch_size`` (the `DARTFFN` modules'
+``counters`` (the live :class:`dart.core.accounting.Counters`, replaced by ``reset_stats``:
+read it, never write it). Stepping: ``begin``, ``before_forward``, ``after_forward``,
+``finish_rows`` (rows past their EOS), ``retrace_span``, ``begin_retrace`` and ``driven()``
+(the caller steps the schedule; the model hooks stay inert). Selection: ``select_traced``,
+``repeat_rows``. Forwards outside the schedule: ``paused``, ``calibration``, ``capturing``.
+Per-token thresholds: ``calibrate_per_token``, ``load_per_token_state``. Reports: ``stats``,
+``reset_stats``, ``drift_history``. The hook methods ``capture_residual`` and
+``observe_attention`` (``dart.core.api``'s hooks) and ``record_activations`` /
+``record_ffn_output`` / ``batch_size`` (the `DARTFFN` modules'
 :class:`dart.core.ffn.StatsRecorder`) complete it for the patching code.
 """
 
@@ -94,6 +95,7 @@ DRIVER_INTERFACE = frozenset(
         "counters",
         "begin",
         "before_forward",
+        "finish_rows",
         "after_forward",
         "retrace_span",
         "begin_retrace",

@@ -1,0 +1,88 @@
+"""What scattered kept neurons cost the gathered quantised FFN op (CPU, one token, no model load).
+
+DART keeps a fraction of each layer's neurons, and the kept rows lie scattered over the neuron-
+major gate, up and down matrices. This times `dart::gathered_glu_ffn_q` at one token over the
+same number of kept neurons laid out three ways: a random sorted set (what a mask looks like),
+the first k neurons (one contiguous run per matrix: the bytes-only ideal), and random runs of
+`block` adjacent neurons. Weights are random q4/q8 rows of a model's FFN shape, cycled over
+enough copies that they come from memory; wall-time medians.
+
+    python bench/ffn_row_locality.py --keeps 1.0 0.5 0.3 0.1 --blocks 2 4 8 16 --threads 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import dart_ext  # noqa: E402,F401  (registers the ops)
+from dart_ext import quant  # noqa: E402
+
+SHAPES = {"qwen2.5-1.5b": (1536, 8960), "llama-3.1-8b": (4096, 14336)}
+
+
+def block_indices(n: int, k: int, block: int, gen: torch.Generator) -> torch.Tensor:
+    """k kept neurons of n as random runs of `block` adjacent ones (block 1: a random set)."""
+    starts = torch.randperm(n // block, generator=gen)[: k // block].sort().values * block
+    return (starts[:, None] + torch.arange(block)).flatten()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--shape", default="qwen2.5-1.5b", choices=sorted(SHAPES))
+    p.add_argument("--fmt", default="q4", choices=sorted(quant.FORMATS))
+    p.add_argument("--keeps", type=float, nargs="+", default=[1.0, 0.5, 0.3, 0.1])
+    p.add_argument("--blocks", type=int, nargs="*", default=[4])
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--copies", type=int, default=6, help="weight copies cycled (beyond the LLC)")
+    p.add_argument("--reps", type=int, default=60)
+    args = p.parse_args(argv)
+    d, n = SHAPES[args.shape]
+    gen = torch.Generator().manual_seed(0)
+    ffn = [
+        [
+            quant.quantize_rows(torch.randn(n, d, generator=gen) * d**-0.5, args.fmt).tensors()
+            for _ in range(3)
+        ]
+        for _ in range(args.copies)
+    ]
+    x = torch.randn(1, d, generator=gen)
+
+    def ms(idx: torch.Tensor) -> float:
+        walls = []
+        for i in range(args.reps):
+            start = time.perf_counter()
+            torch.ops.dart.gathered_glu_ffn_q(x, *ffn[i % len(ffn)], args.fmt, 32, idx, "silu")
+            walls.append(time.perf_counter() - start)
+        return 1000.0 * statistics.median(walls)
+
+    blocks = [b for b in args.blocks if b > 1]
+    print(
+        f"shape={args.shape} fmt={args.fmt} (ms per call, one token; ratio = scattered / "
+        "first-k; the first k are the bytes-only ideal)"
+    )
+    head = f"{'thr':>3} {'keep':>5} {'first k':>8} {'random':>8} {'ratio':>6}"
+    print(head + "".join(f" {f'runs of {b}':>10} {'ratio':>6}" for b in blocks))
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for keep in args.keeps:
+            k = max(1, round(keep * n))
+            ideal = ms(torch.arange(k))
+            rnd = ms(block_indices(n, k, 1, gen))
+            line = f"{threads:>3} {keep:>5.2f} {ideal:>8.3f} {rnd:>8.3f} {rnd / ideal:>6.2f}"
+            for b in blocks:
+                t = ms(block_indices(n, k - k % b, b, gen))
+                line += f" {t:>10.3f} {t / ideal:>6.2f}"
+            print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
