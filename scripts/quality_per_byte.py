@@ -47,7 +47,9 @@ ARMS = [
     ("input@0.6", "input", 0.4, "greedy"),
     ("input@0.5", "input", 0.5, "greedy"),
     ("input@0.4", "input", 0.6, "greedy"),
+    ("dart@0.6", "dart", 0.4, None),
     ("dart@0.5", "dart", 0.5, None),
+    ("dart@0.4", "dart", 0.6, None),
 ]
 
 

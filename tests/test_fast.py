@@ -200,7 +200,7 @@ def _eos_of_row0(model, cfg, ids, mask) -> tuple[int, int]:
     pytest.skip("row 0 of this model emits no token of its own early")
 
 
-@pytest.mark.parametrize("loop", ["fast", "hf_generate"])
+@pytest.mark.parametrize("loop", ["fast", "fast_compiled", "hf_generate"])
 def test_a_finished_row_never_drives_a_retrace(loop):
     """Row 0 ends (EOS at an early step) while row 1 runs on: drift that fires on row 0 afterwards
     is ignored (no re-trace of a finished row), row 1's is served."""
@@ -210,9 +210,15 @@ def test_a_finished_row_never_drives_a_retrace(loop):
     eos, end = _eos_of_row0(model, cfg, ids, mask)
     handle = dart.attach(model, cfg)
     force_drift(handle.controller, {11: [0, 1], 19: [0]})
-    if loop == "fast":
+    if loop.startswith("fast"):
         fast = FastGenerator(model, handle, max_len=64, compile=False)
+        if loop == "fast_compiled":  # a finished row's padding tokens never recompile the step
+            torch._dynamo.reset()
+            counter = torch._dynamo.testing.CompileCounter()
+            fast.step_fn = torch.compile(fast._decode_step, backend=counter, fullgraph=True)
         tokens = fast.generate(ids, mask, 30, eos_token_id=eos).tokens
+        if loop == "fast_compiled":
+            assert counter.frame_count == 1
     else:
         model.generation_config.eos_token_id = eos
         out = model.generate(
