@@ -548,7 +548,8 @@ class Controller:
             acc.update(layer, statistic(h), valid)
 
         hidden = [layer._parts.hidden for layer in self._layers]
-        used = sum(rebuild_statistics(self.ring, rows, hidden, update, self._batch_size))
+        stride = self.cfg.drift.retrace_stride
+        used = sum(rebuild_statistics(self.ring, rows, hidden, update, self._batch_size, stride))
         work = [  # gate/up rows of every buffered token, no down
             used * n * hidden_fraction(layer.kind)
             for layer, n in zip(self._layers, self._widths, strict=True)
