@@ -246,3 +246,23 @@ def test_finished_rows_are_checked_and_cleared_by_a_new_sequence():
     c.before_forward(None)
     assert c.valid is None
     handle.detach()
+
+
+@pytest.mark.parametrize("then_eos", [False, True])
+def test_one_eos_inside_teacher_forced_text_does_not_end_a_row(then_eos):
+    """Fed token by token, EOS followed by other text keeps the row live (its drift still
+    fires); EOS followed by EOS (HF `generate`'s padding of a finished row) ends it."""
+    model = tiny_model("llama")
+    model.generation_config.eos_token_id = eos = 2
+    model.generation_config.pad_token_id = None
+    handle = dart.attach(model, DARTConfig(layer_topk="all:0.5", drift={"window": 2}))
+    force_drift(handle.controller, {7: [0]})  # polls come after odd passes (window 2)
+    ids = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+    feed = [5, eos, eos if then_eos else 7, 9, 11, 13, 15, 17, 19]
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+        for token in feed:
+            model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+    events = handle.stats()["drift_events"]
+    handle.detach()
+    assert events == ([] if then_eos else [{"step": 7, "row": 0}])

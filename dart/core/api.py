@@ -286,17 +286,19 @@ class DARTHandle:
             self.controller.finish_rows(self._fed_eos & torch.isin(ids, pad))
         self._fed_eos = torch.isin(ids, eos)
 
-    @functools.cached_property
+    @property
     def _stop_ids(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The model's EOS ids and those ids plus its pad id (None, None: no EOS known)."""
-        gen = getattr(self.model, "generation_config", None)
-        config = self.model.config
-        eos = getattr(gen, "eos_token_id", None) or getattr(config, "eos_token_id", None)
+        """The model's EOS ids and those ids plus its pad id (None, None: no EOS known), read
+        from its generation config (else its config) at every call: they may be changed."""
+
+        def setting(name: str):
+            value = getattr(getattr(self.model, "generation_config", None), name, None)
+            return getattr(self.model.config, name, None) if value is None else value
+
+        eos, pad = setting("eos_token_id"), setting("pad_token_id")
         if eos is None:
             return None, None
         eos = [eos] if isinstance(eos, int) else list(eos)
-        pad = getattr(gen, "pad_token_id", None)
-        pad = getattr(config, "pad_token_id", None) if pad is None else pad
         padding = eos + ([pad] if isinstance(pad, int) else [])
         return torch.tensor(eos), torch.tensor(padding)
 
