@@ -8,8 +8,7 @@ time ratios are taken under the same load. Arms (each at every `--prunes` value)
 - `griffin`: GRIFFIN (prompt masks, never re-traced);
 - `nodrift`: DART with drift detection off;
 - `lookback-R<R>`: DART with the look-back re-trace of R tokens (`drift.retrace: lookback`);
-- `ffn-R<R>`: DART with the `ffn_inputs` re-trace over the last R tokens' FFN inputs
-  (`ffn-R<R>s<S>`: every S-th of them, `drift.retrace_stride`).
+- `ffn-R<R>`: DART with the `ffn_inputs` re-trace over the last R tokens' FFN inputs.
 
 Per arm: perplexity, re-traces per 200 tokens, dense token computations per token, FFN neuron
 sparsity counting the re-trace work (mean over documents) beside the nominal one, wall time per
@@ -30,7 +29,6 @@ import argparse
 import json
 import math
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -48,16 +46,11 @@ def _arms(
     """Arms in the order each document runs them (the cheap ones and the candidates first, so
     a run cut short mid-document still pairs them)."""
     arms: dict[str, tuple[str, dict[str, Any]]] = {"nodrift": ("dart-nodrift", {})}
-    for spec in ffn:  # "R", then "bB" (retrace_blend B) and / or "sS" (retrace_stride S)
-        match = re.fullmatch(r"(\d+)(?:b([0-9.]+))?(?:s(\d+))?", spec)
-        if match is None:
-            raise SystemExit(f"--ffn: {spec!r} is not R, RbB, RsS or RbBsS (e.g. 64, 16b0.5, 64s4)")
-        r, blend, stride = match.groups()
+    for spec in ffn:  # "R" or "RbB": R tokens, retrace_blend B
+        r, _, blend = spec.partition("b")
         drift = {"retrace": "ffn_inputs", "retrace_tokens": int(r)}
         if blend:
             drift["retrace_blend"] = float(blend)
-        if stride:
-            drift["retrace_stride"] = int(stride)
         arms[f"{label}-R{spec}"] = ("dart", {"drift": drift})
     for r in lookback:
         arms[f"lookback-R{r}"] = ("dart", {"drift": {"retrace": "lookback", "retrace_tokens": r}})
@@ -182,9 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--continuation-tokens", type=int, default=192)
     ap.add_argument("--lookback", default="64", help="look-back R values")
     ap.add_argument(
-        "--ffn",
-        default="8,16",
-        help="ffn_inputs arms: R, RbB for retrace_blend B (16b0.5), RsS for retrace_stride S",
+        "--ffn", default="8,16", help="ffn_inputs arms: R, or RbB for retrace_blend B (16b0.5)"
     )
     ap.add_argument(
         "--ffn-label", default="ffn", help="name of the ffn_inputs arms (versions of the code)"

@@ -510,8 +510,6 @@ _HELP = {
     "drift.retrace_tokens": "look-back R of a re-trace: the last R positions recomputed densely "
     "(0 or none: trace the next passes instead)",
     "drift.retrace_blend": "share in [0, 1) of the old mask's statistics mixed into a re-trace's",
-    "drift.retrace_stride": "ffn_inputs re-trace: rebuild from every s-th of the R ringed "
-    "tokens (same span, 1/s of the work)",
     "drift.content_bits": "hash bits of the attn_content feature (2^bits key-content clusters)",
     "budget.sensitivity": "layer statistic of the auto budget (residual: cos(r, r + f); raw: "
     "cos(r, f))",

@@ -70,26 +70,17 @@ def _capture_inputs(handle):
     return seen, hooks
 
 
-@pytest.mark.parametrize("stride", [1, 2])
-def test_event_rebuilds_the_mask_from_the_last_r_ffn_inputs(stride):
+def test_event_rebuilds_the_mask_from_the_last_r_ffn_inputs():
     """Row 1 fires at pass 9: with no extra forward and no cache change, its statistics are
     the L2 of the FFN hidden activations of exactly its last R FFN inputs (the ones the model
-    saw; with a stride every s-th of them, back from the newest), its new masks the top-k of
-    those, used from the next pass; row 0 keeps its masks. The drift baseline comes from all
-    R tokens' signal either way."""
+    saw), its new masks the top-k of those, used from the next pass; row 0 keeps its masks."""
     model = tiny_model("llama")
     r = 6
-    used = -(-r // stride)
     cfg = DARTConfig(
         layer_topk="all:0.5",
         backend="masked",
         statistic="l2",
-        drift={
-            "window": 2,
-            "retrace_tokens": r,
-            "retrace": "ffn_inputs",
-            "retrace_stride": stride,
-        },
+        drift={"window": 2, "retrace_tokens": r, "retrace": "ffn_inputs"},
     )
     handle = dart.attach(model, cfg)
     c = handle.controller
@@ -122,7 +113,7 @@ def test_event_rebuilds_the_mask_from_the_last_r_ffn_inputs(stride):
     for hook in hooks:
         hook.remove()
     for i, layer in enumerate(c.layers):
-        x = torch.cat(seen[i], 1)[1, -r:][(r - 1) % stride :: stride]  # row 1's last R inputs
+        x = torch.cat(seen[i], 1)[1, -r:]  # row 1's last R inputs of layer i
         mlp = layer.original
         h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
         m = h.float().square().sum(0).sqrt()
@@ -131,10 +122,10 @@ def test_event_rebuilds_the_mask_from_the_last_r_ffn_inputs(stride):
         assert torch.equal(after[i][1].sort().values, expect.sort().values)
         assert torch.equal(after[i][0], before[i][0])  # row 0 untouched
     stats = handle.stats()
-    assert stats["retraced_tokens"] == used and stats["mask_refreshes"] == 1
-    assert stats["dense_token_computations"] == pytest.approx(used * 2 / 3)
-    # decode passes 1..9 of 2 rows at 32 of 64 neurons, plus the event's tokens x 2/3 x 64
-    decode_neurons = 9 * 2 * 3 * 32 + used * 3 * 64 * 2 / 3
+    assert stats["retraced_tokens"] == r and stats["mask_refreshes"] == 1
+    assert stats["dense_token_computations"] == pytest.approx(r * 2 / 3)
+    # decode passes 1..9 of 2 rows at 32 of 64 neurons, plus the event's R x 2/3 x 64
+    decode_neurons = 9 * 2 * 3 * 32 + r * 3 * 64 * 2 / 3
     assert stats["effective_sparsity"] == pytest.approx(1 - decode_neurons / (9 * 2 * 3 * 64))
     # FFN inputs of 3 layers and the signal of 1 watched layer, [B, R + 1, d] fp32 + counts
     assert stats["extra_state_bytes"]["retrace_inputs"] == 4 * (2 * (r + 1) * 32 * 4 + 2 * 8)
@@ -260,30 +251,9 @@ def test_compiled_loop_matches_hf_generate(backend):
         ({"retrace": "dense"}, "retrace"),
         ({"retrace": "ffn_inputs", "retrace_tokens": 0}, "retrace_tokens"),
         ({"retrace": "ffn_inputs", "retrace_tokens": None}, "retrace_tokens"),
-        ({"retrace_stride": 2}, "retrace_stride"),  # the look-back recomputes every position
-        ({"retrace": "ffn_inputs", "retrace_tokens": 4, "retrace_stride": 5}, "retrace_stride"),
-        ({"retrace": "ffn_inputs", "retrace_stride": 0}, "retrace_stride"),
     ],
 )
 def test_bad_retrace_settings_are_named(drift, field):
     with pytest.raises(ConfigError, match=f"DriftConfig.{field}"):
         DARTConfig(drift=drift)
     assert DriftConfig().retrace == "lookback"
-
-
-def test_ring_window_with_a_stride_takes_every_sth_token_back_from_the_newest():
-    ring = FFNInputRing(tokens=8, num_layers=1)
-    ring.reset(2)
-    x = torch.arange(2 * 11, dtype=torch.float32).view(2, 11, 1)
-    valid = torch.ones(2, 11, dtype=torch.bool)
-    valid[1, :6] = False  # row 1 holds 5 tokens: 6..10
-    ring.record(0, x, valid)
-    window, v = ring.window(0, torch.tensor([0, 1]), stride=3)
-    assert window.shape == (2, 3, 1)  # ceil(8 / 3)
-    assert v.tolist() == [[True, True, True], [True, True, False]]
-    assert window[0, :, 0].tolist() == [4.0, 7.0, 10.0]  # of the held 3..10, newest last
-    assert window[1, :2, 0].tolist() == [18.0, 21.0]  # of the held 17..21
-    same, v1 = ring.window(0, torch.tensor([0]), stride=1)
-    assert bool(v1.all()) and same[0, :, 0].tolist() == [float(t) for t in range(3, 11)]
-    with pytest.raises(ValueError, match="stride"):
-        ring.window(0, torch.tensor([0]), stride=0)

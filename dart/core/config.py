@@ -250,9 +250,7 @@ class DriftConfig(_Section):
     buffer and at the event computes only the FFN hidden activations of those inputs (no
     attention, no cache rewind, no down projection) to rebuild the statistics, and the new
     mask is used from the very next pass; its drift baseline is rebuilt from the windows that
-    follow (see :mod:`dart.core.retrace`). ``ffn_inputs`` needs R >= 1. ``retrace_stride``
-    s (``ffn_inputs`` only) rebuilds the statistics from every s-th of those R tokens, counted
-    back from the newest: the same span at 1/s of the work.
+    follow (see :mod:`dart.core.retrace`). ``ffn_inputs`` needs R >= 1.
     """
 
     enabled: bool = True
@@ -268,7 +266,6 @@ class DriftConfig(_Section):
     retrace_blend: float = 0.0
     content_bits: int = 4
     retrace: str = "lookback"
-    retrace_stride: int = 1
 
     def __post_init__(self) -> None:
         o = "DriftConfig"
@@ -301,17 +298,6 @@ class DriftConfig(_Section):
             raise ConfigError(
                 f"{o}.retrace_tokens: {self.retrace_tokens} with retrace 'ffn_inputs' is not >= 1 "
                 "(the number of recent tokens whose FFN inputs rebuild the mask)"
-            )
-        _int_at_least(o, "retrace_stride", self.retrace_stride, 1)
-        if self.retrace_stride > 1 and self.retrace != "ffn_inputs":
-            raise ConfigError(
-                f"{o}.retrace_stride: {self.retrace_stride} applies to retrace 'ffn_inputs', "
-                f"not {self.retrace!r} (a look-back recomputes every position)"
-            )
-        if self.retrace_stride > max(self.retrace_tokens, 1):
-            raise ConfigError(
-                f"{o}.retrace_stride: {self.retrace_stride} is more than retrace_tokens "
-                f"({self.retrace_tokens})"
             )
         _int_at_least(o, "content_bits", self.content_bits, 1)
         if self.content_bits > 12:

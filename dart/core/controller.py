@@ -548,8 +548,7 @@ class Controller:
             acc.update(layer, statistic(h), valid)
 
         hidden = [layer._parts.hidden for layer in self._layers]
-        stride = self.cfg.drift.retrace_stride
-        used = sum(rebuild_statistics(self.ring, rows, hidden, update, self._batch_size, stride))
+        used = sum(rebuild_statistics(self.ring, rows, hidden, update, self._batch_size))
         work = [  # gate/up rows of every buffered token, no down
             used * n * hidden_fraction(layer.kind)
             for layer, n in zip(self._layers, self._widths, strict=True)

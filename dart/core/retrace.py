@@ -162,27 +162,19 @@ class FFNInputRing:
         buf.scatter_(1, slot[..., None].expand(b, t, d), x.detach().to(buf.dtype))
         count.copy_(total)
 
-    def window(
-        self, layer: int, rows: torch.Tensor, stride: int = 1
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`rows`' stored inputs of `layer` in order, oldest first: `x [F, m, d]` and
-        `valid [F, m]` with m = ceil(tokens / stride): every `stride`-th held token counted
-        back from the newest (a row with fewer tokens so far: the first ones are valid)."""
+    def window(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rows`' stored inputs of `layer` in order, oldest first: `x [F, tokens, d]` and
+        `valid [F, tokens]` (a row with fewer than `tokens` tokens so far: the first ones)."""
         buf, count = self._buf[layer], self._count[layer]
         if buf is None:
             raise RuntimeError(f"layer {layer}: no FFN inputs recorded since the last reset")
-        if stride < 1:
-            raise ValueError(f"stride: {stride} is not >= 1")
         r = self.tokens
         n = count[rows]
         held = n.clamp_max(r)
-        j = torch.arange(-(-r // stride), device=buf.device)
-        used = (held + stride - 1) // stride  # held tokens at ages held - 1, held - 1 - s, ...
-        valid = j[None] < used[:, None]
-        age = held[:, None] - 1 - stride * (used[:, None] - 1 - j[None])  # oldest held = 0
-        slot = (n[:, None] - held[:, None] + age.clamp(0, r - 1)) % r
+        j = torch.arange(r, device=buf.device)
+        slot = (n[:, None] - held[:, None] + j[None]) % r  # oldest held token first
         x = buf[rows].gather(1, slot[..., None].expand(-1, -1, buf.shape[-1]))
-        return x, valid
+        return x, j[None] < held[:, None]
 
     def state_bytes(self) -> int:
         """Bytes of the buffers (and counts) allocated so far."""
@@ -206,17 +198,15 @@ def rebuild_statistics(
     hidden: Sequence[Callable[[torch.Tensor], torch.Tensor]],
     update: Callable[[int, torch.Tensor, torch.Tensor], None],
     batch_size: int,
-    stride: int = 1,
 ) -> list[int]:
-    """Feed `rows`' ring windows (every `stride`-th token, newest first: the same span at
-    1/stride of the work) through each layer's `hidden` (the FFN hidden activation) and into
-    `update(layer, h [B, tokens, N], valid [B, tokens])` (the other rows are all invalid
+    """Feed `rows`' ring windows through each layer's `hidden` (the FFN hidden activation) and
+    into `update(layer, h [B, tokens, N], valid [B, tokens])` (the other rows are all invalid
     zeros). Returns the tokens used per row of `rows` (one host sync per event)."""
     device = next(t.device for t in ring._count if t is not None)
     index = torch.tensor(list(rows), dtype=torch.long, device=device)
     used: list[int] = []
     for layer, fn in enumerate(hidden):
-        x, v = ring.window(layer, index, stride)
+        x, v = ring.window(layer, index)
         h = fn(x)
         full = h.new_zeros(batch_size, *h.shape[1:])
         full[index] = h
