@@ -132,7 +132,8 @@ def test_rejected_attach_is_all_or_nothing(backend, monkeypatch):
         raise RuntimeError("injected failure after patching")
 
     monkeypatch.setattr(DARTHandle, "_wrap_forward", broken)
-    cfg = DARTConfig(layer_topk="all:0.5", backend=backend)
+    # the look-back re-trace wraps the model's forward: the failure comes after every patch
+    cfg = DARTConfig(layer_topk="all:0.5", backend=backend, drift={"retrace": "lookback"})
     with pytest.raises(RuntimeError, match="injected failure"):
         dart.attach(model, cfg)
     _assert_untouched(model, snap)

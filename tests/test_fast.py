@@ -29,7 +29,9 @@ def test_compiled_loop_matches_hf_generate_with_retraces(backend, compile_trace)
     model = tiny_model("llama")
     ids, mask = _batch()
     cfg = DARTConfig(
-        layer_topk="all:0.5", backend=backend, drift={"window": 4, "retrace_tokens": 8}
+        layer_topk="all:0.5",
+        backend=backend,
+        drift={"window": 4, "retrace_tokens": 8, "retrace": "lookback"},
     )
     events = {11: [1], 15: [0, 1], 23: [0]}
     handle = dart.attach(model, cfg)

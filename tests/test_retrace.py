@@ -50,7 +50,7 @@ def test_retrace_rebuilds_statistics_and_kv_from_the_last_r_tokens():
         layer_topk="all:0.5",
         backend="masked",
         statistic="l2",
-        drift={"window": 2, "retrace_tokens": r},
+        drift={"window": 2, "retrace_tokens": r, "retrace": "lookback"},
     )
     handle = dart.attach(model, cfg)
     c = handle.controller
@@ -99,7 +99,9 @@ def test_retrace_longer_than_the_sequence_is_clamped():
     """R beyond the sequence recomputes all of it: row 1's cache then equals the unpatched
     model's, and the pass traces exactly the sequence's tokens."""
     model = tiny_model("llama")
-    cfg = DARTConfig(layer_topk="all:0.5", backend="masked", drift={"window": 2})
+    cfg = DARTConfig(
+        layer_topk="all:0.5", backend="masked", drift={"window": 2, "retrace": "lookback"}
+    )
     assert cfg.drift.retrace_tokens == 64  # the default
     handle = dart.attach(model, cfg)
     force_drift(handle.controller, {5: [1]})
@@ -117,13 +119,18 @@ def test_retrace_longer_than_the_sequence_is_clamped():
     assert handle.stats()["retraced_tokens"] == 8 + 6  # the prompt and the decoded tokens
 
 
-def test_retrace_off_is_the_old_schedule():
-    """R = 0 (or None): the row traces the next max(masking_step, 1) single-token passes."""
+@pytest.mark.parametrize("mode", ["ffn_inputs", "lookback"])
+def test_retrace_off_is_the_old_schedule(mode):
+    """R = 0 (or None), in either mode: no ring, no look-back; the row traces the next
+    max(masking_step, 1) single-token passes."""
     model = tiny_model("llama")
     assert DriftConfig(retrace_tokens=None).retrace_tokens == 0
-    cfg = DARTConfig(layer_topk="all:0.5", masking_step=2, drift={"window": 2, "retrace_tokens": 0})
+    drift = {"window": 2, "retrace_tokens": 0, "retrace": mode}
+    cfg = DARTConfig(layer_topk="all:0.5", masking_step=2, drift=drift)
     handle = dart.attach(model, cfg)
     c = handle.controller
+    assert c.retrace_tokens == 0
+    assert handle.stats()["extra_state_bytes"].get("retrace_inputs", 0) == 0
     force_drift(c, {5: [1]})
     cache = model(random_ids(2), use_cache=True).past_key_values
     nxt = torch.full((2, 1), 5)
@@ -230,7 +237,7 @@ def test_fast_loop_matches_hf_generate_with_clamped_retraces():
     ids = random_ids(2, 12, seed=7)
     mask = torch.ones_like(ids)
     ids[0, :1], mask[0, :1] = 0, 0
-    cfg = DARTConfig(layer_topk="all:0.5", drift={"window": 4})
+    cfg = DARTConfig(layer_topk="all:0.5", drift={"window": 4, "retrace": "lookback"})
     events = {7: [0], 11: [0, 1]}
     handle = dart.attach(model, cfg)
     force_drift(handle.controller, events)

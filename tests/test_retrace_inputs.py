@@ -249,11 +249,10 @@ def test_compiled_loop_matches_hf_generate(backend):
     "drift,field",
     [
         ({"retrace": "dense"}, "retrace"),
-        ({"retrace": "ffn_inputs", "retrace_tokens": 0}, "retrace_tokens"),
-        ({"retrace": "ffn_inputs", "retrace_tokens": None}, "retrace_tokens"),
+        ({"retrace": "ffn_inputs", "retrace_tokens": -1}, "retrace_tokens"),
     ],
 )
 def test_bad_retrace_settings_are_named(drift, field):
     with pytest.raises(ConfigError, match=f"DriftConfig.{field}"):
         DARTConfig(drift=drift)
-    assert DriftConfig().retrace == "lookback"
+    assert DriftConfig().retrace == "ffn_inputs"

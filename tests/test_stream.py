@@ -130,7 +130,13 @@ def test_frozen_griffin_masks_run_every_decode_pass_sparse():
 
 def test_drift_retraces_are_counted_and_their_passes_run_dense():
     model = tiny_model("llama")
-    drift = {"window": 2, "sigma_scale": 0.0, "threshold_floor": 0.0, "pressure_trigger": 1}
+    drift = {
+        "window": 2,
+        "sigma_scale": 0.0,
+        "threshold_floor": 0.0,
+        "pressure_trigger": 1,
+        "retrace": "lookback",
+    }
     handle = attach_arm(model, DARTConfig(method="dart", total_prune=0.5, drift=drift))
     try:
         g = torch.Generator().manual_seed(5)

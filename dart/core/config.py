@@ -237,20 +237,21 @@ class DriftConfig(_Section):
     ends with fewer keeps collecting windows from the following tokens, and the previous
     baseline and threshold stay in use until it has them (see :mod:`dart.core.drift`).
 
-    ``retrace_tokens`` (R) is the look-back of a re-trace: at a drift event the last R
-    positions (R - 1 earlier tokens and the new one) are recomputed densely in one forward, and
-    the row's new mask and baseline come from exactly those R tokens; 0 or None: no look-back
-    (the row traces the next ``max(masking_step, 1)`` passes, the old behaviour).
+    ``retrace_tokens`` (R) is how many recent tokens a re-trace rebuilds the row's mask and
+    baseline from (see ``retrace``); 0 or None: none (the row traces the next
+    ``max(masking_step, 1)`` passes, the old behaviour, in either mode).
     ``retrace_blend`` in [0, 1) mixes the statistics the old mask was built from into the new
     ones (``blend * old + (1 - blend) * recomputed``, per token; 0: the R tokens alone).
 
-    ``retrace`` is how a drift event rebuilds the row's mask: ``lookback`` recomputes the
-    last R positions through the whole model as above (cache rewound, attention and FFN
-    dense); ``ffn_inputs`` keeps each layer's FFN inputs of the row's last R tokens in a ring
-    buffer and at the event computes only the FFN hidden activations of those inputs (no
-    attention, no cache rewind, no down projection) to rebuild the statistics, and the new
-    mask is used from the very next pass; its drift baseline is rebuilt from the windows that
-    follow (see :mod:`dart.core.retrace`). ``ffn_inputs`` needs R >= 1.
+    ``retrace`` is how a drift event rebuilds the row's mask: ``ffn_inputs`` (the default)
+    keeps each layer's FFN inputs of the row's last R tokens in a ring buffer and at the event
+    computes only the FFN hidden activations of those inputs (no attention, no cache rewind,
+    no down projection) to rebuild the statistics, and the new mask is used from the very next
+    pass; with the ``attn_output`` signal its drift baseline is replayed from a ring of the
+    same tokens' signal (see :mod:`dart.core.retrace`). ``lookback`` recomputes the last R
+    positions (R - 1 earlier tokens and the new one) densely through the whole model in one
+    forward (cache rewound, attention and FFN dense). On SmolLM2 switch streams the two tie at
+    50% and ``ffn_inputs`` leads at 70%, for 22-37% less FFN work (docs/RESULTS.md).
     """
 
     enabled: bool = True
@@ -265,7 +266,7 @@ class DriftConfig(_Section):
     retrace_tokens: int | None = 64
     retrace_blend: float = 0.0
     content_bits: int = 4
-    retrace: str = "lookback"
+    retrace: str = "ffn_inputs"
 
     def __post_init__(self) -> None:
         o = "DriftConfig"
@@ -294,11 +295,6 @@ class DriftConfig(_Section):
         _int_at_least(o, "retrace_tokens", self.retrace_tokens, 0)
         _real_in(o, "retrace_blend", self.retrace_blend, 0.0, 1.0, low_open=False, high_open=True)
         _choice(o, "retrace", self.retrace, RETRACE_MODES)
-        if self.retrace == "ffn_inputs" and self.retrace_tokens < 1:
-            raise ConfigError(
-                f"{o}.retrace_tokens: {self.retrace_tokens} with retrace 'ffn_inputs' is not >= 1 "
-                "(the number of recent tokens whose FFN inputs rebuild the mask)"
-            )
         _int_at_least(o, "content_bits", self.content_bits, 1)
         if self.content_bits > 12:
             raise ConfigError(f"{o}.content_bits: {self.content_bits} is not <= 12 (4096 clusters)")

@@ -165,7 +165,8 @@ class Controller:
         # the ffn_inputs re-trace: each layer's FFN inputs of the last R tokens per row
         self.ring: FFNInputRing | None = None
         self.signal_ring: FFNInputRing | None = None  # the drift signal of the same tokens
-        if self.monitor is not None and config.drift.retrace == "ffn_inputs":
+        rings = config.drift.retrace == "ffn_inputs" and config.drift.retrace_tokens >= 1
+        if self.monitor is not None and rings:  # R = 0: the row traces the passes that follow
             self.ring = FFNInputRing(config.drift.retrace_tokens, len(parts))
             if config.drift.signal == "attn_output":
                 watched = len(resolve_watch_layers(config.drift.layers, len(parts)))
