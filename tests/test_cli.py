@@ -381,6 +381,19 @@ def test_a_resumed_arms_stats_cover_every_run(tiny_folder, tmp_path):
         assert got[key] == ref[key], key
 
 
+def test_a_folder_filled_by_two_runs_is_summarised_whole(tiny_folder, tmp_path):
+    """metrics.json and table.md cover every arm of the folder, not only the last run's."""
+    out = tmp_path / "ppl"
+    assert main(_small_ppl(tiny_folder, out, "--methods", "dense,dart")) == 0
+    first = json.loads((out / "metrics.json").read_text())
+    assert main(_small_ppl(tiny_folder, out, "--methods", "griffin")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    arms = {(m["method"], m["total_prune"]) for m in metrics}
+    assert arms == {("dense", 0.0), ("dart", 0.5), ("griffin", 0.5)}
+    assert [m for m in metrics if m["method"] != "griffin"] == first  # recomputed, unchanged
+    assert "griffin" in (out / "table.md").read_text()
+
+
 def test_expected_errors_are_one_line_and_debug_shows_the_traceback(tiny_folder, tmp_path, capsys):
     """Bad input (a negative count, an empty text file), a locked folder and a fingerprint
     mismatch: one `dart: error:` message naming the problem, no traceback; `--debug` raises
