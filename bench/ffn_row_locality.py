@@ -107,22 +107,18 @@ def main(argv=None) -> int:
                 line += f" {t:>10.3f} {t / ideal:>6.2f}"
             print(line, flush=True)
     if args.split:
-        print_split(args, ffn, x, median_ms, gen, n)
+        print_split(args, ffn, x, median_ms, ms, gen, n)
     return 0
 
 
-def print_split(args, ffn, x, median_ms, gen, n) -> None:
+def print_split(args, ffn, x, median_ms, glu_ms, gen, n) -> None:
     """GLU and plain-MLP calls over the same random kept rows, and the two parts they imply."""
     print("split of a GLU call over random kept rows (ms): input dots of one matrix, down rows")
     for threads in args.threads:
         torch.set_num_threads(threads)
         for keep in args.keeps:
             idx = block_indices(n, max(1, round(keep * n)), 1, gen)
-            glu = median_ms(
-                lambda i, idx=idx: torch.ops.dart.gathered_glu_ffn_q(
-                    x, *ffn[i % len(ffn)], args.fmt, 32, idx, "silu"
-                )
-            )
+            glu = glu_ms(idx)
             mlp = median_ms(
                 lambda i, idx=idx: torch.ops.dart.gathered_mlp_q(
                     x,

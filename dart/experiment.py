@@ -341,9 +341,7 @@ def _folder_arms(arms: list[Arm], records: list[dict[str, Any]]) -> list[Arm]:
     run (`claim_arm` has bound every arm there to one configuration)."""
     out, known = list(arms), {a.key for a in arms}
     for r in records:
-        arm = Arm(r["base_method"], r["total_prune"], r.get("release_step"))
-        if arm.label != r["method"]:  # a named grid arm
-            arm = Arm(r["base_method"], r["total_prune"], r.get("release_step"), r["method"])
+        arm = Arm(r["base_method"], r["total_prune"], r.get("release_step"), r["method"])
         if arm.key not in known:
             known.add(arm.key)
             out.append(arm)
