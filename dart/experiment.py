@@ -23,7 +23,7 @@ import torch
 
 from .assets.data import TEXT_CORPORA, load_text
 from .core.config import DARTConfig
-from .evaluate.arms import Arm, arm_config
+from .evaluate.arms import Arm, arm_config, folder_arms
 from .evaluate.perplexity import tokenize_prefix
 from .evaluate.store import (
     RunStore,
@@ -335,19 +335,6 @@ def record_check(task: Task, decode: Any) -> Any:
     return check
 
 
-def _folder_arms(arms: list[Arm], records: list[dict[str, Any]]) -> list[Arm]:
-    """This run's arms, then every other arm the folder holds records of: a folder filled by
-    several runs (other `--methods`, other sparsities) is summarised whole, not as its last
-    run (`claim_arm` has bound every arm there to one configuration)."""
-    out, known = list(arms), {a.key for a in arms}
-    for r in records:
-        arm = Arm(r["base_method"], r["total_prune"], r.get("release_step"), r["method"])
-        if arm.key not in known:
-            known.add(arm.key)
-            out.append(arm)
-    return out
-
-
 def _summarise(
     task: Task, store: RunStore, tokenizer: Any, arms: list[Arm], ids: set[str]
 ) -> list[dict[str, Any]]:
@@ -355,7 +342,7 @@ def _summarise(
 
     records = [r for r in store if r["id"] in ids]
     decode = lambda t: tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
-    metrics = compute_metrics(task, records, _folder_arms(arms, records), decode)
+    metrics = compute_metrics(task, records, folder_arms(arms, records), decode)
     store.write_summary("metrics.json", metrics)
     out = store.folder
     if task.main_metric:

@@ -257,8 +257,11 @@ def test_runner_writes_a_resumable_results_folder(tiny, tasks_dir, tmp_path):
     assert again == metrics
     assert len((out / "samples.jsonl").read_text().splitlines()) == len(lines)
     # a larger limit only adds the new documents
-    run_lm_eval(_opts(tiny, tasks_dir, out, methods=["dense"], limit=5))
+    more = run_lm_eval(_opts(tiny, tasks_dir, out, methods=["dense"], limit=5))
     assert len((out / "samples.jsonl").read_text().splitlines()) == len(lines) + 2
+    # the summary covers every arm of the folder, not only this dense-only run's
+    assert {m["method"] for m in more} == {"dense", "griffin", "dart"}
+    assert json.loads((out / "metrics.json").read_text()) == more
 
 
 def test_runner_refuses_a_folder_of_other_settings(tiny, tasks_dir, tmp_path):

@@ -6,6 +6,7 @@ What an arm runs is asked of its method object (:mod:`dart.core.methods`), never
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ from ..core.api import DARTHandle, attach
 from ..core.config import ConfigError, DARTConfig, parse_total_prune
 from ..core.methods import METHODS, Method, get_method
 
-__all__ = ["Arm", "arm_config", "attach_arm", "parse_arms"]
+__all__ = ["Arm", "arm_config", "attach_arm", "folder_arms", "parse_arms"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,20 @@ class Arm:
             "total_prune": self.total_prune,
             "release_step": self.release_step,
         }
+
+
+def folder_arms(arms: Sequence[Arm], records: Iterable[dict[str, Any]]) -> list[Arm]:
+    """``arms`` (this run's), then every other arm that ``records`` (a results folder's, each
+    carrying :meth:`Arm.to_dict`) hold: a folder filled by several runs (other ``--methods``,
+    other sparsities) is summarised whole, not as its last run (``claim_arm`` has bound every
+    arm there to one configuration)."""
+    out, known = list(arms), {a.key for a in arms}
+    for r in records:
+        arm = Arm(r["base_method"], r["total_prune"], r.get("release_step"), r["method"])
+        if arm.key not in known:
+            known.add(arm.key)
+            out.append(arm)
+    return out
 
 
 def _split(value: str | list | tuple | float | None) -> list:

@@ -25,13 +25,14 @@ import math
 import os
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..evaluate.arms import Arm, arm_config, parse_arms
+from ..evaluate.arms import Arm, arm_config, folder_arms, parse_arms
 from ..evaluate.store import (
     FingerprintMismatchError,
     RecordStore,
@@ -226,7 +227,8 @@ def run_lm_eval(opts: LMEvalOptions) -> list[dict[str, Any]]:
             config = configs[arm] and configs[arm].to_dict()
             claim_arm(out, f"{arm.label}@{arm.total_prune}", config)
             _run_arm(arm, config, opts, model, tokenizer, tm, ids, store, simple_evaluate)
-        metrics = compute_metrics(store.records, arms, ids)
+        records = list(store.records)  # the folder's, of this run and any earlier ones
+        metrics = compute_metrics(records, folder_arms(arms, records), ids)
         store.write_summary("metrics.json", metrics)
         tables = [results_table(metrics)]
         if any(r["metric"] == "acc" for r in metrics):  # the multiple-choice tasks
@@ -323,7 +325,7 @@ def _mean_ci(values: list[float]) -> tuple[float, float]:
 
 
 def compute_metrics(
-    store: RecordStore, arms: list[Arm], ids: dict[str, list[int]]
+    store: Iterable[dict[str, Any]], arms: list[Arm], ids: dict[str, list[int]]
 ) -> list[dict[str, Any]]:
     """Per (arm, task, metric): mean, standard error, n; per pruned arm the paired difference
     to dense and (where both ran) DART - GRIFFIN on the same documents, with stderr. With more
