@@ -9,9 +9,9 @@ enough copies that they come from memory; wall-time medians. `read` is a plain s
 the same bytes (the first k rows' data and scales of the three matrices, `amax` over bytes), and
 `%read` the op's speed as a fraction of it (issue 21's op goal: 80% at one token).
 
-`--split` also times the plain-MLP op over the same kept rows (one input matrix instead of two)
-to separate the two parts of a GLU call: one input matrix's dots = GLU - MLP, the down rows =
-2 MLP - GLU (an estimate: it assumes the parts add).
+(A `--split` mode that estimated the down rows' share as 2 MLP - GLU was removed: the parts do
+not add, since a GLU neuron's two input rows share each activation block; `perf` puts the down
+rows at about a third of the op's time, in proportion to their bytes. docs/RESULTS.md.)
 
     python bench/ffn_row_locality.py --keeps 1.0 0.5 0.3 0.1 --blocks 2 4 8 16 --threads 1 2
 """
@@ -49,7 +49,6 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--copies", type=int, default=6, help="weight copies cycled (beyond the LLC)")
     p.add_argument("--reps", type=int, default=60)
-    p.add_argument("--split", action="store_true", help="GLU call = input dots + down rows")
     args = p.parse_args(argv)
     d, n = SHAPES[args.shape]
     gen = torch.Generator().manual_seed(0)
@@ -106,39 +105,7 @@ def main(argv=None) -> int:
                 t = ms(block_indices(n, k - k % b, b, gen))
                 line += f" {t:>10.3f} {t / ideal:>6.2f}"
             print(line, flush=True)
-    if args.split:
-        print_split(args, ffn, x, median_ms, ms, gen, n)
     return 0
-
-
-def print_split(args, ffn, x, median_ms, glu_ms, gen, n) -> None:
-    """GLU and plain-MLP calls over the same random kept rows, and the two parts they imply."""
-    print("split of a GLU call over random kept rows (ms): input dots of one matrix, down rows")
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        for keep in args.keeps:
-            idx = block_indices(n, max(1, round(keep * n)), 1, gen)
-            glu = glu_ms(idx)
-            mlp = median_ms(
-                lambda i, idx=idx: torch.ops.dart.gathered_mlp_q(
-                    x,
-                    ffn[i % len(ffn)][0],
-                    None,
-                    ffn[i % len(ffn)][2],
-                    None,
-                    args.fmt,
-                    32,
-                    idx,
-                    "silu",
-                )
-            )
-            down = 2 * mlp - glu
-            print(
-                f"{threads:>3} {keep:>5.2f} glu {glu:.3f} mlp {mlp:.3f}: one input matrix "
-                f"{glu - mlp:.3f}, down rows {down:.3f} ({down / glu:.0%} of the call, 1/3 of "
-                "its bytes)",
-                flush=True,
-            )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Study: the quality cost of an integer down projection, simulated in PyTorch (no kernel).
+Built into the kernels on 2026-12-08 it gained no speed and was not kept (docs/RESULTS.md).
 
 Tiles of 4 kept neurons (inside ffn_small's 16 chunks), per block of 32 outputs the tile's
 coefficients c_r = h_r * scale_r[block] rounded to int8 with one fp32 scale (amax / 127, half to
