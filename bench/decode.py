@@ -101,7 +101,7 @@ RANDOM_PROMPT_LEN = 64
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16}  # fmt: skip
 # Quantised settings (`dart.quantize`: FFNs, attention and head read q8/q4/q4m rows; activations
-# and embeddings in fp32). The compact backend slices fp rows: its arm is skipped for them.
+# and embeddings in fp32); the compact arm copies the kept quantised rows.
 QUANT = {"q8": "q8", "q4": "q4", "q4m": "q4m"}
 DENSE_ARMS = ("hf_dense", "hf_static_compiled", "dense_compiled")
 # Opt-in per-token arms: pertoken_<mode> (HF generate) and pertoken_<mode>_compiled
@@ -599,14 +599,11 @@ def main(argv: list[str] | None = None) -> None:
     if LLAMACPP in args.arms:
         setup_llamacpp(args)
     records = []
-    all_arms = args.arms
     for dtype_name in args.dtypes.split(","):
         if dtype_name not in DTYPES and dtype_name not in QUANT:
             raise SystemExit(f"--dtypes {dtype_name!r}: use {', '.join([*DTYPES, *QUANT])}")
         weights = QUANT.get(dtype_name, "fp")
         dtype = DTYPES.get(dtype_name, torch.float32)
-        # quantised weights: no compact (it slices fp rows); per-token arms: see _runnable
-        args.arms = [a for a in all_arms if weights == "fp" or a != "dart_compact_compiled"]
         model, tok = load_bench_model(args.model, dtype, args.device, weights)
         if weights != "fp":
             dtype = weights  # the records' "dtype" column names the weights

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from test_adapters import _biased_model
 from test_export import MAX_LEN, RUNNER, TORCH_ONLY, _batch
 from tiny_assets import save_tiny
 from tiny_models import NO_DRIFT, random_ids, tiny_model
@@ -158,6 +159,35 @@ def test_attach_prunes_over_the_quantised_rows(fmt):
     assert (outs["gathered"] - dense).abs().max() > 1e-3  # pruning changed something
 
 
+@pytest.mark.parametrize("fmt", ["q8", "q4m"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "llama-mlp-bias"])
+def test_compact_backend_equals_gathered_on_quantised_rows(fmt, family):
+    """`compact` copies the kept quantised rows (data, scales, mins, gate / up biases) into
+    contiguous buffers at each selection and runs the same kernel on them: the same logits as
+    `gathered` (bitwise: the same rows in the same order), shared and per-sequence masks, after a
+    re-selection too; detach leaves the quantised model as it was."""
+    model = _biased_model("llama") if family == "llama-mlp-bias" else tiny_model(family)
+    model = quantize(model, fmt)
+    ids = random_ids(2, 10)
+    with torch.no_grad():
+        dense = model(ids).logits
+        for policy in ("shared", "per_sequence"):
+            outs, state = {}, {}
+            for backend in ("gathered", "compact"):
+                handle = dart.attach(model, FIXED, backend=backend, batch_policy=policy)
+                for prompt in (ids, ids.flip(1)):  # the second selection reuses the buffers
+                    handle.prepare(prompt)
+                    with handle.hold():
+                        outs[backend, prompt is ids] = model(ids).logits
+                state[backend] = handle.stats()["extra_state_bytes"]["selections"]
+                handle.detach()
+            for first in (True, False):
+                assert torch.equal(outs["compact", first], outs["gathered", first]), policy
+            assert not torch.equal(outs["compact", True], outs["compact", False])
+            assert state["compact"] > state["gathered"]  # the copies are reported
+        assert torch.equal(model(ids).logits, dense)
+
+
 def test_quantise_attach_compiled_loop_and_export_round_trip():
     """One compile of the DART step (quantised attention, head and gathered FFNs), then the
     exported programs: all token-equal to the eager quantised model."""
@@ -266,9 +296,6 @@ def test_bad_input_names_the_option():
     quantize(model, "q8")
     with pytest.raises(RuntimeError, match=r"already quantised \(q8, group 32\)"):
         quantize(model, "q4")
-    with pytest.raises(ValueError, match="backend 'compact' slices fp weight rows"):
-        dart.attach(model, FIXED, backend="compact")
-    assert not hasattr(model, "_dart_handle")
     handle = dart.attach(model, FIXED)
     with pytest.raises(RuntimeError, match="quantize before dart.attach"):
         quantize(model, "q8")

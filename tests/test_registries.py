@@ -80,9 +80,6 @@ def test_rankings_score_as_the_spec_table():
 def test_backends_state_what_they_run():
     assert [b.name for b in BACKENDS.values() if not b.kernels] == ["masked"]
     assert [b.name for b in BACKENDS.values() if b.keeps_copies] == ["compact"]
-    assert [b.name for b in BACKENDS.values() if not b.quantised] == ["compact"]
-    with pytest.raises(ValueError, match="backend 'compact' slices fp weight rows"):
-        get_backend("compact").sparse_quantised(None, torch.zeros(1))
     with pytest.raises(ValueError, match="backend 'compact' cannot run per-token methods"):
         get_backend("compact").per_token(None, None, None, torch.zeros(1))
 

@@ -123,12 +123,6 @@ class DARTFFN(nn.Module):
         self.kind = parts.kind
         self._backend = get_backend(backend)
         self.kernel_act = _kernel_act(self._backend, parts.act)
-        if parts.quant is not None and not self._backend.quantised:
-            able = [b.name for b in BACKENDS.values() if b.quantised and b.kernels]
-            raise ValueError(
-                f"backend {backend!r} {self._backend.why_not_quantised}, and this model is "
-                f"quantised (dart.quantize): attach with backend={able[0]!r} (or 'masked')"
-            )
         # Plain attributes (not submodules / buffers): views of the original parameters.
         self._parts = parts
         object.__setattr__(self, "_recorder", recorder)
@@ -323,6 +317,8 @@ class DARTFFN(nn.Module):
 
     def _reslice(self) -> None:
         p = self._parts
+        if p.quant is not None:
+            return self._reslice_quantised()
         idx = self.idx
         k = idx.shape[-1]
         lead = (idx.shape[0],) if idx.dim() == 2 else ()
@@ -340,6 +336,37 @@ class DARTFFN(nn.Module):
         for buffer, sources in zip(old, srcs, strict=True):
             torch.ops.dart.gather_neurons_(buffer, sources, idx, self.lengths)
         self.compact = old
+
+    def _reslice_quantised(self) -> None:
+        """The compact buffers of a quantised FFN: each matrix's kept rows (data, scales, mins)
+        and the kept gate / up biases, gathered in idx's order, per sequence one block of kmax
+        rows after the other (`[(B,) k, ...]`); the last compact tensor holds the positions of
+        row b's rows in them (b * k + j), so the quantised kernel reads contiguous rows
+        (`QuantGLU.sparse_rows`)."""
+        q, idx = self._parts.quant, self.idx
+        k = idx.shape[-1]
+        lead = (idx.shape[0],) if idx.dim() == 2 else ()
+        sources = [t for m in q.matrices() for t in m.row_buffers()]
+        sources += [b.unsqueeze(1) for b in (q.gate_proj.bias, q.up_proj.bias) if b is not None]
+        old = self.compact
+        shapes = [(*lead, k, t.shape[1]) for t in sources]
+        if old is None or [tuple(t.shape) for t in old[:-1]] != shapes:
+            old = tuple(
+                _dynamic_rows(t.new_empty(shape), -2)
+                for t, shape in zip(sources, shapes, strict=True)
+            )
+            positions = torch.arange(k, device=idx.device)
+            if lead:  # row b's block starts at b * k of the flattened buffers
+                positions = positions + k * torch.arange(lead[0], device=idx.device)[:, None]
+            old += (_dynamic_rows(positions, -1),)
+        for buffer, source in zip(old[:-1], sources, strict=True):
+            torch.ops.dart.gather_neurons_(buffer, [source], idx, self.lengths)
+        self.compact = old
+
+    def _compact_quantised(self, x: torch.Tensor) -> torch.Tensor:
+        *buffers, positions = self.compact
+        flat = [t.flatten(0, -2) for t in buffers]  # [(B *) k, ...]
+        return self._parts.quant.sparse_rows(flat, x, positions, self.kernel_act, self.lengths)
 
     def extra_bytes(self) -> int:
         """Bytes of state this module holds beyond the model's own weights."""
@@ -449,9 +476,8 @@ class Backend:
     """One way to run a sparse FFN pass (the ``backend`` setting).
 
     ``kernels``: runs the compiled ``dart_ext`` kernels (the activation needs a kernel name);
-    ``keeps_copies``: slices the kept rows into compact buffers at every selection;
-    ``quantised``: runs FFNs quantised by ``dart.quantize`` (``why_not_quantised`` says why
-    not otherwise). :meth:`sparse` / :meth:`sparse_quantised` run a sparse pass of a
+    ``keeps_copies``: slices the kept rows into compact buffers at every selection.
+    :meth:`sparse` / :meth:`sparse_quantised` run a sparse pass of a
     `DARTFFN` on its current selection (fp / quantised weights), :meth:`per_token` a pass of
     a per-token method (``(y, entries read per token)``).
     """
@@ -460,14 +486,12 @@ class Backend:
     description: str
     kernels: bool = True
     keeps_copies: bool = False
-    quantised: bool = True
-    why_not_quantised: str = ""
 
     def sparse(self, ffn: DARTFFN, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"backend {self.name!r} defines no sparse pass")
 
     def sparse_quantised(self, ffn: DARTFFN, x: torch.Tensor) -> torch.Tensor:
-        raise ValueError(f"backend {self.name!r} {self.why_not_quantised}")
+        raise NotImplementedError(f"backend {self.name!r} defines no quantised sparse pass")
 
     def per_token(
         self, ffn: DARTFFN, mode: PerTokenMode, p: FFNParts, x: torch.Tensor
@@ -534,6 +558,9 @@ class _Compact(Backend):
     def sparse(self, ffn: DARTFFN, x: torch.Tensor) -> torch.Tensor:
         return ffn._compact_forward(x)
 
+    def sparse_quantised(self, ffn: DARTFFN, x: torch.Tensor) -> torch.Tensor:
+        return ffn._compact_quantised(x)
+
 
 _BACKENDS = (
     _Masked(
@@ -547,10 +574,9 @@ _BACKENDS = (
     ),
     _Compact(
         "compact",
-        "the kept rows sliced into compact buffers at each selection, dense GEMMs on them",
+        "the kept rows sliced into compact buffers at each selection, dense GEMMs on them "
+        "(quantised rows: the quantised kernel streams them contiguously)",
         keeps_copies=True,
-        quantised=False,
-        why_not_quantised="slices fp weight rows",
     ),
 )
 

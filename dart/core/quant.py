@@ -14,8 +14,10 @@ The quantised tensors are buffers (so `.to(device)`, `state_dict`, `torch.compil
 `attach` then runs over the quantised rows through the usual adapter / `DARTFFN` machinery:
 `QuantGLU.dart_ffn_parts` gives the FFN as `FFNParts` whose `quant` field is the module itself
 (`hidden` / `down` compute the dense path in parts for tracing, `sparse` runs the kernel on the
-kept neurons). Backends: `gathered` (the kernel) and `masked` (the reference simulation);
-`compact` is refused (its buffers slice fp rows).
+kept neurons). Backends: `gathered` (the kernel over the kept rows where they lie), `compact`
+(the kept rows copied into compact buffers at each selection, the same kernel streaming them
+contiguously: scattered rows cost up to 1.9x their bytes on a CPU) and `masked` (the reference
+simulation).
 """
 
 from __future__ import annotations
@@ -120,6 +122,18 @@ class _QuantRowsModule(nn.Module):
 
     def nbytes(self) -> int:
         return self.rows().nbytes()
+
+    def row_buffers(self) -> list[torch.Tensor]:
+        """The buffers holding the rows, one row per neuron / output: data, scales, (mins)."""
+        return [t for t in (self.qdata, self.qscales, self.qmins) if t is not None]
+
+    def rows_of(self, buffers: list[torch.Tensor]):
+        """`rows()` of other buffers in `row_buffers()`'s layout (e.g. a compact copy of some
+        rows): `dart_ext.quant.QuantRows` with this module's format and group."""
+        from dart_ext.quant import QuantRows
+
+        mins = buffers[2].view(torch.float16) if len(buffers) > 2 else None
+        return QuantRows(self.fmt, self.group, buffers[0], buffers[1].view(torch.float16), mins)
 
 
 class QuantLinear(_QuantRowsModule):
@@ -255,6 +269,42 @@ class QuantGLU(nn.Module):
             lengths,
             g.bias,
             u.bias,
+            dn.bias,
+        )
+
+    def matrices(self) -> tuple[QuantLinear, QuantLinear, QuantDownT]:
+        return self.gate_proj, self.up_proj, self.down_proj
+
+    def sparse_rows(
+        self,
+        buffers: list[torch.Tensor],
+        x: torch.Tensor,
+        idx: torch.Tensor,
+        act: str | None = None,
+        lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`sparse` over other rows: `buffers` = the row buffers of gate, up and down in
+        `matrices()` order (each `_QuantRowsModule.row_buffers()`' layout), then the gate and
+        up biases this FFN has (`[rows, 1]`), e.g. compact copies of the kept rows; `idx` (and
+        `lengths`) index those rows."""
+        g, u, dn = self.matrices()
+        per = len(g.row_buffers())
+        mats = [m.rows_of(buffers[i * per : (i + 1) * per]) for i, m in enumerate((g, u, dn))]
+        biases = iter(b.squeeze(1) for b in buffers[3 * per :])
+        b_gate = next(biases) if g.bias is not None else None
+        b_up = next(biases) if u.bias is not None else None
+        return torch.ops.dart.gathered_glu_ffn_q.default(
+            x,
+            mats[0].tensors(),
+            mats[1].tensors(),
+            mats[2].tensors(),
+            g.fmt,
+            g.group,
+            idx,
+            act or self.kernel_act,
+            lengths,
+            b_gate,
+            b_up,
             dn.bias,
         )
 
