@@ -97,10 +97,7 @@ class _QuantRowsModule(nn.Module):
 
     def rows(self):
         """The matrix as `dart_ext.quant.QuantRows` (views of the buffers: no copy)."""
-        from dart_ext.quant import QuantRows
-
-        mins = None if self.qmins is None else self.qmins.view(torch.float16)
-        return QuantRows(self.fmt, self.group, self.qdata, self.qscales.view(torch.float16), mins)
+        return self.rows_of(self.row_buffers())
 
     def dequantized(self) -> torch.Tensor:
         """The fp32 matrix the rows stand for (a temporary: for proxies, tests, tracing); the
@@ -256,21 +253,8 @@ class QuantGLU(nn.Module):
     ) -> torch.Tensor:
         """The FFN over the neurons `idx` (`[k]` shared or `[B, k]` per sequence; `lengths` as
         in `gathered_glu_ffn`), reading only their quantised rows."""
-        g, u, dn = self.gate_proj, self.up_proj, self.down_proj
-        return torch.ops.dart.gathered_glu_ffn_q.default(
-            x,
-            g.rows().tensors(),
-            u.rows().tensors(),
-            dn.rows().tensors(),
-            g.fmt,
-            g.group,
-            idx,
-            act or self.kernel_act,
-            lengths,
-            g.bias,
-            u.bias,
-            dn.bias,
-        )
+        mats = [m.rows() for m in self.matrices()]
+        return self._kernel(x, mats, self.gate_proj.bias, self.up_proj.bias, idx, act, lengths)
 
     def matrices(self) -> tuple[QuantLinear, QuantLinear, QuantDownT]:
         return self.gate_proj, self.up_proj, self.down_proj
@@ -293,19 +277,21 @@ class QuantGLU(nn.Module):
         biases = iter(b.squeeze(1) for b in buffers[3 * per :])
         b_gate = next(biases) if g.bias is not None else None
         b_up = next(biases) if u.bias is not None else None
+        return self._kernel(x, mats, b_gate, b_up, idx, act, lengths)
+
+    def _kernel(self, x, mats, b_gate, b_up, idx, act, lengths) -> torch.Tensor:
+        # the fused kernel over gate, up and down rows `mats` (QuantRows), biases in their layout
         return torch.ops.dart.gathered_glu_ffn_q.default(
             x,
-            mats[0].tensors(),
-            mats[1].tensors(),
-            mats[2].tensors(),
-            g.fmt,
-            g.group,
+            *(m.tensors() for m in mats),
+            self.gate_proj.fmt,
+            self.gate_proj.group,
             idx,
             act or self.kernel_act,
             lengths,
             b_gate,
             b_up,
-            dn.bias,
+            self.down_proj.bias,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
